@@ -1,0 +1,194 @@
+"""What draft and target do to one session, synchronously, on MLX.
+
+A session's decoder state is the token list it has been given or has proposed
+(``tokens[0]`` is the decoder start id) and a cache holding K/V for a prefix of it.
+Every forward pass feeds the tokens past ``cache.length``; rolling back shortens both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from .checkpoint import LoadedModel
+from .errors import InvalidArgument
+from .kv_cache import DecoderCache
+from .sampling import SamplingParams, probabilities, residual, sample, uniforms
+
+
+@dataclass
+class DecoderState:
+    tokens: list[int]
+    cache: DecoderCache
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def rollback_to(self, length: int) -> None:
+        if not 0 < length <= len(self.tokens):
+            raise InvalidArgument(
+                f"rollback_to must be in [1, {len(self.tokens)}] (the session's length), got {length}"
+            )
+        del self.tokens[length:]
+        if self.cache.length > length:
+            self.cache.rollback_to(length)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Positions this session holds memory for: allocated decoder slots plus the encoder."""
+        return self.cache.capacity + self.cache.encoder_length
+
+
+@dataclass
+class Distribution:
+    """A probability distribution over the vocabulary, kept to its support."""
+
+    token_ids: np.ndarray  # (n,) int32; empty when dense
+    probs: np.ndarray  # (n,) or (V,) float32
+
+    @classmethod
+    def from_dense(cls, probs: np.ndarray) -> Distribution:
+        support = np.flatnonzero(probs > 0)
+        if len(support) * 3 < len(probs):  # sparse pays off when ids (4B) + probs (2B) < 2B * V
+            return cls(support.astype(np.int32), probs[support])
+        return cls(np.zeros(0, np.int32), probs)
+
+    def to_dense(self, vocab_size: int) -> np.ndarray:
+        if len(self.token_ids) == 0:
+            if len(self.probs) != vocab_size:
+                raise InvalidArgument(
+                    f"a dense draft distribution needs {vocab_size} probabilities, got {len(self.probs)}"
+                )
+            return self.probs.astype(np.float32)
+        if len(self.token_ids) != len(self.probs):
+            raise InvalidArgument("a draft distribution needs one probability per token id")
+        if self.token_ids.min() < 0 or self.token_ids.max() >= vocab_size:
+            raise InvalidArgument("a draft distribution names a token id outside the vocabulary")
+        dense = np.zeros(vocab_size, np.float32)
+        dense[self.token_ids] = self.probs
+        return dense
+
+
+@dataclass
+class Proposal:
+    tokens: list[int]
+    token_probs: list[float]  # q(d_i) after the sampling transforms; 1.0 when greedy
+    distributions: list[Distribution] = field(default_factory=list)  # sampling only
+
+
+@dataclass
+class Verdict:
+    argmax: list[int]  # the target's greedy choice at each of the k+1 positions
+    draft_probs: list[float]  # p(d_j) for each draft token (sampling only)
+    # Sampling only: at j < k a draw from norm(max(0, p_j - q_j)), at j = k a draw from p_k.
+    resampled: list[int]
+
+
+class ModelEngine:
+    """One loaded model and the operations the services run on its sessions."""
+
+    def __init__(self, loaded: LoadedModel, max_draft: int = 64):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.args = loaded.args
+        self.max_draft = max_draft
+
+    @property
+    def vocab_size(self) -> int:
+        return self.args.vocab_size
+
+    def check_tokens(self, tokens: list[int], what: str) -> None:
+        for t in tokens:
+            if not 0 <= t < self.vocab_size:
+                raise InvalidArgument(
+                    f"{what} contains token id {t}, outside the vocabulary [0, {self.vocab_size})"
+                )
+
+    def start(self, prompt_ids: list[int]) -> DecoderState:
+        """Encode the prompt once and build the session's cache (cross K/V included)."""
+        if not prompt_ids:
+            raise InvalidArgument("the prompt is empty: send at least one token id")
+        self.check_tokens(prompt_ids, "prompt_ids")
+        encoder_output = self.model.encode(mx.array([prompt_ids], dtype=mx.int32))
+        cache = self.model.make_cache(encoder_output)
+        return DecoderState(tokens=[self.args.decoder_start_token_id], cache=cache)
+
+    def forward(self, state: DecoderState, num_logits: int) -> np.ndarray:
+        """Feed every token past the cache; return float32 logits of the last ``num_logits``.
+
+        If fewer tokens are pending than logits wanted, the cache is rolled back so the
+        positions are recomputed (a caller may roll back to a length that is all cached).
+        """
+        pending_needed = min(num_logits, len(state.tokens))
+        if len(state.tokens) - state.cache.length < pending_needed:
+            state.cache.rollback_to(len(state.tokens) - pending_needed)
+        pending = state.tokens[state.cache.length :]
+        logits = self.model.decode(
+            mx.array([pending], dtype=mx.int32), cache=state.cache, num_logits=num_logits
+        )
+        mx.eval(logits)
+        return np.array(logits[0])
+
+    def propose(
+        self, state: DecoderState, k: int, params: SamplingParams, seed: int
+    ) -> Proposal:
+        """Draft up to k tokens after the state's tokens (fewer if EOS comes first)."""
+        self.check_k(k)
+        draws = None if params.greedy else uniforms(seed, k)
+        proposal = Proposal(tokens=[], token_probs=[])
+        for i in range(k):
+            logits = self.forward(state, 1)[0]
+            if params.greedy:
+                token, prob = int(np.argmax(logits)), 1.0
+            else:
+                probs = probabilities(logits[None], params)[0]
+                token = sample(probs, float(draws[i]))
+                prob = float(probs[token])
+                proposal.distributions.append(Distribution.from_dense(probs))
+            proposal.tokens.append(token)
+            proposal.token_probs.append(prob)
+            state.tokens.append(token)
+            if token == self.args.eos_token_id:
+                break
+        return proposal
+
+    def verify(
+        self,
+        state: DecoderState,
+        num_draft: int,
+        params: SamplingParams,
+        seed: int,
+        draft_distributions: list[Distribution],
+    ) -> Verdict:
+        """Score the last ``num_draft`` tokens of the state in one decoder pass."""
+        if not 0 <= num_draft < len(state.tokens):
+            raise InvalidArgument(
+                f"num_draft must be in [0, {len(state.tokens) - 1}] for this session, got {num_draft}"
+            )
+        if num_draft > self.max_draft:
+            raise InvalidArgument(f"num_draft {num_draft} exceeds this service's limit {self.max_draft}")
+        logits = self.forward(state, num_draft + 1)  # (k+1, V)
+        draft = state.tokens[len(state.tokens) - num_draft :] if num_draft else []
+        verdict = Verdict(argmax=[int(i) for i in np.argmax(logits, axis=-1)], draft_probs=[], resampled=[])
+        if params.greedy:
+            return verdict
+        if len(draft_distributions) != num_draft:
+            raise InvalidArgument(
+                f"sampling needs the draft's distribution for each of the {num_draft} draft "
+                f"tokens, got {len(draft_distributions)}"
+            )
+        p = probabilities(logits, params)
+        draws = uniforms(seed, num_draft + 1)
+        for j, token in enumerate(draft):
+            q = draft_distributions[j].to_dense(self.vocab_size)
+            verdict.draft_probs.append(float(p[j, token]))
+            verdict.resampled.append(sample(residual(p[j], q), float(draws[j])))
+        verdict.resampled.append(sample(p[num_draft], float(draws[num_draft])))
+        return verdict
+
+    def check_k(self, k: int) -> None:
+        if not 1 <= k <= self.max_draft:
+            raise InvalidArgument(f"num_draft must be in [1, {self.max_draft}], got {k}")

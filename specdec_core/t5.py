@@ -1,0 +1,392 @@
+"""T5 encoder-decoder in MLX: both families, cached decoding with block appends and rollback.
+
+- v1.0 (t5-small ... t5-11b): relu FFN, lm head tied to the shared embedding, decoder output
+  scaled by d_model**-0.5 before the head.
+- v1.1 / flan-t5: gated-gelu FFN, untied ``lm_head``, no scaling.
+
+Attention is unscaled (T5 folds 1/sqrt(d_kv) into its initialisation). Relative position
+bias lives in the first layer of each stack and is shared by all layers; cross-attention has
+none. Names of HF checkpoints are mapped to ours in ``sanitize``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .errors import CheckpointError, InvalidArgument
+from .kv_cache import DecoderCache, LayerKVCache
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 2048
+    num_layers: int = 6
+    num_decoder_layers: int | None = None  # None: same as the encoder (HF's default)
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"  # "relu" (v1.0) or "gated-gelu" (v1.1 / flan-t5)
+    scale_decoder_outputs: bool = True  # v1.0 scales by d_model**-0.5 before the tied head
+    untied_lm_head: bool = False  # v1.1 has its own lm_head; decided by the weights present
+    decoder_start_token_id: int = 0
+    eos_token_id: int = 1
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_decoder_layers is None:
+            self.num_decoder_layers = self.num_layers
+
+    @property
+    def gated(self) -> bool:
+        return self.feed_forward_proj.startswith("gated-")
+
+    @property
+    def activation(self) -> str:
+        return self.feed_forward_proj.split("-")[-1]
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> ModelArgs:
+        """Build from an HF ``config.json`` dict, ignoring keys we do not use."""
+        model_type = config.get("model_type")
+        if model_type not in ("t5", None) or (
+            model_type is None and "d_kv" not in config
+        ):
+            raise CheckpointError(
+                f"config.json describes a {model_type or 'non-T5'} model; specdec serves T5 "
+                "(t5-*, google/t5-v1_1-*, google/flan-t5-*) checkpoints only"
+            )
+        known = {f.name for f in fields(cls)}
+        args = {k: v for k, v in config.items() if k in known}
+        if "scale_decoder_outputs" not in config:
+            # Pre-transformers-5 configs: v1.1 marks itself with tie_word_embeddings=false.
+            args["scale_decoder_outputs"] = config.get("tie_word_embeddings", True) is not False
+        eos = config.get("eos_token_id", 1)
+        args["eos_token_id"] = eos[0] if isinstance(eos, list) else eos
+        for name in ("decoder_start_token_id", "pad_token_id"):
+            if args.get(name) is None:
+                args.pop(name, None)
+        ffn = args.get("feed_forward_proj", "relu")
+        if ffn.split("-")[-1] not in ("relu", "gelu", "gelu_new") or ffn.count("-") > 1:
+            raise CheckpointError(f"unsupported feed_forward_proj {ffn!r} in config.json")
+        return cls(**args)
+
+
+def relative_position_bucket(
+    relative_position: np.ndarray, bidirectional: bool, num_buckets: int, max_distance: int
+) -> np.ndarray:
+    """T5's bucketing of (key - query) offsets, computed in float32 exactly as the reference."""
+    buckets = np.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_position > 0).astype(relative_position.dtype) * num_buckets
+        relative_position = np.abs(relative_position)
+    else:
+        relative_position = -np.minimum(relative_position, 0)
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    scaled = np.log(np.maximum(relative_position, 1).astype(np.float32) / np.float32(max_exact))
+    scaled = scaled / np.float32(math.log(max_distance / max_exact)) * np.float32(num_buckets - max_exact)
+    if_large = np.minimum(max_exact + scaled.astype(relative_position.dtype), num_buckets - 1)
+    return buckets + np.where(is_small, relative_position, if_large)
+
+
+@lru_cache(maxsize=256)
+def _bucket_table(
+    offset: int, queries: int, keys: int, bidirectional: bool, num_buckets: int, max_distance: int
+) -> mx.array:
+    context = np.arange(offset, offset + queries, dtype=np.int64)[:, None]
+    memory = np.arange(keys, dtype=np.int64)[None, :]
+    table = relative_position_bucket(memory - context, bidirectional, num_buckets, max_distance)
+    return mx.array(table.astype(np.int32))
+
+
+class RelativePositionBias(nn.Module):
+    def __init__(self, args: ModelArgs, bidirectional: bool):
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.num_buckets = args.relative_attention_num_buckets
+        self.max_distance = args.relative_attention_max_distance
+        self.embeddings = nn.Embedding(self.num_buckets, args.num_heads)
+
+    def __call__(self, offset: int, queries: int, keys: int) -> mx.array:
+        """Bias (1, heads, queries, keys) for queries at positions offset.. over keys 0..keys-1."""
+        table = _bucket_table(
+            offset, queries, keys, self.bidirectional, self.num_buckets, self.max_distance
+        )
+        return self.embeddings(table).transpose(2, 0, 1)[None]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        inner = args.num_heads * args.d_kv
+        self.num_heads = args.num_heads
+        self.q = nn.Linear(args.d_model, inner, bias=False)
+        self.k = nn.Linear(args.d_model, inner, bias=False)
+        self.v = nn.Linear(args.d_model, inner, bias=False)
+        self.o = nn.Linear(inner, args.d_model, bias=False)
+
+    def _heads(self, x: mx.array) -> mx.array:
+        B, L, _ = x.shape
+        return x.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, d_kv)
+
+    def project_kv(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        return self._heads(self.k(x)), self._heads(self.v(x))
+
+    def __call__(
+        self,
+        x: mx.array,
+        keys: mx.array,
+        values: mx.array,
+        bias: mx.array | None,
+    ) -> mx.array:
+        B, L, _ = x.shape
+        queries = self._heads(self.q(x))
+        scores = (queries @ keys.transpose(0, 1, 3, 2)).astype(mx.float32)  # (B, H, L, S)
+        if bias is not None:
+            scores = scores + bias
+        weights = mx.softmax(scores, axis=-1).astype(values.dtype)
+        out = (weights @ values).transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.o(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gated = args.gated
+        self.activation = args.activation
+        if self.gated:
+            self.wi_0 = nn.Linear(args.d_model, args.d_ff, bias=False)
+            self.wi_1 = nn.Linear(args.d_model, args.d_ff, bias=False)
+        else:
+            self.wi = nn.Linear(args.d_model, args.d_ff, bias=False)
+        self.wo = nn.Linear(args.d_ff, args.d_model, bias=False)
+
+    def _act(self, x: mx.array) -> mx.array:
+        if self.activation == "relu":
+            return nn.relu(x)
+        if self.activation == "gelu_new" or self.gated:  # HF maps gated-gelu to the tanh form
+            return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+        return nn.gelu(x)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.gated:
+            return self.wo(self._act(self.wi_0(x)) * self.wi_1(x))
+        return self.wo(self._act(self.wi(x)))
+
+
+class RMSNorm(nn.Module):
+    """T5LayerNorm: no mean subtraction, no bias, statistics in float32."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.ln1 = RMSNorm(args.d_model, args.layer_norm_epsilon)
+        self.mlp = FeedForward(args)
+        self.ln2 = RMSNorm(args.d_model, args.layer_norm_epsilon)
+
+    def __call__(self, x: mx.array, bias: mx.array) -> mx.array:
+        h = self.ln1(x)
+        x = x + self.self_attn(h, *self.self_attn.project_kv(h), bias)
+        return x + self.mlp(self.ln2(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.ln1 = RMSNorm(args.d_model, args.layer_norm_epsilon)
+        self.cross_attn = Attention(args)
+        self.ln2 = RMSNorm(args.d_model, args.layer_norm_epsilon)
+        self.mlp = FeedForward(args)
+        self.ln3 = RMSNorm(args.d_model, args.layer_norm_epsilon)
+
+    def __call__(
+        self,
+        x: mx.array,
+        self_bias: mx.array,
+        cross_kv: tuple[mx.array, mx.array],
+        cross_bias: mx.array | None,
+        cache: LayerKVCache | None,
+    ) -> mx.array:
+        h = self.ln1(x)
+        keys, values = self.self_attn.project_kv(h)
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+        x = x + self.self_attn(h, keys, values, self_bias)
+        x = x + self.cross_attn(self.ln2(x), *cross_kv, cross_bias)
+        return x + self.mlp(self.ln3(x))
+
+
+def _padding_bias(mask: mx.array | None) -> mx.array | None:
+    """(B, S) 1/0 mask -> additive (B, 1, 1, S) bias; None means no padding."""
+    if mask is None:
+        return None
+    return mx.where(mask[:, None, None, :].astype(mx.bool_), 0.0, -1e9).astype(mx.float32)
+
+
+class T5(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.shared = nn.Embedding(args.vocab_size, args.d_model)
+        self.encoder_layers = [EncoderLayer(args) for _ in range(args.num_layers)]
+        self.encoder_bias = RelativePositionBias(args, bidirectional=True)
+        self.encoder_norm = RMSNorm(args.d_model, args.layer_norm_epsilon)
+        self.decoder_layers = [DecoderLayer(args) for _ in range(args.num_decoder_layers)]
+        self.decoder_bias = RelativePositionBias(args, bidirectional=False)
+        self.decoder_norm = RMSNorm(args.d_model, args.layer_norm_epsilon)
+        if args.untied_lm_head:
+            self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
+
+    # -- validation ---------------------------------------------------------------------
+    def check_token_ids(self, ids: mx.array, what: str) -> None:
+        if ids.size == 0:
+            raise InvalidArgument(f"{what} is empty")
+        low, high = mx.min(ids).item(), mx.max(ids).item()
+        if low < 0 or high >= self.args.vocab_size:
+            bad = low if low < 0 else high
+            raise InvalidArgument(
+                f"{what} contains token id {bad}, outside the vocabulary [0, {self.args.vocab_size})"
+            )
+
+    # -- encoder ------------------------------------------------------------------------
+    def encode(self, input_ids: mx.array, mask: mx.array | None = None) -> mx.array:
+        """(B, L) token ids -> (B, L, d_model) encoder output. ``mask`` is 1 for real tokens."""
+        self.check_token_ids(input_ids, "input_ids")
+        x = self.shared(input_ids)
+        L = input_ids.shape[1]
+        bias = self.encoder_bias(0, L, L)
+        padding = _padding_bias(mask)
+        if padding is not None:
+            bias = bias + padding
+        for layer in self.encoder_layers:
+            x = layer(x, bias)
+        return self.encoder_norm(x)
+
+    # -- decoder ------------------------------------------------------------------------
+    def make_cache(self, encoder_output: mx.array) -> DecoderCache:
+        """A fresh session cache; cross-attention K/V are projected here, once."""
+        cross = [layer.cross_attn.project_kv(encoder_output) for layer in self.decoder_layers]
+        mx.eval(cross)
+        return DecoderCache(layers=[LayerKVCache() for _ in self.decoder_layers], cross=cross)
+
+    def decode(
+        self,
+        tokens: mx.array,
+        cache: DecoderCache | None = None,
+        encoder_output: mx.array | None = None,
+        encoder_mask: mx.array | None = None,
+        num_logits: int | None = None,
+    ) -> mx.array:
+        """Run the decoder over (B, n) new tokens; return float32 logits (B, num_logits, V).
+
+        With a cache the tokens are appended after ``cache.length`` positions; without one
+        they start at position 0 and cross K/V come from ``encoder_output``. The lm head
+        runs only on the last ``num_logits`` positions (all when None).
+        """
+        self.check_token_ids(tokens, "decoder tokens")
+        n = tokens.shape[1]
+        offset = cache.length if cache is not None else 0
+        total = offset + n
+        bias = self.decoder_bias(offset, n, total)
+        causal = np.arange(total)[None, :] > np.arange(offset, total)[:, None]
+        bias = bias + mx.array(np.where(causal, -1e9, 0.0).astype(np.float32))
+        if cache is not None:
+            cross_kvs = cache.cross
+        else:
+            if encoder_output is None:
+                raise InvalidArgument("decode without a cache needs encoder_output")
+            cross_kvs = [layer.cross_attn.project_kv(encoder_output) for layer in self.decoder_layers]
+        cross_bias = _padding_bias(encoder_mask)
+        x = self.shared(tokens)
+        for i, layer in enumerate(self.decoder_layers):
+            x = layer(x, bias, cross_kvs[i], cross_bias, cache.layers[i] if cache else None)
+        if num_logits is not None:
+            x = x[:, n - num_logits :, :]
+        return self.logits(self.decoder_norm(x))
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        if self.args.scale_decoder_outputs:
+            hidden = hidden * (self.args.d_model**-0.5)
+        if self.args.untied_lm_head:
+            out = self.lm_head(hidden)
+        else:
+            out = self.shared.as_linear(hidden)
+        return out.astype(mx.float32)
+
+    # -- checkpoint names -----------------------------------------------------------------
+    @staticmethod
+    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map Hugging Face T5 parameter names to ours; drop tied duplicates."""
+        out: dict[str, mx.array] = {}
+        for name, value in weights.items():
+            new = _rename(name)
+            if new is not None:
+                out[new] = value
+        if "shared.weight" not in out and "encoder.embed_tokens.weight" in weights:
+            out["shared.weight"] = weights["encoder.embed_tokens.weight"]  # old exports
+        return out
+
+
+_HF_RULES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"^encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight$"),
+     "encoder_bias.embeddings.weight"),
+    (re.compile(r"^decoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight$"),
+     "decoder_bias.embeddings.weight"),
+    (re.compile(r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.weight$"),
+     r"encoder_layers.\1.self_attn.\2.weight"),
+    (re.compile(r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight$"), r"encoder_layers.\1.ln1.weight"),
+    (re.compile(r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.(wi|wi_0|wi_1|wo)\.weight$"),
+     r"encoder_layers.\1.mlp.\2.weight"),
+    (re.compile(r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight$"), r"encoder_layers.\1.ln2.weight"),
+    (re.compile(r"^decoder\.block\.(\d+)\.layer\.0\.SelfAttention\.([qkvo])\.weight$"),
+     r"decoder_layers.\1.self_attn.\2.weight"),
+    (re.compile(r"^decoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight$"), r"decoder_layers.\1.ln1.weight"),
+    (re.compile(r"^decoder\.block\.(\d+)\.layer\.1\.EncDecAttention\.([qkvo])\.weight$"),
+     r"decoder_layers.\1.cross_attn.\2.weight"),
+    (re.compile(r"^decoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight$"), r"decoder_layers.\1.ln2.weight"),
+    (re.compile(r"^decoder\.block\.(\d+)\.layer\.2\.DenseReluDense\.(wi|wi_0|wi_1|wo)\.weight$"),
+     r"decoder_layers.\1.mlp.\2.weight"),
+    (re.compile(r"^decoder\.block\.(\d+)\.layer\.2\.layer_norm\.weight$"), r"decoder_layers.\1.ln3.weight"),
+    (re.compile(r"^encoder\.final_layer_norm\.weight$"), "encoder_norm.weight"),
+    (re.compile(r"^decoder\.final_layer_norm\.weight$"), "decoder_norm.weight"),
+    (re.compile(r"^shared\.weight$"), "shared.weight"),
+    (re.compile(r"^lm_head\.weight$"), "lm_head.weight"),
+]
+_HF_DROPPED = re.compile(r"^(encoder|decoder)\.embed_tokens\.weight$")
+
+
+def _rename(name: str) -> str | None:
+    if _HF_DROPPED.match(name):
+        return None
+    for pattern, replacement in _HF_RULES:
+        if pattern.match(name):
+            return pattern.sub(replacement, name)
+    return name  # already one of ours (a converted checkpoint)
+
+
+def is_hf_layout(names: list[str] | set[str]) -> bool:
+    return any(n.startswith(("encoder.block.", "decoder.block.")) for n in names)

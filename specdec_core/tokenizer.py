@@ -1,0 +1,42 @@
+"""Tokenizer loading through transformers' AutoTokenizer, and a fingerprint to compare them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+
+
+def load_tokenizer(directory: str | os.PathLike[str]) -> Any:
+    """The tokenizer stored beside a checkpoint (spiece.model or tokenizer.json).
+
+    Always ``from_pretrained(dir)``: in transformers 5, ``T5Tokenizer(vocab_file=...)``
+    silently builds a ~100-token vocabulary.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        raise CheckpointError(f"tokenizer directory {path} does not exist")
+    if not any((path / name).is_file() for name in ("spiece.model", "tokenizer.json")):
+        raise CheckpointError(f"{path} has no tokenizer (spiece.model or tokenizer.json)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"cannot load the tokenizer in {path}: {exc}") from exc
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of the vocabulary and special ids: equal fingerprints tokenize alike."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    special = {
+        "eos": tokenizer.eos_token_id,
+        "pad": tokenizer.pad_token_id,
+        "unk": tokenizer.unk_token_id,
+    }
+    blob = json.dumps([vocab, special], ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

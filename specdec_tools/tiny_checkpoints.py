@@ -1,0 +1,138 @@
+"""Tiny random T5 checkpoints and a sentencepiece tokenizer, built offline.
+
+Used by the tests (against transformers' PyTorch T5) and by the benchmark's synthetic pair.
+Checkpoints are written by transformers' own ``save_pretrained``, so they are real HF
+directories; needs the ``test`` extra (torch, sentencepiece).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+TOKENIZER_VOCAB = 512
+
+
+def corpus_lines() -> list[str]:
+    """Text that ships with Python: the docstrings of a few standard-library modules."""
+    import argparse
+    import collections
+    import email
+    import json as json_module
+    import logging
+    import pathlib
+    import string
+    import textwrap
+
+    lines: list[str] = []
+    for module in (argparse, collections, email, json_module, logging, pathlib, string, textwrap):
+        for _, obj in inspect.getmembers(module):
+            doc = inspect.getdoc(obj)
+            if doc:
+                lines.extend(line.strip() for line in doc.splitlines() if len(line.strip()) > 20)
+    return lines
+
+
+def train_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = TOKENIZER_VOCAB) -> Path:
+    """Train a T5-style unigram sentencepiece model and save it as an HF tokenizer directory."""
+    import sentencepiece as spm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "corpus.txt"
+        text.write_text("\n".join(corpus_lines()))
+        spm.SentencePieceTrainer.train(
+            input=str(text),
+            model_prefix=str(out / "spiece"),
+            vocab_size=vocab_size,
+            model_type="unigram",
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,
+            character_coverage=1.0,
+            minloglevel=2,
+        )
+    (out / "spiece.vocab").unlink(missing_ok=True)
+    config = {
+        "tokenizer_class": "T5Tokenizer",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "extra_ids": 0,
+        "additional_special_tokens": [],
+        "model_max_length": 512,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def build_t5(
+    out_dir: str | os.PathLike[str],
+    tokenizer_dir: str | os.PathLike[str],
+    family: str = "v1_0",
+    seed: int = 0,
+    **sizes: Any,
+) -> Path:
+    """Save a random T5ForConditionalGeneration (v1_0: relu + tied + scaled; v1_1: gated-gelu +
+    untied lm_head) with the tokenizer beside it."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from specdec_core.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config_args: dict[str, Any] = dict(
+        vocab_size=len(tokenizer),
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        dropout_rate=0.0,
+    )
+    config_args.update(sizes)
+    if family == "v1_0":
+        config_args.update(feed_forward_proj="relu", tie_word_embeddings=True)
+    elif family == "v1_1":
+        config_args.update(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+    else:
+        raise ValueError(f"family must be v1_0 or v1_1, not {family!r}")
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(T5Config(**config_args)).eval()
+    with torch.no_grad():
+        # Random init gives near-uniform logits; sharper ones make greedy tests meaningful.
+        model.shared.weight.mul_(4.0)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    if family == "v1_1":
+        _untie_lm_head(out, seed)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _untie_lm_head(out: Path, seed: int) -> None:
+    """transformers 5 always ties lm_head on save; real flan-t5 files carry their own."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(out / "model.safetensors")
+    generator = torch.Generator().manual_seed(seed + 1)
+    weights["lm_head.weight"] = torch.randn(
+        weights["shared.weight"].shape, generator=generator
+    ) * weights["shared.weight"].std()
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    config.pop("scale_decoder_outputs", None)  # as in a pre-transformers-5 flan-t5 config
+    (out / "config.json").write_text(json.dumps(config, indent=2))
