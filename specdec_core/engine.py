@@ -95,6 +95,7 @@ class ModelEngine:
         self.model = loaded.model
         self.args = loaded.args
         self.max_draft = max_draft
+        self.forward_passes = 0
 
     @property
     def vocab_size(self) -> int:
@@ -130,6 +131,7 @@ class ModelEngine:
             mx.array([pending], dtype=mx.int32), cache=state.cache, num_logits=num_logits
         )
         mx.eval(logits)
+        self.forward_passes += 1
         return np.array(logits[0])
 
     def propose(

@@ -1,0 +1,108 @@
+"""The session store shared by the draft and target services.
+
+Holds each session's decoder state behind a lock, enforces the session limit and the
+cache-token budget (RESOURCE_EXHAUSTED instead of running out of memory), and evicts
+sessions idle past a TTL. Session ids are unguessable (``secrets.token_urlsafe``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .engine import DecoderState
+from .errors import ResourceExhausted, SessionNotFound
+from .kv_cache import CHUNK
+
+
+@dataclass
+class Session:
+    id: str
+    state: DecoderState
+    tag: str = ""
+    last_used: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def capacity_for(length: int) -> int:
+    """Decoder slots the cache allocates to hold ``length`` positions (whole chunks)."""
+    return -(-length // CHUNK) * CHUNK
+
+
+class SessionStore:
+    def __init__(
+        self,
+        max_sessions: int,
+        max_cached_tokens: int,
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.max_sessions = max_sessions
+        self.max_cached_tokens = max_cached_tokens
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._sessions: dict[str, Session] = {}
+        self.opened = 0
+        self.expired = 0
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def cached_tokens(self) -> int:
+        return sum(s.state.cached_tokens for s in self._sessions.values())
+
+    def check_room(self, extra_tokens: int, new_session: bool) -> None:
+        """Raise ResourceExhausted unless ``extra_tokens`` more positions fit the budget."""
+        if new_session and len(self._sessions) >= self.max_sessions:
+            raise ResourceExhausted(
+                f"session limit reached: {len(self._sessions)} of max_sessions={self.max_sessions} "
+                "open; close sessions or raise --max-sessions"
+            )
+        used = self.cached_tokens
+        if used + extra_tokens > self.max_cached_tokens:
+            raise ResourceExhausted(
+                f"cache budget reached: {used} + {extra_tokens} token positions would exceed "
+                f"max_cached_tokens={self.max_cached_tokens}; close sessions or raise --max-cached-tokens"
+            )
+
+    def check_growth(self, session: Session, new_length: int) -> None:
+        """Budget check before a step makes a session's decoder ``new_length`` long."""
+        extra = capacity_for(new_length) - session.state.cache.capacity
+        if extra > 0:
+            self.check_room(extra, new_session=False)
+
+    def add(self, state: DecoderState, tag: str = "") -> Session:
+        session = Session(id=secrets.token_urlsafe(18), state=state, tag=tag, last_used=self.clock())
+        self._sessions[session.id] = session
+        self.opened += 1
+        return session
+
+    def get(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(
+                f"session {session_id[:12]!r} is unknown, closed or expired (idle TTL {self.ttl_s:g}s)"
+            )
+        session.last_used = self.clock()
+        return session
+
+    def remove(self, session_id: str) -> bool:
+        return self._sessions.pop(session_id, None) is not None
+
+    def expire_idle(self) -> list[str]:
+        """Drop sessions idle past the TTL that no call is using; return their ids."""
+        deadline = self.clock() - self.ttl_s
+        stale = [
+            s.id for s in self._sessions.values() if s.last_used < deadline and not s.lock.locked()
+        ]
+        for session_id in stale:
+            del self._sessions[session_id]
+        self.expired += len(stale)
+        return stale
+
+    def ids(self) -> list[str]:
+        return list(self._sessions)

@@ -1,0 +1,1 @@
+"""gRPC plumbing shared by every specdec service: status mapping, server set-up, conversions."""

@@ -1,0 +1,201 @@
+"""grpc.aio server set-up shared by draft, target and orchestrator.
+
+Health (grpc.health.v1) and reflection are always on; message sizes are capped; TLS
+(optionally mutual) and a bearer token are opt-in. ``serve_until_signal`` drains on
+SIGTERM/SIGINT: NOT_SERVING first, then a graceful stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"  # loopback unless told otherwise: no stranger gets in by default
+DEFAULT_MAX_MESSAGE_MB = 64
+
+
+@dataclass
+class Security:
+    """TLS and token settings of one server (all optional)."""
+
+    cert: str | None = None  # PEM server certificate
+    key: str | None = None  # PEM private key
+    client_ca: str | None = None  # PEM CA: when set, clients must present a cert it signed (mTLS)
+    token: str | None = None  # bearer token every call must carry ("authorization: Bearer ...")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Security:
+        token = args.auth_token
+        if args.auth_token_file:
+            token = Path(args.auth_token_file).read_text().strip()
+        return cls(args.tls_cert, args.tls_key, args.tls_client_ca, token)
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        if not self.cert and not self.key:
+            if self.client_ca:
+                raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
+            return None
+        if not (self.cert and self.key):
+            raise SystemExit("TLS needs both --tls-cert and --tls-key")
+        pair = (Path(self.key).read_bytes(), Path(self.cert).read_bytes())
+        ca = Path(self.client_ca).read_bytes() if self.client_ca else None
+        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
+    """Flags every specdec server takes: address, message size, grace, TLS and token."""
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    parser.add_argument("--port", type=int, default=default_port,
+                        help=f"port to bind; 0 picks a free one and prints it (default {default_port})")
+    parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB,
+                        help="largest request/response accepted, MiB")
+    parser.add_argument("--grace", type=float, default=10.0,
+                        help="seconds in-flight calls get to finish on SIGTERM")
+    parser.add_argument("--tls-cert", help="PEM certificate: serve over TLS")
+    parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    parser.add_argument("--tls-client-ca", help="PEM CA; clients must present a certificate it signed (mTLS)")
+    parser.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN' on every call")
+    parser.add_argument("--auth-token-file", help="read the bearer token from this file instead")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects calls without the right bearer token (UNAUTHENTICATED). Health stays open."""
+
+    OPEN_SERVICES = ("/grpc.health.v1.Health/",)
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+        async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong bearer token (metadata 'authorization: Bearer ...')")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+
+        async def deny_stream(request: object, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+            await deny(request, context)
+            yield  # pragma: no cover - abort raised first
+
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny_stream)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        if details.method.startswith(self.OPEN_SERVICES):
+            return await continuation(details)
+        metadata = dict(details.invocation_metadata or ())
+        given = metadata.get("authorization", "")
+        given_bytes = given.encode() if isinstance(given, str) else given
+        if hmac.compare_digest(given_bytes, self._expected):
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is not None and handler.response_streaming:
+            return self._deny_stream
+        return self._deny_unary
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: Sequence[str]
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+
+async def create_server(
+    register: Callable[[grpc.aio.Server], None],
+    service_names: Sequence[str],
+    host: str = DEFAULT_HOST,
+    port: int = 0,
+    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
+    security: Security | None = None,
+) -> RunningServer:
+    """Build, bind and start a server; port 0 binds a free port (returned)."""
+    security = security or Security()
+    limit = max_message_mb * 1024 * 1024
+    interceptors = [BearerTokenInterceptor(security.token)] if security.token else []
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    address = f"{host}:{port}"
+    credentials = security.credentials()
+    try:
+        bound = (
+            server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        )
+    except RuntimeError as exc:
+        raise SystemExit(f"cannot bind {address}: {exc}") from exc
+    if bound == 0:
+        raise SystemExit(f"cannot bind {address}: port in use or address not available")
+    await server.start()
+    running = RunningServer(server, bound, health_servicer, service_names)
+    await running.set_serving(True)
+    return running
+
+
+async def serve_until_signal(
+    running: RunningServer, grace: float, on_drain: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT, then: NOT_SERVING, drain hook, stop with grace."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.ensure_future(running.server.wait_for_termination())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        logger.info("shutting down: NOT_SERVING, draining for up to %.1fs", grace)
+        await running.set_serving(False)
+        if on_drain is not None:
+            await on_drain()
+        await running.server.stop(grace)
+    waiter.cancel()
+    stopper.cancel()
+
+
+def announce(role: str, host: str, port: int) -> None:
+    """The line scripts and tests wait for: the bound address (port 0 picks one)."""
+    print(f"specdec-{role} listening on {host}:{port}", flush=True)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

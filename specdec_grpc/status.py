@@ -1,0 +1,79 @@
+"""Domain errors -> gRPC status codes, in one place (DESIGN.md's error table)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from specdec_core.errors import (
+    CheckpointError,
+    InvalidArgument,
+    PrefixMismatch,
+    ResourceExhausted,
+    SessionNotFound,
+    SpecdecError,
+    Unavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+STATUS_FOR_ERROR: dict[type[SpecdecError], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    CheckpointError: grpc.StatusCode.FAILED_PRECONDITION,
+    SessionNotFound: grpc.StatusCode.NOT_FOUND,
+    PrefixMismatch: grpc.StatusCode.ABORTED,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    for kind in type(error).__mro__:
+        if kind in STATUS_FOR_ERROR:
+            return STATUS_FOR_ERROR[kind]
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: str) -> None:
+    code = status_for(error)
+    if code is grpc.StatusCode.INTERNAL:
+        logger.exception("%s failed unexpectedly", method)
+        message = f"internal error in {method}: {type(error).__name__}: {error}"
+    else:
+        message = str(error)
+    await context.abort(code, message)
+
+
+def grpc_method(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a unary servicer method: domain errors become their status, others INTERNAL."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:  # noqa: BLE001 - mapped to a status, never crashes the server
+            await _abort(context, error, fn.__name__)
+
+    return wrapper
+
+
+def grpc_stream_method(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    """The same for server-streaming methods."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:  # noqa: BLE001
+            await _abort(context, error, fn.__name__)
+
+    return wrapper

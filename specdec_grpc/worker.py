@@ -1,0 +1,234 @@
+"""What draft and target processes share: config, model loading, the common RPCs, main().
+
+The two differ only in the one RPC they add (Propose or Verify); everything else about a
+session (open, roll back, close, Info) is here, thin over ``SessionHost``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+import specdec_core  # noqa: F401 - loads OpenBLAS before MLX
+from specdec_core import blas
+from specdec_core.checkpoint import load_model
+from specdec_core.engine import ModelEngine
+from specdec_core.session_host import HostLimits, SessionHost
+from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
+from specdec_grpc.server import (
+    RunningServer,
+    Security,
+    add_server_arguments,
+    announce,
+    configure_logging,
+    create_server,
+    serve_until_signal,
+)
+from specdec_grpc.status import grpc_method
+from specdec_pb import specdec_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODELS = {"draft": REPO_ROOT / "models" / "demo-draft", "target": REPO_ROOT / "models" / "demo-target"}
+DEFAULT_PORTS = {"draft": 50061, "target": 50071}
+
+
+@dataclass
+class WorkerConfig:
+    """Everything a draft or target process is configured with (one object per service)."""
+
+    role: str
+    model: str
+    dtype: str | None = None
+    quantize: int | None = None
+    limits: HostLimits = field(default_factory=HostLimits)
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_message_mb: int = 64
+    grace_s: float = 10.0
+    security: Security = field(default_factory=Security)
+
+    @classmethod
+    def from_args(cls, role: str, args: argparse.Namespace) -> WorkerConfig:
+        return cls(
+            role=role,
+            model=args.model,
+            dtype=args.dtype,
+            quantize=args.quantize,
+            limits=HostLimits(
+                max_sessions=args.max_sessions,
+                max_cached_tokens=args.max_cached_tokens,
+                max_prompt_tokens=args.max_prompt_tokens,
+                max_draft=args.max_draft,
+                session_ttl_s=args.session_ttl,
+            ),
+            host=args.host,
+            port=args.port,
+            max_message_mb=args.max_message_mb,
+            grace_s=args.grace,
+            security=Security.from_args(args),
+        )
+
+
+def build_parser(role: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"specdec-{role}",
+        description=f"The specdec {role} service: one T5 model, per-session KV caches, gRPC.",
+    )
+    parser.add_argument("--model", default=str(DEMO_MODELS[role]),
+                        help="checkpoint directory (HF or specdec-convert output) or hub name "
+                             f"(default: the bundled demo {role})")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="parameter dtype (default: as stored; float16 overflows in T5)")
+    parser.add_argument("--quantize", type=int, choices=[4, 8], help="quantize linear layers at load")
+    limits = HostLimits()
+    parser.add_argument("--max-sessions", type=int, default=limits.max_sessions)
+    parser.add_argument("--max-cached-tokens", type=int, default=limits.max_cached_tokens,
+                        help="token positions all sessions may hold (the cache memory budget)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens)
+    parser.add_argument("--max-draft", type=int, default=limits.max_draft, help="largest k accepted")
+    parser.add_argument("--session-ttl", type=float, default=limits.session_ttl_s,
+                        help="seconds an idle session lives before eviction")
+    add_server_arguments(parser, DEFAULT_PORTS[role])
+    return parser
+
+
+def build_host(config: WorkerConfig) -> SessionHost:
+    loaded = load_model(config.model, dtype=config.dtype, quantize_bits=config.quantize)
+    tokenizer = load_tokenizer(loaded.path)
+    engine = ModelEngine(loaded, max_draft=config.limits.max_draft)
+    logger.info(
+        "%s loaded %s (%s, %.1fM parameters, quantization %s); BLAS: %s",
+        config.role, config.model, loaded.dtype, loaded.num_parameters / 1e6,
+        loaded.quantization or "none", blas.active_blas,
+    )
+    return SessionHost(engine, config.limits, config.role, tokenizer_fingerprint(tokenizer))
+
+
+class SessionServicer:
+    """The RPCs draft and target share. Subclasses add Propose or Verify."""
+
+    def __init__(self, host: SessionHost):
+        self.host = host
+
+    @grpc_method
+    async def OpenSession(
+        self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.OpenSessionResponse:
+        session = await self.host.open(list(request.prompt_ids), request.client_tag)
+        return pb.OpenSessionResponse(session_id=session.id, length=session.state.length)
+
+    @grpc_method
+    async def Rollback(
+        self, request: pb.RollbackRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RollbackResponse:
+        length = await self.host.rollback(request.session_id, request.expected_length, request.length)
+        return pb.RollbackResponse(length=length)
+
+    @grpc_method
+    async def CloseSession(
+        self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CloseSessionResponse:
+        return pb.CloseSessionResponse(closed=await self.host.close(request.session_id))
+
+    @grpc_method
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        return info_response(self.host)
+
+    def count_bytes(self, request: object, response: object) -> None:
+        self.host.metrics.request_bytes += request.ByteSize()  # type: ignore[attr-defined]
+        self.host.metrics.response_bytes += response.ByteSize()  # type: ignore[attr-defined]
+
+
+def info_response(host: SessionHost) -> pb.InfoResponse:
+    loaded = host.engine.loaded
+    args = loaded.args
+    live = host.snapshot()
+    limits = host.limits
+    return pb.InfoResponse(
+        model_id=loaded.model_id,
+        model_path=str(loaded.path.resolve()),
+        vocab_size=args.vocab_size,
+        eos_token_id=args.eos_token_id,
+        pad_token_id=args.pad_token_id,
+        decoder_start_token_id=args.decoder_start_token_id,
+        tokenizer_fingerprint=host.tokenizer_fingerprint,
+        dtype=loaded.dtype,
+        quantization_bits=(loaded.quantization or {}).get("bits", 0),
+        num_parameters=loaded.num_parameters,
+        role=host.role,
+        limits=pb.Limits(
+            max_sessions=limits.max_sessions,
+            max_cached_tokens=limits.max_cached_tokens,
+            max_prompt_tokens=limits.max_prompt_tokens,
+            max_draft=limits.max_draft,
+            session_ttl_s=limits.session_ttl_s,
+        ),
+        live_sessions=live["live_sessions"],
+        cached_tokens=live["cached_tokens"],
+        metrics=pb.Metrics(
+            sessions_opened=live["sessions_opened"],
+            sessions_expired=live["sessions_expired"],
+            forward_passes=live["forward_passes"],
+            steps=live["steps"],
+            response_bytes=live["response_bytes"],
+            request_bytes=live["request_bytes"],
+        ),
+        blas=blas.active_blas,
+    )
+
+
+async def start_worker(
+    config: WorkerConfig,
+    servicer_class: type[SessionServicer],
+    add_to_server: Callable[[SessionServicer, grpc.aio.Server], None],
+    service_name: str,
+    host: SessionHost | None = None,
+) -> tuple[RunningServer, SessionHost]:
+    """Start a draft or target server (tests call this with port 0)."""
+    host = host or build_host(config)
+    host.start()
+    servicer = servicer_class(host)
+    running = await create_server(
+        lambda server: add_to_server(servicer, server),
+        [service_name],
+        host=config.host,
+        port=config.port,
+        max_message_mb=config.max_message_mb,
+        security=config.security,
+    )
+    return running, host
+
+
+def run_worker(
+    role: str,
+    servicer_class: type[SessionServicer],
+    add_to_server: Callable[[SessionServicer, grpc.aio.Server], None],
+    service_name: str,
+    argv: list[str] | None = None,
+) -> None:
+    args = build_parser(role).parse_args(argv)
+    configure_logging(args.log_level)
+    config = WorkerConfig.from_args(role, args)
+
+    async def serve() -> None:
+        running, host = await start_worker(config, servicer_class, add_to_server, service_name)
+        announce(role, config.host, running.port)
+
+        async def drain() -> None:
+            host.draining = True
+
+        await serve_until_signal(running, config.grace_s, drain)
+        await host.stop()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass

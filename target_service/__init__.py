@@ -1,0 +1,1 @@
+"""The target service: the large T5 scores a block of draft tokens in one forward pass."""
