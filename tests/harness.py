@@ -1,0 +1,74 @@
+"""Run real gRPC servers in-process on port 0, on an event loop in a background thread.
+
+Tests talk to them with ordinary synchronous gRPC channels, exactly as a client would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from draft_service.servicer import SERVICE_NAME as DRAFT_SERVICE
+from draft_service.servicer import DraftServicer
+from draft_service.servicer import add_to_server as add_draft
+from specdec_core.session_host import HostLimits, SessionHost
+from specdec_grpc.server import RunningServer
+from specdec_grpc.worker import WorkerConfig, start_worker
+from target_service.servicer import SERVICE_NAME as TARGET_SERVICE
+from target_service.servicer import TargetServicer
+from target_service.servicer import add_to_server as add_target
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An asyncio loop running in a daemon thread; ``call`` runs a coroutine on it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class Worker:
+    """A running draft or target server and its session host."""
+
+    def __init__(self, loop: LoopThread, running: RunningServer, host: SessionHost, role: str):
+        self.loop = loop
+        self.running = running
+        self.host = host
+        self.role = role
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.running.port}"
+
+    def stop(self, grace: float = 0) -> None:
+        async def _stop() -> None:
+            await self.running.server.stop(grace)
+            await self.host.stop()
+
+        self.loop.call(_stop())
+
+
+def start_worker_in(loop: LoopThread, role: str, model_dir: Any, limits: HostLimits | None = None,
+                    **config: Any) -> Worker:
+    servicer, add, name = (
+        (DraftServicer, add_draft, DRAFT_SERVICE) if role == "draft" else (TargetServicer, add_target, TARGET_SERVICE)
+    )
+    cfg = WorkerConfig(role=role, model=str(model_dir), limits=limits or HostLimits(), port=0, **config)
+    running, host = loop.call(start_worker(cfg, servicer, add, name))
+    return Worker(loop, running, host, role)
+
+
+def run_sync(loop: LoopThread, fn: Callable[[], Awaitable[T]]) -> T:
+    return loop.call(fn())  # type: ignore[arg-type]
