@@ -33,3 +33,7 @@ class Unavailable(SpecdecError):
 
 class CheckpointError(SpecdecError, ValueError):
     """A checkpoint directory or hub name that cannot be loaded: missing files, not T5, bad shapes."""
+
+
+class DeadlineExceeded(SpecdecError):
+    """The caller's deadline passed before the work was done."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ import grpc
 
 from specdec_core.errors import (
     CheckpointError,
+    DeadlineExceeded,
     InvalidArgument,
     PrefixMismatch,
     ResourceExhausted,
@@ -28,7 +30,14 @@ STATUS_FOR_ERROR: dict[type[SpecdecError], grpc.StatusCode] = {
     PrefixMismatch: grpc.StatusCode.ABORTED,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on ``time.monotonic()``'s clock, or None if it has none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def status_for(error: BaseException) -> grpc.StatusCode:
@@ -53,6 +62,11 @@ def grpc_method(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            # Queued past its deadline: the caller has given up, so do not run the work.
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"the deadline passed before {fn.__name__} started; nothing was done")
         try:
             return await fn(self, request, context)
         except grpc.aio.AbortError:

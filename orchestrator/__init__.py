@@ -1,0 +1,1 @@
+"""The orchestrator: the one service clients call. Owns acceptance and randomness."""

@@ -1,0 +1,91 @@
+"""The orchestrator's domain: text in, speculative generation over replicas, text out."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from specdec_core.errors import InvalidArgument, ResourceExhausted
+
+from .detokenize import TextStream
+from .speculative import BackendSource, GenerationParams, SpeculativeGeneration, Stats
+
+
+@dataclass
+class OrchestratorLimits:
+    max_prompt_tokens: int = 2048
+    max_tokens_cap: int = 2048  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 64
+    max_num_draft: int = 16  # the largest k (and the ceiling of num_draft=auto)
+    default_num_draft: int = 5  # the published anchor's k=7 is for T5-XXL; 5 suits small pairs
+    max_generations: int = 32  # generations in flight at once
+
+
+@dataclass
+class TextEvent:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stats: Stats | None = None
+
+
+class Orchestrator:
+    def __init__(self, source: BackendSource, tokenizer: Any, decoder_start_id: int, eos_id: int,
+                 limits: OrchestratorLimits):
+        self.source = source
+        self.tokenizer = tokenizer
+        self.decoder_start_id = decoder_start_id
+        self.eos_id = eos_id
+        self.limits = limits
+        self.active = 0
+
+    def encode(self, prompt: str) -> list[int]:
+        if not prompt.strip():
+            raise InvalidArgument("prompt is empty")
+        ids = list(self.tokenizer(prompt).input_ids)  # T5 tokenizers append EOS
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise InvalidArgument(
+                f"prompt is {len(ids)} tokens; max_prompt_tokens is {self.limits.max_prompt_tokens}"
+            )
+        return ids
+
+    def params(self, max_tokens: int, num_draft: int, num_draft_auto: bool, sampling: Any, delta: float,
+               seed: int | None, speculative: bool) -> GenerationParams:
+        """Fill defaults (0 = server default) and validate against the limits."""
+        return GenerationParams(
+            max_tokens=max_tokens or self.limits.default_max_tokens,
+            num_draft=num_draft or self.limits.default_num_draft,
+            num_draft_auto=num_draft_auto,
+            max_num_draft=self.limits.max_num_draft,
+            sampling=sampling,
+            delta=delta,
+            seed=seed if seed is not None else secrets.randbits(63),
+            speculative=speculative,
+        ).validate(self.limits.max_tokens_cap, self.limits.max_num_draft)
+
+    async def generate(self, prompt: str, params: GenerationParams, timeout_s: float | None) -> AsyncIterator[TextEvent]:
+        """Stream text deltas; the last event has the finish reason and the stats."""
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        prompt_ids = self.encode(prompt)
+        if self.active >= self.limits.max_generations:
+            raise ResourceExhausted(
+                f"{self.active} generations in flight; max_generations is {self.limits.max_generations}"
+            )
+        self.active += 1
+        try:
+            generation = SpeculativeGeneration(
+                self.source, prompt_ids, params, self.decoder_start_id, self.eos_id, deadline
+            )
+            text = TextStream(self.tokenizer)
+            async for step in generation.run():
+                delta = text.push(step.tokens)
+                if step.finish_reason is not None:
+                    delta += text.flush()
+                    yield TextEvent(delta, step.tokens, step.finish_reason, generation.stats)
+                else:
+                    yield TextEvent(delta, step.tokens)
+        finally:
+            self.active -= 1

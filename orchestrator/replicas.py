@@ -1,0 +1,218 @@
+"""Draft and target replicas: connection, compatibility check, least-loaded choice, health watch.
+
+Every session is pinned to one draft and one target replica (their KV caches are
+stateful). A replica that fails a call is taken out of rotation; the health watch puts it
+back when it answers SERVING again and still serves a compatible model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from specdec_pb import specdec_pb2 as pb
+from specdec_pb import specdec_pb2_grpc as pb_grpc
+
+from .backends import GrpcDraft, GrpcTarget, ReplicaError
+
+logger = logging.getLogger(__name__)
+
+# Codes after which a replica is presumed down (not merely busy or confused about one session).
+FAILURE_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+}
+# Fields draft and target must agree on, or their tokens mean different things.
+COMPATIBILITY_FIELDS = (
+    "vocab_size", "eos_token_id", "pad_token_id", "decoder_start_token_id", "tokenizer_fingerprint",
+)
+
+
+class IncompatibleReplicas(SystemExit):
+    """Raised at start-up: draft and target disagree on vocabulary or special ids."""
+
+
+@dataclass
+class Replica:
+    address: str
+    role: str
+    channel: grpc.aio.Channel
+    backend: GrpcDraft | GrpcTarget
+    health: health_pb2_grpc.HealthStub
+    healthy: bool = False
+    active_sessions: int = 0
+    last_error: str = ""
+    info: pb.InfoResponse | None = None
+
+
+ChannelFactory = Callable[[str], grpc.aio.Channel]
+
+
+class ReplicaPool:
+    def __init__(
+        self,
+        drafts: Sequence[str],
+        targets: Sequence[str],
+        channel_factory: ChannelFactory,
+        metadata: Sequence[tuple[str, str]] = (),
+        health_interval_s: float = 1.0,
+    ):
+        if not targets:
+            raise SystemExit("at least one --target address is needed")
+        self.metadata = tuple(metadata)
+        self.health_interval_s = health_interval_s
+        self.replicas: list[Replica] = []
+        for role, addresses in (("draft", drafts), ("target", targets)):
+            for address in addresses:
+                channel = channel_factory(address)
+                stub = pb_grpc.DraftStub(channel) if role == "draft" else pb_grpc.TargetStub(channel)
+                backend_class = GrpcDraft if role == "draft" else GrpcTarget
+                self.replicas.append(
+                    Replica(address, role, channel, backend_class(address, stub, self.metadata),
+                            health_pb2_grpc.HealthStub(channel))
+                )
+        self._by_backend = {id(r.backend): r for r in self.replicas}
+        self.reference: pb.InfoResponse | None = None
+        self._watch: asyncio.Task[None] | None = None
+
+    def of_role(self, role: str) -> list[Replica]:
+        return [r for r in self.replicas if r.role == role]
+
+    # -- start-up -----------------------------------------------------------------------------
+    async def start(self, connect_timeout_s: float = 30.0) -> None:
+        """Wait for replicas, check they agree, start the health watch.
+
+        Refuses (SystemExit with a message) when no target answers in time, or when any two
+        replicas that answered disagree on vocabulary or special ids.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + connect_timeout_s
+        pending = list(self.replicas)
+        while pending and loop.time() < deadline:
+            results = await asyncio.gather(*(self._fetch_info(r, 2.0) for r in pending))
+            pending = [r for r, ok in zip(pending, results, strict=True) if not ok]
+            if pending:
+                await asyncio.sleep(0.3)
+        answered = [r for r in self.replicas if r.info is not None]
+        if not any(r.role == "target" for r in answered):
+            raise SystemExit(
+                "no target replica answered Info within "
+                f"{connect_timeout_s:g}s: {', '.join(r.address for r in self.of_role('target'))}"
+            )
+        targets = [r for r in answered if r.role == "target"]
+        self.reference = targets[0].info
+        for replica in answered:
+            problem = self.incompatibility(replica.info)
+            if problem:
+                raise IncompatibleReplicas(
+                    f"refusing to start: {replica.role} {replica.address} is incompatible with target "
+                    f"{targets[0].address}: {problem}. Draft and target must share one tokenizer and "
+                    "the same special token ids."
+                )
+            replica.healthy = True
+        for replica in pending:
+            logger.warning("%s %s not reachable yet; will use it once it answers", replica.role, replica.address)
+        self._watch = asyncio.get_running_loop().create_task(self._health_watch())
+
+    def incompatibility(self, info: pb.InfoResponse | None) -> str:
+        if info is None or self.reference is None:
+            return "no Info"
+        for name in COMPATIBILITY_FIELDS:
+            mine, theirs = getattr(info, name), getattr(self.reference, name)
+            if mine != theirs:
+                return f"{name} {mine!r} != {theirs!r}"
+        return ""
+
+    async def _fetch_info(self, replica: Replica, timeout: float) -> bool:
+        stub = pb_grpc.DraftStub(replica.channel) if replica.role == "draft" else pb_grpc.TargetStub(replica.channel)
+        try:
+            replica.info = await stub.Info(pb.InfoRequest(), timeout=timeout, metadata=self.metadata)
+        except grpc.aio.AioRpcError as error:
+            replica.last_error = f"{error.code().name}: {error.details()}"
+            return False
+        if replica.info.role and replica.info.role != replica.role:
+            raise SystemExit(
+                f"{replica.address} was given as a {replica.role} but serves as a {replica.info.role}"
+            )
+        return True
+
+    async def _health_watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            await asyncio.gather(*(self._check(r) for r in self.replicas), return_exceptions=True)
+
+    async def _check(self, replica: Replica) -> None:
+        try:
+            response = await replica.health.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=max(0.5, self.health_interval_s),
+                metadata=self.metadata,
+            )
+            serving = response.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError as error:
+            serving = False
+            replica.last_error = f"health: {error.code().name}"
+        if serving and not replica.healthy:
+            if await self._fetch_info(replica, 2.0):
+                problem = self.incompatibility(replica.info)
+                if problem:
+                    replica.last_error = f"incompatible: {problem}"
+                    return
+                logger.info("%s %s is back", replica.role, replica.address)
+                replica.healthy = True
+                replica.last_error = ""
+        elif not serving and replica.healthy:
+            logger.warning("%s %s stopped serving", replica.role, replica.address)
+            replica.healthy = False
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        await asyncio.gather(*(r.channel.close() for r in self.replicas), return_exceptions=True)
+
+    # -- BackendSource ------------------------------------------------------------------------
+    def _acquire(self, role: str, exclude: set[str]) -> Any:
+        candidates = [r for r in self.of_role(role) if r.healthy and r.address not in exclude]
+        if not candidates:
+            return None
+        replica = min(candidates, key=lambda r: r.active_sessions)
+        replica.active_sessions += 1
+        return replica.backend
+
+    def acquire_draft(self, exclude: set[str]) -> GrpcDraft | None:
+        return self._acquire("draft", exclude)
+
+    def acquire_target(self, exclude: set[str]) -> GrpcTarget | None:
+        return self._acquire("target", exclude)
+
+    def release(self, backend: Any) -> None:
+        replica = self._by_backend.get(id(backend))
+        if replica is not None:
+            replica.active_sessions = max(0, replica.active_sessions - 1)
+
+    def report_failure(self, backend: Any, error: Exception) -> None:
+        replica = self._by_backend.get(id(backend))
+        if replica is None:
+            return
+        replica.last_error = str(error)
+        if isinstance(error, ReplicaError) and error.code in FAILURE_CODES:
+            replica.healthy = False
+
+    def has_healthy(self, role: str) -> bool:
+        return any(r.healthy for r in self.of_role(role))
+
+    def status(self) -> list[pb.ReplicaStatus]:
+        return [
+            pb.ReplicaStatus(address=r.address, role=r.role, healthy=r.healthy,
+                             active_sessions=r.active_sessions, last_error=r.last_error)
+            for r in self.replicas
+        ]

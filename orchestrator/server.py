@@ -1,0 +1,217 @@
+"""``specdec-orchestrator``: the service clients call, in front of draft and target replicas."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+import specdec_core  # noqa: F401 - loads OpenBLAS before MLX (the tokenizer path may import it)
+from specdec_core.errors import CheckpointError
+from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
+from specdec_grpc.server import (
+    RunningServer,
+    Security,
+    add_server_arguments,
+    announce,
+    configure_logging,
+    create_server,
+    serve_until_signal,
+)
+from specdec_pb import specdec_pb2_grpc as pb_grpc
+
+from .generation import Orchestrator, OrchestratorLimits
+from .replicas import ReplicaPool
+from .servicer import SERVICE_NAME, OrchestratorServicer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 50051
+DEFAULT_DRAFT = "127.0.0.1:50061"
+DEFAULT_TARGET = "127.0.0.1:50071"
+
+
+@dataclass
+class WorkerCredentials:
+    """How the orchestrator authenticates to draft/target: TLS (optionally mutual) and a token."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    token: str | None = None
+
+    def channel(self, address: str, max_message_mb: int) -> grpc.aio.Channel:
+        limit = max_message_mb * 1024 * 1024
+        options = [
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.keepalive_time_ms", 10_000),
+            ("grpc.keepalive_timeout_ms", 2_000),
+            # Reconnect quickly to a replica that comes back (default backoff reaches minutes).
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+        ]
+        if self.ca or self.cert:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=Path(self.ca).read_bytes() if self.ca else None,
+                private_key=Path(self.key).read_bytes() if self.key else None,
+                certificate_chain=Path(self.cert).read_bytes() if self.cert else None,
+            )
+            return grpc.aio.secure_channel(address, credentials, options=options)
+        return grpc.aio.insecure_channel(address, options=options)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+@dataclass
+class OrchestratorConfig:
+    """Everything the orchestrator is configured with (one object)."""
+
+    drafts: list[str]
+    targets: list[str]
+    tokenizer: str | None = None
+    limits: OrchestratorLimits = field(default_factory=OrchestratorLimits)
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    max_message_mb: int = 64
+    grace_s: float = 10.0
+    connect_timeout_s: float = 60.0
+    health_interval_s: float = 1.0
+    security: Security = field(default_factory=Security)
+    workers: WorkerCredentials = field(default_factory=WorkerCredentials)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> OrchestratorConfig:
+        token = args.worker_token
+        if args.worker_token_file:
+            token = Path(args.worker_token_file).read_text().strip()
+        return cls(
+            drafts=args.draft if args.draft is not None else [DEFAULT_DRAFT],
+            targets=args.target or [DEFAULT_TARGET],
+            tokenizer=args.tokenizer,
+            limits=OrchestratorLimits(
+                max_prompt_tokens=args.max_prompt_tokens,
+                max_tokens_cap=args.max_tokens_cap,
+                default_max_tokens=args.default_max_tokens,
+                max_num_draft=args.max_num_draft,
+                default_num_draft=args.default_num_draft,
+                max_generations=args.max_generations,
+            ),
+            host=args.host,
+            port=args.port,
+            max_message_mb=args.max_message_mb,
+            grace_s=args.grace,
+            connect_timeout_s=args.connect_timeout,
+            health_interval_s=args.health_interval,
+            security=Security.from_args(args),
+            workers=WorkerCredentials(args.worker_tls_ca, args.worker_tls_cert, args.worker_tls_key, token),
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specdec-orchestrator",
+        description="The specdec orchestrator: speculative generation over draft and target replicas.",
+    )
+    parser.add_argument("--draft", action="append", metavar="HOST:PORT",
+                        help=f"a draft replica; repeat for several (default {DEFAULT_DRAFT})")
+    parser.add_argument("--no-draft", dest="draft", action="store_const", const=[],
+                        help="run without a draft: every request decodes with the target alone")
+    parser.add_argument("--target", action="append", metavar="HOST:PORT",
+                        help=f"a target replica; repeat for several (default {DEFAULT_TARGET})")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the first target's model "
+                        "directory, when it is on this host)")
+    limits = OrchestratorLimits()
+    parser.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens)
+    parser.add_argument("--max-tokens-cap", type=int, default=limits.max_tokens_cap,
+                        help="largest max_tokens a request may ask for")
+    parser.add_argument("--default-max-tokens", type=int, default=limits.default_max_tokens)
+    parser.add_argument("--max-num-draft", type=int, default=limits.max_num_draft,
+                        help="largest k, and the ceiling of num_draft=auto")
+    parser.add_argument("--default-num-draft", type=int, default=limits.default_num_draft)
+    parser.add_argument("--max-generations", type=int, default=limits.max_generations,
+                        help="generations in flight at once; more get RESOURCE_EXHAUSTED")
+    parser.add_argument("--connect-timeout", type=float, default=60.0,
+                        help="seconds to wait for replicas at start-up")
+    parser.add_argument("--health-interval", type=float, default=1.0,
+                        help="seconds between health checks of replicas")
+    parser.add_argument("--worker-tls-ca", help="PEM CA that signed the workers' certificates (TLS to workers)")
+    parser.add_argument("--worker-tls-cert", help="PEM client certificate for mutual TLS to workers")
+    parser.add_argument("--worker-tls-key", help="PEM private key of --worker-tls-cert")
+    parser.add_argument("--worker-token", help="bearer token the workers require")
+    parser.add_argument("--worker-token-file", help="read the workers' bearer token from this file")
+    add_server_arguments(parser, DEFAULT_PORT)
+    return parser
+
+
+def resolve_tokenizer(config: OrchestratorConfig, pool: ReplicaPool):  # type: ignore[no-untyped-def]
+    reference = pool.reference
+    assert reference is not None
+    source = config.tokenizer or reference.model_path
+    if not config.tokenizer and not Path(source).is_dir():
+        raise SystemExit(
+            f"the target's model directory {source} is not on this host; pass --tokenizer DIR "
+            "(a directory with the same tokenizer files)"
+        )
+    try:
+        tokenizer = load_tokenizer(source)
+    except CheckpointError as error:
+        raise SystemExit(str(error)) from error
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if fingerprint != reference.tokenizer_fingerprint:
+        raise SystemExit(
+            f"tokenizer {source} (fingerprint {fingerprint}) differs from the target's "
+            f"({reference.tokenizer_fingerprint}); pass the target's tokenizer with --tokenizer"
+        )
+    return tokenizer
+
+
+async def start_orchestrator(config: OrchestratorConfig) -> tuple[RunningServer, ReplicaPool, Orchestrator]:
+    pool = ReplicaPool(
+        config.drafts, config.targets,
+        lambda address: config.workers.channel(address, config.max_message_mb),
+        metadata=config.workers.metadata(),
+        health_interval_s=config.health_interval_s,
+    )
+    await pool.start(config.connect_timeout_s)
+    tokenizer = resolve_tokenizer(config, pool)
+    reference = pool.reference
+    assert reference is not None
+    orchestrator = Orchestrator(pool, tokenizer, reference.decoder_start_token_id, reference.eos_token_id,
+                                config.limits)
+    servicer = OrchestratorServicer(orchestrator, pool)
+    running = await create_server(
+        lambda server: pb_grpc.add_OrchestratorServicer_to_server(servicer, server),
+        [SERVICE_NAME],
+        host=config.host,
+        port=config.port,
+        max_message_mb=config.max_message_mb,
+        security=config.security,
+    )
+    return running, pool, orchestrator
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    config = OrchestratorConfig.from_args(args)
+
+    async def serve() -> None:
+        running, pool, _ = await start_orchestrator(config)
+        announce("orchestrator", config.host, running.port)
+        await serve_until_signal(running, config.grace_s)
+        await pool.close()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Orchestrator RPCs: GenerateRequest in, the domain's generation, responses out."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from specdec_core.sampling import SamplingParams
+from specdec_grpc.status import grpc_method, grpc_stream_method
+from specdec_pb import specdec_pb2 as pb
+from specdec_pb import specdec_pb2_grpc as pb_grpc
+
+from .generation import Orchestrator, TextEvent
+from .replicas import ReplicaPool
+from .speculative import GenerationParams, Stats
+
+
+def params_from_pb(orchestrator: Orchestrator, request: pb.GenerateRequest) -> GenerationParams:
+    return orchestrator.params(
+        max_tokens=request.max_tokens,
+        num_draft=request.num_draft,
+        num_draft_auto=request.num_draft_auto,
+        sampling=SamplingParams(request.temperature, request.top_k, request.top_p or 1.0),
+        delta=request.delta,
+        seed=request.seed if request.HasField("seed") else None,
+        speculative=request.speculative if request.HasField("speculative") else True,
+    )
+
+
+def stats_to_pb(stats: Stats) -> pb.GenerateStats:
+    return pb.GenerateStats(
+        proposed=stats.proposed,
+        accepted=stats.accepted,
+        acceptance_rate=stats.acceptance_rate,
+        target_passes=stats.target_passes,
+        draft_passes=stats.draft_passes,
+        steps=stats.steps,
+        draft_ms=stats.draft_s * 1e3,
+        verify_ms=stats.verify_s * 1e3,
+        orchestration_ms=stats.orchestration_s * 1e3,
+        total_ms=stats.total_s * 1e3,
+        tokens=stats.tokens,
+        target_tokens=stats.target_tokens,
+        final_num_draft=stats.final_num_draft,
+        seed=stats.seed,
+        draft_replica=stats.draft_replica,
+        target_replica=stats.target_replica,
+        wire_bytes=stats.wire_bytes,
+    )
+
+
+def _timeout(context: grpc.aio.ServicerContext) -> float | None:
+    return context.time_remaining()
+
+
+class OrchestratorServicer(pb_grpc.OrchestratorServicer):
+    def __init__(self, orchestrator: Orchestrator, pool: ReplicaPool | None):
+        self.orchestrator = orchestrator
+        self.pool = pool
+
+    async def _events(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[TextEvent]:
+        params = params_from_pb(self.orchestrator, request)
+        events = self.orchestrator.generate(request.prompt, params, _timeout(context))
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event
+
+    @grpc_method
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        text, token_ids = [], []
+        events = self._events(request, context)
+        async with contextlib.aclosing(events):
+            return await self._collect(events, text, token_ids)
+
+    @staticmethod
+    async def _collect(events: AsyncIterator[TextEvent], text: list[str], token_ids: list[int]
+                       ) -> pb.GenerateResponse:
+        async for event in events:
+            text.append(event.text)
+            token_ids.extend(event.token_ids)
+            if event.finish_reason is not None:
+                assert event.stats is not None
+                return pb.GenerateResponse(text="".join(text), token_ids=token_ids,
+                                           finish_reason=event.finish_reason, stats=stats_to_pb(event.stats))
+        raise RuntimeError("generation ended without a finish reason")
+
+    @grpc_stream_method
+    async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        async for event in self._events(request, context):
+            message = pb.GenerateStreamResponse(text=event.text, token_ids=event.token_ids)
+            if event.finish_reason is not None:
+                message.finish_reason = event.finish_reason
+                message.stats.CopyFrom(stats_to_pb(event.stats))
+            yield message
+
+    @grpc_method
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        return pb.StatusResponse(
+            replicas=self.pool.status() if self.pool else [],
+            active_generations=self.orchestrator.active,
+            max_generations=self.orchestrator.limits.max_generations,
+        )
+
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Orchestrator"].full_name
