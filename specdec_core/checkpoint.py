@@ -162,6 +162,9 @@ def load_model(
     args = ModelArgs.from_dict(config)
     raw = read_weights(path)
     weights = T5.sanitize(raw) if is_hf_layout(raw.keys()) else raw
+    head, shared = weights.get("lm_head.weight"), weights.get("shared.weight")
+    if head is not None and shared is not None and head.shape == shared.shape and mx.array_equal(head, shared).item():
+        del weights["lm_head.weight"]  # a tied v1.0 head saved as a copy (pytorch_model.bin)
     args.untied_lm_head = "lm_head.weight" in weights
     model = T5(args)
 

@@ -33,7 +33,10 @@ class LayerKVCache:
         n = keys.shape[2]
         start, end = self.length, self.length + n
         if end > self.capacity:
-            grow = ((end - self.capacity + CHUNK - 1) // CHUNK) * CHUNK
+            # Keep the valid prefix and grow to the next multiple of CHUNK that holds ``end``
+            # (growing by ``end - capacity`` is too little when positions past ``length``
+            # were rolled back: the old buffer is cut to ``length`` before concatenating).
+            grow = ((end + CHUNK - 1) // CHUNK) * CHUNK - self.length
             shape = (1, keys.shape[1], grow, keys.shape[3])
             new_k = mx.zeros(shape, keys.dtype)
             new_v = mx.zeros(shape, values.dtype)

@@ -309,6 +309,8 @@ class T5(nn.Module):
         """
         self.check_token_ids(tokens, "decoder tokens")
         n = tokens.shape[1]
+        if num_logits is not None and not 0 <= num_logits <= n:
+            raise InvalidArgument(f"num_logits must be in [0, {n}] for {n} decoder tokens, got {num_logits}")
         offset = cache.length if cache is not None else 0
         total = offset + n
         bias = self.decoder_bias(offset, n, total)

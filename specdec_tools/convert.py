@@ -1,0 +1,111 @@
+"""specdec-convert: turn a T5 checkpoint (hub name or HF directory) into an MLX directory.
+
+The output holds ``model.safetensors`` under our parameter names, ``config.json`` with a
+``"specdec"`` section recording dtype and quantization, and the tokenizer files, so a
+service can load it directly (``--model OUT``) without torch or a download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import specdec_core  # noqa: F401 - load OpenBLAS before MLX is imported
+from specdec_core.checkpoint import DEFAULT_GROUP_SIZE, DTYPES, QUANT_BITS, load_model, save_model
+from specdec_core.errors import CheckpointError
+
+GROUP_SIZES = (32, 64, 128)  # what mlx.nn.quantize supports
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specdec-convert",
+        description=(
+            "Convert a T5 checkpoint (t5-*, google/t5-v1_1-*, google/flan-t5-*) to an MLX\n"
+            "directory that the draft and target services load directly (--model DIR),\n"
+            "optionally cast to another dtype or quantized. The tokenizer files are copied."
+        ),
+        epilog=(
+            "examples:\n"
+            "  specdec-convert --model google/flan-t5-small --out models/flan-t5-small\n"
+            "  specdec-convert --model t5-11b --out models/t5-11b-q4 --dtype bfloat16 --quantize 4\n"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="NAME_OR_DIR",
+        help="a local checkpoint directory (config.json plus safetensors or pytorch_model.bin) "
+        "or a Hugging Face hub name, downloaded on first use",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory to write (created if missing)")
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="parameter dtype to store (default: the checkpoint's own; float16 is promoted to "
+        "float32 because T5 overflows in it)",
+    )
+    parser.add_argument(
+        "--quantize",
+        type=int,
+        choices=list(QUANT_BITS),
+        default=None,
+        metavar="BITS",
+        help="quantize the linear layers to 4 or 8 bits (layers whose input size is not a "
+        "multiple of --group-size stay unquantized)",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        choices=GROUP_SIZES,
+        default=DEFAULT_GROUP_SIZE,
+        help=f"quantization group size, one of {GROUP_SIZES} (default {DEFAULT_GROUP_SIZE}; "
+        "used with --quantize)",
+    )
+    return parser
+
+
+def _format_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover - unreachable
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        loaded = load_model(args.model, dtype=args.dtype, quantize_bits=args.quantize,
+                            group_size=args.group_size)
+        if Path(args.out).expanduser().resolve() == loaded.path.resolve():
+            raise CheckpointError(
+                f"--out {args.out} is the source directory; write the conversion somewhere else"
+            )
+        out = save_model(loaded, Path(args.out).expanduser())
+    except CheckpointError as exc:
+        print(f"specdec-convert: error: {exc}", file=sys.stderr)
+        return 2
+    written = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
+    quant = loaded.quantization
+    quant_text = f"{quant['bits']}-bit, group size {quant['group_size']}" if quant else "none"
+    a = loaded.args
+    head = "untied" if a.untied_lm_head else "tied"
+    print(f"converted {loaded.model_id}")
+    print(f"  architecture  T5 {a.num_layers}+{a.num_decoder_layers} layers, d_model {a.d_model}, "
+          f"{a.feed_forward_proj} FFN, {head} lm head")
+    print(f"  parameters    {loaded.num_parameters:,}"
+          + (" (packed: quantized weights count 32-bit words)" if quant else ""))
+    print(f"  dtype         {loaded.dtype}")
+    print(f"  quantization  {quant_text}")
+    print(f"  bytes written {written:,} ({_format_bytes(written)})")
+    print(f"  written to    {Path(out).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
