@@ -38,8 +38,12 @@ COMPATIBILITY_FIELDS = (
 )
 
 
-class IncompatibleReplicas(SystemExit):
-    """Raised at start-up: draft and target disagree on vocabulary or special ids."""
+class StartupError(Exception):
+    """The orchestrator cannot start as configured; the message says why (main exits 2)."""
+
+
+class IncompatibleReplicas(StartupError):
+    """Draft and target disagree on vocabulary or special ids."""
 
 
 @dataclass
@@ -68,7 +72,7 @@ class ReplicaPool:
         health_interval_s: float = 1.0,
     ):
         if not targets:
-            raise SystemExit("at least one --target address is needed")
+            raise StartupError("at least one --target address is needed")
         self.metadata = tuple(metadata)
         self.health_interval_s = health_interval_s
         self.replicas: list[Replica] = []
@@ -92,7 +96,7 @@ class ReplicaPool:
     async def start(self, connect_timeout_s: float = 30.0) -> None:
         """Wait for replicas, check they agree, start the health watch.
 
-        Refuses (SystemExit with a message) when no target answers in time, or when any two
+        Refuses (StartupError with a message) when no target answers in time, or when any two
         replicas that answered disagree on vocabulary or special ids.
         """
         loop = asyncio.get_running_loop()
@@ -105,7 +109,7 @@ class ReplicaPool:
                 await asyncio.sleep(0.3)
         answered = [r for r in self.replicas if r.info is not None]
         if not any(r.role == "target" for r in answered):
-            raise SystemExit(
+            raise StartupError(
                 "no target replica answered Info within "
                 f"{connect_timeout_s:g}s: {', '.join(r.address for r in self.of_role('target'))}"
             )
@@ -141,7 +145,7 @@ class ReplicaPool:
             replica.last_error = f"{error.code().name}: {error.details()}"
             return False
         if replica.info.role and replica.info.role != replica.role:
-            raise SystemExit(
+            raise StartupError(
                 f"{replica.address} was given as a {replica.role} but serves as a {replica.info.role}"
             )
         return True

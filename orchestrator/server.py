@@ -25,7 +25,7 @@ from specdec_grpc.server import (
 from specdec_pb import specdec_pb2_grpc as pb_grpc
 
 from .generation import Orchestrator, OrchestratorLimits
-from .replicas import ReplicaPool
+from .replicas import ReplicaPool, StartupError
 from .servicer import SERVICE_NAME, OrchestratorServicer
 
 logger = logging.getLogger(__name__)
@@ -154,17 +154,17 @@ def resolve_tokenizer(config: OrchestratorConfig, pool: ReplicaPool):  # type: i
     assert reference is not None
     source = config.tokenizer or reference.model_path
     if not config.tokenizer and not Path(source).is_dir():
-        raise SystemExit(
+        raise StartupError(
             f"the target's model directory {source} is not on this host; pass --tokenizer DIR "
             "(a directory with the same tokenizer files)"
         )
     try:
         tokenizer = load_tokenizer(source)
     except CheckpointError as error:
-        raise SystemExit(str(error)) from error
+        raise StartupError(str(error)) from error
     fingerprint = tokenizer_fingerprint(tokenizer)
     if fingerprint != reference.tokenizer_fingerprint:
-        raise SystemExit(
+        raise StartupError(
             f"tokenizer {source} (fingerprint {fingerprint}) differs from the target's "
             f"({reference.tokenizer_fingerprint}); pass the target's tokenizer with --tokenizer"
         )
@@ -178,8 +178,12 @@ async def start_orchestrator(config: OrchestratorConfig) -> tuple[RunningServer,
         metadata=config.workers.metadata(),
         health_interval_s=config.health_interval_s,
     )
-    await pool.start(config.connect_timeout_s)
-    tokenizer = resolve_tokenizer(config, pool)
+    try:
+        await pool.start(config.connect_timeout_s)
+        tokenizer = resolve_tokenizer(config, pool)
+    except BaseException:
+        await pool.close()
+        raise
     reference = pool.reference
     assert reference is not None
     orchestrator = Orchestrator(pool, tokenizer, reference.decoder_start_token_id, reference.eos_token_id,
@@ -211,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(serve())
     except KeyboardInterrupt:
         pass
+    except StartupError as error:
+        logger.error("%s", error)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

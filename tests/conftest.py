@@ -43,3 +43,28 @@ def target_dir(t5_v11_dir: Path) -> Path:
 @pytest.fixture(params=["v1_0", "v1_1"])
 def family_dir(request: pytest.FixtureRequest, t5_v10_dir: Path, t5_v11_dir: Path) -> Path:
     return t5_v10_dir if request.param == "v1_0" else t5_v11_dir
+
+
+def _noisy_copy(source: Path, out: Path, noise: float, seed: int) -> Path:
+    """A copy of a checkpoint with Gaussian noise on every weight: a draft that agrees with
+    its target often but not always, so both acceptance and rejection paths run."""
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(source, out, dirs_exist_ok=True)
+    rng = np.random.default_rng(seed)
+    weights = load_file(str(out / "model.safetensors"))
+    noisy = {
+        name: (w + rng.normal(0.0, noise * float(w.std() or 1.0), w.shape)).astype(w.dtype)
+        for name, w in weights.items()
+    }
+    save_file(noisy, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def near_draft_dir(tmp_path_factory: pytest.TempPathFactory, t5_v11_dir: Path) -> Path:
+    """The target (t5_v11_dir) with noise: a draft with moderate acceptance."""
+    return _noisy_copy(t5_v11_dir, tmp_path_factory.mktemp("near_draft"), noise=0.3, seed=7)

@@ -72,3 +72,31 @@ def start_worker_in(loop: LoopThread, role: str, model_dir: Any, limits: HostLim
 
 def run_sync(loop: LoopThread, fn: Callable[[], Awaitable[T]]) -> T:
     return loop.call(fn())  # type: ignore[arg-type]
+
+
+class RunningOrchestrator:
+    def __init__(self, loop: LoopThread, running: RunningServer, pool: Any, orchestrator: Any):
+        self.loop = loop
+        self.running = running
+        self.pool = pool
+        self.orchestrator = orchestrator
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.running.port}"
+
+    def stop(self) -> None:
+        async def _stop() -> None:
+            await self.running.server.stop(0)
+            await self.pool.close()
+
+        self.loop.call(_stop())
+
+
+def start_orchestrator_in(loop: LoopThread, drafts: list[str], targets: list[str], **config: Any
+                          ) -> RunningOrchestrator:
+    from orchestrator.server import OrchestratorConfig, start_orchestrator
+
+    cfg = OrchestratorConfig(drafts=drafts, targets=targets, port=0, **config)
+    running, pool, orchestrator = loop.call(start_orchestrator(cfg))
+    return RunningOrchestrator(loop, running, pool, orchestrator)

@@ -1,0 +1,229 @@
+"""Start, stop and inspect a local specdec cluster: ``scripts/up``, ``scripts/down``, ``scripts/status``.
+
+``up`` starts N drafts and M targets on free ports (they print their port), waits until
+each reports SERVING, then starts the orchestrator on ``--port`` (default 50051) and waits
+for it too. Logs, pids and addresses go to a run directory (default ``runs/current``);
+``down`` stops exactly the processes recorded there, by pid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RUN_DIR = REPO_ROOT / "runs" / "current"
+DEMO_DRAFT = REPO_ROOT / "models" / "demo-draft"
+DEMO_TARGET = REPO_ROOT / "models" / "demo-target"
+LISTENING = re.compile(r"listening on (\S+):(\d+)")
+
+
+def _executable(name: str) -> str:
+    """The console script next to this Python (works without an activated venv)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def _wait_for_port(process: subprocess.Popen, log: Path, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = LISTENING.search(log.read_text(errors="replace")) if log.exists() else None
+        if match:
+            return int(match.group(2))
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    raise RuntimeError(f"{log.stem} did not start (exit code {process.poll()}); its log ends:\n{tail}")
+
+
+def wait_serving(address: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise RuntimeError(f"{address} did not report SERVING within {timeout:g}s")
+
+
+def _start(run_dir: Path, name: str, argv: list[str], host: str) -> dict:
+    log = run_dir / f"{name}.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True, cwd=REPO_ROOT)
+    return {"name": name, "pid": process.pid, "argv": argv, "log": str(log), "host": host,
+            "_process": process}
+
+
+def up(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if (run_dir / "cluster.json").exists() and _alive(json.loads((run_dir / "cluster.json").read_text())):
+        print(f"a cluster is already running from {run_dir}; run scripts/down first", file=sys.stderr)
+        return 1
+    run_dir.mkdir(parents=True, exist_ok=True)
+    members: list[dict] = []
+    extra = ["--log-level", args.log_level]
+    try:
+        for role, count, model in (("draft", args.drafts, args.draft_model), ("target", args.targets, args.target_model)):
+            for i in range(count):
+                argv = [_executable(f"specdec-{role}"), "--model", str(model), "--host", args.host,
+                        "--port", "0", *extra]
+                members.append({"role": role, **_start(run_dir, f"{role}-{i}", argv, args.host)})
+        for member in members:
+            port = _wait_for_port(member["_process"], Path(member["log"]), args.timeout)
+            member["address"] = f"{args.host}:{port}"
+            wait_serving(member["address"], args.timeout)
+            print(f"  {member['name']:<12} {member['address']:<22} pid {member['pid']}")
+        argv = [_executable("specdec-orchestrator"), "--host", args.host, "--port", str(args.port), *extra]
+        for member in members:
+            argv += [f"--{member['role']}", member["address"]]
+        if args.tokenizer:
+            argv += ["--tokenizer", str(args.tokenizer)]
+        orchestrator = {"role": "orchestrator", **_start(run_dir, "orchestrator", argv, args.host)}
+        members.append(orchestrator)
+        port = _wait_for_port(orchestrator["_process"], Path(orchestrator["log"]), args.timeout)
+        orchestrator["address"] = f"{args.host}:{port}"
+        wait_serving(orchestrator["address"], args.timeout)
+        print(f"  {'orchestrator':<12} {orchestrator['address']:<22} pid {orchestrator['pid']}")
+    except (RuntimeError, OSError) as error:
+        print(f"scripts/up failed: {error}", file=sys.stderr)
+        _stop([m for m in members if "pid" in m], grace=5)
+        return 1
+    finally:
+        records = [{k: v for k, v in m.items() if not k.startswith("_")} for m in members]
+        (run_dir / "cluster.json").write_text(json.dumps(records, indent=2))
+    address = members[-1]["address"]
+    print(f"\nspecdec is up (logs and pids in {run_dir}). Try:\n"
+          f"  specdec generate \"spell 40321\" --address {address}\n"
+          f"  specdec status --address {address}\n"
+          f"  scripts/down")
+    return 0
+
+
+def _is_ours(pid: int, argv: list[str]) -> bool:
+    """True if pid still runs the command we started (pids get reused)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return False
+        return True  # no /proc (macOS): the pid is alive; trust the record
+    return any(Path(argv[0]).name.encode() in part for part in cmdline)
+
+
+def _alive(records: list[dict]) -> list[dict]:
+    return [r for r in records if _is_ours(r["pid"], r["argv"])]
+
+
+def _stop(records: list[dict], grace: float) -> None:
+    # Orchestrator first, so it stops sending work before the workers drain.
+    ordered = sorted(records, key=lambda r: r.get("role") != "orchestrator")
+    for record in ordered:
+        if _is_ours(record["pid"], record["argv"]):
+            try:
+                os.kill(record["pid"], signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _alive(ordered):
+        time.sleep(0.1)
+    for record in _alive(ordered):
+        print(f"  {record['name']} (pid {record['pid']}) did not stop in {grace:g}s; killing it", file=sys.stderr)
+        os.kill(record["pid"], signal.SIGKILL)
+    for record in ordered:
+        try:  # reap our own children when up() failed midway
+            os.waitpid(record["pid"], os.WNOHANG)
+        except ChildProcessError:
+            pass
+
+
+def down(args: argparse.Namespace) -> int:
+    state = Path(args.run_dir) / "cluster.json"
+    if not state.exists():
+        print(f"nothing to stop: no {state}")
+        return 0
+    records = json.loads(state.read_text())
+    alive = _alive(records)
+    _stop(records, grace=args.grace)
+    state.unlink()
+    print(f"stopped {len(alive)} process(es) started from {args.run_dir}")
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    state = Path(args.run_dir) / "cluster.json"
+    if not state.exists():
+        print(f"no cluster recorded in {args.run_dir}")
+        return 1
+    records = json.loads(state.read_text())
+    healthy = True
+    for record in records:
+        alive = _is_ours(record["pid"], record["argv"])
+        serving = "-"
+        if alive and record.get("address"):
+            try:
+                wait_serving(record["address"], 2.0)
+                serving = "SERVING"
+            except RuntimeError:
+                serving = "NOT SERVING"
+        healthy &= alive and serving == "SERVING"
+        print(f"  {record['name']:<12} {record.get('address', '?'):<22} pid {record['pid']:<8} "
+              f"{'running' if alive else 'DEAD':<8} {serving}")
+    return 0 if healthy else 1
+
+
+def _parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR), help="where logs and pids live")
+    return parser
+
+
+def up_main(argv: list[str] | None = None) -> None:
+    parser = _parser("Start drafts, targets and an orchestrator in the background.")
+    parser.add_argument("--drafts", type=int, default=1, help="draft replicas (default 1)")
+    parser.add_argument("--targets", type=int, default=1, help="target replicas (default 1)")
+    parser.add_argument("--draft-model", default=str(DEMO_DRAFT), help="default: the bundled demo draft")
+    parser.add_argument("--target-model", default=str(DEMO_TARGET), help="default: the bundled demo target")
+    parser.add_argument("--tokenizer", help="tokenizer directory for the orchestrator (default: the target's)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface every process binds")
+    parser.add_argument("--port", type=int, default=50051, help="orchestrator port (workers pick free ports)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each process")
+    parser.add_argument("--log-level", default="INFO")
+    sys.exit(up(parser.parse_args(argv)))
+
+
+def down_main(argv: list[str] | None = None) -> None:
+    parser = _parser("Stop the processes scripts/up started (by pid).")
+    parser.add_argument("--grace", type=float, default=15.0, help="seconds before SIGKILL")
+    sys.exit(down(parser.parse_args(argv)))
+
+
+def status_main(argv: list[str] | None = None) -> None:
+    sys.exit(status(_parser("Show the processes scripts/up started.").parse_args(argv)))
+
+
+if __name__ == "__main__":
+    commands = {"up": up_main, "down": down_main, "status": status_main}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        sys.exit("usage: python -m specdec_tools.cluster {up|down|status} [options]")
+    commands[sys.argv[1]](sys.argv[2:])

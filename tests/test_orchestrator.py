@@ -1,0 +1,318 @@
+"""End-to-end speculative generation through real gRPC servers (draft, target, orchestrator).
+
+References: transformers' own greedy ``generate`` of the target alone, and the target's exact
+sampling distribution of the first two tokens (chi-square test).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from harness import LoopThread, start_orchestrator_in, start_worker_in
+from scipy import stats as scipy_stats
+from transformers import T5ForConditionalGeneration
+
+from orchestrator.client import SpecdecClient
+from orchestrator.replicas import StartupError
+from specdec_core.tokenizer import load_tokenizer
+from specdec_tools.tiny_checkpoints import build_t5, corpus_lines
+
+MAX_TOKENS = 24
+PROMPTS = corpus_lines()[5:425:21][:20]
+
+
+@pytest.fixture(scope="module")
+def loop():
+    thread = LoopThread()
+    yield thread
+    thread.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(loop: LoopThread, near_draft_dir: Path, target_dir: Path):
+    draft = start_worker_in(loop, "draft", near_draft_dir)
+    target = start_worker_in(loop, "target", target_dir)
+    orch = start_orchestrator_in(loop, [draft.address], [target.address])
+    client = SpecdecClient(orch.address, timeout=60)
+    yield client, draft, target, orch
+    client.close()
+    orch.stop()
+    draft.stop()
+    target.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(target_dir: Path):
+    """Greedy output of the target alone, by transformers."""
+    model = T5ForConditionalGeneration.from_pretrained(target_dir).eval()
+    tokenizer = load_tokenizer(target_dir)
+    cache: dict[str, list[int]] = {}
+
+    def greedy(prompt: str, max_tokens: int = MAX_TOKENS) -> list[int]:
+        key = f"{max_tokens}:{prompt}"
+        if key not in cache:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                out = model.generate(ids, do_sample=False, max_new_tokens=max_tokens)[0].tolist()[1:]
+            eos = tokenizer.eos_token_id
+            cache[key] = out[: out.index(eos)] if eos in out else out
+        return cache[key]
+
+    greedy.model = model  # type: ignore[attr-defined]
+    greedy.tokenizer = tokenizer  # type: ignore[attr-defined]
+    return greedy
+
+
+def assert_stats_consistent(response) -> None:
+    s = response.stats
+    assert 0 <= s.accepted <= s.proposed
+    assert s.target_passes == s.steps
+    assert s.tokens == s.accepted + s.target_tokens
+    assert len(response.token_ids) == s.tokens - (1 if response.finish_reason == "eos" else 0)
+    assert s.draft_passes >= s.proposed
+    assert s.total_ms >= s.draft_ms + s.verify_ms - 1e-3
+
+
+@pytest.mark.parametrize("num_draft", [1, 3, 5, 8, "auto"])
+def test_greedy_speculative_equals_target_alone(cluster, reference, num_draft) -> None:
+    client = cluster[0]
+    accepted = proposed = 0
+    for prompt in PROMPTS:
+        response = client.generate(prompt, max_tokens=MAX_TOKENS, num_draft=num_draft)
+        assert list(response.token_ids) == reference(prompt), prompt
+        assert response.finish_reason == ("length" if len(response.token_ids) == MAX_TOKENS else "eos")
+        assert_stats_consistent(response)
+        accepted += response.stats.accepted
+        proposed += response.stats.proposed
+    # The noisy draft agrees with the target often but not always: both paths ran.
+    assert 0 < accepted < proposed
+
+
+def test_text_and_stream_agree(cluster, reference) -> None:
+    client = cluster[0]
+    prompt = PROMPTS[0]
+    whole = client.generate(prompt, max_tokens=MAX_TOKENS)
+    chunks = list(client.stream(prompt, max_tokens=MAX_TOKENS))
+    assert "".join(c.text for c in chunks) == whole.text
+    assert [t for c in chunks for t in c.token_ids] == list(whole.token_ids)
+    assert chunks[-1].finish_reason == whole.finish_reason
+    assert all(not c.finish_reason for c in chunks[:-1])
+    assert whole.text == reference.tokenizer.decode(reference(prompt), skip_special_tokens=True)
+
+
+def test_no_speculation_is_the_target_alone(cluster, reference) -> None:
+    client = cluster[0]
+    for prompt in PROMPTS[:5]:
+        response = client.generate(prompt, max_tokens=MAX_TOKENS, speculative=False)
+        assert list(response.token_ids) == reference(prompt)
+        assert response.stats.proposed == 0 and response.stats.draft_passes == 0
+        assert response.stats.target_passes == response.stats.tokens
+
+
+def test_delta_one_accepts_every_draft_token(cluster) -> None:
+    client = cluster[0]
+    for prompt in PROMPTS[:5]:
+        for temperature in (0.0, 1.0):
+            response = client.generate(prompt, max_tokens=MAX_TOKENS, delta=1.0, temperature=temperature, seed=1)
+            assert response.stats.proposed > 0
+            assert response.stats.accepted == response.stats.proposed
+            assert_stats_consistent(response)
+
+
+def test_seeded_sampling_is_reproducible(cluster) -> None:
+    client = cluster[0]
+    a = client.generate(PROMPTS[1], max_tokens=MAX_TOKENS, temperature=1.0, seed=11)
+    b = client.generate(PROMPTS[1], max_tokens=MAX_TOKENS, temperature=1.0, seed=11)
+    assert list(a.token_ids) == list(b.token_ids) and a.stats.seed == 11
+    outputs = {tuple(client.generate(PROMPTS[1], max_tokens=MAX_TOKENS, temperature=1.0, seed=s).token_ids)
+               for s in range(8)}
+    assert len(outputs) > 1
+    assert_stats_consistent(a)
+
+
+def test_auto_num_draft_moves(cluster) -> None:
+    client = cluster[0]
+    finals = {client.generate(p, max_tokens=MAX_TOKENS, num_draft="auto").stats.final_num_draft for p in PROMPTS}
+    assert len(finals) > 1
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        (dict(max_tokens=10**6), "max_tokens"),
+        (dict(num_draft=1000), "num_draft"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(delta=1.5), "delta"),
+    ],
+)
+def test_bad_requests_are_invalid_argument(cluster, options, fragment) -> None:
+    client = cluster[0]
+    with pytest.raises(grpc.RpcError) as info:
+        client.generate(PROMPTS[0], **options)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in info.value.details()
+    assert client.generate(PROMPTS[0], max_tokens=4).stats.tokens >= 1  # still serving
+
+
+def test_empty_prompt_is_invalid_argument(cluster) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        cluster[0].generate("   ")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_cli_json(cluster, reference, capsys) -> None:
+    from orchestrator import cli
+
+    orch = cluster[3]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", PROMPTS[2], "--max-tokens", str(MAX_TOKENS), "--num-draft", "3", "--json",
+                  "--address", orch.address])
+    assert exit_info.value.code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["token_ids"] == reference(PROMPTS[2])
+    assert result["stats"]["steps"] == result["stats"]["target_passes"]
+
+
+def test_cli_streams_text_and_stats(cluster, reference, capsys) -> None:
+    from orchestrator import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["generate", PROMPTS[3], "--max-tokens", "8", "--address", cluster[3].address])
+    out = capsys.readouterr().out
+    expected = reference.tokenizer.decode(reference(PROMPTS[3], 8), skip_special_tokens=True)
+    assert out.startswith(expected)
+    assert "accepted" in out and "target passes" in out
+
+
+def test_sessions_closed_after_requests(cluster) -> None:
+    client, draft, target, _ = cluster
+    client.generate(PROMPTS[0], max_tokens=8)
+    list(client.stream(PROMPTS[0], max_tokens=8))
+    assert draft.host.snapshot()["live_sessions"] == 0
+    assert target.host.snapshot()["live_sessions"] == 0
+
+
+# -- distribution: speculative sampling equals the target's own ------------------------------------
+
+N_SAMPLES = 2000
+SAMPLE_PROMPT_INDEX = 4
+
+
+def _exact_two_token_distribution(reference, prompt: str) -> dict[tuple[int, int], float]:
+    """P(t1, t2) of the target sampling at temperature 1 (t2 = -1 after EOS)."""
+    model, tokenizer = reference.model, reference.tokenizer
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        first = model(input_ids=ids, decoder_input_ids=torch.tensor([[0]])).logits[0, -1].softmax(-1)
+        vocab = first.shape[0]
+        pairs = torch.stack([torch.zeros(vocab, dtype=torch.long), torch.arange(vocab)], dim=1)
+        second = model(input_ids=ids.expand(vocab, -1), decoder_input_ids=pairs).logits[:, -1].softmax(-1)
+    joint = (first[:, None] * second).double().numpy()
+    dist: dict[tuple[int, int], float] = {}
+    for t1 in range(vocab):
+        if t1 == eos:
+            dist[(t1, -1)] = float(first[t1])
+            continue
+        for t2 in np.flatnonzero(joint[t1] > 1e-7):
+            dist[(t1, int(t2))] = float(joint[t1, t2])
+    return dist
+
+
+def _sample_pairs(client: SpecdecClient, prompt: str, n: int = N_SAMPLES, **options) -> Counter:
+    """First two tokens of n seeded generations. max_tokens=3 with k=2 drafts both positions in
+    one step, so the residual is exercised at both and the bonus after them."""
+    eos = 1
+
+    def one(seed: int) -> tuple[int, int]:
+        response = client.generate(prompt, max_tokens=3, temperature=1.0, seed=seed, **options)
+        tokens = list(response.token_ids) + ([eos] if response.finish_reason == "eos" else [])
+        return (tokens[0], tokens[1] if tokens[0] != eos else -1)
+
+    with ThreadPoolExecutor(4) as pool:
+        return Counter(pool.map(one, range(n)))
+
+
+def _chi_square_p(observed: Counter, expected_probs: dict[tuple[int, int], float]) -> float:
+    """Pearson chi-square over categories expecting >= 5 samples; the rest pooled as one."""
+    total = sum(observed.values())
+    big = [c for c, p in expected_probs.items() if p * total >= 5]
+    obs = [observed.get(c, 0) for c in big]
+    exp = [expected_probs[c] * total for c in big]
+    obs.append(total - sum(obs))
+    exp.append(total - sum(exp))
+    if exp[-1] < 5:  # fold a tiny remainder into the last category
+        obs[-2] += obs.pop()
+        exp[-2] += exp.pop()
+    return float(scipy_stats.chisquare(obs, exp).pvalue)
+
+
+@pytest.fixture(scope="module")
+def exact_pairs(reference):
+    return _exact_two_token_distribution(reference, PROMPTS[SAMPLE_PROMPT_INDEX])
+
+
+def test_speculative_sampling_matches_target_distribution(cluster, exact_pairs) -> None:
+    client = cluster[0]
+    prompt = PROMPTS[SAMPLE_PROMPT_INDEX]
+    speculative = _sample_pairs(client, prompt, num_draft=2)
+    target_alone = _sample_pairs(client, prompt, n=1000, speculative=False)
+    assert _chi_square_p(speculative, exact_pairs) > 1e-3
+    assert _chi_square_p(target_alone, exact_pairs) > 1e-3
+
+
+def test_chi_square_detects_a_wrong_rule(cluster, exact_pairs, monkeypatch) -> None:
+    """Skipping the residual (resampling from p after a rejection) must be caught."""
+    import specdec_core.engine as engine
+
+    monkeypatch.setattr(engine, "residual", lambda p, q: p)
+    wrong = _sample_pairs(cluster[0], PROMPTS[SAMPLE_PROMPT_INDEX], n=1000, num_draft=2)
+    assert _chi_square_p(wrong, exact_pairs) < 1e-4
+
+
+# -- replicas ----------------------------------------------------------------------------------------
+
+
+def test_two_by_two_replicas_with_concurrent_clients(loop, near_draft_dir, target_dir, reference) -> None:
+    drafts = [start_worker_in(loop, "draft", near_draft_dir) for _ in range(2)]
+    targets = [start_worker_in(loop, "target", target_dir) for _ in range(2)]
+    orch = start_orchestrator_in(loop, [d.address for d in drafts], [t.address for t in targets])
+    try:
+        def run(i: int):
+            with SpecdecClient(orch.address, timeout=60) as client:
+                return [client.generate(PROMPTS[(i + j) % len(PROMPTS)], max_tokens=MAX_TOKENS, num_draft=3)
+                        for j in range(3)]
+
+        with ThreadPoolExecutor(8) as pool:
+            results = [r for batch in pool.map(run, range(8)) for r in batch]
+        for i, batch_start in enumerate(range(0, len(results), 3)):
+            for j, response in enumerate(results[batch_start : batch_start + 3]):
+                assert list(response.token_ids) == reference(PROMPTS[(i + j) % len(PROMPTS)])
+        assert {r.stats.draft_replica for r in results} == {d.address for d in drafts}
+        assert {r.stats.target_replica for r in results} == {t.address for t in targets}
+        for worker in (*drafts, *targets):
+            assert worker.host.snapshot()["live_sessions"] == 0
+    finally:
+        orch.stop()
+        for worker in (*drafts, *targets):
+            worker.stop()
+
+
+def test_incompatible_draft_is_refused(loop, tmp_path, tokenizer_dir, target_dir) -> None:
+    other = build_t5(tmp_path / "other", tokenizer_dir, "v1_1", seed=5, vocab_size=600)
+    draft = start_worker_in(loop, "draft", other)
+    target = start_worker_in(loop, "target", target_dir)
+    try:
+        with pytest.raises(StartupError, match="vocab_size"):
+            start_orchestrator_in(loop, [draft.address], [target.address], connect_timeout_s=5)
+    finally:
+        draft.stop()
+        target.stop()
