@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from specdec_grpc.convert import distribution_to_pb, sampling_from_pb
-from specdec_grpc.status import grpc_method
+from specdec_grpc.status import deadline_of, grpc_method
 from specdec_grpc.worker import SessionServicer
 from specdec_pb import specdec_pb2 as pb
 from specdec_pb import specdec_pb2_grpc as pb_grpc
@@ -25,6 +25,7 @@ class DraftServicer(SessionServicer, pb_grpc.DraftServicer):
             list(request.append_tokens),
             grows_by=k,
             work=lambda state: engine.propose(state, k, params, request.seed),
+            deadline=deadline_of(context),
         )
         response = pb.ProposeResponse(
             tokens=proposal.tokens,

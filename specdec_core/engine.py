@@ -172,16 +172,16 @@ class ModelEngine:
             )
         if num_draft > self.max_draft:
             raise InvalidArgument(f"num_draft {num_draft} exceeds this service's limit {self.max_draft}")
+        if not params.greedy and len(draft_distributions) != num_draft:  # checked before the pass
+            raise InvalidArgument(
+                f"sampling needs the draft's distribution for each of the {num_draft} draft "
+                f"tokens, got {len(draft_distributions)}"
+            )
         logits = self.forward(state, num_draft + 1)  # (k+1, V)
         draft = state.tokens[len(state.tokens) - num_draft :] if num_draft else []
         verdict = Verdict(argmax=[int(i) for i in np.argmax(logits, axis=-1)], draft_probs=[], resampled=[])
         if params.greedy:
             return verdict
-        if len(draft_distributions) != num_draft:
-            raise InvalidArgument(
-                f"sampling needs the draft's distribution for each of the {num_draft} draft "
-                f"tokens, got {len(draft_distributions)}"
-            )
         p = probabilities(logits, params)
         draws = uniforms(seed, num_draft + 1)
         for j, token in enumerate(draft):

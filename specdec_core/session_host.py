@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .engine import DecoderState, ModelEngine
-from .errors import InvalidArgument, PrefixMismatch, Unavailable
+from .errors import DeadlineExceeded, InvalidArgument, PrefixMismatch, Unavailable
 from .session_store import Session, SessionStore, capacity_for
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,10 @@ class SessionHost:
             self._expiry_task = None
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    async def drain(self) -> None:
+        """Refuse new work (UNAVAILABLE) from now on; calls already running finish."""
+        self.draining = True
+
     async def _expire_loop(self) -> None:
         period = max(0.05, min(5.0, self.limits.session_ttl_s / 4))
         while True:
@@ -80,7 +84,7 @@ class SessionHost:
             raise Unavailable(f"the {self.role} service is draining (shutting down); use another replica")
 
     # -- operations ---------------------------------------------------------------------------
-    async def open(self, prompt_ids: list[int], tag: str = "") -> Session:
+    async def open(self, prompt_ids: list[int], tag: str = "", deadline: float | None = None) -> Session:
         self._check_serving()
         if not prompt_ids:
             raise InvalidArgument("prompt_ids is empty: send at least one token id")
@@ -90,7 +94,12 @@ class SessionHost:
             )
         self.engine.check_tokens(prompt_ids, "prompt_ids")
         self.store.check_room(len(prompt_ids) + capacity_for(1), new_session=True)
-        state = await self._run(self.engine.start, prompt_ids)
+
+        def start() -> DecoderState:
+            _check_deadline(deadline, "encoding the prompt")
+            return self.engine.start(prompt_ids)
+
+        state = await self._run(start)
         # Re-check: other sessions may have opened while this one was encoding.
         self.store.check_room(0, new_session=True)
         return self.store.add(state, tag)
@@ -103,42 +112,26 @@ class SessionHost:
         append_tokens: list[int],
         grows_by: int,
         work: Callable[[DecoderState], T],
+        deadline: float | None = None,
     ) -> tuple[T, int]:
         """Validate, roll back, append, then run ``work`` on the worker thread.
 
         ``grows_by`` is how many positions ``work`` may add (k for Propose), for the budget.
-        Returns the work's result and the session's new length.
+        ``deadline`` (``time.monotonic()`` clock): if it has passed when the worker thread
+        gets to the step, the step fails with DeadlineExceeded instead of running.
+        Returns the work's result and the session's new length. A step that fails or whose
+        caller gives up (cancellation) leaves the session as it was.
         """
-        self._check_serving()
-        session = self.store.get(session_id)
-        if session.lock.locked():
-            # Steps of one session are sequential by contract; a concurrent one is a duplicate.
-            raise PrefixMismatch(
-                f"session {session_id[:12]!r} is busy with another step; steps of a session must "
-                "not overlap"
-            )
-        await session.lock.acquire()
+        session = await self._acquire(session_id)
         released = False
         try:
             state = session.state
-            if expected_length != state.length:
-                raise PrefixMismatch(
-                    f"session {session_id[:12]!r} has length {state.length}, the request expected "
-                    f"{expected_length}: a step was lost or repeated; reopen or resync the session"
-                )
-            base = rollback_to if rollback_to > 0 else state.length
-            if not 1 <= base <= state.length:
-                raise InvalidArgument(
-                    f"rollback_to must be in [1, {state.length}] (the session's length), got {rollback_to}"
-                )
-            self.engine.check_tokens(append_tokens, "append_tokens")
-            self.store.check_growth(session, base + len(append_tokens) + grows_by)
             saved = list(state.tokens)
-            state.rollback_to(base)
-            state.tokens.extend(append_tokens)
+            self._prepare(session, expected_length, rollback_to, append_tokens, grows_by)
 
             def guarded() -> T:
                 try:
+                    _check_deadline(deadline, f"{self.role} step")
                     return work(state)
                 except Exception:
                     _restore(state, saved)
@@ -148,8 +141,13 @@ class SessionHost:
             try:
                 result = await asyncio.shield(future)
             except asyncio.CancelledError:
-                # The worker thread still runs: keep the session locked until it stops.
-                future.add_done_callback(lambda _: session.lock.release())
+                # The caller gave up (deadline or cancel) and never sees the result: once the
+                # worker thread is done, undo the step and only then unlock the session.
+                def undo(_: object) -> None:
+                    _restore(state, saved)
+                    session.lock.release()
+
+                future.add_done_callback(undo)
                 released = True
                 raise
             self.metrics.steps += 1
@@ -160,8 +158,50 @@ class SessionHost:
                 session.lock.release()
 
     async def rollback(self, session_id: str, expected_length: int, length: int) -> int:
-        _, new_length = await self.step(session_id, expected_length, length, [], 0, lambda s: None)
-        return new_length
+        """Roll a session back: a pointer move on this thread, no MLX work, not a step."""
+        if length < 1:
+            raise InvalidArgument(f"length must be >= 1 (the decoder start token stays), got {length}")
+        session = await self._acquire(session_id)
+        try:
+            self._prepare(session, expected_length, length, [], 0)
+            session.last_used = self.store.clock()
+            return session.state.length
+        finally:
+            session.lock.release()
+
+    async def _acquire(self, session_id: str) -> Session:
+        """Find a session and lock it for one step (never waits: steps must not overlap)."""
+        self._check_serving()
+        session = self.store.get(session_id)
+        if session.lock.locked():
+            # Steps of one session are sequential by contract; a concurrent one is a duplicate.
+            raise PrefixMismatch(
+                f"session {session_id[:12]!r} is busy with another step; steps of a session must "
+                "not overlap"
+            )
+        await session.lock.acquire()  # free, so taken at once
+        return session
+
+    def _prepare(
+        self, session: Session, expected_length: int, rollback_to: int, append_tokens: list[int], grows_by: int
+    ) -> None:
+        """Check the request against the session, then roll back and append (validate first)."""
+        state = session.state
+        if expected_length != state.length:
+            raise PrefixMismatch(
+                f"session {session.id[:12]!r} has length {state.length}, the request expected "
+                f"{expected_length}: a step was lost or repeated; reopen or resync the session"
+            )
+        base = rollback_to if rollback_to != 0 else state.length
+        if not 1 <= base <= state.length:
+            raise InvalidArgument(
+                f"rollback_to must be in [1, {state.length}] (the session's length) or 0 (none), "
+                f"got {rollback_to}"
+            )
+        self.engine.check_tokens(append_tokens, "append_tokens")
+        self.store.check_growth(session, base + len(append_tokens) + grows_by)
+        state.rollback_to(base)
+        state.tokens.extend(append_tokens)
 
     async def close(self, session_id: str) -> bool:
         return self.store.remove(session_id)
@@ -185,6 +225,14 @@ class SessionHost:
             "response_bytes": self.metrics.response_bytes,
             "time": time.time(),
         }
+
+
+def _check_deadline(deadline: float | None, what: str) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded(
+            f"the caller's deadline passed before {what} could run (it waited for the model); "
+            "nothing was changed: retry with a longer deadline or use a less loaded replica"
+        )
 
 
 def _restore(state: DecoderState, saved: list[int]) -> None:

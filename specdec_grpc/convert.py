@@ -11,7 +11,7 @@ from specdec_pb import specdec_pb2 as pb
 
 
 def sampling_from_pb(message: pb.SamplingParams) -> SamplingParams:
-    top_p = message.top_p if message.top_p > 0 else 1.0
+    top_p = message.top_p if message.top_p != 0 else 1.0  # 0 = off; negative or NaN is rejected
     return SamplingParams(float(message.temperature), int(message.top_k), float(top_p)).validate()
 
 

@@ -169,24 +169,40 @@ async def create_server(
 
 
 async def serve_until_signal(
-    running: RunningServer, grace: float, on_drain: Callable[[], Awaitable[None]] | None = None
+    running: RunningServer,
+    grace: float,
+    on_drain: Callable[[], Awaitable[None]] | None = None,
+    ready: Callable[[], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then: NOT_SERVING, drain hook, stop with grace."""
+    """Serve until SIGTERM/SIGINT, then: NOT_SERVING, drain hook, stop with grace.
+
+    ``ready`` (e.g. ``announce``) runs once the signal handlers are in place, so whoever
+    waits for it may send SIGTERM at once and still get a graceful exit.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready()
     waiter = asyncio.ensure_future(running.server.wait_for_termination())
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
-        logger.info("shutting down: NOT_SERVING, draining for up to %.1fs", grace)
-        await running.set_serving(False)
-        if on_drain is not None:
-            await on_drain()
-        await running.server.stop(grace)
+        await shutdown(running, grace, on_drain)
     waiter.cancel()
     stopper.cancel()
+
+
+async def shutdown(
+    running: RunningServer, grace: float, on_drain: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """What SIGTERM does: NOT_SERVING, the drain hook, then stop (in-flight calls get ``grace`` s)."""
+    logger.info("shutting down: NOT_SERVING, draining for up to %.1fs", grace)
+    await running.set_serving(False)
+    if on_drain is not None:
+        await on_drain()
+    await running.server.stop(grace)
 
 
 def announce(role: str, host: str, port: int) -> None:

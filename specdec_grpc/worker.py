@@ -30,7 +30,7 @@ from specdec_grpc.server import (
     create_server,
     serve_until_signal,
 )
-from specdec_grpc.status import grpc_method
+from specdec_grpc.status import deadline_of, grpc_method
 from specdec_pb import specdec_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class SessionServicer:
     async def OpenSession(
         self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.OpenSessionResponse:
-        session = await self.host.open(list(request.prompt_ids), request.client_tag)
+        session = await self.host.open(list(request.prompt_ids), request.client_tag, deadline_of(context))
         return pb.OpenSessionResponse(session_id=session.id, length=session.state.length)
 
     @grpc_method
@@ -220,12 +220,8 @@ def run_worker(
 
     async def serve() -> None:
         running, host = await start_worker(config, servicer_class, add_to_server, service_name)
-        announce(role, config.host, running.port)
-
-        async def drain() -> None:
-            host.draining = True
-
-        await serve_until_signal(running, config.grace_s, drain)
+        await serve_until_signal(running, config.grace_s, host.drain,
+                                 ready=lambda: announce(role, config.host, running.port))
         await host.stop()
 
     try:
