@@ -1,0 +1,78 @@
+"""scripts/up, scripts/status, specdec generate, scripts/down as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import T5ForConditionalGeneration
+
+from specdec_core.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_up_generate_status_down(tmp_path: Path, near_draft_dir: Path, target_dir: Path) -> None:
+    env = {**os.environ, "SPECDEC_PYTHON": sys.executable}
+    run_dir = tmp_path / "run"
+    port = _free_port()
+    up = _run(["scripts/up", "--drafts", "2", "--draft-model", str(near_draft_dir), "--target-model",
+               str(target_dir), "--port", str(port), "--run-dir", str(run_dir)], env)
+    assert up.returncode == 0, up.stdout + up.stderr
+    records = json.loads((run_dir / "cluster.json").read_text())
+    try:
+        assert [r["role"] for r in records] == ["draft", "draft", "target", "orchestrator"]
+        assert "specdec generate" in up.stdout
+
+        prompt = "Return a new path with the file name changed."
+        generate = _run([sys.executable, "-m", "orchestrator.cli", "generate", prompt, "--max-tokens", "12",
+                         "--json", "--address", f"127.0.0.1:{port}"], env, timeout=60)
+        assert generate.returncode == 0, generate.stderr
+        result = json.loads(generate.stdout)
+        tokenizer = load_tokenizer(target_dir)
+        model = T5ForConditionalGeneration.from_pretrained(target_dir).eval()
+        with torch.no_grad():
+            expected = model.generate(tokenizer(prompt, return_tensors="pt").input_ids, do_sample=False,
+                                      max_new_tokens=12)[0].tolist()[1:]
+        expected = expected[: expected.index(1)] if 1 in expected else expected
+        assert result["token_ids"] == expected
+
+        status = _run(["scripts/status", "--run-dir", str(run_dir)], env, timeout=60)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert status.stdout.count("SERVING") == 4
+    finally:
+        down = _run(["scripts/down", "--run-dir", str(run_dir)], env, timeout=120)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "stopped 4 process(es)" in down.stdout
+    for record in records:  # exactly the processes it started are gone
+        assert not Path(f"/proc/{record['pid']}").exists() or b"specdec" not in Path(
+            f"/proc/{record['pid']}/cmdline").read_bytes()
+    status = _run(["scripts/status", "--run-dir", str(run_dir)], env, timeout=60)
+    assert status.returncode == 1
+
+
+def test_up_refuses_a_second_cluster_and_reports_a_bad_model(tmp_path: Path) -> None:
+    env = {**os.environ, "SPECDEC_PYTHON": sys.executable}
+    run_dir = tmp_path / "run"
+    up = _run(["scripts/up", "--draft-model", str(tmp_path / "missing"), "--port", str(_free_port()),
+               "--run-dir", str(run_dir), "--timeout", "60"], env)
+    assert up.returncode == 1
+    assert "does not exist" in up.stderr  # the worker's own message, from its log
+    assert not json.loads((run_dir / "cluster.json").read_text()) or all(
+        not Path(f"/proc/{r['pid']}").exists() for r in json.loads((run_dir / "cluster.json").read_text())
+    )
