@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from specdec_core.errors import InvalidArgument, ResourceExhausted
+from specdec_core.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 from .detokenize import TextStream
 from .speculative import BackendSource, GenerationParams, SpeculativeGeneration, Stats
@@ -41,6 +41,7 @@ class Orchestrator:
         self.eos_id = eos_id
         self.limits = limits
         self.active = 0
+        self.draining = False  # set on SIGTERM: new requests get UNAVAILABLE, running ones finish
 
     def encode(self, prompt: str) -> list[int]:
         if not prompt.strip():
@@ -69,6 +70,8 @@ class Orchestrator:
     async def generate(self, prompt: str, params: GenerationParams, timeout_s: float | None) -> AsyncIterator[TextEvent]:
         """Stream text deltas; the last event has the finish reason and the stats."""
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        if self.draining:
+            raise Unavailable("the orchestrator is shutting down; retry on another instance")
         prompt_ids = self.encode(prompt)
         if self.active >= self.limits.max_generations:
             raise ResourceExhausted(

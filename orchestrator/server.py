@@ -206,9 +206,13 @@ def main(argv: list[str] | None = None) -> None:
     config = OrchestratorConfig.from_args(args)
 
     async def serve() -> None:
-        running, pool, _ = await start_orchestrator(config)
-        announce("orchestrator", config.host, running.port)
-        await serve_until_signal(running, config.grace_s)
+        running, pool, orchestrator = await start_orchestrator(config)
+
+        async def drain() -> None:
+            orchestrator.draining = True
+
+        await serve_until_signal(running, config.grace_s, drain,
+                                 ready=lambda: announce("orchestrator", config.host, running.port))
         await pool.close()
 
     try:
