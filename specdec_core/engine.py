@@ -14,7 +14,7 @@ import numpy as np
 
 from .checkpoint import LoadedModel
 from .errors import InvalidArgument
-from .kv_cache import DecoderCache
+from .kv_cache import CHUNK, DecoderCache
 from .sampling import SamplingParams, probabilities, residual, sample, uniforms
 
 
@@ -38,8 +38,9 @@ class DecoderState:
 
     @property
     def cached_tokens(self) -> int:
-        """Positions this session holds memory for: allocated decoder slots plus the encoder."""
-        return self.cache.capacity + self.cache.encoder_length
+        """Positions this session holds memory for: decoder slots (at least the first chunk, which
+        its first step allocates, so opened sessions reserve it) plus the encoder."""
+        return max(self.cache.capacity, CHUNK) + self.cache.encoder_length
 
 
 @dataclass

@@ -71,7 +71,8 @@ class SessionStore:
 
     def check_growth(self, session: Session, new_length: int) -> None:
         """Budget check before a step makes a session's decoder ``new_length`` long."""
-        extra = capacity_for(new_length) - session.state.cache.capacity
+        # The first chunk is already reserved (counted) from the moment the session opened.
+        extra = capacity_for(new_length) - max(session.state.cache.capacity, CHUNK)
         if extra > 0:
             self.check_room(extra, new_session=False)
 

@@ -698,7 +698,8 @@ def test_info_reports_model_load_and_metrics(spare_worker: Callable[..., Worker]
         assert (info.live_sessions, info.cached_tokens, info.metrics.steps) == (0, 0, 0)
 
         session_id = open_session(stub)
-        assert stub.Info(pb.InfoRequest()).cached_tokens == len(PROMPT)  # the encoder only, so far
+        # The encoder plus the first decoder chunk, reserved at open so the budget holds.
+        assert stub.Info(pb.InfoRequest()).cached_tokens == len(PROMPT) + 256
         sampled = pb.SamplingParams(temperature=1.0)
         q = pb.Distribution(probs_f16=np.full(info.vocab_size, 1 / info.vocab_size, "<f2").tobytes())
         sizes = []
