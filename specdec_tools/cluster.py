@@ -110,7 +110,7 @@ def up(args: argparse.Namespace) -> int:
         (run_dir / "cluster.json").write_text(json.dumps(records, indent=2))
     address = members[-1]["address"]
     print(f"\nspecdec is up (logs and pids in {run_dir}). Try:\n"
-          f"  specdec generate \"spell 40321\" --address {address}\n"
+          f"  specdec generate \"spell 704316\" --address {address}\n"
           f"  specdec status --address {address}\n"
           f"  scripts/down")
     return 0
