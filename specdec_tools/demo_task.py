@@ -9,8 +9,6 @@ task text, with every digit its own token.
 
 from __future__ import annotations
 
-import io
-import json
 import os
 from pathlib import Path
 
@@ -100,34 +98,7 @@ def corpus_lines(count: int = 20_000, seed: int = 0) -> list[str]:
 def train_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = TOKENIZER_VOCAB) -> Path:
     """A T5-style sentencepiece unigram model (pad 0, eos 1, unk 2, every digit its own piece),
     saved as a tokenizer directory that ``load_tokenizer`` reads."""
-    import sentencepiece as spm
+    from .tiny_checkpoints import write_sentencepiece_tokenizer
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model = io.BytesIO()  # in memory and fed from an iterator: no temp path lands in the model
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus_lines()),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        split_digits=True,
-        character_coverage=1.0,
-        num_threads=1,  # one thread: the EM sums in a fixed order, so the model is reproducible
-        minloglevel=2,
-    )
-    (out / "spiece.model").write_bytes(model.getvalue())
-    config = {
-        "tokenizer_class": "T5Tokenizer",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "pad_token": "<pad>",
-        "extra_ids": 0,
-        "additional_special_tokens": [],
-        "model_max_length": 64,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out
+    return write_sentencepiece_tokenizer(corpus_lines(), out_dir, vocab_size, model_max_length=64,
+                                         split_digits=True)

@@ -8,9 +8,9 @@ directories; needs the ``test`` extra (torch, sentencepiece).
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,28 +40,38 @@ def corpus_lines() -> list[str]:
     return lines
 
 
-def train_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = TOKENIZER_VOCAB) -> Path:
-    """Train a T5-style unigram sentencepiece model and save it as an HF tokenizer directory."""
+def write_sentencepiece_tokenizer(
+    lines: list[str],
+    out_dir: str | os.PathLike[str],
+    vocab_size: int,
+    model_max_length: int = 512,
+    split_digits: bool = False,
+) -> Path:
+    """Train a T5-style unigram sentencepiece model (pad 0, eos 1, unk 2, no extra ids) on
+    ``lines`` and save it as a tokenizer directory that ``load_tokenizer`` reads.
+
+    Trained in memory from an iterator with one thread: no temp path lands in the model and
+    the same lines give byte-identical files."""
     import sentencepiece as spm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        text = Path(tmp) / "corpus.txt"
-        text.write_text("\n".join(corpus_lines()))
-        spm.SentencePieceTrainer.train(
-            input=str(text),
-            model_prefix=str(out / "spiece"),
-            vocab_size=vocab_size,
-            model_type="unigram",
-            pad_id=0,
-            eos_id=1,
-            unk_id=2,
-            bos_id=-1,
-            character_coverage=1.0,
-            minloglevel=2,
-        )
-    (out / "spiece.vocab").unlink(missing_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        split_digits=split_digits,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+    )
+    (out / "spiece.model").write_bytes(model.getvalue())
     config = {
         "tokenizer_class": "T5Tokenizer",
         "eos_token": "</s>",
@@ -69,10 +79,15 @@ def train_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = TOKENIZER
         "pad_token": "<pad>",
         "extra_ids": 0,
         "additional_special_tokens": [],
-        "model_max_length": 512,
+        "model_max_length": model_max_length,
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def train_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = TOKENIZER_VOCAB) -> Path:
+    """The test tokenizer: trained on standard-library docstrings."""
+    return write_sentencepiece_tokenizer(corpus_lines(), out_dir, vocab_size)
 
 
 def build_t5(
