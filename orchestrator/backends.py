@@ -96,11 +96,17 @@ class ReplicaError(SpecdecError):
         self.address = address
         self.code = code
 
+    @property
+    def timed_out(self) -> bool:
+        """The call ran out of its timeout (the request's deadline, or the per-call limit)."""
+        return self.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
 
 def translate(error: grpc.aio.AioRpcError, address: str, role: str) -> Exception:
+    """The domain error for a failed downstream call. DEADLINE_EXCEEDED is a ReplicaError: the
+    loop tells the request's own deadline (DEADLINE_EXCEEDED to the client) from a replica
+    that stopped answering within the per-call timeout (fail over)."""
     code = error.code()
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return error  # the caller's deadline: not the replica's fault, propagate as is
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgument(f"{role} {address} rejected the request: {error.details()}")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:

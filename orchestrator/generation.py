@@ -55,10 +55,12 @@ class Orchestrator:
 
     def params(self, max_tokens: int, num_draft: int, num_draft_auto: bool, sampling: Any, delta: float,
                seed: int | None, speculative: bool) -> GenerationParams:
-        """Fill defaults (0 = server default) and validate against the limits."""
+        """Fill defaults (0 = server default) and validate against the limits. A default above
+        its cap (e.g. only --max-num-draft lowered) is clamped, not turned into an error."""
+        limits = self.limits
         return GenerationParams(
-            max_tokens=max_tokens or self.limits.default_max_tokens,
-            num_draft=num_draft or self.limits.default_num_draft,
+            max_tokens=max_tokens or min(limits.default_max_tokens, limits.max_tokens_cap),
+            num_draft=num_draft or min(limits.default_num_draft, limits.max_num_draft),
             num_draft_auto=num_draft_auto,
             max_num_draft=self.limits.max_num_draft,
             sampling=sampling,

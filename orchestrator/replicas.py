@@ -111,7 +111,8 @@ class ReplicaPool:
         if not any(r.role == "target" for r in answered):
             raise StartupError(
                 "no target replica answered Info within "
-                f"{connect_timeout_s:g}s: {', '.join(r.address for r in self.of_role('target'))}"
+                f"{connect_timeout_s:g}s: "
+                + "; ".join(f"{r.address} ({r.last_error or 'no answer'})" for r in self.of_role("target"))
             )
         targets = [r for r in answered if r.role == "target"]
         self.reference = targets[0].info

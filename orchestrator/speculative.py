@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 AUTO_MIN_DRAFT = 1
 MAX_FAILOVERS = 8  # per request: past this a flapping cluster is reported, not retried forever
-DEFAULT_CALL_TIMEOUT_S = 60.0
+DEFAULT_CALL_TIMEOUT_S = 60.0  # per call when the request has no deadline: a hung replica is failed over
+# Closes of sessions abandoned by a failover run off the request path; keep them referenced.
+_ABANDONED: set[asyncio.Task[None]] = set()
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,13 @@ class GenerationParams:
 
     def validate(self, max_tokens_cap: int, max_draft_cap: int) -> GenerationParams:
         if not 1 <= self.max_tokens <= max_tokens_cap:
-            raise InvalidArgument(f"max_tokens must be in [1, {max_tokens_cap}], got {self.max_tokens}")
+            raise InvalidArgument(
+                f"max_tokens must be in [1, {max_tokens_cap}] (max_tokens_cap), got {self.max_tokens}"
+            )
         if not 1 <= self.num_draft <= max_draft_cap:
-            raise InvalidArgument(f"num_draft must be in [1, {max_draft_cap}], got {self.num_draft}")
+            raise InvalidArgument(
+                f"num_draft must be in [1, {max_draft_cap}] (max_num_draft), got {self.num_draft}"
+            )
         if not (np.isfinite(self.delta) and 0.0 <= self.delta <= 1.0):
             raise InvalidArgument(f"delta must be in [0, 1] (0 = exact), got {self.delta}")
         self.sampling.validate()
@@ -136,12 +142,13 @@ class SpeculativeGeneration:
 
     # -- timing -------------------------------------------------------------------------------
     def _timeout(self) -> float:
+        """A downstream call's timeout: the request's time left, at most the per-call limit."""
         if self.deadline is None:
             return DEFAULT_CALL_TIMEOUT_S
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise DeadlineExceeded("the request's deadline passed during generation")
-        return left
+        return min(left, DEFAULT_CALL_TIMEOUT_S)
 
     # -- sessions -----------------------------------------------------------------------------
     async def _open_target(self) -> None:
@@ -188,18 +195,42 @@ class SpeculativeGeneration:
             raise Unavailable(f"gave up after {MAX_FAILOVERS} replica failures; last: {error}") from error
 
     def _draft_failed(self, backend: Any, error: ReplicaError) -> None:
+        self.source.release(backend)
+        self._raise_if_expired(error)
         logger.warning("draft %s failed (%s); failing over", backend.address, error)
         self._failed_drafts.add(backend.address)
         self.source.report_failure(backend, error)
-        self.source.release(backend)
         self._count_failover(error)
 
     def _target_failed(self, backend: Any, error: ReplicaError) -> None:
+        self.source.release(backend)
+        self._raise_if_expired(error)
         logger.warning("target %s failed (%s); failing over", backend.address, error)
         self._failed_targets.add(backend.address)
         self.source.report_failure(backend, error)
-        self.source.release(backend)
         self._count_failover(error)
+
+    def _raise_if_expired(self, error: ReplicaError) -> None:
+        """A call cut short by the request's own deadline is not the replica's fault: report
+        DEADLINE_EXCEEDED instead of failing over. (A call that ran out of the per-call limit
+        with time left is: the replica hangs.)"""
+        slack = 0.005 if error.timed_out else 0.0  # the call's own timer fires at the deadline, not before
+        if self.deadline is not None and time.monotonic() >= self.deadline - slack:
+            raise DeadlineExceeded("the request's deadline passed during generation") from error
+
+    def _abandon(self, lane: Lane) -> None:
+        """Close the session of a lane given up by a failover, in the background: a dead
+        replica refuses at once, one that merely failed this call frees it now, not at its TTL."""
+
+        async def close_quietly() -> None:
+            try:
+                await lane.backend.close(lane.session_id)
+            except Exception as error:  # noqa: BLE001 - the replica's TTL frees it instead
+                logger.debug("closing abandoned session on %s failed: %s", lane.backend.address, error)
+
+        task = asyncio.get_running_loop().create_task(close_quietly())
+        _ABANDONED.add(task)
+        task.add_done_callback(_ABANDONED.discard)
 
     async def close(self) -> None:
         """Close both sessions; safe on every exit path (errors here are only logged)."""
@@ -309,8 +340,9 @@ class SpeculativeGeneration:
             try:
                 proposed = await lane.backend.propose(lane.session_id, call, k)
             except ReplicaError as error:
-                self._draft_failed(lane.backend, error)
                 self.draft = None
+                self._abandon(lane)
+                self._draft_failed(lane.backend, error)
                 await self._open_draft()
                 continue
             finally:
@@ -332,8 +364,9 @@ class SpeculativeGeneration:
             try:
                 verified = await lane.backend.verify(lane.session_id, call, len(drafted), distributions)
             except ReplicaError as error:
-                self._target_failed(lane.backend, error)
                 self.target = None
+                self._abandon(lane)
+                self._target_failed(lane.backend, error)
                 await self._open_target()
                 continue
             finally:

@@ -194,4 +194,4 @@ class ModelEngine:
 
     def check_k(self, k: int) -> None:
         if not 1 <= k <= self.max_draft:
-            raise InvalidArgument(f"num_draft must be in [1, {self.max_draft}], got {k}")
+            raise InvalidArgument(f"num_draft must be in [1, {self.max_draft}] (max_draft), got {k}")

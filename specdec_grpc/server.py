@@ -1,7 +1,8 @@
 """grpc.aio server set-up shared by draft, target and orchestrator.
 
-Health (grpc.health.v1) and reflection are always on; message sizes are capped; TLS
-(optionally mutual) and a bearer token are opt-in. ``serve_until_signal`` drains on
+Health (grpc.health.v1) and reflection are always on; message sizes are capped; a request
+that is not valid protobuf is INVALID_ARGUMENT (not grpc's UNKNOWN); TLS (optionally mutual)
+and a bearer token are opt-in. ``serve_until_signal`` drains on
 SIGTERM/SIGINT: NOT_SERVING first, then a graceful stop.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
+import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -110,6 +113,78 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return self._deny_unary
 
 
+@dataclass(frozen=True)
+class _Malformed:
+    """Stands in for a request whose bytes did not parse; the handler answers INVALID_ARGUMENT."""
+
+    error: str
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Answers a request body that is not a valid protobuf message (corrupt wire format, bad
+    UTF-8 in a string) with INVALID_ARGUMENT; grpc's own answer is UNKNOWN. Wraps the
+    deserializer of every unary-request method once (handlers are cached per method)."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            handler = _tolerant(await continuation(details), method)
+            if handler is not None:  # unknown methods are not cached: callers choose their names
+                self._handlers[method] = handler
+        return handler  # type: ignore[return-value]
+
+
+def _tolerant(handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMethodHandler | None:
+    if handler is None or handler.request_streaming or handler.request_deserializer is None:
+        return handler
+    parse = handler.request_deserializer
+
+    def deserialize(data: bytes) -> object:
+        try:
+            return parse(data)
+        except DecodeError as error:
+            return _Malformed(str(error))
+
+    async def refuse(request: _Malformed, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"the request is not a valid {method} message: {request.error}")
+
+    if not handler.response_streaming:
+        inner = handler.unary_unary
+
+        async def unary_unary(request: object, context: grpc.aio.ServicerContext) -> object:
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, handler.response_serializer)
+
+    inner = handler.unary_stream
+    if inspect.isasyncgenfunction(inner):
+
+        async def unary_stream(request, context):  # type: ignore[no-untyped-def]
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            async for item in inner(request, context):
+                yield item
+    else:  # writes with context.write() (e.g. health Watch)
+
+        async def unary_stream(request, context):  # type: ignore[no-untyped-def]
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            return await inner(request, context)
+
+    return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, handler.response_serializer)
+
+
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
@@ -136,7 +211,8 @@ async def create_server(
     """Build, bind and start a server; port 0 binds a free port (returned)."""
     security = security or Security()
     limit = max_message_mb * 1024 * 1024
-    interceptors = [BearerTokenInterceptor(security.token)] if security.token else []
+    interceptors: list[grpc.aio.ServerInterceptor] = [BearerTokenInterceptor(security.token)] if security.token else []
+    interceptors.append(MalformedRequestInterceptor())
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[

@@ -1,0 +1,246 @@
+"""Real specdec service processes for tests: start on a port, wait for the announce line, kill.
+
+Every service prints ``specdec-<role> listening on HOST:PORT`` once it serves; ``--port 0``
+picks a free port. Output goes to a log file (no pipe to fill up), shown when a start fails.
+``kill()`` is SIGKILL: no drain, no goodbye, as when a machine dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from specdec_pb import specdec_pb2 as pb
+from specdec_pb import specdec_pb2_grpc as pb_grpc
+
+LISTENING = re.compile(r"specdec-(\w+) listening on (\S+):(\d+)")
+START_TIMEOUT_S = 90.0  # two shared cores, several processes importing MLX and torch-free transformers
+
+
+def executable(role: str) -> list[str]:
+    """``specdec-<role>`` next to this Python, or ``python -m`` its module."""
+    script = Path(sys.executable).with_name(f"specdec-{role}")
+    if script.exists():
+        return [str(script)]
+    module = {"draft": "draft_service.server", "target": "target_service.server",
+              "orchestrator": "orchestrator.server"}[role]
+    return [sys.executable, "-m", module]
+
+
+def free_port() -> int:
+    """A port nothing listens on now (to restart a replica on the same address later)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServiceProcess:
+    """One running specdec process."""
+
+    def __init__(self, role: str, argv: list[str], log: Path):
+        self.role = role
+        self.argv = argv
+        self.log = log
+        with open(log, "ab") as out:
+            self.process = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        self.port: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def address(self) -> str:
+        assert self.port is not None, "not started"
+        return f"127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> ServiceProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = LISTENING.search(self.log.read_text(errors="replace"))
+            if match and match.group(1) == self.role:
+                self.port = int(match.group(3))
+                return self
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        code = self.process.poll()
+        self.kill()
+        tail = self.log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"specdec-{self.role} did not start (exit code {code}): {self.argv}\n{tail}")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL and reap (idempotent)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def terminate(self, timeout: float = 15) -> int:
+        """SIGTERM (graceful drain) and wait; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def peak_rss_mb(self) -> float:
+        """VmHWM of the live process: its peak resident memory, MiB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM in /proc status")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the process has used so far."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def info(self, timeout: float = 5.0, metadata: Sequence[tuple[str, str]] = ()) -> pb.InfoResponse:
+        """Info of a draft or target (plain channel)."""
+        with grpc.insecure_channel(self.address) as channel:
+            stub = pb_grpc.DraftStub(channel) if self.role == "draft" else pb_grpc.TargetStub(channel)
+            return stub.Info(pb.InfoRequest(), timeout=timeout, metadata=tuple(metadata))
+
+    def live_sessions(self) -> int:
+        return self.info().live_sessions
+
+
+def start(role: str, args: Sequence[str], log_dir: Path, wait: bool = True) -> ServiceProcess:
+    """Start ``specdec-<role> ARGS`` (pass ``--port``); waits for its announce line if ``wait``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    count = len(list(log_dir.glob(f"{role}-*.log")))
+    service = ServiceProcess(role, [*executable(role), *args], log_dir / f"{role}-{count}.log")
+    return service.wait_ready() if wait else service
+
+
+def start_worker(role: str, model_dir: Path | str, log_dir: Path, port: int = 0,
+                 extra: Sequence[str] = (), wait: bool = True) -> ServiceProcess:
+    return start(role, ["--model", str(model_dir), "--port", str(port), "--log-level", "WARNING", *extra],
+                 log_dir, wait)
+
+
+def start_orchestrator(drafts: Sequence[str], targets: Sequence[str], log_dir: Path, port: int = 0,
+                       extra: Sequence[str] = (), wait: bool = True) -> ServiceProcess:
+    args = [f"--draft={d}" for d in drafts] or ["--no-draft"]
+    args += [f"--target={t}" for t in targets]
+    return start("orchestrator", [*args, "--port", str(port), "--log-level", "WARNING", *extra], log_dir, wait)
+
+
+def start_all(services: Sequence[ServiceProcess]) -> list[ServiceProcess]:
+    """Wait for processes started with ``wait=False`` (they load in parallel); kill all on failure."""
+    try:
+        return [s.wait_ready() for s in services]
+    except BaseException:
+        for s in services:
+            s.kill()
+        raise
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll ``predicate`` until it returns something truthy; returns it, or fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as error:  # noqa: BLE001 - a replica that is coming up may refuse
+            last_error = error
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} not reached within {timeout:g}s (last error: {last_error})")
+        time.sleep(interval)
+
+
+# -- pacing an in-process orchestrator --------------------------------------------------------------
+
+
+class Pacer:
+    """Wraps the gRPC stubs of an in-process orchestrator's replicas: every OpenSession, Propose
+    and Verify is recorded (method, timeout it carried, when) and its answer held back
+    ``delay_s``, so a generation of tiny models lasts long enough to be killed or cancelled
+    mid-way. The orchestrator's own code runs unchanged."""
+
+    PACED = ("OpenSession", "Propose", "Verify")
+
+    def __init__(self, pool, delay_s: float = 0.0):  # type: ignore[no-untyped-def]
+        self.delay_s = delay_s
+        self.calls: list[PacedCall] = []
+        for replica in pool.replicas:
+            replica.backend.stub = _PacedStub(replica.backend.stub, replica.address, self)
+
+    def since(self, when: float, method: str | None = None) -> list[PacedCall]:
+        return [c for c in self.calls if c.time >= when and (method is None or c.method == method)]
+
+
+@dataclass
+class PacedCall:
+    address: str
+    method: str
+    timeout: float | None  # what the orchestrator passed as the call's timeout
+    time: float  # time.monotonic() when it was sent
+
+
+class _PacedStub:
+    def __init__(self, stub, address: str, pacer: Pacer):  # type: ignore[no-untyped-def]
+        self._stub = stub
+        self._address = address
+        self._pacer = pacer
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        method = getattr(self._stub, name)
+        if name not in Pacer.PACED:
+            return method
+        pacer = self._pacer
+
+        async def call(request, timeout=None, metadata=()):  # type: ignore[no-untyped-def]
+            pacer.calls.append(PacedCall(self._address, name, timeout, time.monotonic()))
+            response = await method(request, timeout=timeout, metadata=metadata)
+            if pacer.delay_s:
+                await asyncio.sleep(pacer.delay_s)
+            return response
+
+        return call
+
+
+# -- the reference: the target alone, by transformers -------------------------------------------------
+
+
+class GreedyReference:
+    """transformers' greedy ``generate`` of the target alone (EOS cut), memoised per prompt."""
+
+    def __init__(self, target_dir: Path):
+        from transformers import T5ForConditionalGeneration
+
+        from specdec_core.tokenizer import load_tokenizer
+
+        self.model = T5ForConditionalGeneration.from_pretrained(target_dir).eval()
+        self.tokenizer = load_tokenizer(target_dir)
+        self._cache: dict[tuple[str, int], list[int]] = {}
+
+    def __call__(self, prompt: str, max_tokens: int) -> list[int]:
+        import torch
+
+        key = (prompt, max_tokens)
+        if key not in self._cache:
+            ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+            with torch.no_grad():
+                out = self.model.generate(ids, do_sample=False, max_new_tokens=max_tokens)[0].tolist()[1:]
+            eos = self.tokenizer.eos_token_id
+            self._cache[key] = out[: out.index(eos)] if eos in out else out
+        return self._cache[key]

@@ -1,0 +1,324 @@
+"""Replica failures, cancellation and deadlines, with real service processes.
+
+Two drafts and two targets run as separate processes on fixed ports, so a replica killed with
+SIGKILL can be restarted on the same address. The orchestrator runs in this process (the
+real server and loop) with a ``Pacer`` that holds each draft/target answer back a little:
+tiny models would otherwise finish a 64-token generation before a test could act mid-way.
+
+Reference: transformers' greedy ``generate`` of the target alone. Failover reopens the
+session on another replica from the prompt and the committed tokens, so greedy output is
+unchanged token for token.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from harness import LoopThread, RunningOrchestrator, start_orchestrator_in
+from procs import GreedyReference, Pacer, ServiceProcess, free_port, start_all, start_worker, wait_until
+
+from orchestrator.client import SpecdecClient
+from specdec_pb import specdec_pb2 as pb
+from specdec_tools.tiny_checkpoints import corpus_lines
+
+MAX_TOKENS = 64
+NUM_DRAFT = 2
+PACE_S = 0.03  # per draft/target answer: a 64-token generation takes ~1.5 s
+HEALTH_INTERVAL_S = 0.1
+PROMPTS = corpus_lines()[13:400:13][:8]  # the tiny target never ends these within 64 tokens
+CODE = grpc.StatusCode
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@dataclass
+class Cluster:
+    loop: LoopThread
+    models: dict[str, Path]
+    log_dir: Path
+    workers: dict[str, list[ServiceProcess]]  # role -> replicas, each on its own fixed port
+    orch: RunningOrchestrator
+    pacer: Pacer
+    client: SpecdecClient
+
+    def addresses(self, role: str) -> list[str]:
+        return [w.address for w in self.workers[role]]
+
+    def replica_status(self, address: str) -> pb.ReplicaStatus:
+        return next(r for r in self.client.status().replicas if r.address == address)
+
+    def serving(self, role: str) -> ServiceProcess:
+        """The replica of ``role`` the one generation in flight is pinned to (orchestrator's Status)."""
+        busy = {r.address for r in self.client.status().replicas if r.role == role and r.active_sessions}
+        assert len(busy) == 1, busy
+        return next(w for w in self.workers[role] if w.address in busy)
+
+    def live_sessions(self) -> dict[str, int]:
+        return {w.address: w.live_sessions() for ws in self.workers.values() for w in ws if w.alive()}
+
+    def revive(self) -> None:
+        """Restart every dead replica on its old port; wait until the health watch routes to it."""
+        restarted = []
+        for role, replicas in self.workers.items():
+            for i, worker in enumerate(replicas):
+                if not worker.alive():
+                    replicas[i] = start_worker(role, self.models[role], self.log_dir, port=worker.port, wait=False)
+                    restarted.append(replicas[i])
+        start_all(restarted)
+        for worker in restarted:
+            wait_until(lambda w=worker: self.replica_status(w.address).healthy, 10,
+                       what=f"{worker.role} {worker.address} healthy again")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, near_draft_dir: Path, target_dir: Path
+            ) -> Iterator[Cluster]:
+    log_dir = tmp_path_factory.mktemp("fault-logs")
+    models = {"draft": near_draft_dir, "target": target_dir}
+    workers = {role: [start_worker(role, models[role], log_dir, port=free_port(), wait=False) for _ in range(2)]
+               for role in ("draft", "target")}
+    start_all([w for ws in workers.values() for w in ws])
+    loop = LoopThread()
+    orch = None
+    try:
+        orch = start_orchestrator_in(loop, [w.address for w in workers["draft"]],
+                                     [w.address for w in workers["target"]],
+                                     health_interval_s=HEALTH_INTERVAL_S, connect_timeout_s=30)
+        pacer = Pacer(orch.pool, PACE_S)
+        with SpecdecClient(orch.address, timeout=60) as client:
+            yield Cluster(loop, models, log_dir, workers, orch, pacer, client)
+    finally:
+        if orch is not None:
+            orch.stop()
+        loop.close()
+        for ws in workers.values():
+            for w in ws:
+                w.kill()
+
+
+@pytest.fixture
+def fresh(cluster: Cluster) -> Cluster:
+    """The cluster with every replica up and routed to, the pacer on, its log empty."""
+    cluster.revive()
+    cluster.pacer.delay_s = PACE_S
+    cluster.pacer.calls.clear()
+    wait_until(lambda: not any(cluster.live_sessions().values()), 5, what="no sessions left from before")
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def reference(target_dir: Path) -> GreedyReference:
+    return GreedyReference(target_dir)
+
+
+def stream_and_act(cluster: Cluster, prompt: str, act: Callable[[], None], after_chunks: int = 3
+                   ) -> tuple[list[pb.GenerateStreamResponse], float]:
+    """Stream a greedy generation; call ``act`` once ``after_chunks`` chunks arrived (mid-stream).
+    Returns the chunks and when ``act`` returned."""
+    chunks: list[pb.GenerateStreamResponse] = []
+    acted_at = 0.0
+    for chunk in cluster.client.stream(prompt, max_tokens=MAX_TOKENS, num_draft=NUM_DRAFT):
+        chunks.append(chunk)
+        if len(chunks) == after_chunks:
+            assert not chunk.finish_reason, "the generation ended before the test could act"
+            act()
+            acted_at = time.monotonic()
+    assert acted_at, "the stream ended before the test could act"
+    return chunks, acted_at
+
+
+def tokens_of(chunks: list[pb.GenerateStreamResponse]) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+def concurrent_generations(cluster: Cluster, n: int) -> list[pb.GenerateResponse]:
+    """n generations at once: the least-loaded choice spreads them over the replicas."""
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(
+            lambda i: cluster.client.generate(PROMPTS[i], max_tokens=16, num_draft=NUM_DRAFT), range(n)
+        ))
+
+
+# -- cancellation and deadlines --------------------------------------------------------------------
+
+
+def test_cancelled_stream_frees_both_sessions_within_a_second(fresh: Cluster) -> None:
+    call = fresh.client.stream(PROMPTS[0], max_tokens=MAX_TOKENS, num_draft=NUM_DRAFT)
+    next(call), next(call)
+    assert sorted(fresh.live_sessions().values()) == [0, 0, 1, 1]  # one on a draft, one on a target
+    call.cancel()
+    cancelled = time.monotonic()
+    wait_until(lambda: not any(fresh.live_sessions().values()), 1.0, what="sessions freed after cancel")
+    freed_s = time.monotonic() - cancelled
+    status = fresh.client.status()
+    assert status.active_generations == 0
+    assert all(r.active_sessions == 0 and r.healthy for r in status.replicas)
+    # The generation stopped: nothing was sent after the sessions were gone.
+    time.sleep(0.2)
+    assert not fresh.pacer.since(cancelled + freed_s + 0.05)
+    print(f"cancel: sessions freed in {freed_s * 1e3:.0f} ms")
+
+
+def test_deadline_frees_sessions_and_is_passed_downstream(fresh: Cluster) -> None:
+    timeout = 0.8  # the paced generation needs ~1.5 s
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        list(fresh.client.stream(PROMPTS[1], max_tokens=MAX_TOKENS, num_draft=NUM_DRAFT, timeout=timeout))
+    ended = time.monotonic()
+    assert info.value.code() == CODE.DEADLINE_EXCEEDED
+    wait_until(lambda: not any(fresh.live_sessions().values()), 1.0, what="sessions freed after the deadline")
+    freed_s = time.monotonic() - ended
+    assert fresh.client.status().active_generations == 0
+    # Every Open/Propose/Verify carried the time the client had left, no more.
+    calls = fresh.pacer.since(started)
+    assert {c.method for c in calls} == {"OpenSession", "Propose", "Verify"}
+    for call in calls:
+        assert call.timeout is not None and 0 < call.timeout <= started + timeout - call.time + 0.02, call
+    assert [c.timeout for c in calls] == sorted((c.timeout for c in calls), reverse=True)
+    print(f"deadline: sessions freed {freed_s * 1e3:.0f} ms after the client gave up")
+
+
+def test_unary_deadline_frees_sessions(fresh: Cluster) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        fresh.client.generate(PROMPTS[2], max_tokens=MAX_TOKENS, num_draft=NUM_DRAFT, timeout=0.5)
+    assert info.value.code() == CODE.DEADLINE_EXCEEDED
+    wait_until(lambda: not any(fresh.live_sessions().values()), 1.0, what="sessions freed after the deadline")
+
+
+# -- replica failure ----------------------------------------------------------------------------------
+
+
+def test_killed_draft_fails_over_then_comes_back_after_restart(fresh: Cluster, reference) -> None:
+    prompt = PROMPTS[3]
+    victims: list[ServiceProcess] = []
+
+    def kill_serving_draft() -> None:
+        victims.append(fresh.serving("draft"))
+        victims[0].kill()
+
+    chunks, killed_at = stream_and_act(fresh, prompt, kill_serving_draft)
+    victim = victims[0]
+    survivor = next(a for a in fresh.addresses("draft") if a != victim.address)
+    assert tokens_of(chunks) == reference(prompt, MAX_TOKENS)
+    assert chunks[-1].finish_reason == "length"
+    assert chunks[-1].stats.draft_replica == survivor
+    assert fresh.pacer.since(killed_at, "Propose"), "drafting stopped after the failover"
+    assert {c.address for c in fresh.pacer.since(killed_at + 0.5, "Propose")} == {survivor}
+    assert not fresh.replica_status(victim.address).healthy
+
+    # A new process on the same port: the health watch brings it back and it gets sessions again.
+    fresh.revive()
+    used = {r.stats.draft_replica for r in concurrent_generations(fresh, 2)}
+    assert used == set(fresh.addresses("draft"))
+
+
+def test_killed_target_fails_over_then_comes_back_after_restart(fresh: Cluster, reference) -> None:
+    prompt = PROMPTS[4]
+    victims: list[ServiceProcess] = []
+
+    def kill_serving_target() -> None:
+        victims.append(fresh.serving("target"))
+        victims[0].kill()
+
+    chunks, killed_at = stream_and_act(fresh, prompt, kill_serving_target)
+    victim = victims[0]
+    survivor = next(a for a in fresh.addresses("target") if a != victim.address)
+    assert tokens_of(chunks) == reference(prompt, MAX_TOKENS)
+    assert chunks[-1].stats.target_replica == survivor
+    assert chunks[-1].stats.proposed > 0
+    assert {c.address for c in fresh.pacer.since(killed_at + 0.5, "Verify")} == {survivor}
+    assert not fresh.replica_status(victim.address).healthy
+
+    fresh.revive()
+    used = {r.stats.target_replica for r in concurrent_generations(fresh, 2)}
+    assert used == set(fresh.addresses("target"))
+
+
+def test_hung_draft_is_failed_over_after_the_call_timeout(fresh: Cluster, reference, monkeypatch) -> None:
+    """SIGSTOP, not SIGKILL: the call hangs instead of failing. With no client deadline each call
+    has the orchestrator's per-call timeout; past it the loop fails over, the health watch takes
+    the replica out, and once it runs again its abandoned session is closed and it comes back."""
+    import orchestrator.speculative as speculative
+
+    monkeypatch.setattr(speculative, "DEFAULT_CALL_TIMEOUT_S", 1.0)
+    prompt = PROMPTS[6]
+    victims: list[ServiceProcess] = []
+    chunks: list[pb.GenerateStreamResponse] = []
+    try:
+        for chunk in fresh.client.stream(prompt, max_tokens=MAX_TOKENS, num_draft=NUM_DRAFT):
+            chunks.append(chunk)
+            if len(chunks) == 3:
+                victims.append(fresh.serving("draft"))
+                os.kill(victims[0].pid, signal.SIGSTOP)
+                stopped_at = time.monotonic()
+            elif len(victims) == 1 and fresh.pacer.since(stopped_at, "Propose"):
+                failed_over_s = time.monotonic() - stopped_at
+                assert not fresh.replica_status(victims[0].address).healthy  # the health watch saw it
+                os.kill(victims[0].pid, signal.SIGCONT)
+                victims.append(victims[0])
+    finally:
+        for victim in victims[:1]:
+            os.kill(victim.pid, signal.SIGCONT)
+    assert len(victims) == 2, "no failover seen"
+    survivor = next(a for a in fresh.addresses("draft") if a != victims[0].address)
+    assert tokens_of(chunks) == reference(prompt, MAX_TOKENS)
+    assert chunks[-1].stats.draft_replica == survivor
+    assert 1.0 <= failed_over_s < 3.0
+    wait_until(lambda: fresh.replica_status(victims[0].address).healthy, 5, what="the resumed draft back")
+    wait_until(lambda: not any(fresh.live_sessions().values()), 3, what="the abandoned session closed")
+
+
+def test_no_draft_left_finishes_with_the_target_alone(fresh: Cluster, reference) -> None:
+    prompt = PROMPTS[5]
+
+    def kill_both_drafts() -> None:
+        first = fresh.serving("draft")
+        first.kill()
+        for worker in fresh.workers["draft"]:
+            worker.kill()
+
+    chunks, killed_at = stream_and_act(fresh, prompt, kill_both_drafts)
+    assert tokens_of(chunks) == reference(prompt, MAX_TOKENS)
+    assert chunks[-1].finish_reason == "length"
+    assert not fresh.pacer.since(killed_at + 0.2, "Propose")
+    assert fresh.pacer.since(killed_at + 0.2, "Verify")
+    # New requests while no draft is up decode with the target alone, still the same output.
+    response = fresh.client.generate(PROMPTS[6], max_tokens=24, num_draft=NUM_DRAFT)
+    assert list(response.token_ids) == reference(PROMPTS[6], 24)
+    assert response.stats.proposed == 0 and response.stats.target_passes == 24
+    assert not any(fresh.live_sessions().values())
+
+
+def test_no_target_left_is_unavailable_within_two_seconds(fresh: Cluster) -> None:
+    killed: list[float] = []
+
+    def kill_both_targets() -> None:
+        for worker in [fresh.serving("target"), *fresh.workers["target"]]:
+            worker.kill()
+        killed.append(time.monotonic())
+
+    with pytest.raises(grpc.RpcError) as info:
+        stream_and_act(fresh, PROMPTS[7], kill_both_targets)
+    mid_stream_s = time.monotonic() - killed[0]
+    assert info.value.code() == CODE.UNAVAILABLE
+    assert "no target replica is available" in info.value.details()
+    assert mid_stream_s < 2.0
+
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        fresh.client.generate(PROMPTS[0], max_tokens=8)
+    new_request_s = time.monotonic() - started
+    assert info.value.code() == CODE.UNAVAILABLE and "no target replica" in info.value.details()
+    assert new_request_s < 2.0
+    # The draft session of the failed generation was closed, not left to the TTL.
+    wait_until(lambda: not any(fresh.live_sessions().values()), 1.0, what="draft sessions freed")
+    print(f"no target: UNAVAILABLE {mid_stream_s * 1e3:.0f} ms after the kill mid-stream, "
+          f"{new_request_s * 1e3:.0f} ms for a new request")
