@@ -114,7 +114,11 @@ def translate(error: grpc.aio.AioRpcError, address: str, role: str) -> Exception
     return ReplicaError(address, code, error.details() or "")
 
 
-class GrpcDraft:
+class _GrpcSessions:
+    """The session lifecycle both gRPC backends share: open and close over one stub."""
+
+    role = ""
+
     def __init__(self, address: str, stub: Any, metadata: Sequence[tuple[str, str]] = ()):
         self.address = address
         self.stub = stub
@@ -127,8 +131,17 @@ class GrpcDraft:
                 timeout=timeout, metadata=self.metadata,
             )
         except grpc.aio.AioRpcError as error:
-            raise translate(error, self.address, "draft") from error
+            raise translate(error, self.address, self.role) from error
         return response.session_id
+
+    async def close(self, session_id: str) -> None:
+        await self.stub.CloseSession(
+            pb.CloseSessionRequest(session_id=session_id), timeout=2.0, metadata=self.metadata
+        )
+
+
+class GrpcDraft(_GrpcSessions):
+    role = "draft"
 
     async def propose(self, session_id: str, call: StepCall, num_draft: int) -> Proposed:
         request = pb.ProposeRequest(
@@ -143,33 +156,15 @@ class GrpcDraft:
         try:
             response = await self.stub.Propose(request, timeout=call.timeout, metadata=self.metadata)
         except grpc.aio.AioRpcError as error:
-            raise translate(error, self.address, "draft") from error
+            raise translate(error, self.address, self.role) from error
         return Proposed(
             list(response.tokens), list(response.token_probs), response.distributions, response.length,
             request.ByteSize() + response.ByteSize(),
         )
 
-    async def close(self, session_id: str) -> None:
-        await self.stub.CloseSession(
-            pb.CloseSessionRequest(session_id=session_id), timeout=2.0, metadata=self.metadata
-        )
 
-
-class GrpcTarget:
-    def __init__(self, address: str, stub: Any, metadata: Sequence[tuple[str, str]] = ()):
-        self.address = address
-        self.stub = stub
-        self.metadata = tuple(metadata)
-
-    async def open(self, prompt_ids: list[int], tag: str, timeout: float | None) -> str:
-        try:
-            response = await self.stub.OpenSession(
-                pb.OpenSessionRequest(prompt_ids=prompt_ids, client_tag=tag),
-                timeout=timeout, metadata=self.metadata,
-            )
-        except grpc.aio.AioRpcError as error:
-            raise translate(error, self.address, "target") from error
-        return response.session_id
+class GrpcTarget(_GrpcSessions):
+    role = "target"
 
     async def verify(
         self, session_id: str, call: StepCall, num_draft: int, draft_distributions: Sequence[Any]
@@ -187,23 +182,18 @@ class GrpcTarget:
         try:
             response = await self.stub.Verify(request, timeout=call.timeout, metadata=self.metadata)
         except grpc.aio.AioRpcError as error:
-            raise translate(error, self.address, "target") from error
+            raise translate(error, self.address, self.role) from error
         return Verified(
             list(response.argmax), list(response.draft_probs), list(response.resampled), response.length,
             request.ByteSize() + response.ByteSize(),
-        )
-
-    async def close(self, session_id: str) -> None:
-        await self.stub.CloseSession(
-            pb.CloseSessionRequest(session_id=session_id), timeout=2.0, metadata=self.metadata
         )
 
 
 # -- in-process -----------------------------------------------------------------------------
 
 
-class LocalDraft:
-    """A draft SessionHost called directly: the same work, no gRPC (benchmark baseline)."""
+class _LocalSessions:
+    """The session lifecycle both in-process backends share, on a SessionHost."""
 
     def __init__(self, host: SessionHost, address: str = "in-process"):
         self.host = host
@@ -211,6 +201,13 @@ class LocalDraft:
 
     async def open(self, prompt_ids: list[int], tag: str, timeout: float | None) -> str:
         return (await self.host.open(prompt_ids, tag)).id
+
+    async def close(self, session_id: str) -> None:
+        await self.host.close(session_id)
+
+
+class LocalDraft(_LocalSessions):
+    """A draft SessionHost called directly: the same work, no gRPC (benchmark baseline)."""
 
     async def propose(self, session_id: str, call: StepCall, num_draft: int) -> Proposed:
         engine = self.host.engine
@@ -221,18 +218,8 @@ class LocalDraft:
         )
         return Proposed(proposal.tokens, proposal.token_probs, proposal.distributions, length)
 
-    async def close(self, session_id: str) -> None:
-        await self.host.close(session_id)
 
-
-class LocalTarget:
-    def __init__(self, host: SessionHost, address: str = "in-process"):
-        self.host = host
-        self.address = address
-
-    async def open(self, prompt_ids: list[int], tag: str, timeout: float | None) -> str:
-        return (await self.host.open(prompt_ids, tag)).id
-
+class LocalTarget(_LocalSessions):
     async def verify(
         self, session_id: str, call: StepCall, num_draft: int, draft_distributions: Sequence[Any]
     ) -> Verified:
@@ -242,9 +229,6 @@ class LocalTarget:
             lambda state: engine.verify(state, num_draft, call.sampling, call.seed, list(draft_distributions)),
         )
         return Verified(verdict.argmax, verdict.draft_probs, verdict.resampled, length)
-
-    async def close(self, session_id: str) -> None:
-        await self.host.close(session_id)
 
 
 __all__ = [
