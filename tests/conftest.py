@@ -68,3 +68,13 @@ def _noisy_copy(source: Path, out: Path, noise: float, seed: int) -> Path:
 def near_draft_dir(tmp_path_factory: pytest.TempPathFactory, t5_v11_dir: Path) -> Path:
     """The target (t5_v11_dir) with noise: a draft with moderate acceptance."""
     return _noisy_copy(t5_v11_dir, tmp_path_factory.mktemp("near_draft"), noise=0.3, seed=7)
+
+
+@pytest.fixture(scope="module")
+def loop():  # type: ignore[no-untyped-def]
+    """An event loop in a background thread for in-process servers (see harness.py)."""
+    from harness import LoopThread
+
+    thread = LoopThread()
+    yield thread
+    thread.close()

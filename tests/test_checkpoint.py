@@ -11,6 +11,7 @@ import mlx.core as mx  # conftest imported specdec_core (OpenBLAS) before this
 import mlx.nn as nn
 import numpy as np
 import pytest
+from doc_prompts import PROMPTS as DOC_PROMPTS
 from safetensors.numpy import load_file, save_file
 
 from specdec_core.checkpoint import LoadedModel, load_model
@@ -19,18 +20,7 @@ from specdec_core.t5 import T5
 from specdec_core.tokenizer import load_tokenizer
 from specdec_tools.convert import main as convert
 
-PROMPTS = [
-    "Return a new string with the characters of the template substituted.",
-    "The logging module defines functions and classes for a flexible event logging system.",
-    "Create a new parser object with the given arguments.",
-    "A dictionary that remembers insertion order.",
-    "Split the path into a pair of head and tail.",
-    "Deserialize a JSON document to a Python object.",
-    "Wrap a single paragraph of text, returning a list of wrapped lines.",
-    "Counter is a dict subclass for counting hashable objects.",
-    "Parse a message from a string and return the message structure.",
-    "Return the final path component, without its suffix.",
-]
+PROMPTS = DOC_PROMPTS[:10]
 NEW_TOKENS = 16
 
 

@@ -52,12 +52,6 @@ pytestmark = pytest.mark.timeout(300)
 # -- servers ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.close()
-
 
 @pytest.fixture(scope="module")
 def workers(loop: LoopThread, near_draft_dir: Path, target_dir: Path) -> Iterator[dict[str, Worker]]:

@@ -8,7 +8,6 @@ a full service) and a message naming the limit, and leaves the services serving.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,12 +72,6 @@ class Cluster:
     def sessions(self) -> tuple[int, int]:
         return self.draft.host.snapshot()["live_sessions"], self.target.host.snapshot()["live_sessions"]
 
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 @pytest.fixture

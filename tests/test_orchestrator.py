@@ -28,12 +28,6 @@ MAX_TOKENS = 24
 PROMPTS = corpus_lines()[5:425:21][:20]
 
 
-@pytest.fixture(scope="module")
-def loop():
-    thread = LoopThread()
-    yield thread
-    thread.close()
-
 
 @pytest.fixture(scope="module")
 def cluster(loop: LoopThread, near_draft_dir: Path, target_dir: Path):

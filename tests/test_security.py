@@ -13,7 +13,6 @@ import datetime
 import ipaddress
 import socket
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,12 +118,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 # -- servers, configured from their flags ------------------------------------------------------------
 
-
-@pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.close()
 
 
 @pytest.fixture

@@ -51,12 +51,6 @@ pytestmark = pytest.mark.timeout(120)
 # -- servers, stubs and local engines ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.close()
-
 
 @pytest.fixture(scope="module")
 def draft(loop: LoopThread, draft_dir: Path) -> Iterator[Worker]:

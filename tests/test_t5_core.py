@@ -14,6 +14,7 @@ import mlx.core as mx  # conftest imported specdec_core (OpenBLAS) before this
 import numpy as np
 import pytest
 import torch
+from doc_prompts import PROMPTS as DOC_PROMPTS
 from transformers import T5ForConditionalGeneration
 
 from specdec_core.checkpoint import LoadedModel, load_model
@@ -23,21 +24,8 @@ from specdec_core.t5 import T5, Attention
 from specdec_core.tokenizer import load_tokenizer
 
 ATOL = 1e-4
+PROMPTS = DOC_PROMPTS
 
-PROMPTS = [
-    "Return a new string with the characters of the template substituted.",
-    "The logging module defines functions and classes for a flexible event logging system.",
-    "Create a new parser object with the given arguments.",
-    "A dictionary that remembers insertion order.",
-    "Split the path into a pair of head and tail.",
-    "Deserialize a JSON document to a Python object.",
-    "Wrap a single paragraph of text, returning a list of wrapped lines.",
-    "Counter is a dict subclass for counting hashable objects.",
-    "Parse a message from a string and return the message structure.",
-    "Return the final path component, without its suffix.",
-    "Format a record as text with the given format string.",
-    "hello world",
-]
 
 
 @lru_cache(maxsize=4)
