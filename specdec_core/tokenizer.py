@@ -22,6 +22,13 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"tokenizer directory {path} does not exist")
     if not any((path / name).is_file() for name in ("spiece.model", "tokenizer.json")):
         raise CheckpointError(f"{path} has no tokenizer (spiece.model or tokenizer.json)")
+    try:
+        # T5's own class first: importing AutoTokenizer pulls in torch (~3 s per process start).
+        from transformers.models.t5.tokenization_t5 import T5Tokenizer
+
+        return T5Tokenizer.from_pretrained(str(path))
+    except Exception:  # noqa: BLE001 - another tokenizer class, or an older transformers
+        pass
     from transformers import AutoTokenizer
 
     try:
