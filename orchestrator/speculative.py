@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from specdec_core.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from specdec_core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from specdec_core.sampling import SamplingParams
 
 from .acceptance import StepOutcome, accept_greedy, accept_sampled, next_num_draft
@@ -152,9 +152,12 @@ class SpeculativeGeneration:
 
     # -- sessions -----------------------------------------------------------------------------
     async def _open_target(self) -> None:
+        full: list[ResourceExhausted] = []
         while True:
             backend = self.source.acquire_target(self._failed_targets)
             if backend is None:
+                if full:  # every target left is at its session or cache limit
+                    raise ResourceExhausted(f"every target replica is full; last: {full[-1]}")
                 raise Unavailable(
                     "no target replica is available (all down or failed for this request); "
                     "start a target service or check --target addresses"
@@ -163,6 +166,11 @@ class SpeculativeGeneration:
                 session_id = await backend.open(self.prompt_ids, self.tag, self._timeout())
             except ReplicaError as error:
                 self._target_failed(backend, error)
+                continue
+            except ResourceExhausted as error:  # full, not broken: try another replica
+                self.source.release(backend)
+                self._failed_targets.add(backend.address)
+                full.append(error)
                 continue
             except BaseException:
                 self.source.release(backend)
@@ -181,6 +189,10 @@ class SpeculativeGeneration:
                 session_id = await backend.open(self.prompt_ids, self.tag, self._timeout())
             except ReplicaError as error:
                 self._draft_failed(backend, error)
+                continue
+            except ResourceExhausted:  # full, not broken: another draft, else the target alone
+                self.source.release(backend)
+                self._failed_drafts.add(backend.address)
                 continue
             except BaseException:
                 self.source.release(backend)

@@ -163,12 +163,27 @@ def test_max_generations_is_resource_exhausted(make_cluster) -> None:
 # -- service limits, surfacing through the orchestrator ------------------------------------------------
 
 
-@pytest.mark.parametrize("role", ["draft", "target"])
-def test_service_session_limit_is_resource_exhausted(make_cluster, role: str) -> None:
-    one_session = HostLimits(max_sessions=1)
-    cluster = make_cluster(**{role: one_session})
+def test_target_session_limit_is_resource_exhausted(make_cluster) -> None:
+    cluster = make_cluster(target=HostLimits(max_sessions=1))
     details = second_while_first_streams(cluster)
-    assert f"{role} " in details and "max_sessions=1" in details
+    assert "every target replica is full" in details and "max_sessions=1" in details
+    assert_still_serving(cluster)
+
+
+def test_full_draft_falls_back_to_the_target_alone(make_cluster) -> None:
+    """A draft at its session limit is not an error for the client: the request decodes with
+    the target alone (same output), and the first request still finishes speculatively."""
+    cluster = make_cluster(draft=HostLimits(max_sessions=1))
+    expected = cluster.client.generate(PROMPT, max_tokens=8, speculative=False).token_ids
+    cluster.pacer.delay_s = PACE_S
+    first = cluster.client.stream(PROMPT, max_tokens=48, num_draft=2)
+    chunks = [next(first)]
+    second = cluster.client.generate(PROMPT, max_tokens=8, num_draft=2)
+    chunks.extend(first)
+    cluster.pacer.delay_s = 0
+    assert list(second.token_ids) == list(expected)
+    assert second.stats.proposed == 0 and second.stats.draft_replica == ""
+    assert chunks[-1].finish_reason == "length" and chunks[-1].stats.proposed > 0
     assert_still_serving(cluster)
 
 
