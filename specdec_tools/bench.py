@@ -488,12 +488,14 @@ class HuggingFace:
                 config.num_assistant_tokens_schedule = "constant"
                 config.assistant_confidence_threshold = 0.0
             options["assistant_model"] = self.draft
+        import transformers
         from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
         # transformers 5.24 sizes generate()'s own decoder cache by the encoder's depth; a
         # target with more decoder than encoder layers (the demo target) then fails. A cache
         # that grows per layer avoids it.
-        options["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        cache_arg = "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
+        options[cache_arg] = EncoderDecoderCache(DynamicCache(), DynamicCache())
         torch.manual_seed(seed)
         self.passes = {"target": 0, "draft": 0}
         cpu = time.process_time()
