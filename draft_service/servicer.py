@@ -14,17 +14,14 @@ from specdec_pb import specdec_pb2_grpc as pb_grpc
 class DraftServicer(SessionServicer, pb_grpc.DraftServicer):
     @grpc_method
     async def Propose(self, request: pb.ProposeRequest, context: grpc.aio.ServicerContext) -> pb.ProposeResponse:
-        engine = self.host.engine
-        params = sampling_from_pb(request.sampling)
-        k = request.num_draft
-        engine.check_k(k)
-        proposal, length = await self.host.step(
+        proposal, length = await self.host.propose(
             request.session_id,
             request.expected_length,
             request.rollback_to,
             list(request.append_tokens),
-            grows_by=k,
-            work=lambda state: engine.propose(state, k, params, request.seed),
+            request.num_draft,
+            sampling_from_pb(request.sampling),
+            request.seed,
             deadline=deadline_of(context),
         )
         response = pb.ProposeResponse(

@@ -210,11 +210,9 @@ class LocalDraft(_LocalSessions):
     """A draft SessionHost called directly: the same work, no gRPC (benchmark baseline)."""
 
     async def propose(self, session_id: str, call: StepCall, num_draft: int) -> Proposed:
-        engine = self.host.engine
-        engine.check_k(num_draft)
-        proposal, length = await self.host.step(
+        proposal, length = await self.host.propose(
             session_id, call.expected_length, call.rollback_to, call.append_tokens, num_draft,
-            lambda state: engine.propose(state, num_draft, call.sampling, call.seed),
+            call.sampling, call.seed,
         )
         return Proposed(proposal.tokens, proposal.token_probs, proposal.distributions, length)
 
@@ -223,10 +221,9 @@ class LocalTarget(_LocalSessions):
     async def verify(
         self, session_id: str, call: StepCall, num_draft: int, draft_distributions: Sequence[Any]
     ) -> Verified:
-        engine = self.host.engine
-        verdict, length = await self.host.step(
-            session_id, call.expected_length, call.rollback_to, call.append_tokens, 0,
-            lambda state: engine.verify(state, num_draft, call.sampling, call.seed, list(draft_distributions)),
+        verdict, length = await self.host.verify(
+            session_id, call.expected_length, call.rollback_to, call.append_tokens, num_draft,
+            call.sampling, call.seed, list(draft_distributions),
         )
         return Verified(verdict.argmax, verdict.draft_probs, verdict.resampled, length)
 

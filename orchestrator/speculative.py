@@ -274,17 +274,17 @@ class SpeculativeGeneration:
                 self.stats.steps += 1
                 self.stats.target_passes += 1
                 self.stats.proposed += len(drafted)
-                self.stats.accepted += outcome.accepted
                 finish = None
                 if self.eos_id in emitted:
                     emitted = emitted[: emitted.index(self.eos_id) + 1]
                     finish = "eos"
-                target_emitted = len(emitted) > outcome.accepted
-                self.stats.accepted -= outcome.accepted - min(outcome.accepted, len(emitted))
-                self.stats.target_tokens += int(target_emitted)
+                # Draft tokens kept; an accepted EOS cuts the block (and the target's token) off.
+                kept = min(outcome.accepted, len(emitted))
+                self.stats.accepted += kept
+                self.stats.target_tokens += int(len(emitted) > kept)
                 self.stats.tokens += len(emitted)
                 produced += len(emitted)
-                self._commit(emitted, outcome.accepted)
+                self._commit(emitted, kept)
                 if finish is None and produced >= self.params.max_tokens:
                     finish = "length"
                 if self.params.num_draft_auto and drafted:
@@ -306,7 +306,7 @@ class SpeculativeGeneration:
         """Record the step's tokens; both sessions hold the committed prefix up to the kept drafts."""
         base = len(self.decoded)
         self.decoded.extend(emitted)
-        kept = base + min(accepted, len(emitted))
+        kept = base + accepted
         for lane in (self.draft, self.target):
             # Only a session called this step holds the kept drafts; one that sat out keeps its prefix.
             if lane is not None and lane.synced == base:

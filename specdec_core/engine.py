@@ -109,11 +109,14 @@ class ModelEngine:
                     f"{what} contains token id {t}, outside the vocabulary [0, {self.vocab_size})"
                 )
 
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise InvalidArgument("prompt_ids is empty: send at least one token id")
+        self.check_tokens(prompt_ids, "prompt_ids")
+
     def start(self, prompt_ids: list[int]) -> DecoderState:
         """Encode the prompt once and build the session's cache (cross K/V included)."""
-        if not prompt_ids:
-            raise InvalidArgument("the prompt is empty: send at least one token id")
-        self.check_tokens(prompt_ids, "prompt_ids")
+        self.check_prompt(prompt_ids)
         encoder_output = self.model.encode(mx.array([prompt_ids], dtype=mx.int32))
         cache = self.model.make_cache(encoder_output)
         return DecoderState(tokens=[self.args.decoder_start_token_id], cache=cache)

@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .engine import DecoderState, ModelEngine
+from .engine import DecoderState, Distribution, ModelEngine, Proposal, Verdict
 from .errors import DeadlineExceeded, InvalidArgument, PrefixMismatch, Unavailable
+from .sampling import SamplingParams
 from .session_store import Session, SessionStore, capacity_for
 
 logger = logging.getLogger(__name__)
@@ -86,13 +87,11 @@ class SessionHost:
     # -- operations ---------------------------------------------------------------------------
     async def open(self, prompt_ids: list[int], tag: str = "", deadline: float | None = None) -> Session:
         self._check_serving()
-        if not prompt_ids:
-            raise InvalidArgument("prompt_ids is empty: send at least one token id")
+        self.engine.check_prompt(prompt_ids)
         if len(prompt_ids) > self.limits.max_prompt_tokens:
             raise InvalidArgument(
                 f"prompt has {len(prompt_ids)} tokens; max_prompt_tokens is {self.limits.max_prompt_tokens}"
             )
-        self.engine.check_tokens(prompt_ids, "prompt_ids")
         self.store.check_room(len(prompt_ids) + capacity_for(1), new_session=True)
 
         def start() -> DecoderState:
@@ -156,6 +155,29 @@ class SessionHost:
         finally:
             if not released:
                 session.lock.release()
+
+    async def propose(
+        self, session_id: str, expected_length: int, rollback_to: int, append_tokens: list[int],
+        num_draft: int, params: SamplingParams, seed: int, deadline: float | None = None,
+    ) -> tuple[Proposal, int]:
+        """The draft's step: roll back, append, then propose up to ``num_draft`` tokens."""
+        self.engine.check_k(num_draft)
+        return await self.step(
+            session_id, expected_length, rollback_to, append_tokens, num_draft,
+            lambda state: self.engine.propose(state, num_draft, params, seed), deadline,
+        )
+
+    async def verify(
+        self, session_id: str, expected_length: int, rollback_to: int, append_tokens: list[int],
+        num_draft: int, params: SamplingParams, seed: int, draft_distributions: list[Distribution],
+        deadline: float | None = None,
+    ) -> tuple[Verdict, int]:
+        """The target's step: roll back, append (the last ``num_draft`` are drafts), score them."""
+        return await self.step(
+            session_id, expected_length, rollback_to, append_tokens, 0,
+            lambda state: self.engine.verify(state, num_draft, params, seed, draft_distributions),
+            deadline,
+        )
 
     async def rollback(self, session_id: str, expected_length: int, length: int) -> int:
         """Roll a session back: a pointer move on this thread, no MLX work, not a step."""

@@ -14,17 +14,15 @@ from specdec_pb import specdec_pb2_grpc as pb_grpc
 class TargetServicer(SessionServicer, pb_grpc.TargetServicer):
     @grpc_method
     async def Verify(self, request: pb.VerifyRequest, context: grpc.aio.ServicerContext) -> pb.VerifyResponse:
-        engine = self.host.engine
-        params = sampling_from_pb(request.sampling)
-        draft_distributions = [distribution_from_pb(d) for d in request.draft_distributions]
-        k = request.num_draft
-        verdict, length = await self.host.step(
+        verdict, length = await self.host.verify(
             request.session_id,
             request.expected_length,
             request.rollback_to,
             list(request.append_tokens),
-            grows_by=0,
-            work=lambda state: engine.verify(state, k, params, request.seed, draft_distributions),
+            request.num_draft,
+            sampling_from_pb(request.sampling),
+            request.seed,
+            [distribution_from_pb(d) for d in request.draft_distributions],
             deadline=deadline_of(context),
         )
         response = pb.VerifyResponse(
