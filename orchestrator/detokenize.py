@@ -36,7 +36,3 @@ class TextStream:
             delta = text[common:]
         self.sent = text
         return delta
-
-    @property
-    def text(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True)

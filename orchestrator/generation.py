@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -11,7 +12,9 @@ from typing import Any
 from specdec_core.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 from .detokenize import TextStream
-from .speculative import BackendSource, GenerationParams, SpeculativeGeneration, Stats
+from .speculative import BackendSource, GenerationParams, SpeculativeGeneration, Stats, new_request_id
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,17 +83,31 @@ class Orchestrator:
                 f"{self.active} generations in flight; max_generations is {self.limits.max_generations}"
             )
         self.active += 1
+        request_id = new_request_id()
+        logger.info("req=%s started: %d prompt tokens, max_tokens %d, k %s, temperature %g, seed %d",
+                    request_id, len(prompt_ids), params.max_tokens,
+                    "off" if not params.speculative else "auto" if params.num_draft_auto else params.num_draft,
+                    params.sampling.temperature, params.seed)
+        outcome = "ended early"
         try:
             generation = SpeculativeGeneration(
-                self.source, prompt_ids, params, self.decoder_start_id, self.eos_id, deadline
+                self.source, prompt_ids, params, self.decoder_start_id, self.eos_id, deadline, request_id
             )
             text = TextStream(self.tokenizer)
             async for step in generation.run():
                 delta = text.push(step.tokens)
                 if step.finish_reason is not None:
                     delta += text.flush()
-                    yield TextEvent(delta, step.tokens, step.finish_reason, generation.stats)
+                    stats = generation.stats
+                    outcome = (f"finished ({step.finish_reason}): {stats.tokens} tokens in {stats.steps} steps, "
+                               f"acceptance {stats.acceptance_rate:.2f}, {stats.total_s * 1e3:.0f} ms, "
+                               f"draft {stats.draft_replica or '-'}, target {stats.target_replica}")
+                    yield TextEvent(delta, step.tokens, step.finish_reason, stats)
                 else:
                     yield TextEvent(delta, step.tokens)
+        except BaseException as error:
+            outcome = f"failed: {type(error).__name__}: {error}"
+            raise
         finally:
             self.active -= 1
+            logger.info("req=%s %s", request_id, outcome)

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from specdec_pb import specdec_pb2 as pb
 from specdec_pb import specdec_pb2_grpc as pb_grpc
 
-from .backends import GrpcDraft, GrpcTarget, ReplicaError
+from .backends import GrpcBackend, ReplicaError
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Replica:
     address: str
     role: str
     channel: grpc.aio.Channel
-    backend: GrpcDraft | GrpcTarget
+    backend: GrpcBackend
     health: health_pb2_grpc.HealthStub
     healthy: bool = False
     active_sessions: int = 0
@@ -80,9 +80,8 @@ class ReplicaPool:
             for address in addresses:
                 channel = channel_factory(address)
                 stub = pb_grpc.DraftStub(channel) if role == "draft" else pb_grpc.TargetStub(channel)
-                backend_class = GrpcDraft if role == "draft" else GrpcTarget
                 self.replicas.append(
-                    Replica(address, role, channel, backend_class(address, stub, self.metadata),
+                    Replica(address, role, channel, GrpcBackend(role, address, stub, self.metadata),
                             health_pb2_grpc.HealthStub(channel))
                 )
         self._by_backend = {id(r.backend): r for r in self.replicas}
@@ -139,9 +138,8 @@ class ReplicaPool:
         return ""
 
     async def _fetch_info(self, replica: Replica, timeout: float) -> bool:
-        stub = pb_grpc.DraftStub(replica.channel) if replica.role == "draft" else pb_grpc.TargetStub(replica.channel)
         try:
-            replica.info = await stub.Info(pb.InfoRequest(), timeout=timeout, metadata=self.metadata)
+            replica.info = await replica.backend.stub.Info(pb.InfoRequest(), timeout=timeout, metadata=self.metadata)
         except grpc.aio.AioRpcError as error:
             replica.last_error = f"{error.code().name}: {error.details()}"
             return False
@@ -185,19 +183,14 @@ class ReplicaPool:
         await asyncio.gather(*(r.channel.close() for r in self.replicas), return_exceptions=True)
 
     # -- BackendSource ------------------------------------------------------------------------
-    def _acquire(self, role: str, exclude: set[str]) -> Any:
+    def acquire(self, role: str, exclude: set[str]) -> GrpcBackend | None:
+        """The least-loaded healthy replica of a role not in ``exclude``, counted as in use."""
         candidates = [r for r in self.of_role(role) if r.healthy and r.address not in exclude]
         if not candidates:
             return None
         replica = min(candidates, key=lambda r: r.active_sessions)
         replica.active_sessions += 1
         return replica.backend
-
-    def acquire_draft(self, exclude: set[str]) -> GrpcDraft | None:
-        return self._acquire("draft", exclude)
-
-    def acquire_target(self, exclude: set[str]) -> GrpcTarget | None:
-        return self._acquire("target", exclude)
 
     def release(self, backend: Any) -> None:
         replica = self._by_backend.get(id(backend))
@@ -211,9 +204,6 @@ class ReplicaPool:
         replica.last_error = str(error)
         if isinstance(error, ReplicaError) and error.code in FAILURE_CODES:
             replica.healthy = False
-
-    def has_healthy(self, role: str) -> bool:
-        return any(r.healthy for r in self.of_role(role))
 
     def status(self) -> list[pb.ReplicaStatus]:
         return [

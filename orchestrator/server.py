@@ -10,7 +10,6 @@ from pathlib import Path
 
 import grpc
 
-import specdec_core  # noqa: F401 - loads OpenBLAS before MLX (the tokenizer path may import it)
 from specdec_core.errors import CheckpointError
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
 from specdec_grpc.server import (

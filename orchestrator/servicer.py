@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from specdec_core.sampling import SamplingParams
+from specdec_core.steps import SamplingParams
 from specdec_grpc.status import grpc_method, grpc_stream_method
 from specdec_pb import specdec_pb2 as pb
 from specdec_pb import specdec_pb2_grpc as pb_grpc

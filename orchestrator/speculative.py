@@ -3,9 +3,14 @@
 Transport-agnostic: it talks to ``DraftBackend``/``TargetBackend`` objects handed out by a
 ``BackendSource`` (gRPC replicas in the service, in-process hosts in the benchmark).
 
+Draft and target are two ``Lane``s handled by one mechanism (open, call, fail over, resync);
+the one real difference is what happens when no replica of a role is left: without a draft
+the target finishes alone, without a target the request fails.
+
 Each service session holds the committed decoder tokens as a prefix (``Lane.synced`` of
 them) plus whatever it drafted or scored beyond. The next call rolls it back to that prefix
-and appends what it lacks, in the same message (no extra round trip).
+and appends what it lacks, in the same message (no extra round trip). See
+docs/architecture.md for the whole path of a token.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from specdec_core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from specdec_core.sampling import SamplingParams
+from specdec_core.steps import Proposal, SamplingParams, StepRequest, Verdict
 
 from .acceptance import StepOutcome, accept_greedy, accept_sampled, next_num_draft
-from .backends import DraftBackend, ReplicaError, StepCall, TargetBackend
+from .backends import Backend, ReplicaError
 
 logger = logging.getLogger(__name__)
 
@@ -96,21 +101,65 @@ class StepEvent:
 
 
 class BackendSource(Protocol):
-    """Hands out replicas for a session and hears about their failures."""
+    """Hands out replicas of a role ("draft" or "target") and hears about their failures."""
 
-    def acquire_draft(self, exclude: set[str]) -> DraftBackend | None: ...
-    def acquire_target(self, exclude: set[str]) -> TargetBackend | None: ...
+    def acquire(self, role: str, exclude: set[str]) -> Backend | None: ...
     def release(self, backend: Any) -> None: ...
     def report_failure(self, backend: Any, error: Exception) -> None: ...
 
 
 @dataclass
 class Lane:
-    backend: Any
-    session_id: str
+    """One role's session for this request: which replica holds it and what it holds.
+
+    After a call the session holds every committed token (``decoded``, shared with the
+    generation) plus the call's block (the draft's proposal, or the drafts the target scored).
+    ``synced`` is derived from that, so it is never out of step with what was committed.
+    """
+
+    role: str  # "draft" or "target"
+    decoded: list[int]  # the request's committed decoder tokens (the generation's own list)
+    backend: Any = None  # None: no session (a draft lane with no draft left)
+    session_id: str = ""
     length: int = 1  # the service session's length
-    synced: int = 1  # leading committed tokens the session holds
-    failed: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)  # replicas this request gave up on
+    _held: int = 1  # committed tokens the session held after its last call
+    _block: list[int] = field(default_factory=list)  # what it holds past them
+
+    @property
+    def synced(self) -> int:
+        """Leading committed tokens the session holds (those of its block that were kept)."""
+        held = self._held
+        for mine, committed in zip(self._block, self.decoded[self._held :], strict=False):
+            if mine != committed:
+                break
+            held += 1
+        return min(held, self.length)
+
+    def attach(self, backend: Any, session_id: str) -> None:
+        """A new session: it holds the decoder start token only."""
+        self.backend, self.session_id = backend, session_id
+        self.length, self._held, self._block = 1, 1, []
+
+    def record(self, length: int, block: list[int]) -> None:
+        """The session's state after a call: all committed tokens, then ``block``."""
+        self.length, self._held, self._block = length, len(self.decoded), block
+
+    def request(self, block: list[int], num_draft: int, sampling: SamplingParams, seed: int,
+                deadline: float | None, draft_distributions: Any = ()) -> StepRequest:
+        """The next call: roll back to the synced prefix, append what the session lacks."""
+        synced = self.synced
+        return StepRequest(
+            session_id=self.session_id,
+            expected_length=self.length,
+            rollback_to=synced if synced < self.length else 0,
+            append_tokens=self.decoded[synced:] + block,
+            num_draft=num_draft,
+            sampling=sampling,
+            seed=seed,
+            draft_distributions=draft_distributions,
+            deadline=deadline,
+        )
 
 
 class SpeculativeGeneration:
@@ -124,38 +173,40 @@ class SpeculativeGeneration:
         decoder_start_id: int,
         eos_id: int,
         deadline: float | None = None,
-        tag: str = "",
+        request_id: str = "",
     ):
         self.source = source
         self.prompt_ids = prompt_ids
         self.params = params
         self.eos_id = eos_id
         self.deadline = deadline
-        self.tag = tag or secrets.token_hex(4)
+        self.request_id = request_id or new_request_id()
         self.decoded = [decoder_start_id]  # committed decoder tokens: start + output
         self.stats = Stats(seed=params.seed, final_num_draft=params.num_draft)
         self.rng = np.random.default_rng(params.seed)
-        self.draft: Lane | None = None
-        self.target: Lane | None = None
-        self._failed_drafts: set[str] = set()
-        self._failed_targets: set[str] = set()
+        self.draft = Lane("draft", self.decoded)
+        self.target = Lane("target", self.decoded)
 
     # -- timing -------------------------------------------------------------------------------
-    def _timeout(self) -> float:
-        """A downstream call's timeout: the request's time left, at most the per-call limit."""
+    def _call_deadline(self) -> float:
+        """A downstream call's deadline: the request's, at most the per-call limit from now."""
+        now = time.monotonic()
         if self.deadline is None:
-            return DEFAULT_CALL_TIMEOUT_S
-        left = self.deadline - time.monotonic()
-        if left <= 0:
+            return now + DEFAULT_CALL_TIMEOUT_S
+        if self.deadline <= now:
             raise DeadlineExceeded("the request's deadline passed during generation")
-        return min(left, DEFAULT_CALL_TIMEOUT_S)
+        return min(self.deadline, now + DEFAULT_CALL_TIMEOUT_S)
 
-    # -- sessions -----------------------------------------------------------------------------
-    async def _open_target(self) -> None:
+    # -- lanes --------------------------------------------------------------------------------
+    async def _open(self, lane: Lane) -> None:
+        """Open the lane's session on a replica, failing over until one accepts. With no
+        replica left, a target lane is an error; a draft lane stays closed (target alone)."""
         full: list[ResourceExhausted] = []
         while True:
-            backend = self.source.acquire_target(self._failed_targets)
+            backend = self.source.acquire(lane.role, lane.failed)
             if backend is None:
+                if lane.role == "draft":
+                    return  # finish with the target alone
                 if full:  # every target left is at its session or cache limit
                     raise ResourceExhausted(f"every target replica is full; last: {full[-1]}")
                 raise Unavailable(
@@ -163,64 +214,62 @@ class SpeculativeGeneration:
                     "start a target service or check --target addresses"
                 )
             try:
-                session_id = await backend.open(self.prompt_ids, self.tag, self._timeout())
+                timeout = self._call_deadline() - time.monotonic()
+                session_id = await backend.open(self.prompt_ids, self.request_id, timeout)
             except ReplicaError as error:
-                self._target_failed(backend, error)
+                self._replica_failed(lane, backend, error)
                 continue
             except ResourceExhausted as error:  # full, not broken: try another replica
                 self.source.release(backend)
-                self._failed_targets.add(backend.address)
+                lane.failed.add(backend.address)
                 full.append(error)
                 continue
             except BaseException:
                 self.source.release(backend)
                 raise
-            self.target = Lane(backend, session_id)
-            self.stats.target_replica = backend.address
+            lane.attach(backend, session_id)
+            if lane.role == "draft":
+                self.stats.draft_replica = backend.address
+            else:
+                self.stats.target_replica = backend.address
             return
 
-    async def _open_draft(self) -> None:
-        while True:
-            backend = self.source.acquire_draft(self._failed_drafts)
-            if backend is None:
-                self.draft = None  # finish with the target alone
-                return
+    async def _call(self, lane: Lane, block: list[int], num_draft: int, seed: int,
+                    draft_distributions: Any = ()) -> Any:
+        """One Propose or Verify on the lane, failing over (and resyncing the new replica from
+        the prompt and the committed tokens) while replicas fail. None: the draft lane closed."""
+        while lane.backend is not None:
+            request = lane.request(block, num_draft, self.params.sampling, seed, self._call_deadline(),
+                                   draft_distributions)
+            started = time.perf_counter()
             try:
-                session_id = await backend.open(self.prompt_ids, self.tag, self._timeout())
+                result = await lane.backend.step(request)
             except ReplicaError as error:
-                self._draft_failed(backend, error)
+                backend = lane.backend
+                self._abandon(lane)
+                self._replica_failed(lane, backend, error)
+                await self._open(lane)
                 continue
-            except ResourceExhausted:  # full, not broken: another draft, else the target alone
-                self.source.release(backend)
-                self._failed_drafts.add(backend.address)
-                continue
-            except BaseException:
-                self.source.release(backend)
-                raise
-            self.draft = Lane(backend, session_id)
-            self.stats.draft_replica = backend.address
-            return
+            finally:
+                if lane.role == "draft":
+                    self.stats.draft_s += time.perf_counter() - started
+                else:
+                    self.stats.verify_s += time.perf_counter() - started
+            lane.record(result.length, result.tokens if lane.role == "draft" else block)
+            self.stats.wire_bytes += result.wire_bytes
+            return result
+        return None
 
-    def _count_failover(self, error: Exception) -> None:
+    def _replica_failed(self, lane: Lane, backend: Any, error: ReplicaError) -> None:
+        self.source.release(backend)
+        self._raise_if_expired(error)
+        logger.warning("req=%s %s %s failed (%s); failing over", self.request_id, lane.role,
+                       backend.address, error)
+        lane.failed.add(backend.address)
+        self.source.report_failure(backend, error)
         self.stats.failovers += 1
         if self.stats.failovers > MAX_FAILOVERS:
             raise Unavailable(f"gave up after {MAX_FAILOVERS} replica failures; last: {error}") from error
-
-    def _draft_failed(self, backend: Any, error: ReplicaError) -> None:
-        self.source.release(backend)
-        self._raise_if_expired(error)
-        logger.warning("draft %s failed (%s); failing over", backend.address, error)
-        self._failed_drafts.add(backend.address)
-        self.source.report_failure(backend, error)
-        self._count_failover(error)
-
-    def _target_failed(self, backend: Any, error: ReplicaError) -> None:
-        self.source.release(backend)
-        self._raise_if_expired(error)
-        logger.warning("target %s failed (%s); failing over", backend.address, error)
-        self._failed_targets.add(backend.address)
-        self.source.report_failure(backend, error)
-        self._count_failover(error)
 
     def _raise_if_expired(self, error: ReplicaError) -> None:
         """A call cut short by the request's own deadline is not the replica's fault: report
@@ -231,14 +280,16 @@ class SpeculativeGeneration:
             raise DeadlineExceeded("the request's deadline passed during generation") from error
 
     def _abandon(self, lane: Lane) -> None:
-        """Close the session of a lane given up by a failover, in the background: a dead
-        replica refuses at once, one that merely failed this call frees it now, not at its TTL."""
+        """Detach the lane from its session and close it in the background: a dead replica
+        refuses at once, one that merely failed this call frees it now, not at its TTL."""
+        backend, session_id = lane.backend, lane.session_id
+        lane.backend = None
 
         async def close_quietly() -> None:
             try:
-                await lane.backend.close(lane.session_id)
+                await backend.close(session_id)
             except Exception as error:  # noqa: BLE001 - the replica's TTL frees it instead
-                logger.debug("closing abandoned session on %s failed: %s", lane.backend.address, error)
+                logger.debug("closing abandoned session on %s failed: %s", backend.address, error)
 
         task = asyncio.get_running_loop().create_task(close_quietly())
         _ABANDONED.add(task)
@@ -246,29 +297,30 @@ class SpeculativeGeneration:
 
     async def close(self) -> None:
         """Close both sessions; safe on every exit path (errors here are only logged)."""
-        lanes = [lane for lane in (self.draft, self.target) if lane is not None]
-        self.draft = self.target = None
-        for lane in lanes:
+        for lane in (self.draft, self.target):
+            backend, lane.backend = lane.backend, None
+            if backend is None:
+                continue
             try:
-                await lane.backend.close(lane.session_id)
+                await backend.close(lane.session_id)
             except Exception as error:  # noqa: BLE001 - the TTL frees it if this fails
-                logger.info("closing session on %s failed: %s", lane.backend.address, error)
+                logger.info("req=%s closing session on %s failed: %s", self.request_id, backend.address, error)
             finally:
-                self.source.release(lane.backend)
+                self.source.release(backend)
 
     # -- the loop -----------------------------------------------------------------------------
     async def run(self) -> AsyncIterator[StepEvent]:
         started = time.perf_counter()
         try:
-            await self._open_target()
+            await self._open(self.target)
             if self.params.speculative:
-                await self._open_draft()
+                await self._open(self.draft)
             k = self.params.num_draft
             produced = 0
             while True:
                 remaining = self.params.max_tokens - produced
                 # A step yields up to k+1 tokens; never draft past max_tokens.
-                k_step = min(k, remaining - 1) if self.draft is not None else 0
+                k_step = min(k, remaining - 1) if self.draft.backend is not None else 0
                 outcome, drafted = await self._step(k_step)
                 emitted = outcome.emitted(drafted)
                 self.stats.steps += 1
@@ -284,7 +336,7 @@ class SpeculativeGeneration:
                 self.stats.target_tokens += int(len(emitted) > kept)
                 self.stats.tokens += len(emitted)
                 produced += len(emitted)
-                self._commit(emitted, kept)
+                self.decoded.extend(emitted)  # the lanes see it: their synced prefix follows
                 if finish is None and produced >= self.params.max_tokens:
                     finish = "length"
                 if self.params.num_draft_auto and drafted:
@@ -302,88 +354,27 @@ class SpeculativeGeneration:
             self.stats.total_s = time.perf_counter() - started
             await asyncio.shield(self.close())
 
-    def _commit(self, emitted: list[int], accepted: int) -> None:
-        """Record the step's tokens; both sessions hold the committed prefix up to the kept drafts."""
-        base = len(self.decoded)
-        self.decoded.extend(emitted)
-        kept = base + accepted
-        for lane in (self.draft, self.target):
-            # Only a session called this step holds the kept drafts; one that sat out keeps its prefix.
-            if lane is not None and lane.synced == base:
-                lane.synced = min(kept, lane.length)
-
     async def _step(self, k: int) -> tuple[StepOutcome, list[int]]:
         sampling = self.params.sampling
         draft_seed = int(self.rng.integers(2**63))
         target_seed = int(self.rng.integers(2**63))
         uniforms = self.rng.random(max(k, 1))
-        drafted: list[int] = []
-        draft_probs: list[float] = []
-        distributions: Any = []
-        if k > 0:
-            proposal = await self._propose(k, sampling, draft_seed)
-            if proposal is not None:
-                drafted, draft_probs, distributions = proposal
-        verified = await self._verify(drafted, sampling, target_seed, distributions)
+        proposal: Proposal | None = await self._call(self.draft, [], k, draft_seed) if k > 0 else None
+        drafted = proposal.tokens if proposal is not None else []
+        if proposal is not None:
+            self.stats.draft_passes += len(drafted)
+        distributions = proposal.distributions if proposal is not None else []
+        verdict: Verdict = await self._call(self.target, drafted, len(drafted), target_seed, distributions)
         if sampling.greedy:
-            outcome = accept_greedy(drafted, verified.argmax, uniforms, self.params.delta)
+            outcome = accept_greedy(drafted, verdict.argmax, uniforms, self.params.delta)
         else:
+            draft_probs = proposal.token_probs if proposal is not None else []
             outcome = accept_sampled(
-                drafted, draft_probs, verified.draft_probs, verified.resampled, uniforms, self.params.delta
+                drafted, draft_probs, verdict.draft_probs, verdict.resampled, uniforms, self.params.delta
             )
         return outcome, drafted
 
-    def _call_for(self, lane: Lane, sampling: SamplingParams, seed: int) -> StepCall:
-        rollback_to = lane.synced if lane.synced < lane.length else 0
-        return StepCall(
-            expected_length=lane.length,
-            rollback_to=rollback_to,
-            append_tokens=self.decoded[lane.synced :],
-            sampling=sampling,
-            seed=seed,
-            timeout=self._timeout(),
-        )
 
-    async def _propose(self, k: int, sampling: SamplingParams, seed: int) -> tuple[list[int], list[float], Any] | None:
-        while self.draft is not None:
-            lane = self.draft
-            call = self._call_for(lane, sampling, seed)
-            started = time.perf_counter()
-            try:
-                proposed = await lane.backend.propose(lane.session_id, call, k)
-            except ReplicaError as error:
-                self.draft = None
-                self._abandon(lane)
-                self._draft_failed(lane.backend, error)
-                await self._open_draft()
-                continue
-            finally:
-                self.stats.draft_s += time.perf_counter() - started
-            lane.length = proposed.length
-            lane.synced = len(self.decoded)
-            self.stats.draft_passes += len(proposed.tokens)
-            self.stats.wire_bytes += proposed.wire_bytes
-            return proposed.tokens, proposed.token_probs, proposed.distributions
-        return None
-
-    async def _verify(self, drafted: list[int], sampling: SamplingParams, seed: int, distributions: Any) -> Any:
-        while True:
-            lane = self.target
-            assert lane is not None
-            call = self._call_for(lane, sampling, seed)
-            call.append_tokens = call.append_tokens + drafted
-            started = time.perf_counter()
-            try:
-                verified = await lane.backend.verify(lane.session_id, call, len(drafted), distributions)
-            except ReplicaError as error:
-                self.target = None
-                self._abandon(lane)
-                self._target_failed(lane.backend, error)
-                await self._open_target()
-                continue
-            finally:
-                self.stats.verify_s += time.perf_counter() - started
-            lane.length = verified.length
-            lane.synced = len(self.decoded)
-            self.stats.wire_bytes += verified.wire_bytes
-            return verified
+def new_request_id() -> str:
+    """A short id that every log line about one request carries, in all three processes."""
+    return secrets.token_hex(4)

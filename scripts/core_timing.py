@@ -18,12 +18,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import specdec_core  # noqa: F401 - load OpenBLAS before MLX is imported
+from specdec_core import blas
+
+blas.preload()  # OpenBLAS goes global before anything imports MLX (see specdec_core.blas)
+
 
 # isort: split
 import mlx.core as mx
 
-from specdec_core import blas
 from specdec_core.checkpoint import load_model
 from specdec_core.kv_cache import DecoderCache
 from specdec_core.t5 import T5

@@ -7,7 +7,7 @@ Every forward pass feeds the tokens past ``cache.length``; rolling back shortens
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -15,7 +15,8 @@ import numpy as np
 from .checkpoint import LoadedModel
 from .errors import InvalidArgument
 from .kv_cache import CHUNK, DecoderCache
-from .sampling import SamplingParams, probabilities, residual, sample, uniforms
+from .sampling import probabilities, residual, sample, uniforms
+from .steps import Distribution, Proposal, SamplingParams, Verdict
 
 
 @dataclass
@@ -41,51 +42,6 @@ class DecoderState:
         """Positions this session holds memory for: decoder slots (at least the first chunk, which
         its first step allocates, so opened sessions reserve it) plus the encoder."""
         return max(self.cache.capacity, CHUNK) + self.cache.encoder_length
-
-
-@dataclass
-class Distribution:
-    """A probability distribution over the vocabulary, kept to its support."""
-
-    token_ids: np.ndarray  # (n,) int32; empty when dense
-    probs: np.ndarray  # (n,) or (V,) float32
-
-    @classmethod
-    def from_dense(cls, probs: np.ndarray) -> Distribution:
-        support = np.flatnonzero(probs > 0)
-        if len(support) * 3 < len(probs):  # sparse pays off when ids (4B) + probs (2B) < 2B * V
-            return cls(support.astype(np.int32), probs[support])
-        return cls(np.zeros(0, np.int32), probs)
-
-    def to_dense(self, vocab_size: int) -> np.ndarray:
-        if len(self.token_ids) == 0:
-            if len(self.probs) != vocab_size:
-                raise InvalidArgument(
-                    f"a dense draft distribution needs {vocab_size} probabilities, got {len(self.probs)}"
-                )
-            return self.probs.astype(np.float32)
-        if len(self.token_ids) != len(self.probs):
-            raise InvalidArgument("a draft distribution needs one probability per token id")
-        if self.token_ids.min() < 0 or self.token_ids.max() >= vocab_size:
-            raise InvalidArgument("a draft distribution names a token id outside the vocabulary")
-        dense = np.zeros(vocab_size, np.float32)
-        dense[self.token_ids] = self.probs
-        return dense
-
-
-@dataclass
-class Proposal:
-    tokens: list[int]
-    token_probs: list[float]  # q(d_i) after the sampling transforms; 1.0 when greedy
-    distributions: list[Distribution] = field(default_factory=list)  # sampling only
-
-
-@dataclass
-class Verdict:
-    argmax: list[int]  # the target's greedy choice at each of the k+1 positions
-    draft_probs: list[float]  # p(d_j) for each draft token (sampling only)
-    # Sampling only: at j < k a draw from norm(max(0, p_j - q_j)), at j = k a draw from p_k.
-    resampled: list[int]
 
 
 class ModelEngine:

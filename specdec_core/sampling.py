@@ -7,33 +7,10 @@ uniform drawn from the caller's seed, so a seeded request is reproducible anywhe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from .errors import InvalidArgument
-
-MAX_TOP_K = 1_000_000
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0 means greedy (argmax)
-    top_k: int = 0  # 0 means no top-k filter
-    top_p: float = 1.0  # 1 means no nucleus filter
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def validate(self) -> SamplingParams:
-        if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidArgument(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 <= self.top_k <= MAX_TOP_K:
-            raise InvalidArgument(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not (np.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise InvalidArgument(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        return self
+from .steps import SamplingParams
 
 
 def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:

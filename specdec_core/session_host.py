@@ -16,13 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .engine import DecoderState, Distribution, ModelEngine, Proposal, Verdict
-from .errors import DeadlineExceeded, InvalidArgument, PrefixMismatch, Unavailable
-from .sampling import SamplingParams
+from .engine import DecoderState, ModelEngine
+from .errors import DeadlineExceeded, InvalidArgument, PrefixMismatch, SpecdecError, Unavailable
 from .session_store import Session, SessionStore, capacity_for
+from .steps import Proposal, StepRequest, Verdict
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+R = TypeVar("R", Proposal, Verdict)
 
 
 @dataclass
@@ -73,9 +74,9 @@ class SessionHost:
         period = max(0.05, min(5.0, self.limits.session_ttl_s / 4))
         while True:
             await asyncio.sleep(period)
-            for session_id in self.store.expire_idle():
-                logger.info("%s session %s expired after %.0fs idle", self.role, session_id[:8],
-                            self.limits.session_ttl_s)
+            for session in self.store.expire_idle():
+                logger.info("%s req=%s session %s expired after %gs idle", self.role, session.tag,
+                            session.id[:8], self.limits.session_ttl_s)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -101,36 +102,52 @@ class SessionHost:
         state = await self._run(start)
         # Re-check: other sessions may have opened while this one was encoding.
         self.store.check_room(0, new_session=True)
-        return self.store.add(state, tag)
+        session = self.store.add(state, request_tag(tag))
+        logger.info("%s req=%s session %s opened (%d prompt tokens)", self.role, session.tag, session.id[:8],
+                    len(prompt_ids))
+        return session
 
-    async def step(
-        self,
-        session_id: str,
-        expected_length: int,
-        rollback_to: int,
-        append_tokens: list[int],
-        grows_by: int,
-        work: Callable[[DecoderState], T],
-        deadline: float | None = None,
-    ) -> tuple[T, int]:
+    async def propose(self, request: StepRequest) -> Proposal:
+        """The draft's step: roll back, append, then propose up to ``num_draft`` tokens."""
+        self.engine.check_k(request.num_draft)
+        return await self._step(
+            request, request.num_draft,
+            lambda state: self.engine.propose(state, request.num_draft, request.sampling, request.seed),
+        )
+
+    async def verify(self, request: StepRequest) -> Verdict:
+        """The target's step: roll back, append (the last ``num_draft`` are drafts), score them."""
+        return await self._step(
+            request, 0,
+            lambda state: self.engine.verify(
+                state, request.num_draft, request.sampling, request.seed, list(request.draft_distributions)
+            ),
+        )
+
+    async def _step(self, request: StepRequest, grows_by: int, work: Callable[[DecoderState], R]) -> R:
         """Validate, roll back, append, then run ``work`` on the worker thread.
 
         ``grows_by`` is how many positions ``work`` may add (k for Propose), for the budget.
-        ``deadline`` (``time.monotonic()`` clock): if it has passed when the worker thread
-        gets to the step, the step fails with DeadlineExceeded instead of running.
-        Returns the work's result and the session's new length. A step that fails or whose
-        caller gives up (cancellation) leaves the session as it was.
+        If the request's deadline (``time.monotonic()`` clock) has passed when the worker
+        thread gets to the step, it fails with DeadlineExceeded instead of running. Returns the
+        work's result with the session's new length. A step that fails or whose caller gives
+        up (cancellation) leaves the session as it was.
         """
-        session = await self._acquire(session_id)
+        session = await self._acquire(request.session_id)
         released = False
         try:
             state = session.state
             saved = list(state.tokens)
-            self._prepare(session, expected_length, rollback_to, append_tokens, grows_by)
+            try:
+                self._prepare(session, request.expected_length, request.rollback_to, request.append_tokens,
+                              grows_by)
+            except SpecdecError as error:
+                logger.info("%s req=%s step refused: %s", self.role, session.tag, error)
+                raise
 
-            def guarded() -> T:
+            def guarded() -> R:
                 try:
-                    _check_deadline(deadline, f"{self.role} step")
+                    _check_deadline(request.deadline, f"{self.role} step")
                     return work(state)
                 except Exception:
                     _restore(state, saved)
@@ -148,36 +165,18 @@ class SessionHost:
 
                 future.add_done_callback(undo)
                 released = True
+                logger.info("%s req=%s step cancelled by the caller; session restored", self.role, session.tag)
+                raise
+            except SpecdecError as error:
+                logger.info("%s req=%s step failed: %s", self.role, session.tag, error)
                 raise
             self.metrics.steps += 1
             session.last_used = self.store.clock()
-            return result, state.length
+            result.length = state.length
+            return result
         finally:
             if not released:
                 session.lock.release()
-
-    async def propose(
-        self, session_id: str, expected_length: int, rollback_to: int, append_tokens: list[int],
-        num_draft: int, params: SamplingParams, seed: int, deadline: float | None = None,
-    ) -> tuple[Proposal, int]:
-        """The draft's step: roll back, append, then propose up to ``num_draft`` tokens."""
-        self.engine.check_k(num_draft)
-        return await self.step(
-            session_id, expected_length, rollback_to, append_tokens, num_draft,
-            lambda state: self.engine.propose(state, num_draft, params, seed), deadline,
-        )
-
-    async def verify(
-        self, session_id: str, expected_length: int, rollback_to: int, append_tokens: list[int],
-        num_draft: int, params: SamplingParams, seed: int, draft_distributions: list[Distribution],
-        deadline: float | None = None,
-    ) -> tuple[Verdict, int]:
-        """The target's step: roll back, append (the last ``num_draft`` are drafts), score them."""
-        return await self.step(
-            session_id, expected_length, rollback_to, append_tokens, 0,
-            lambda state: self.engine.verify(state, num_draft, params, seed, draft_distributions),
-            deadline,
-        )
 
     async def rollback(self, session_id: str, expected_length: int, length: int) -> int:
         """Roll a session back: a pointer move on this thread, no MLX work, not a step."""
@@ -226,13 +225,10 @@ class SessionHost:
         state.tokens.extend(append_tokens)
 
     async def close(self, session_id: str) -> bool:
-        return self.store.remove(session_id)
-
-    def close_all(self) -> int:
-        ids = self.store.ids()
-        for session_id in ids:
-            self.store.remove(session_id)
-        return len(ids)
+        session = self.store.pop(session_id)
+        if session is not None:
+            logger.info("%s req=%s session %s closed", self.role, session.tag, session_id[:8])
+        return session is not None
 
     def snapshot(self) -> dict[str, Any]:
         """Live figures for Info."""
@@ -247,6 +243,11 @@ class SessionHost:
             "response_bytes": self.metrics.response_bytes,
             "time": time.time(),
         }
+
+
+def request_tag(tag: str) -> str:
+    """The caller's request id as it appears in logs: printable, at most 64 characters."""
+    return "".join(c for c in tag[:64] if c.isprintable() and not c.isspace()) or "-"
 
 
 def _check_deadline(deadline: float | None, what: str) -> None:

@@ -91,19 +91,14 @@ class SessionStore:
         session.last_used = self.clock()
         return session
 
-    def remove(self, session_id: str) -> bool:
-        return self._sessions.pop(session_id, None) is not None
+    def pop(self, session_id: str) -> Session | None:
+        return self._sessions.pop(session_id, None)
 
-    def expire_idle(self) -> list[str]:
-        """Drop sessions idle past the TTL that no call is using; return their ids."""
+    def expire_idle(self) -> list[Session]:
+        """Drop sessions idle past the TTL that no call is using; return them."""
         deadline = self.clock() - self.ttl_s
-        stale = [
-            s.id for s in self._sessions.values() if s.last_used < deadline and not s.lock.locked()
-        ]
-        for session_id in stale:
-            del self._sessions[session_id]
+        stale = [s for s in self._sessions.values() if s.last_used < deadline and not s.lock.locked()]
+        for session in stale:
+            del self._sessions[session.id]
         self.expired += len(stale)
         return stale
-
-    def ids(self) -> list[str]:
-        return list(self._sessions)

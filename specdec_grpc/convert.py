@@ -1,12 +1,15 @@
-"""Conversions between protobuf messages and domain types, in one place."""
+"""Conversions between protobuf messages and the domain's step types, in one place.
+
+Both sides of the wire use these: the servicers (request in, result out) and the
+orchestrator's gRPC backends (request out, result in). No MLX is imported here.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from specdec_core.engine import Distribution
 from specdec_core.errors import InvalidArgument
-from specdec_core.sampling import SamplingParams
+from specdec_core.steps import Distribution, Proposal, SamplingParams, StepRequest, Verdict
 from specdec_pb import specdec_pb2 as pb
 
 
@@ -32,3 +35,68 @@ def distribution_from_pb(message: pb.Distribution) -> Distribution:
     if not np.all(np.isfinite(probs)) or np.any(probs < 0):
         raise InvalidArgument("a draft distribution holds negative or non-finite probabilities")
     return Distribution(np.asarray(message.token_ids, dtype=np.int32), probs)
+
+
+# -- steps, on the worker's side ------------------------------------------------------------------
+
+def step_from_pb(message: pb.ProposeRequest | pb.VerifyRequest, deadline: float | None) -> StepRequest:
+    """A Propose or Verify request as the domain's StepRequest (q converted for Verify)."""
+    distributions = getattr(message, "draft_distributions", ())
+    return StepRequest(
+        session_id=message.session_id,
+        expected_length=message.expected_length,
+        rollback_to=message.rollback_to,
+        append_tokens=list(message.append_tokens),
+        num_draft=message.num_draft,
+        sampling=sampling_from_pb(message.sampling),
+        seed=message.seed,
+        draft_distributions=[distribution_from_pb(d) for d in distributions],
+        deadline=deadline,
+    )
+
+
+def proposal_to_pb(proposal: Proposal) -> pb.ProposeResponse:
+    return pb.ProposeResponse(
+        tokens=proposal.tokens,
+        token_probs=proposal.token_probs,
+        distributions=[distribution_to_pb(d) for d in proposal.distributions],
+        length=proposal.length,
+    )
+
+
+def verdict_to_pb(verdict: Verdict) -> pb.VerifyResponse:
+    return pb.VerifyResponse(
+        argmax=verdict.argmax, draft_probs=verdict.draft_probs, resampled=verdict.resampled,
+        length=verdict.length,
+    )
+
+
+# -- steps, on the orchestrator's side -------------------------------------------------------------
+
+def _step_fields(step: StepRequest) -> dict:
+    return dict(
+        session_id=step.session_id,
+        expected_length=step.expected_length,
+        rollback_to=step.rollback_to,
+        append_tokens=step.append_tokens,
+        num_draft=step.num_draft,
+        sampling=sampling_to_pb(step.sampling),
+        seed=step.seed,
+    )
+
+
+def propose_request_to_pb(step: StepRequest) -> pb.ProposeRequest:
+    return pb.ProposeRequest(**_step_fields(step))
+
+
+def verify_request_to_pb(step: StepRequest) -> pb.VerifyRequest:
+    # The draft's q stays in its wire form: the orchestrator forwards it untouched.
+    return pb.VerifyRequest(**_step_fields(step), draft_distributions=step.draft_distributions)
+
+
+def proposal_from_pb(message: pb.ProposeResponse) -> Proposal:
+    return Proposal(list(message.tokens), list(message.token_probs), message.distributions, message.length)
+
+
+def verdict_from_pb(message: pb.VerifyResponse) -> Verdict:
+    return Verdict(list(message.argmax), list(message.draft_probs), list(message.resampled), message.length)

@@ -12,10 +12,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
-import specdec_core  # noqa: F401 - loads OpenBLAS before MLX
 from specdec_core import blas
 from specdec_core.checkpoint import load_model
 from specdec_core.engine import ModelEngine
@@ -34,6 +35,7 @@ from specdec_grpc.status import deadline_of, grpc_method
 from specdec_pb import specdec_pb2 as pb
 
 logger = logging.getLogger(__name__)
+M = TypeVar("M", bound=Message)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODELS = {"draft": REPO_ROOT / "models" / "demo-draft", "target": REPO_ROOT / "models" / "demo-target"}
@@ -142,9 +144,11 @@ class SessionServicer:
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         return info_response(self.host)
 
-    def count_bytes(self, request: object, response: object) -> None:
-        self.host.metrics.request_bytes += request.ByteSize()  # type: ignore[attr-defined]
-        self.host.metrics.response_bytes += response.ByteSize()  # type: ignore[attr-defined]
+    def counted(self, request: Message, response: M) -> M:
+        """Count a step's bytes on the wire for Info; return the response."""
+        self.host.metrics.request_bytes += request.ByteSize()
+        self.host.metrics.response_bytes += response.ByteSize()
+        return response
 
 
 def info_response(host: SessionHost) -> pb.InfoResponse:

@@ -9,7 +9,7 @@ Systems (all greedy at temperature 0, all sampling at temperature 1 with no top-
   draft_service.server``, ``target_service.server``, ``orchestrator.server`` on loopback
   ports), called with ``SpecdecClient``; (a) and (b) share them.
 - ``inproc-target`` and ``inproc-spec`` (c): the orchestrator's own ``Orchestrator.generate``
-  (tokenize, ``SpeculativeGeneration``, detokenize) over ``LocalDraft``/``LocalTarget`` on two
+  (tokenize, ``SpeculativeGeneration``, detokenize) over ``specdec_tools.inprocess`` backends on two
   ``SessionHost``s in this process: the same work with no gRPC and no process hops.
 - ``hf-target`` (e) and ``hf-assisted`` (d): transformers' PyTorch ``generate`` on CPU, the
   target alone and with ``assistant_model=draft`` (``do_sample=False`` at T=0, ``True`` at
@@ -92,8 +92,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import specdec_core  # noqa: F401 - loads OpenBLAS before MLX is imported
 from specdec_core import blas
+
+blas.preload()  # OpenBLAS goes global before anything imports MLX (see specdec_core.blas)
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMPTS_FILE = Path(__file__).with_name("bench_prompts.json")
@@ -334,28 +336,6 @@ def process_cpu_s(pid: int) -> float | None:
     return total / 1e9
 
 
-class LocalSource:
-    """A ``BackendSource`` over one in-process draft and target host."""
-
-    def __init__(self, draft_host: Any, target_host: Any):
-        from orchestrator.backends import LocalDraft, LocalTarget
-
-        self.draft = LocalDraft(draft_host)
-        self.target = LocalTarget(target_host)
-
-    def acquire_draft(self, exclude: set[str]) -> Any:
-        return self.draft
-
-    def acquire_target(self, exclude: set[str]) -> Any:
-        return self.target
-
-    def release(self, backend: Any) -> None:
-        pass
-
-    def report_failure(self, backend: Any, error: Exception) -> None:
-        pass  # in-process backends raise no ReplicaError: nothing fails over
-
-
 class InProcess:
     """The orchestrator's generation over two SessionHosts in this process: no gRPC."""
 
@@ -375,13 +355,15 @@ class InProcess:
 
         self.draft_host, self.target_host = self.loop.call(start())
         args = self.target_host.engine.args
+        from specdec_tools.inprocess import LocalSource
+
         source = LocalSource(self.draft_host, self.target_host)
         self.orchestrator = Orchestrator(source, load_tokenizer(target), args.decoder_start_token_id,
                                          args.eos_token_id, OrchestratorLimits())
 
     def generate(self, prompt: str, index: int, max_tokens: int, k: str | None, temperature: float,
                  seed: int) -> Run:
-        from specdec_core.sampling import SamplingParams
+        from specdec_core.steps import SamplingParams
 
         params = self.orchestrator.params(
             max_tokens=max_tokens, num_draft=0 if k in (None, "auto") else int(k), num_draft_auto=k == "auto",

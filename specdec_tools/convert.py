@@ -11,7 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import specdec_core  # noqa: F401 - load OpenBLAS before MLX is imported
+from specdec_core import blas
+
+blas.preload()  # OpenBLAS goes global before anything imports MLX (see specdec_core.blas)
+
 from specdec_core.checkpoint import DEFAULT_GROUP_SIZE, DTYPES, QUANT_BITS, load_model, save_model
 from specdec_core.errors import CheckpointError
 

@@ -19,7 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import specdec_core  # noqa: F401 - loads OpenBLAS before MLX is imported
+from specdec_core import blas
+
+blas.preload()  # OpenBLAS goes global before anything imports MLX (see specdec_core.blas)
+
 from specdec_core.checkpoint import LoadedModel, load_model
 from specdec_core.engine import ModelEngine
 from specdec_core.sampling import SamplingParams

@@ -24,7 +24,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import specdec_core  # noqa: F401 - loads OpenBLAS before MLX is imported
+from specdec_core import blas
+
+blas.preload()  # OpenBLAS goes global before anything imports MLX (see specdec_core.blas)
+
 
 # isort: split
 import mlx.core as mx

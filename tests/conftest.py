@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-import specdec_core  # noqa: F401 - load OpenBLAS before anything imports MLX
+from specdec_core import blas
+
+blas.preload()  # OpenBLAS goes global before anything imports MLX (see specdec_core.blas)
+
 from specdec_tools.tiny_checkpoints import build_t5, train_tokenizer
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-import specdec_core  # noqa: F401 - load OpenBLAS before anything imports MLX
 from specdec_core.checkpoint import load_model
 from specdec_core.engine import ModelEngine
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
