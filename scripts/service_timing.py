@@ -17,56 +17,27 @@ from __future__ import annotations
 
 import argparse
 import platform
-import queue
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 
 from specdec_pb import specdec_pb2 as pb
 from specdec_pb import specdec_pb2_grpc as pb_grpc
+from specdec_tools.service_process import ServiceProcess
 
 PROMPT = [37, 12, 99, 250, 8, 41, 1]
 K = 5
+START_TIMEOUT_S = 120.0
 
 
-@contextmanager
-def service(role: str, model: Path) -> Iterator[str]:
-    """Run ``specdec-<role>`` on a free port; yield its address; SIGTERM it afterwards."""
-    module = "draft_service.server" if role == "draft" else "target_service.server"
-    process = subprocess.Popen(
-        [sys.executable, "-m", module, "--model", str(model), "--port", "0", "--log-level", "WARNING"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-
-    def read() -> None:
-        for line in process.stdout:  # type: ignore[union-attr]
-            lines.put(line)
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        while True:
-            try:
-                line = lines.get(timeout=120)
-            except queue.Empty:
-                raise SystemExit(f"specdec-{role} did not start within 120 s") from None
-            if "listening on " in line:
-                yield line.split("listening on ", 1)[1].strip()
-                break
-    finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+def service(role: str, model: Path, log_dir: Path) -> ServiceProcess:
+    """``specdec-<role>`` on a free port, logging to ``log_dir``; wait for its address with ``wait_port``."""
+    return ServiceProcess(role, ["--model", str(model), "--port", "0", "--log-level", "WARNING"],
+                          log_dir / f"{role}.log")
 
 
 def timed(call: Callable[[], object], n: int, warmup: int = 20) -> list[float]:
@@ -182,8 +153,10 @@ def main(argv: list[str] | None = None) -> None:
             draft_dir, target_dir = tiny_checkpoints(Path(tmp))
         draft_dir = args.draft or draft_dir
         target_dir = args.target or target_dir
-        with service("draft", draft_dir) as draft_address, service("target", target_dir) as target_address:
-            measure(draft_address, target_address, args.calls, args.steps)
+        with service("draft", draft_dir, Path(tmp)) as draft, service("target", target_dir, Path(tmp)) as target:
+            for process in (draft, target):  # they load in parallel
+                process.wait_port(START_TIMEOUT_S)
+            measure(draft.address, target.address, args.calls, args.steps)
 
 
 if __name__ == "__main__":

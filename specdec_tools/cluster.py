@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,30 +19,12 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from specdec_tools.service_process import ServiceProcess
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUN_DIR = REPO_ROOT / "runs" / "current"
 DEMO_DRAFT = REPO_ROOT / "models" / "demo-draft"
 DEMO_TARGET = REPO_ROOT / "models" / "demo-target"
-LISTENING = re.compile(r"listening on (\S+):(\d+)")
-
-
-def _executable(name: str) -> str:
-    """The console script next to this Python (works without an activated venv)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
-def _wait_for_port(process: subprocess.Popen, log: Path, timeout: float) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = LISTENING.search(log.read_text(errors="replace")) if log.exists() else None
-        if match:
-            return int(match.group(2))
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-    raise RuntimeError(f"{log.stem} did not start (exit code {process.poll()}); its log ends:\n{tail}")
 
 
 def wait_serving(address: str, timeout: float) -> None:
@@ -62,13 +42,11 @@ def wait_serving(address: str, timeout: float) -> None:
     raise RuntimeError(f"{address} did not report SERVING within {timeout:g}s")
 
 
-def _start(run_dir: Path, name: str, argv: list[str], host: str) -> dict:
-    log = run_dir / f"{name}.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, cwd=REPO_ROOT)
-    return {"name": name, "pid": process.pid, "argv": argv, "log": str(log), "host": host,
-            "_process": process}
+def _start(run_dir: Path, name: str, role: str, args: list[str], host: str) -> dict:
+    """Start one service in a session of its own (it outlives this command), logging to the run dir."""
+    service = ServiceProcess(role, args, run_dir / f"{name}.log", cwd=REPO_ROOT, new_session=True)
+    return {"role": role, "name": name, "pid": service.pid, "argv": service.argv, "log": str(service.log),
+            "host": host, "_service": service}
 
 
 def up(args: argparse.Namespace) -> int:
@@ -82,22 +60,21 @@ def up(args: argparse.Namespace) -> int:
     try:
         for role, count, model in (("draft", args.drafts, args.draft_model), ("target", args.targets, args.target_model)):
             for i in range(count):
-                argv = [_executable(f"specdec-{role}"), "--model", str(model), "--host", args.host,
-                        "--port", "0", *extra]
-                members.append({"role": role, **_start(run_dir, f"{role}-{i}", argv, args.host)})
+                service_args = ["--model", str(model), "--host", args.host, "--port", "0", *extra]
+                members.append(_start(run_dir, f"{role}-{i}", role, service_args, args.host))
         for member in members:
-            port = _wait_for_port(member["_process"], Path(member["log"]), args.timeout)
+            port = member["_service"].wait_port(args.timeout)
             member["address"] = f"{args.host}:{port}"
             wait_serving(member["address"], args.timeout)
             print(f"  {member['name']:<12} {member['address']:<22} pid {member['pid']}")
-        argv = [_executable("specdec-orchestrator"), "--host", args.host, "--port", str(args.port), *extra]
+        service_args = ["--host", args.host, "--port", str(args.port), *extra]
         for member in members:
-            argv += [f"--{member['role']}", member["address"]]
+            service_args += [f"--{member['role']}", member["address"]]
         if args.tokenizer:
-            argv += ["--tokenizer", str(args.tokenizer)]
-        orchestrator = {"role": "orchestrator", **_start(run_dir, "orchestrator", argv, args.host)}
+            service_args += ["--tokenizer", str(args.tokenizer)]
+        orchestrator = _start(run_dir, "orchestrator", "orchestrator", service_args, args.host)
         members.append(orchestrator)
-        port = _wait_for_port(orchestrator["_process"], Path(orchestrator["log"]), args.timeout)
+        port = orchestrator["_service"].wait_port(args.timeout)
         orchestrator["address"] = f"{args.host}:{port}"
         wait_serving(orchestrator["address"], args.timeout)
         print(f"  {'orchestrator':<12} {orchestrator['address']:<22} pid {orchestrator['pid']}")

@@ -1,13 +1,12 @@
-"""Run real gRPC servers in-process on port 0, on an event loop in a background thread.
+"""Run real gRPC servers in-process on port 0, on an event loop in a background thread
+(``specdec_tools.loop_thread.LoopThread``).
 
 Tests talk to them with ordinary synchronous gRPC channels, exactly as a client would.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from draft_service.servicer import SERVICE_NAME as DRAFT_SERVICE
@@ -16,27 +15,12 @@ from draft_service.servicer import add_to_server as add_draft
 from specdec_core.session_host import HostLimits, SessionHost
 from specdec_grpc.server import RunningServer
 from specdec_grpc.worker import WorkerConfig, start_worker
+from specdec_tools.loop_thread import LoopThread
 from target_service.servicer import SERVICE_NAME as TARGET_SERVICE
 from target_service.servicer import TargetServicer
 from target_service.servicer import add_to_server as add_target
 
 T = TypeVar("T")
-
-
-class LoopThread:
-    """An asyncio loop running in a daemon thread; ``call`` runs a coroutine on it."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 class Worker:

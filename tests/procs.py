@@ -1,7 +1,8 @@
 """Real specdec service processes for tests: start on a port, wait for the announce line, kill.
 
-Every service prints ``specdec-<role> listening on HOST:PORT`` once it serves; ``--port 0``
-picks a free port. Output goes to a log file (no pipe to fill up), shown when a start fails.
+Starting and reading the announced port is ``specdec_tools.service_process`` (shared with
+``scripts/up`` and ``specdec-bench``); this adds what tests ask of a running service. Each
+start gets a fresh log file under the test's log directory, shown when a start fails.
 ``kill()`` is SIGKILL: no drain, no goodbye, as when a machine dies.
 """
 
@@ -9,11 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,19 +20,9 @@ import grpc
 
 from specdec_pb import specdec_pb2 as pb
 from specdec_pb import specdec_pb2_grpc as pb_grpc
+from specdec_tools import service_process
 
-LISTENING = re.compile(r"specdec-(\w+) listening on (\S+):(\d+)")
 START_TIMEOUT_S = 90.0  # two shared cores, several processes importing MLX and torch-free transformers
-
-
-def executable(role: str) -> list[str]:
-    """``specdec-<role>`` next to this Python, or ``python -m`` its module."""
-    script = Path(sys.executable).with_name(f"specdec-{role}")
-    if script.exists():
-        return [str(script)]
-    module = {"draft": "draft_service.server", "target": "target_service.server",
-              "orchestrator": "orchestrator.server"}[role]
-    return [sys.executable, "-m", module]
 
 
 def free_port() -> int:
@@ -45,58 +32,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class ServiceProcess:
-    """One running specdec process."""
-
-    def __init__(self, role: str, argv: list[str], log: Path):
-        self.role = role
-        self.argv = argv
-        self.log = log
-        with open(log, "ab") as out:
-            self.process = subprocess.Popen(
-                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        self.port: int | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def address(self) -> str:
-        assert self.port is not None, "not started"
-        return f"127.0.0.1:{self.port}"
+class ServiceProcess(service_process.ServiceProcess):
+    """One running specdec process, with what tests read from it."""
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> ServiceProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = LISTENING.search(self.log.read_text(errors="replace"))
-            if match and match.group(1) == self.role:
-                self.port = int(match.group(3))
-                return self
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        code = self.process.poll()
-        self.kill()
-        tail = self.log.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"specdec-{self.role} did not start (exit code {code}): {self.argv}\n{tail}")
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL and reap (idempotent)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def terminate(self, timeout: float = 15) -> int:
-        """SIGTERM (graceful drain) and wait; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
+        self.wait_port(timeout)
+        return self
 
     def peak_rss_mb(self) -> float:
         """VmHWM of the live process: its peak resident memory, MiB."""
@@ -122,9 +63,8 @@ class ServiceProcess:
 
 def start(role: str, args: Sequence[str], log_dir: Path, wait: bool = True) -> ServiceProcess:
     """Start ``specdec-<role> ARGS`` (pass ``--port``); waits for its announce line if ``wait``."""
-    log_dir.mkdir(parents=True, exist_ok=True)
     count = len(list(log_dir.glob(f"{role}-*.log")))
-    service = ServiceProcess(role, [*executable(role), *args], log_dir / f"{role}-{count}.log")
+    service = ServiceProcess(role, args, log_dir / f"{role}-{count}.log")
     return service.wait_ready() if wait else service
 
 

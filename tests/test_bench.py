@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from specdec_tools.bench import expected_tokens, fit_alpha, main, speedup_bound
+from specdec_tools.bench import main
+from specdec_tools.bench.analysis import expected_tokens, fit_alpha, speedup_bound
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("torch")
@@ -15,14 +17,37 @@ pytest.importorskip("torch")
 SYSTEMS = {"services-target", "services-spec", "inproc-target", "inproc-spec", "hf-target", "hf-assisted"}
 
 
-def test_speedup_bound_and_alpha_fit() -> None:
+def simulated_tokens_per_pass(alpha: float, k: int, passes: int, rng: np.random.Generator) -> np.ndarray:
+    """Leviathan's acceptance process, simulated: each of k draft tokens is accepted independently
+    with probability alpha, the first rejection ends the block, and the target adds one token."""
+    accepted = rng.random((passes, k)) < alpha
+    # argmin finds the first rejection (False); a row with none accepted all k
+    kept = np.where(accepted.all(axis=1), k, accepted.argmin(axis=1))
+    return kept + 1
+
+
+def test_speedup_bound() -> None:
     assert speedup_bound(0.0, 5, 0.1) == pytest.approx(1 / 1.5)
     assert speedup_bound(1.0, 3, 0.0) == pytest.approx(4.0)
     # alpha 0.8, k 3, c 0.05: (1 - 0.8^4) / ((1 - 0.8) * (3 * 0.05 + 1))
     assert speedup_bound(0.8, 3, 0.05) == pytest.approx((1 - 0.8**4) / (0.2 * 1.15))
-    for alpha in (0.1, 0.5, 0.9):
-        assert fit_alpha(expected_tokens(alpha, 4), 4) == pytest.approx(alpha, abs=1e-9)
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 0.9])
+def test_expected_tokens_and_alpha_fit_match_a_simulation(alpha: float, k: int) -> None:
+    tokens = simulated_tokens_per_pass(alpha, k, 200_000, np.random.default_rng(1000 * k + int(100 * alpha)))
+    mean, stderr = tokens.mean(), tokens.std() / np.sqrt(len(tokens))
+    assert expected_tokens(alpha, k) == pytest.approx(mean, abs=5 * stderr)
+    # The fit inverts the simulated mean; 5 standard errors of the mean, carried through the slope
+    # of expected_tokens at alpha (sum of i a^(i-1)), bound how far it may land from alpha.
+    slope = sum(i * alpha ** (i - 1) for i in range(1, k + 1))
+    assert fit_alpha(float(mean), k) == pytest.approx(alpha, abs=5 * stderr / slope + 1e-6)
+
+
+def test_alpha_fit_at_the_edges() -> None:
     assert fit_alpha(1.0, 4) == 0.0 and fit_alpha(5.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5 and expected_tokens(0.0, 4) == 1
 
 
 @pytest.mark.timeout(180)

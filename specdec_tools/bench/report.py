@@ -1,0 +1,125 @@
+"""The report: ``bench.md`` (tables) and ``bench.png`` (speedup vs k) from ``bench.json``'s content."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .cells import SYSTEMS
+from .machine import machine_line
+
+
+def fmt(value: Any, digits: int = 2, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}{suffix}"
+    return f"{value}{suffix}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = ["# specdec benchmark", "", machine_line(report["machine"]), ""]
+    s = report["settings"]
+    lines.append(f"Settings: {s['prompts']} prompts x {s['repeats']} repeats per cell, k in "
+                 f"{', '.join(s['ks'])}, temperatures {', '.join(f'{t:g}' for t in s['temperatures'])}, "
+                 f"MLX dtype {s['dtype'] or 'as stored'}{', quick' if s['quick'] else ''}; "
+                 f"{report['wall_s']:.0f} s in all. Services: three subprocesses on loopback gRPC.")
+    lines.append("")
+    for name, reason in report.get("skipped", {}).items():
+        lines += [f"## {name}", "", reason, ""]
+    for workload in report["workloads"]:
+        cells = {(c["temperature"], c["system"], c["k"]): c for c in workload["results"]["cells"]}
+        floor = workload["results"]["empty_grpc_call"]
+        lines += [f"## {workload['name']}: {workload['about']}", "",
+                  f"draft `{workload['draft']}`, target `{workload['target']}`, max_tokens "
+                  f"{workload['max_tokens']}. An empty gRPC call (health Check) from the bench to the target "
+                  f"service: p50 {fmt(floor['wall_ms_p50'])} ms wall, {fmt(floor['cpu_ms'])} ms CPU (both "
+                  "processes); a speculative step makes two calls (Propose, Verify).", ""]
+        for temperature in s["temperatures"]:
+            derived = workload["results"]["per_temperature"][f"{temperature:g}"]
+
+            def ms(system: str, t: float = temperature, table: dict = cells) -> str:
+                return fmt(table[(t, system, None)]["ms_per_token"], 1)
+
+            lines += [
+                f"### T={temperature:g}", "",
+                f"Target alone, ms/token: (a) services {ms('services-target')}, in-process "
+                f"{ms('inproc-target')}, (e) transformers {ms('hf-target')}. Cost ratio c = "
+                f"{fmt(derived['cost_ratio_c'], 3)} (draft {fmt(derived['draft_ms_per_token'])} ms/token, "
+                f"target {fmt(derived['target_ms_per_pass'])} ms/pass, in process).", "",
+                "| k | (b) services ms/tok | (c) in-proc ms/tok | (d) HF assisted ms/tok "
+                "| (b) speedup vs (a) "
+                "| (c) speedup vs in-proc target | (d) speedup vs (e) | (b) vs (d) | alpha | alpha_hat "
+                "| tokens/target pass | gRPC ms/step | gRPC CPU ms/step | wire B/step | bound |",
+                "|---|" + "---:|" * 14,
+            ]
+            for k in s["ks"]:
+                b = cells[(temperature, "services-spec", k)]
+                c = cells[(temperature, "inproc-spec", k)]
+                d = cells[(temperature, "hf-assisted", k)]
+                lines.append(
+                    f"| {k} | {fmt(b['ms_per_token'], 1)} | {fmt(c['ms_per_token'], 1)} | "
+                    f"{fmt(d['ms_per_token'], 1)} | {fmt(b['speedup'], 2, 'x')} | "
+                    f"{fmt(c['speedup'], 2, 'x')} | {fmt(d['speedup'], 2, 'x')} | "
+                    f"{fmt(b['vs_hf_assisted'], 2, 'x')} | {fmt(b['alpha'])} | "
+                    f"{fmt(b.get('alpha_hat'))} | {fmt(b['tokens_per_target_pass'])} | "
+                    f"{fmt(b.get('grpc_ms_per_step'))} | {fmt(b.get('grpc_cpu_ms_per_step'))} | "
+                    f"{fmt(b['wire_bytes_per_step'], 0)} | "
+                    f"{fmt(b.get('bound'), 2, 'x')} |"
+                )
+            lines.append("")
+        exact = workload["results"]["exact_greedy"]
+        if exact:
+            wrong = {label: share for label, share in exact.items() if share < 1.0}
+            lines.append("Greedy outputs equal to the same family's target alone on every prompt: "
+                         + ("all" if not wrong else "all but " + ", ".join(
+                             f"{label} ({share:.0%})" for label, share in wrong.items())) + ".")
+            lines.append("")
+    lines += [
+        "Columns: ms/tok = wall time per generated token seen by the caller (median over repeats); "
+        "speedup = the system's own target-alone ms/token over its ms/token; (b) vs (d) = HF assisted "
+        "ms/token over (b)'s (> 1: the services are faster); alpha = accepted/proposed; alpha_hat = "
+        "per-token acceptance fitted to tokens/target pass; gRPC ms/step = (b) minus (c) loop time per "
+        "step; gRPC CPU ms/step = the same in CPU time summed over all processes (robust to a busy "
+        "machine); bound = (1 - a^(k+1)) / ((1 - a)(k c + 1)) with a = alpha_hat (for auto, k = mean "
+        "drafted per step).", "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = report["settings"]
+    panels = [(w, t) for w in report["workloads"] for t in s["temperatures"]]
+    columns = max(1, len(s["temperatures"]))
+    rows = max(1, (len(panels) + columns - 1) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4 * rows), squeeze=False)
+    x = list(range(len(s["ks"])))
+    styles = {"services-spec": "o-", "inproc-spec": "s--", "hf-assisted": "^-."}
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (workload, temperature) in zip(axes.flat, panels, strict=False):
+        cells = {(c["temperature"], c["system"], c["k"]): c for c in workload["results"]["cells"]}
+        for system, style in styles.items():
+            speedups = [cells[(temperature, system, k)]["speedup"] for k in s["ks"]]
+            ax.plot(x, speedups, style, label=SYSTEMS[system])
+        bound = [cells[(temperature, "services-spec", k)].get("bound") for k in s["ks"]]
+        if any(b is not None for b in bound):
+            ax.plot(x, [b if b is not None else float("nan") for b in bound], ":", color="gray",
+                    label="bound (alpha_hat, c)")
+        ax.axhline(1.0, color="black", linewidth=0.6)
+        ax.set_xticks(x, s["ks"])
+        ax.set_xlabel("k (draft tokens per step)")
+        ax.set_ylabel("speedup over its own target alone")
+        ax.set_title(f"{workload['name']}, T={temperature:g}")
+        ax.grid(alpha=0.3)
+    if panels:
+        axes.flat[0].legend(fontsize=8)
+    figure.suptitle(machine_line(report["machine"]), fontsize=7, wrap=True)
+    figure.tight_layout(rect=(0, 0, 1, 0.95))
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

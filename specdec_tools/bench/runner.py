@@ -1,0 +1,77 @@
+"""One workload through every system: warm-up, then every prompt in every cell, cells in rotating order."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from typing import Any
+
+from .analysis import derive, exactness, summarize
+from .cells import Cell, Run, Settings, cells_for, seed
+from .hugging_face import HuggingFace
+from .in_process import InProcess
+from .report import fmt
+from .services import Services
+from .workloads import Workload
+
+logger = logging.getLogger("specdec.bench")
+
+
+def run_workload(workload: Workload, settings: Settings, env: dict[str, str]) -> dict[str, Any]:
+    """Start every system on the workload's pair, run all cells (see the package docstring for
+    the order), stop the systems, and return the cells' runs and figures (``bench.json``'s)."""
+    log = logger.info
+    log("%s: starting the services (3 processes), the in-process hosts and transformers", workload.name)
+    started = time.perf_counter()
+    systems: dict[str, Any] = {}
+    try:
+        systems["services"] = Services(workload.draft, workload.target, settings.dtype, env)
+        systems["inproc"] = InProcess(workload.draft, workload.target, settings.dtype)
+        systems["hf"] = HuggingFace(workload.draft, workload.target)
+        systems["services"].connect()
+        log("%s: ready in %.1f s", workload.name, time.perf_counter() - started)
+        floor = systems["services"].empty_call_floor()
+        log("%s: an empty gRPC call to the target: p50 %.2f ms wall, %s ms CPU", workload.name,
+            floor["wall_ms_p50"], fmt(floor["cpu_ms"]))
+        cells = cells_for(settings)
+        runner = {cell: systems[cell.system.split("-")[0]] for cell in cells}
+
+        def one(cell: Cell, prompt: int, repeat: int, max_tokens: int) -> Run:
+            return runner[cell].generate(workload.prompts[prompt], prompt, max_tokens, cell.k,
+                                         cell.temperature, seed(repeat, prompt))
+
+        for cell in cells:  # warm-up: first calls pay for allocation and lazy set-up
+            one(cell, 0, -1, min(8, workload.max_tokens))
+        runs: dict[Cell, list[list[Run]]] = {cell: [] for cell in cells}
+        rounds = settings.repeats * len(workload.prompts)
+        timer = time.perf_counter()
+        for repeat in range(settings.repeats):
+            for cell in cells:
+                runs[cell].append([])
+            for prompt in range(len(workload.prompts)):
+                turn = repeat * len(workload.prompts) + prompt
+                order = cells[turn % len(cells):] + cells[: turn % len(cells)]
+                for cell in order:
+                    runs[cell][repeat].append(one(cell, prompt, repeat, workload.max_tokens))
+                done = turn + 1
+                eta = (time.perf_counter() - timer) / done * (rounds - done)
+                log("%s: round %d/%d done, about %.0f s left", workload.name, done, rounds, eta)
+        for cell in cells:
+            for repeat in runs[cell]:
+                repeat.sort(key=lambda run: run.prompt)
+    finally:
+        for system in systems.values():
+            system.close()
+    summaries = {cell: summarize(runs[cell]) for cell in cells}
+    derived = derive(summaries, settings.temperatures, settings.ks)
+    return {
+        "empty_grpc_call": floor,
+        "per_temperature": derived,
+        "exact_greedy": exactness(runs, settings.ks),
+        "cells": [
+            {"temperature": cell.temperature, "system": cell.system, "k": cell.k, **summaries[cell],
+             "runs": [asdict(run) for repeat in runs[cell] for run in repeat]}
+            for cell in cells
+        ],
+    }

@@ -1,0 +1,132 @@
+"""System (a) and (b): draft, target and orchestrator as three real processes on loopback gRPC."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from specdec_tools.service_process import ServiceProcess
+
+from .cells import Run
+
+START_TIMEOUT_S = 300.0
+
+
+class Services:
+    """Draft, target and orchestrator as three processes; (a) and (b) call the orchestrator."""
+
+    def __init__(self, draft: Path, target: Path, dtype: str | None, env: dict[str, str]):
+        """Start draft and target (they load while the caller does other work; see ``connect``)."""
+        model_args = ["--dtype", dtype] if dtype else []
+        self.env = env
+        self.logs = tempfile.TemporaryDirectory(prefix="specdec-bench-")  # shown if a start fails
+        self.processes: list[ServiceProcess] = []
+        self.client: Any = None
+        try:
+            self._start("draft", ["--model", str(draft), *model_args])
+            self._start("target", ["--model", str(target), *model_args])
+        except BaseException:
+            self.close()
+            raise
+
+    def connect(self) -> Services:
+        """Wait for draft and target, start the orchestrator in front of them, connect to it."""
+        from orchestrator.client import SpecdecClient
+
+        try:
+            draft, target = self.processes[:2]
+            for process in (draft, target):
+                process.wait_port(START_TIMEOUT_S)
+            orchestrator = self._start("orchestrator", ["--draft", draft.address, "--target", target.address])
+            orchestrator.wait_port(START_TIMEOUT_S)
+            self.client = SpecdecClient(orchestrator.address, timeout=600)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _start(self, role: str, args: list[str]) -> ServiceProcess:
+        process = ServiceProcess(role, [*args, "--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING"],
+                                 Path(self.logs.name) / f"{role}.log", env=self.env)
+        self.processes.append(process)
+        return process
+
+    def empty_call_floor(self, calls: int = 200) -> dict[str, float | None]:
+        """An empty unary call (health Check) from here to the target, ``calls`` times: its p50
+        wall time and CPU time per call (this process and the target's), the floor under
+        every Propose and Verify on this machine."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(self.processes[1].address) as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            request = health_pb2.HealthCheckRequest(service="")
+            for _ in range(20):
+                check(request, timeout=10)
+            target_cpu, cpu = process_cpu_s(self.processes[1].pid), time.process_time()
+            times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                check(request, timeout=10)
+                times.append(time.perf_counter() - start)
+            cpu = time.process_time() - cpu
+            target_after = process_cpu_s(self.processes[1].pid)
+        return {
+            "calls": calls,
+            "wall_ms_p50": 1e3 * statistics.median(times),
+            "cpu_ms": 1e3 * (cpu + target_after - target_cpu) / calls
+            if target_cpu is not None and target_after is not None else None,
+        }
+
+    def cpu_s(self) -> float | None:
+        """CPU seconds the three service processes have used so far (Linux; None elsewhere)."""
+        total = 0.0
+        for process in self.processes:
+            used = process_cpu_s(process.pid)
+            if used is None:
+                return None
+            total += used
+        return total
+
+    def generate(self, prompt: str, index: int, max_tokens: int, k: str | None, temperature: float,
+                 seed: int) -> Run:
+        options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, speculative=k is not None,
+                       num_draft=k if k == "auto" else int(k or 1))
+        services_cpu, cpu = self.cpu_s(), time.process_time()
+        start = time.perf_counter()
+        response = self.client.generate(prompt, **options)
+        wall = time.perf_counter() - start
+        cpu = time.process_time() - cpu
+        services_after = self.cpu_s()
+        if services_cpu is None or services_after is None:
+            total_cpu = None
+        else:
+            total_cpu = cpu + services_after - services_cpu
+        s = response.stats
+        return Run(index, wall, s.tokens, list(response.token_ids), s.steps, s.target_passes, s.draft_passes,
+                   s.proposed, s.accepted, s.draft_ms / 1e3, s.verify_ms / 1e3, s.total_ms / 1e3,
+                   s.wire_bytes, total_cpu)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        for process in reversed(self.processes):
+            process.stop()
+        self.logs.cleanup()
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds all threads of a process have run, from /proc/PID/task/*/schedstat (ns
+    precision, unlike the 10 ms ticks of /proc/PID/stat). None where /proc has no schedstat."""
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that just ended
+                total += int((task / "schedstat").read_text().split()[0])
+    except OSError:
+        return None
+    return total / 1e9
