@@ -14,7 +14,7 @@ from specdec_pb import specdec_pb2_grpc as pb_grpc
 class DraftServicer(SessionServicer, pb_grpc.DraftServicer):
     @grpc_method
     async def Propose(self, request: pb.ProposeRequest, context: grpc.aio.ServicerContext) -> pb.ProposeResponse:
-        proposal = await self.host.propose(step_from_pb(request, deadline_of(context)))
+        proposal = await self.host.propose(step_from_pb(request, deadline_of(context), self.wire_limits))
         return self.counted(request, proposal_to_pb(proposal))
 
 

@@ -1,4 +1,4 @@
-"""Acceptance rules (DESIGN.md): which draft tokens to keep, and the one token the target adds.
+"""Acceptance rules (docs/architecture.md): which draft tokens to keep, and the one token the target adds.
 
 - temperature 0, delta 0: keep draft tokens while they equal the target's argmax.
 - temperature > 0, delta 0: exact speculative sampling: keep d_j with probability
@@ -7,11 +7,13 @@
 - delta in (0, 1]: the lenient rule: keep with probability min(1, p/q + delta). Lossy.
 
 At temperature 0 p and q are one-hot, so p/q is 1 on a match and 0 otherwise; with delta 0
-the uniforms never matter and greedy output equals the target's own.
+the uniforms never matter and greedy output equals the target's own. A ratio that is not a
+finite number (a NaN p or q from a model that overflowed) is a rejection, never an acceptance.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,9 +53,9 @@ def accept_sampled(
 ) -> StepOutcome:
     """Speculative sampling. ``resampled[j]`` is the target's residual draw at j (bonus at k)."""
     for j, _token in enumerate(draft_tokens):
-        q = draft_probs[j]
-        ratio = target_probs[j] / q if q > 0 else 0.0
-        if uniforms[j] < min(1.0, ratio + delta):
+        p, q = target_probs[j], draft_probs[j]
+        ratio = p / q if q > 0 else 0.0
+        if math.isfinite(p) and math.isfinite(q) and uniforms[j] < min(1.0, ratio + delta):
             continue
         return StepOutcome(j, resampled[j])
     return StepOutcome(len(draft_tokens), resampled[len(draft_tokens)])

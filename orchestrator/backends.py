@@ -28,6 +28,7 @@ class Backend(Protocol):
     """One replica of a role, as the loop uses it."""
 
     address: str
+    max_draft: int  # the largest k the replica takes; 0 if unknown
 
     async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str: ...
     async def step(self, request: StepRequest) -> Any: ...  # Proposal (draft) or Verdict (target)
@@ -76,6 +77,7 @@ class GrpcBackend:
         self.address = address
         self.stub = stub
         self.metadata = tuple(metadata)
+        self.max_draft = 0  # the replica's --max-draft once its Info is known (0: unknown)
         self._rpc_name, self._to_pb, self._from_pb = _STEP_RPC[role]
 
     async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -19,6 +20,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class OrchestratorLimits:
+    # Characters, checked before tokenizing so an oversized prompt costs nothing: 32 per
+    # default prompt token, far above what 2048 tokens of real text take (T5 pieces average
+    # ~4 characters), far below the 64 MiB a message may carry.
+    max_prompt_chars: int = 65_536
     max_prompt_tokens: int = 2048
     max_tokens_cap: int = 2048  # the largest max_tokens a request may ask for
     default_max_tokens: int = 64
@@ -46,9 +51,17 @@ class Orchestrator:
         self.active = 0
         self.draining = False  # set on SIGTERM: new requests get UNAVAILABLE, running ones finish
 
-    def encode(self, prompt: str) -> list[int]:
-        if not prompt.strip():
+    def check_prompt(self, prompt: str) -> None:
+        """The checks that cost no tokenizing: run before taking a slot or a tokenizer thread."""
+        if len(prompt) > self.limits.max_prompt_chars:
+            raise InvalidArgument(
+                f"prompt is {len(prompt)} characters; max_prompt_chars is {self.limits.max_prompt_chars}"
+            )
+        if not prompt or prompt.isspace():
             raise InvalidArgument("prompt is empty")
+
+    def encode(self, prompt: str) -> list[int]:
+        self.check_prompt(prompt)
         ids = list(self.tokenizer(prompt).input_ids)  # T5 tokenizers append EOS
         if len(ids) > self.limits.max_prompt_tokens:
             raise InvalidArgument(
@@ -73,23 +86,28 @@ class Orchestrator:
         ).validate(self.limits.max_tokens_cap, self.limits.max_num_draft)
 
     async def generate(self, prompt: str, params: GenerationParams, timeout_s: float | None) -> AsyncIterator[TextEvent]:
-        """Stream text deltas; the last event has the finish reason and the stats."""
+        """Stream text deltas; the last event has the finish reason and the stats.
+
+        Cheap refusals come first (draining, prompt size, a free slot); the slot is held while
+        the prompt is tokenized, which runs in a thread so a long prompt does not stall the
+        event loop (other requests' streams, health checks)."""
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         if self.draining:
             raise Unavailable("the orchestrator is shutting down; retry on another instance")
-        prompt_ids = self.encode(prompt)
+        self.check_prompt(prompt)
         if self.active >= self.limits.max_generations:
             raise ResourceExhausted(
                 f"{self.active} generations in flight; max_generations is {self.limits.max_generations}"
             )
-        self.active += 1
         request_id = new_request_id()
-        logger.info("req=%s started: %d prompt tokens, max_tokens %d, k %s, temperature %g, seed %d",
-                    request_id, len(prompt_ids), params.max_tokens,
-                    "off" if not params.speculative else "auto" if params.num_draft_auto else params.num_draft,
-                    params.sampling.temperature, params.seed)
         outcome = "ended early"
+        self.active += 1
         try:
+            prompt_ids = await asyncio.to_thread(self.encode, prompt)
+            logger.info("req=%s started: %d prompt tokens, max_tokens %d, k %s, temperature %g, seed %d",
+                        request_id, len(prompt_ids), params.max_tokens,
+                        "off" if not params.speculative else "auto" if params.num_draft_auto else params.num_draft,
+                        params.sampling.temperature, params.seed)
             generation = SpeculativeGeneration(
                 self.source, prompt_ids, params, self.decoder_start_id, self.eos_id, deadline, request_id
             )

@@ -31,6 +31,13 @@ FAILURE_CODES = {
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED,
+    # A call that ran out of time is reported here only when the request itself still had time
+    # (the loop reports its own deadline to the client instead): the replica stopped answering
+    # within the per-call limit, so it is stuck or far behind. Out of rotation like a dead one,
+    # and back when the health watch sees SERVING: a worker whose model thread is stuck says
+    # NOT_SERVING (its --watchdog-s) until it recovers; one that was merely slow returns at the
+    # next health check. Simpler than a load penalty, and new sessions avoid it meanwhile.
+    grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 # Fields draft and target must agree on, or their tokens mean different things.
 COMPATIBILITY_FIELDS = (
@@ -143,6 +150,7 @@ class ReplicaPool:
         except grpc.aio.AioRpcError as error:
             replica.last_error = f"{error.code().name}: {error.details()}"
             return False
+        replica.backend.max_draft = replica.info.limits.max_draft  # the loop caps k at it
         if replica.info.role and replica.info.role != replica.role:
             raise StartupError(
                 f"{replica.address} was given as a {replica.role} but serves as a {replica.info.role}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import grpc
 from specdec_core.errors import CheckpointError
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
 from specdec_grpc.server import (
+    DEFAULT_MAX_MESSAGE_MB,
     RunningServer,
     Security,
     add_server_arguments,
@@ -42,6 +44,15 @@ class WorkerCredentials:
     cert: str | None = None
     key: str | None = None
     token: str | None = None
+
+    def __post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            given, missing = ("--worker-tls-cert", "--worker-tls-key") if self.cert else (
+                "--worker-tls-key", "--worker-tls-cert")
+            raise StartupError(
+                f"{given} needs {missing}: mutual TLS to the workers presents a certificate together "
+                "with its private key; pass both, or neither"
+            )
 
     def channel(self, address: str, max_message_mb: int) -> grpc.aio.Channel:
         limit = max_message_mb * 1024 * 1024
@@ -77,7 +88,7 @@ class OrchestratorConfig:
     limits: OrchestratorLimits = field(default_factory=OrchestratorLimits)
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    max_message_mb: int = 64
+    max_message_mb: int = DEFAULT_MAX_MESSAGE_MB
     grace_s: float = 10.0
     connect_timeout_s: float = 60.0
     health_interval_s: float = 1.0
@@ -86,14 +97,21 @@ class OrchestratorConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> OrchestratorConfig:
+        """The config from parsed flags; inconsistent flags exit 2 with a message, like argparse."""
         token = args.worker_token
         if args.worker_token_file:
             token = Path(args.worker_token_file).read_text().strip()
+        try:
+            workers = WorkerCredentials(args.worker_tls_ca, args.worker_tls_cert, args.worker_tls_key, token)
+        except StartupError as error:
+            print(f"specdec-orchestrator: error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
         return cls(
             drafts=args.draft if args.draft is not None else [DEFAULT_DRAFT],
             targets=args.target or [DEFAULT_TARGET],
             tokenizer=args.tokenizer,
             limits=OrchestratorLimits(
+                max_prompt_chars=args.max_prompt_chars,
                 max_prompt_tokens=args.max_prompt_tokens,
                 max_tokens_cap=args.max_tokens_cap,
                 default_max_tokens=args.default_max_tokens,
@@ -108,7 +126,7 @@ class OrchestratorConfig:
             connect_timeout_s=args.connect_timeout,
             health_interval_s=args.health_interval,
             security=Security.from_args(args),
-            workers=WorkerCredentials(args.worker_tls_ca, args.worker_tls_cert, args.worker_tls_key, token),
+            workers=workers,
         )
 
 
@@ -126,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the first target's model "
                         "directory, when it is on this host)")
     limits = OrchestratorLimits()
+    parser.add_argument("--max-prompt-chars", type=int, default=limits.max_prompt_chars,
+                        help="longest prompt in characters, refused before tokenizing")
     parser.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens)
     parser.add_argument("--max-tokens-cap", type=int, default=limits.max_tokens_cap,
                         help="largest max_tokens a request may ask for")

@@ -23,9 +23,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import grpc
 import numpy as np
 
 from specdec_core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from specdec_core.sampling import ACCEPT_STREAM, position_uniforms
 from specdec_core.steps import Proposal, SamplingParams, StepRequest, Verdict
 
 from .acceptance import StepOutcome, accept_greedy, accept_sampled, next_num_draft
@@ -145,6 +147,11 @@ class Lane:
         """The session's state after a call: all committed tokens, then ``block``."""
         self.length, self._held, self._block = length, len(self.decoded), block
 
+    @property
+    def max_draft(self) -> int:
+        """The largest k this lane's replica takes (its --max-draft; 0: unknown, no cap)."""
+        return getattr(self.backend, "max_draft", 0) or 0
+
     def request(self, block: list[int], num_draft: int, sampling: SamplingParams, seed: int,
                 deadline: float | None, draft_distributions: Any = ()) -> StepRequest:
         """The next call: roll back to the synced prefix, append what the session lacks."""
@@ -183,7 +190,6 @@ class SpeculativeGeneration:
         self.request_id = request_id or new_request_id()
         self.decoded = [decoder_start_id]  # committed decoder tokens: start + output
         self.stats = Stats(seed=params.seed, final_num_draft=params.num_draft)
-        self.rng = np.random.default_rng(params.seed)
         self.draft = Lane("draft", self.decoded)
         self.target = Lane("target", self.decoded)
 
@@ -198,10 +204,11 @@ class SpeculativeGeneration:
         return min(self.deadline, now + DEFAULT_CALL_TIMEOUT_S)
 
     # -- lanes --------------------------------------------------------------------------------
-    async def _open(self, lane: Lane) -> None:
+    async def _open(self, lane: Lane, full: list[ResourceExhausted] | None = None) -> None:
         """Open the lane's session on a replica, failing over until one accepts. With no
-        replica left, a target lane is an error; a draft lane stays closed (target alone)."""
-        full: list[ResourceExhausted] = []
+        replica left, a target lane is an error (RESOURCE_EXHAUSTED if the last ones were full,
+        as in ``full``); a draft lane stays closed (target alone)."""
+        full = list(full or [])
         while True:
             backend = self.source.acquire(lane.role, lane.failed)
             if backend is None:
@@ -237,18 +244,39 @@ class SpeculativeGeneration:
     async def _call(self, lane: Lane, block: list[int], num_draft: int, seed: int,
                     draft_distributions: Any = ()) -> Any:
         """One Propose or Verify on the lane, failing over (and resyncing the new replica from
-        the prompt and the committed tokens) while replicas fail. None: the draft lane closed."""
+        the prompt and the committed tokens) while replicas fail. None: the draft lane closed.
+
+        A session that vanished on a live replica (NOT_FOUND, ABORTED: expired by TTL, or the
+        replica restarted) is reopened there once before failing over; a full replica (its
+        cache budget reached mid-request) is left for another, or for the target alone."""
+        reopened: set[str] = set()
         while lane.backend is not None:
+            backend = lane.backend
             request = lane.request(block, num_draft, self.params.sampling, seed, self._call_deadline(),
                                    draft_distributions)
             started = time.perf_counter()
             try:
-                result = await lane.backend.step(request)
+                result = await backend.step(request)
+                check_reply(lane.role, request, result, backend.address)
             except ReplicaError as error:
-                backend = lane.backend
                 self._abandon(lane)
+                if error.code in SESSION_LOST and backend.address not in reopened:
+                    self._raise_if_expired(error)
+                    reopened.add(backend.address)
+                    logger.info("req=%s %s %s lost the session (%s); reopening it there", self.request_id,
+                                lane.role, backend.address, error)
+                    if await self._reopen(lane, backend):
+                        continue
                 self._replica_failed(lane, backend, error)
                 await self._open(lane)
+                continue
+            except ResourceExhausted as error:
+                self._abandon(lane)
+                self.source.release(backend)
+                lane.failed.add(backend.address)
+                logger.info("req=%s %s %s is full (%s); moving on", self.request_id, lane.role,
+                            backend.address, error)
+                await self._open(lane, [error])
                 continue
             finally:
                 if lane.role == "draft":
@@ -259,6 +287,17 @@ class SpeculativeGeneration:
             self.stats.wire_bytes += result.wire_bytes
             return result
         return None
+
+    async def _reopen(self, lane: Lane, backend: Any) -> bool:
+        """Open a new session for the lane on the same replica; False if that fails too."""
+        try:
+            session_id = await backend.open(self.prompt_ids, self.request_id,
+                                            self._call_deadline() - time.monotonic())
+        except (ReplicaError, ResourceExhausted) as error:
+            logger.info("req=%s reopening on %s failed: %s", self.request_id, backend.address, error)
+            return False
+        lane.attach(backend, session_id)
+        return True
 
     def _replica_failed(self, lane: Lane, backend: Any, error: ReplicaError) -> None:
         self.source.release(backend)
@@ -308,6 +347,12 @@ class SpeculativeGeneration:
             finally:
                 self.source.release(backend)
 
+    def _replica_draft_caps(self) -> list[int]:
+        """With auto k, each lane's --max-draft, so k never exceeds what a replica takes."""
+        if not self.params.num_draft_auto:  # an explicit k is the caller's: a replica refuses it
+            return []
+        return [lane.max_draft for lane in (self.draft, self.target) if lane.max_draft > 0]
+
     # -- the loop -----------------------------------------------------------------------------
     async def run(self) -> AsyncIterator[StepEvent]:
         started = time.perf_counter()
@@ -320,7 +365,7 @@ class SpeculativeGeneration:
             while True:
                 remaining = self.params.max_tokens - produced
                 # A step yields up to k+1 tokens; never draft past max_tokens.
-                k_step = min(k, remaining - 1) if self.draft.backend is not None else 0
+                k_step = min(k, remaining - 1, *self._replica_draft_caps()) if self.draft.backend else 0
                 outcome, drafted = await self._step(k_step)
                 emitted = outcome.emitted(drafted)
                 self.stats.steps += 1
@@ -355,16 +400,16 @@ class SpeculativeGeneration:
             await asyncio.shield(self.close())
 
     async def _step(self, k: int) -> tuple[StepOutcome, list[int]]:
-        sampling = self.params.sampling
-        draft_seed = int(self.rng.integers(2**63))
-        target_seed = int(self.rng.integers(2**63))
-        uniforms = self.rng.random(max(k, 1))
-        proposal: Proposal | None = await self._call(self.draft, [], k, draft_seed) if k > 0 else None
+        """One propose -> verify -> accept. Every random draw is keyed by the request's seed and
+        the output position it decides (``position_uniforms``), never by the step."""
+        sampling, seed = self.params.sampling, self.params.seed
+        proposal: Proposal | None = await self._call(self.draft, [], k, seed) if k > 0 else None
         drafted = proposal.tokens if proposal is not None else []
         if proposal is not None:
             self.stats.draft_passes += len(drafted)
         distributions = proposal.distributions if proposal is not None else []
-        verdict: Verdict = await self._call(self.target, drafted, len(drafted), target_seed, distributions)
+        verdict: Verdict = await self._call(self.target, drafted, len(drafted), seed, distributions)
+        uniforms = position_uniforms(seed, ACCEPT_STREAM, len(self.decoded), len(drafted))
         if sampling.greedy:
             outcome = accept_greedy(drafted, verdict.argmax, uniforms, self.params.delta)
         else:
@@ -373,6 +418,36 @@ class SpeculativeGeneration:
                 drafted, draft_probs, verdict.draft_probs, verdict.resampled, uniforms, self.params.delta
             )
         return outcome, drafted
+
+
+# Codes that mean the replica lost our session, not that it is down.
+SESSION_LOST = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED})
+
+
+def check_reply(role: str, request: StepRequest, result: Any, address: str) -> None:
+    """A reply must have the shape the request implies; a malformed one is the replica's fault
+    (ReplicaError: fail over), never something to act on."""
+    k = request.num_draft
+    sampled = not request.sampling.greedy
+    base = request.rollback_to or request.expected_length
+    if role == "draft":
+        n = len(result.tokens)
+        problems = [
+            n > k and f"{n} tokens for k={k}",
+            len(result.token_probs) != n and f"{len(result.token_probs)} probabilities for {n} tokens",
+            sampled and len(result.distributions) != n and f"{len(result.distributions)} distributions for {n} tokens",
+            result.length != base + len(request.append_tokens) + n and f"length {result.length}",
+        ]
+    else:
+        problems = [
+            len(result.argmax) != k + 1 and f"{len(result.argmax)} argmax for k={k}",
+            sampled and len(result.draft_probs) != k and f"{len(result.draft_probs)} p(d) for k={k}",
+            sampled and len(result.resampled) != k + 1 and f"{len(result.resampled)} resampled for k={k}",
+            result.length != base + len(request.append_tokens) and f"length {result.length}",
+        ]
+    found = [p for p in problems if p]
+    if found:
+        raise ReplicaError(address, grpc.StatusCode.INTERNAL, "malformed reply: " + "; ".join(found))
 
 
 def new_request_id() -> str:

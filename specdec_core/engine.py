@@ -15,8 +15,18 @@ import numpy as np
 from .checkpoint import LoadedModel
 from .errors import InvalidArgument
 from .kv_cache import CHUNK, DecoderCache
-from .sampling import probabilities, residual, sample, uniforms
+from .sampling import (
+    DRAFT_STREAM,
+    TARGET_STREAM,
+    draw_draft,
+    draw_residual,
+    position_uniforms,
+    probabilities,
+    sample,
+)
 from .steps import Distribution, Proposal, SamplingParams, Verdict
+
+DECODE_SLICE = CHUNK  # most new decoder positions fed in one call (see ModelEngine.forward)
 
 
 @dataclass
@@ -82,11 +92,18 @@ class ModelEngine:
 
         If fewer tokens are pending than logits wanted, the cache is rolled back so the
         positions are recomputed (a caller may roll back to a length that is all cached).
+        A long run of pending tokens (a failover resync appends a whole generation) is fed
+        ``DECODE_SLICE`` at a time, so no decoder call builds attention scores and position
+        biases bigger than DECODE_SLICE x length per head.
         """
         pending_needed = min(num_logits, len(state.tokens))
         if len(state.tokens) - state.cache.length < pending_needed:
             state.cache.rollback_to(len(state.tokens) - pending_needed)
         pending = state.tokens[state.cache.length :]
+        while len(pending) > DECODE_SLICE and len(pending) - DECODE_SLICE >= num_logits:
+            head, pending = pending[:DECODE_SLICE], pending[DECODE_SLICE:]
+            self.model.decode(mx.array([head], dtype=mx.int32), cache=state.cache, num_logits=0)
+            mx.eval([array for layer in state.cache.layers for array in (layer.keys, layer.values)])
         logits = self.model.decode(
             mx.array([pending], dtype=mx.int32), cache=state.cache, num_logits=num_logits
         )
@@ -99,17 +116,16 @@ class ModelEngine:
     ) -> Proposal:
         """Draft up to k tokens after the state's tokens (fewer if EOS comes first)."""
         self.check_k(k)
-        draws = None if params.greedy else uniforms(seed, k)
+        # The token at decoder index i is drawn with the uniform keyed by position i.
+        draws = None if params.greedy else position_uniforms(seed, DRAFT_STREAM, len(state.tokens), k)
         proposal = Proposal(tokens=[], token_probs=[])
         for i in range(k):
             logits = self.forward(state, 1)[0]
             if params.greedy:
                 token, prob = int(np.argmax(logits)), 1.0
             else:
-                probs = probabilities(logits[None], params)[0]
-                token = sample(probs, float(draws[i]))
-                prob = float(probs[token])
-                proposal.distributions.append(Distribution.from_dense(probs))
+                token, prob, q = draw_draft(probabilities(logits[None], params)[0], float(draws[i]))
+                proposal.distributions.append(Distribution.from_dense(q))
             proposal.tokens.append(token)
             proposal.token_probs.append(prob)
             state.tokens.append(token)
@@ -143,11 +159,12 @@ class ModelEngine:
         if params.greedy:
             return verdict
         p = probabilities(logits, params)
-        draws = uniforms(seed, num_draft + 1)
+        # Draws keyed by the decoder index of the token each one samples (the drafts' and the bonus's).
+        draws = position_uniforms(seed, TARGET_STREAM, len(state.tokens) - num_draft, num_draft + 1)
         for j, token in enumerate(draft):
             q = draft_distributions[j].to_dense(self.vocab_size)
             verdict.draft_probs.append(float(p[j, token]))
-            verdict.resampled.append(sample(residual(p[j], q), float(draws[j])))
+            verdict.resampled.append(draw_residual(p[j], q, float(draws[j])))
         verdict.resampled.append(sample(p[num_draft], float(draws[num_draft])))
         return verdict
 

@@ -1,4 +1,4 @@
-"""Domain errors. Each names the DESIGN.md situation it stands for; the gRPC layer maps
+"""Domain errors. Each names the situation of the error table in docs/architecture.md it stands for; the gRPC layer maps
 them to status codes in one place (``specdec_grpc.status``), so no model code knows gRPC."""
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -33,6 +34,15 @@ class HostLimits:
     max_prompt_tokens: int = 2048
     max_draft: int = 32
     session_ttl_s: float = 300.0  # an orchestrator that vanished frees its sessions after this
+    # A session's decoder length (start token + every token appended or proposed). It also caps
+    # one call's append: a failover resync appends a whole generation at once. Each position
+    # costs attention over all earlier ones, so this bounds a step's memory and time; 4096 is
+    # twice the orchestrator's largest max_tokens (2048) and the budget's per-session share
+    # (262144 / 64 sessions).
+    max_decoder_tokens: int = 4096
+    # Seconds the model thread may have work waiting without finishing any before the worker
+    # reports NOT_SERVING and refuses new sessions (a wedged thread); 0 turns the watchdog off.
+    watchdog_s: float = 30.0
 
 
 @dataclass
@@ -54,16 +64,30 @@ class SessionHost:
         # One thread: MLX work is serialised, and the asyncio loop stays free.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-mlx")
         self._expiry_task: asyncio.Task[None] | None = None
+        # Watchdog: jobs submitted to the model thread and not done, and when it last made
+        # progress (finished a job, or got work while idle). Updated from both threads.
+        self._jobs_lock = threading.Lock()
+        self._jobs_pending = 0
+        self._progress_at = time.monotonic()
+        self.wedged = False
+        # Told (True/False) when the watchdog's verdict changes; the gRPC worker sets health.
+        self.on_wedged: Callable[[bool], Awaitable[None]] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
         if self._expiry_task is None:
             self._expiry_task = asyncio.get_running_loop().create_task(self._expire_loop())
+        if self._watchdog_task is None and self.limits.watchdog_s > 0:
+            self._watchdog_task = asyncio.get_running_loop().create_task(self._watchdog_loop())
 
     async def stop(self) -> None:
         if self._expiry_task is not None:
             self._expiry_task.cancel()
             self._expiry_task = None
+        if self._watchdog_task is not None:
+            self._watchdog_task.cancel()
+            self._watchdog_task = None
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def drain(self) -> None:
@@ -78,8 +102,49 @@ class SessionHost:
                 logger.info("%s req=%s session %s expired after %gs idle", self.role, session.tag,
                             session.id[:8], self.limits.session_ttl_s)
 
+    async def _watchdog_loop(self) -> None:
+        limit = self.limits.watchdog_s
+        period = max(0.05, min(1.0, limit / 4))
+        while True:
+            await asyncio.sleep(period)
+            stalled = self.stalled_s()
+            wedged = stalled > limit
+            if wedged == self.wedged:
+                continue
+            self.wedged = wedged
+            if wedged:
+                logger.warning("%s model thread has had work waiting for %.1fs without finishing any "
+                               "(watchdog %gs): NOT_SERVING, new sessions refused", self.role, stalled, limit)
+            else:
+                logger.warning("%s model thread is making progress again: SERVING", self.role)
+            if self.on_wedged is not None:
+                try:
+                    await self.on_wedged(wedged)
+                except Exception:  # noqa: BLE001 - the watchdog must keep watching
+                    logger.exception("%s watchdog callback failed", self.role)
+
+    def stalled_s(self) -> float:
+        """Seconds the model thread has had work waiting without finishing any (0 when idle)."""
+        with self._jobs_lock:
+            return time.monotonic() - self._progress_at if self._jobs_pending else 0.0
+
+    def _submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run ``fn`` on the model thread, counted by the watchdog (done or cancelled alike)."""
+        with self._jobs_lock:
+            if self._jobs_pending == 0:
+                self._progress_at = time.monotonic()  # idle until now: not stalled
+            self._jobs_pending += 1
+        job = self._executor.submit(fn, *args)
+        job.add_done_callback(self._job_done)
+        return asyncio.wrap_future(job)
+
+    def _job_done(self, _: object) -> None:
+        with self._jobs_lock:
+            self._jobs_pending -= 1
+            self._progress_at = time.monotonic()
+
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._submit(fn, *args)
 
     def _check_serving(self) -> None:
         if self.draining:
@@ -88,21 +153,30 @@ class SessionHost:
     # -- operations ---------------------------------------------------------------------------
     async def open(self, prompt_ids: list[int], tag: str = "", deadline: float | None = None) -> Session:
         self._check_serving()
-        self.engine.check_prompt(prompt_ids)
+        if self.wedged:
+            raise Unavailable(
+                f"the {self.role} service's model thread has made no progress for "
+                f"{self.stalled_s():.0f}s (watchdog {self.limits.watchdog_s:g}s); use another replica"
+            )
         if len(prompt_ids) > self.limits.max_prompt_tokens:
             raise InvalidArgument(
                 f"prompt has {len(prompt_ids)} tokens; max_prompt_tokens is {self.limits.max_prompt_tokens}"
             )
-        self.store.check_room(len(prompt_ids) + capacity_for(1), new_session=True)
+        self.engine.check_prompt(prompt_ids)
+        # The new session's positions (encoder + the decoder's first chunk) are reserved while it
+        # encodes, so concurrent opens cannot all pass the budget check and overshoot together.
+        reserved = len(prompt_ids) + capacity_for(1)
+        self.store.reserve(reserved)
 
         def start() -> DecoderState:
             _check_deadline(deadline, "encoding the prompt")
             return self.engine.start(prompt_ids)
 
-        state = await self._run(start)
-        # Re-check: other sessions may have opened while this one was encoding.
-        self.store.check_room(0, new_session=True)
-        session = self.store.add(state, request_tag(tag))
+        try:
+            state = await self._run(start)
+        finally:
+            self.store.release(reserved)
+        session = self.store.add(state, request_tag(tag))  # no await since release: still fits
         logger.info("%s req=%s session %s opened (%d prompt tokens)", self.role, session.tag, session.id[:8],
                     len(prompt_ids))
         return session
@@ -153,7 +227,7 @@ class SessionHost:
                     _restore(state, saved)
                     raise
 
-            future = asyncio.get_running_loop().run_in_executor(self._executor, guarded)
+            future = self._submit(guarded)
             try:
                 result = await asyncio.shield(future)
             except asyncio.CancelledError:
@@ -219,8 +293,15 @@ class SessionHost:
                 f"rollback_to must be in [1, {state.length}] (the session's length) or 0 (none), "
                 f"got {rollback_to}"
             )
+        new_length = base + len(append_tokens) + grows_by
+        if new_length > self.limits.max_decoder_tokens:
+            raise InvalidArgument(
+                f"the step would make session {session.id[:12]!r} {new_length} decoder tokens long "
+                f"(length {base} + {len(append_tokens)} appended + {grows_by} proposed); "
+                f"max_decoder_tokens is {self.limits.max_decoder_tokens}"
+            )
         self.engine.check_tokens(append_tokens, "append_tokens")
-        self.store.check_growth(session, base + len(append_tokens) + grows_by)
+        self.store.check_growth(session, new_length)
         state.rollback_to(base)
         state.tokens.extend(append_tokens)
 

@@ -45,6 +45,10 @@ class SessionStore:
         self.ttl_s = ttl_s
         self.clock = clock
         self._sessions: dict[str, Session] = {}
+        # Room held for sessions being opened (encoding): counted by check_room like live
+        # sessions, so concurrent opens cannot all pass the check and overshoot together.
+        self._reserved_sessions = 0
+        self._reserved_tokens = 0
         self.opened = 0
         self.expired = 0
 
@@ -57,17 +61,29 @@ class SessionStore:
 
     def check_room(self, extra_tokens: int, new_session: bool) -> None:
         """Raise ResourceExhausted unless ``extra_tokens`` more positions fit the budget."""
-        if new_session and len(self._sessions) >= self.max_sessions:
+        sessions = len(self._sessions) + self._reserved_sessions
+        if new_session and sessions >= self.max_sessions:
             raise ResourceExhausted(
-                f"session limit reached: {len(self._sessions)} of max_sessions={self.max_sessions} "
-                "open; close sessions or raise --max-sessions"
+                f"session limit reached: {sessions} of max_sessions={self.max_sessions} "
+                "open or opening; close sessions or raise --max-sessions"
             )
-        used = self.cached_tokens
+        used = self.cached_tokens + self._reserved_tokens
         if used + extra_tokens > self.max_cached_tokens:
             raise ResourceExhausted(
                 f"cache budget reached: {used} + {extra_tokens} token positions would exceed "
                 f"max_cached_tokens={self.max_cached_tokens}; close sessions or raise --max-cached-tokens"
             )
+
+    def reserve(self, tokens: int) -> None:
+        """Hold room for one new session of ``tokens`` positions while it is being built
+        (ResourceExhausted if it does not fit); ``release`` it once it is added or failed."""
+        self.check_room(tokens, new_session=True)
+        self._reserved_sessions += 1
+        self._reserved_tokens += tokens
+
+    def release(self, tokens: int) -> None:
+        self._reserved_sessions -= 1
+        self._reserved_tokens -= tokens
 
     def check_growth(self, session: Session, new_length: int) -> None:
         """Budget check before a step makes a session's decoder ``new_length`` long."""

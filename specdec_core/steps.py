@@ -44,7 +44,7 @@ class Distribution:
     """A probability distribution over the vocabulary, kept to its support."""
 
     token_ids: np.ndarray  # (n,) int32; empty when dense
-    probs: np.ndarray  # (n,) or (V,) float32
+    probs: np.ndarray  # (n,) or (V,) weights; a draft's are float16 (``sampling.wire_q``)
 
     @classmethod
     def from_dense(cls, probs: np.ndarray) -> Distribution:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from dataclasses import dataclass, fields
-from functools import lru_cache
 from typing import Any
 
 import mlx.core as mx
@@ -102,14 +102,43 @@ def relative_position_bucket(
     return buckets + np.where(is_small, relative_position, if_large)
 
 
-@lru_cache(maxsize=256)
+# One 1-D table per bucketing (bidirectional, num_buckets, max_distance): the bucket of every
+# relative position -half..half-1. A (queries x keys) table depends only on key - query, so it
+# is gathered from this one; the 1-D table grows (doubling) to the longest span seen, so the
+# memory held is linear in the longest sequence, not one queries x keys table per shape.
+_DISTANCE_BUCKETS: dict[tuple[bool, int, int], tuple[int, mx.array]] = {}
+_DISTANCE_BUCKETS_LOCK = threading.Lock()
+
+
+def _distance_buckets(span: int, bidirectional: bool, num_buckets: int, max_distance: int) -> tuple[int, mx.array]:
+    """(half, table) with half >= span: table[r + half] is the bucket of relative position r."""
+    key = (bidirectional, num_buckets, max_distance)
+    with _DISTANCE_BUCKETS_LOCK:
+        cached = _DISTANCE_BUCKETS.get(key)
+        if cached is not None and cached[0] >= span:
+            return cached
+        half = max(64, 1 << (max(span, 1) - 1).bit_length())
+        relative = np.arange(-half, half, dtype=np.int64)
+        table = relative_position_bucket(relative, bidirectional, num_buckets, max_distance)
+        cached = _DISTANCE_BUCKETS[key] = (half, mx.array(table.astype(np.int32)))
+        return cached
+
+
+def bucket_cache_nbytes() -> int:
+    """Bytes held by the cached bucket tables."""
+    with _DISTANCE_BUCKETS_LOCK:
+        return sum(table.nbytes for _, table in _DISTANCE_BUCKETS.values())
+
+
 def _bucket_table(
     offset: int, queries: int, keys: int, bidirectional: bool, num_buckets: int, max_distance: int
 ) -> mx.array:
-    context = np.arange(offset, offset + queries, dtype=np.int64)[:, None]
-    memory = np.arange(keys, dtype=np.int64)[None, :]
-    table = relative_position_bucket(memory - context, bidirectional, num_buckets, max_distance)
-    return mx.array(table.astype(np.int32))
+    """Buckets (queries, keys) of key - query for queries at offset.. and keys 0..keys-1."""
+    # key - query lies in [-(offset + queries - 1), keys - 1]
+    half, table = _distance_buckets(max(offset + queries, keys), bidirectional, num_buckets, max_distance)
+    context = mx.arange(offset, offset + queries, dtype=mx.int32)[:, None]
+    memory = mx.arange(keys, dtype=mx.int32)[None, :]
+    return table[memory - context + half]
 
 
 class RelativePositionBias(nn.Module):

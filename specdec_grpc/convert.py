@@ -6,6 +6,8 @@ orchestrator's gRPC backends (request out, result in). No MLX is imported here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from specdec_core.errors import InvalidArgument
@@ -34,13 +36,56 @@ def distribution_from_pb(message: pb.Distribution) -> Distribution:
     probs = np.frombuffer(message.probs_f16, dtype="<f2").astype(np.float32)
     if not np.all(np.isfinite(probs)) or np.any(probs < 0):
         raise InvalidArgument("a draft distribution holds negative or non-finite probabilities")
+    if len(probs) and not probs.sum() > 0:
+        raise InvalidArgument("a draft distribution has no probability mass (all weights are zero)")
     return Distribution(np.asarray(message.token_ids, dtype=np.int32), probs)
 
 
 # -- steps, on the worker's side ------------------------------------------------------------------
 
-def step_from_pb(message: pb.ProposeRequest | pb.VerifyRequest, deadline: float | None) -> StepRequest:
-    """A Propose or Verify request as the domain's StepRequest (q converted for Verify)."""
+@dataclass(frozen=True)
+class WireLimits:
+    """Sizes a worker accepts, checked on the protobuf message before any repeated field is
+    copied into Python objects: a message of 10 MiB holds millions of varint token ids, and
+    each becomes a 28-byte int (and a longer decoder builds quadratic attention tensors)."""
+
+    max_prompt_tokens: int
+    max_append_tokens: int  # a session's decoder length cap (max_decoder_tokens)
+    max_draft: int
+    vocab_size: int
+
+    def check_open(self, message: pb.OpenSessionRequest) -> None:
+        if len(message.prompt_ids) > self.max_prompt_tokens:
+            raise InvalidArgument(
+                f"prompt has {len(message.prompt_ids)} tokens; max_prompt_tokens is {self.max_prompt_tokens}"
+            )
+
+    def check_step(self, message: pb.ProposeRequest | pb.VerifyRequest) -> None:
+        if len(message.append_tokens) > self.max_append_tokens:
+            raise InvalidArgument(
+                f"append_tokens has {len(message.append_tokens)} tokens; a session's decoder may hold "
+                f"at most max_decoder_tokens={self.max_append_tokens}"
+            )
+        distributions = getattr(message, "draft_distributions", ())
+        if len(distributions) > self.max_draft:
+            raise InvalidArgument(
+                f"{len(distributions)} draft distributions; at most one per draft token "
+                f"(max_draft is {self.max_draft})"
+            )
+        for dist in distributions:
+            if len(dist.token_ids) > self.vocab_size or len(dist.probs_f16) > 2 * self.vocab_size:
+                raise InvalidArgument(
+                    f"a draft distribution has more entries than the vocabulary ({self.vocab_size})"
+                )
+
+
+def step_from_pb(
+    message: pb.ProposeRequest | pb.VerifyRequest, deadline: float | None, limits: WireLimits | None = None
+) -> StepRequest:
+    """A Propose or Verify request as the domain's StepRequest (q converted for Verify).
+    With ``limits``, oversized repeated fields are refused before they are converted."""
+    if limits is not None:
+        limits.check_step(message)
     distributions = getattr(message, "draft_distributions", ())
     return StepRequest(
         session_id=message.session_id,

@@ -2,8 +2,9 @@
 
 Health (grpc.health.v1) and reflection are always on; message sizes are capped; a request
 that is not valid protobuf is INVALID_ARGUMENT (not grpc's UNKNOWN); TLS (optionally mutual)
-and a bearer token are opt-in. ``serve_until_signal`` drains on
-SIGTERM/SIGINT: NOT_SERVING first, then a graceful stop.
+and a bearer token are opt-in (a warning is logged when a non-loopback address is bound
+without either). ``serve_until_signal`` drains on SIGTERM/SIGINT: NOT_SERVING first, then a
+graceful stop. A worker's watchdog may also set NOT_SERVING while its model thread is stuck.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import asyncio
 import hmac
 import inspect
+import ipaddress
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,7 +28,10 @@ from grpc_reflection.v1alpha import reflection
 logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"  # loopback unless told otherwise: no stranger gets in by default
-DEFAULT_MAX_MESSAGE_MB = 64
+# The orchestrator's cap: client requests are text prompts, and what it relays between draft and
+# target (k <= 16 float16 distributions over the vocabulary) is ~1 MiB for T5. Workers size
+# theirs from their own limits (specdec_grpc.worker.needed_message_mb).
+DEFAULT_MAX_MESSAGE_MB = 16
 
 
 @dataclass
@@ -57,14 +62,20 @@ class Security:
         return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
 
-def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
+def add_server_arguments(
+    parser: argparse.ArgumentParser,
+    default_port: int,
+    default_max_message_mb: int | None = DEFAULT_MAX_MESSAGE_MB,
+    max_message_help: str | None = None,
+) -> None:
     """Flags every specdec server takes: address, message size, grace, TLS and token."""
     parser.add_argument("--host", default=DEFAULT_HOST,
-                        help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+                        help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network: "
+                             "use TLS and a token there)")
     parser.add_argument("--port", type=int, default=default_port,
                         help=f"port to bind; 0 picks a free one and prints it (default {default_port})")
-    parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB,
-                        help="largest request/response accepted, MiB")
+    parser.add_argument("--max-message-mb", type=int, default=default_max_message_mb,
+                        help=max_message_help or f"largest request/response accepted, MiB (default {default_max_message_mb})")
     parser.add_argument("--grace", type=float, default=10.0,
                         help="seconds in-flight calls get to finish on SIGTERM")
     parser.add_argument("--tls-cert", help="PEM certificate: serve over TLS")
@@ -191,6 +202,15 @@ class RunningServer:
     port: int
     health: health.aio.HealthServicer
     service_names: Sequence[str]
+    draining: bool = False  # set by shutdown: NOT_SERVING for good
+    wedged: bool = False  # a worker's watchdog verdict: NOT_SERVING until it clears
+
+    async def set_wedged(self, wedged: bool) -> None:
+        """The watchdog's verdict: NOT_SERVING while wedged, SERVING again once it recovers
+        (unless the server is draining, which stays NOT_SERVING)."""
+        self.wedged = wedged
+        if not self.draining:
+            await self.set_serving(not wedged)
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -230,6 +250,12 @@ async def create_server(
     )
     address = f"{host}:{port}"
     credentials = security.credentials()
+    if not is_loopback(host) and credentials is None and not security.token:
+        logger.warning(
+            "binding %s with neither TLS nor a bearer token: anyone who can reach this address can "
+            "call every RPC. Across hosts use --tls-cert/--tls-key and --auth-token-file (README: "
+            "Replicas and several hosts), or bind 127.0.0.1", address,
+        )
     try:
         bound = (
             server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
@@ -275,10 +301,22 @@ async def shutdown(
 ) -> None:
     """What SIGTERM does: NOT_SERVING, the drain hook, then stop (in-flight calls get ``grace`` s)."""
     logger.info("shutting down: NOT_SERVING, draining for up to %.1fs", grace)
+    running.draining = True
     await running.set_serving(False)
     if on_drain is not None:
         await on_drain()
     await running.server.stop(grace)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps a server reachable from this machine only."""
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # a host name (or "", all interfaces): assume the network can reach it
 
 
 def announce(role: str, host: str, port: int) -> None:

@@ -1,4 +1,4 @@
-"""Domain errors -> gRPC status codes, in one place (DESIGN.md's error table)."""
+"""Domain errors -> gRPC status codes, in one place (the error table in docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ from specdec_core.checkpoint import load_model
 from specdec_core.engine import ModelEngine
 from specdec_core.session_host import HostLimits, SessionHost
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
+from specdec_grpc.convert import WireLimits
 from specdec_grpc.server import (
     RunningServer,
     Security,
@@ -53,7 +54,7 @@ class WorkerConfig:
     limits: HostLimits = field(default_factory=HostLimits)
     host: str = "127.0.0.1"
     port: int = 0
-    max_message_mb: int = 64
+    max_message_mb: int | None = None  # None: sized from the limits and vocabulary (needed_message_mb)
     grace_s: float = 10.0
     security: Security = field(default_factory=Security)
 
@@ -70,6 +71,8 @@ class WorkerConfig:
                 max_prompt_tokens=args.max_prompt_tokens,
                 max_draft=args.max_draft,
                 session_ttl_s=args.session_ttl,
+                max_decoder_tokens=args.max_decoder_tokens,
+                watchdog_s=args.watchdog_s,
             ),
             host=args.host,
             port=args.port,
@@ -98,8 +101,42 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     parser.add_argument("--max-draft", type=int, default=limits.max_draft, help="largest k accepted")
     parser.add_argument("--session-ttl", type=float, default=limits.session_ttl_s,
                         help="seconds an idle session lives before eviction")
-    add_server_arguments(parser, DEFAULT_PORTS[role])
+    parser.add_argument("--max-decoder-tokens", type=int, default=limits.max_decoder_tokens,
+                        help="a session's decoder length (start token + generated/appended tokens); "
+                             "also the most tokens one call may append, since a failover resync "
+                             "appends a whole generation at once. Longer is INVALID_ARGUMENT "
+                             f"(default {limits.max_decoder_tokens}: keep it above the orchestrator's "
+                             "--max-tokens-cap + --max-num-draft)")
+    parser.add_argument("--watchdog-s", type=float, default=limits.watchdog_s,
+                        help="report NOT_SERVING (and refuse new sessions) while the model thread has "
+                             "had work waiting this many seconds without finishing any; SERVING again "
+                             f"once it does. 0 = off (default {limits.watchdog_s:g}; raise it where one "
+                             "forward pass can take longer, e.g. a large model on CPU)")
+    add_server_arguments(
+        parser, DEFAULT_PORTS[role], default_max_message_mb=None,
+        max_message_help="largest request/response accepted, MiB (default: sized to the largest "
+                         "legal request, --max-draft distributions over the model's vocabulary plus "
+                         "--max-decoder-tokens ids, with 2x headroom: 10 MiB for T5 at --max-draft 32)",
+    )
     return parser
+
+
+def _varint_bytes(value: int) -> int:
+    return max(1, (max(value, 0).bit_length() + 6) // 7)
+
+
+def needed_message_mb(limits: HostLimits, vocab_size: int) -> int:
+    """A worker's message cap: the largest legal Propose/Verify request or response, twice, in MiB.
+
+    That is ``max_draft`` draft distributions over the whole vocabulary (a sparse one at full
+    support is the biggest: one varint id and 2 float16 bytes per token) plus a session's worth
+    of appended token ids, or a prompt for OpenSession.
+    """
+    id_bytes = _varint_bytes(vocab_size - 1)
+    distribution = vocab_size * (id_bytes + 2) + 16
+    tokens = (limits.max_decoder_tokens + limits.max_prompt_tokens) * id_bytes
+    largest = limits.max_draft * distribution + tokens + 4096
+    return max(1, -(-2 * largest // (1024 * 1024)))
 
 
 def build_host(config: WorkerConfig) -> SessionHost:
@@ -119,11 +156,15 @@ class SessionServicer:
 
     def __init__(self, host: SessionHost):
         self.host = host
+        limits = host.limits
+        self.wire_limits = WireLimits(limits.max_prompt_tokens, limits.max_decoder_tokens, limits.max_draft,
+                                      host.engine.vocab_size)
 
     @grpc_method
     async def OpenSession(
         self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.OpenSessionResponse:
+        self.wire_limits.check_open(request)  # before the ids become a list
         session = await self.host.open(list(request.prompt_ids), request.client_tag, deadline_of(context))
         return pb.OpenSessionResponse(session_id=session.id, length=session.state.length)
 
@@ -200,14 +241,21 @@ async def start_worker(
     host = host or build_host(config)
     host.start()
     servicer = servicer_class(host)
+    needed = needed_message_mb(host.limits, host.engine.vocab_size)
+    max_message_mb = config.max_message_mb or needed
+    if max_message_mb < needed:
+        logger.warning("--max-message-mb %d is below the %d MiB the largest legal request may need "
+                       "(--max-draft %d over a vocabulary of %d)", max_message_mb, needed,
+                       host.limits.max_draft, host.engine.vocab_size)
     running = await create_server(
         lambda server: add_to_server(servicer, server),
         [service_name],
         host=config.host,
         port=config.port,
-        max_message_mb=config.max_message_mb,
+        max_message_mb=max_message_mb,
         security=config.security,
     )
+    host.on_wedged = running.set_wedged  # the watchdog's verdict becomes the health status
     return running, host
 
 

@@ -18,6 +18,7 @@ class LocalBackend:
     def __init__(self, host: SessionHost, address: str = "in-process"):
         self.host = host
         self.address = address
+        self.max_draft = host.limits.max_draft
 
     async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str:
         return (await self.host.open(prompt_ids, request_id)).id

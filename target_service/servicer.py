@@ -14,7 +14,7 @@ from specdec_pb import specdec_pb2_grpc as pb_grpc
 class TargetServicer(SessionServicer, pb_grpc.TargetServicer):
     @grpc_method
     async def Verify(self, request: pb.VerifyRequest, context: grpc.aio.ServicerContext) -> pb.VerifyResponse:
-        verdict = await self.host.verify(step_from_pb(request, deadline_of(context)))
+        verdict = await self.host.verify(step_from_pb(request, deadline_of(context), self.wire_limits))
         return self.counted(request, verdict_to_pb(verdict))
 
 

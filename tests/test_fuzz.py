@@ -286,48 +286,67 @@ def test_fuzz_open_session(role: str, draft, target) -> None:  # type: ignore[no
     run()
 
 
+def fuzz_propose(draft, case: dict) -> None:  # type: ignore[no-untyped-def]
+    session_id, length, to_close = pick_session(draft, "draft", case)
+    request = pb.ProposeRequest(
+        session_id=session_id, expected_length=expected_length(case, length),
+        rollback_to=case["rollback_to"], append_tokens=case["append"], num_draft=case["num_draft"],
+        sampling=case["sampling"], seed=case["seed"],
+    )
+    response = send("draft.Propose", draft.Propose, request)
+    if response is not None:
+        assert 1 <= len(response.tokens) <= request.num_draft
+        assert all(0 <= t < VOCAB for t in response.tokens)
+        assert len(response.distributions) == (len(response.tokens) if request.sampling.temperature else 0)
+    if to_close:
+        draft.CloseSession(pb.CloseSessionRequest(session_id=to_close), timeout=30)
+
+
 def test_fuzz_propose(draft) -> None:  # type: ignore[no-untyped-def]
     @FUZZ
     @given(case=step_case("draft"))
     def run(case: dict) -> None:
-        session_id, length, to_close = pick_session(draft, "draft", case)
-        request = pb.ProposeRequest(
-            session_id=session_id, expected_length=expected_length(case, length),
-            rollback_to=case["rollback_to"], append_tokens=case["append"], num_draft=case["num_draft"],
-            sampling=case["sampling"], seed=case["seed"],
-        )
-        response = send("draft.Propose", draft.Propose, request)
-        if response is not None:
-            assert 1 <= len(response.tokens) <= request.num_draft
-            assert all(0 <= t < VOCAB for t in response.tokens)
-            assert len(response.distributions) == (len(response.tokens) if request.sampling.temperature else 0)
-        if to_close:
-            draft.CloseSession(pb.CloseSessionRequest(session_id=to_close), timeout=30)
+        fuzz_propose(draft, case)
 
     run()
+
+
+def fuzz_verify(target, case: dict) -> None:  # type: ignore[no-untyped-def]
+    session_id, length, to_close = pick_session(target, "target", case)
+    request = pb.VerifyRequest(
+        session_id=session_id, expected_length=expected_length(case, length),
+        rollback_to=case["rollback_to"], append_tokens=case["append"], num_draft=case["num_draft"],
+        sampling=case["sampling"], seed=case["seed"], draft_distributions=case["distributions"],
+    )
+    response = send("target.Verify", target.Verify, request)
+    if response is not None:
+        k = request.num_draft
+        assert len(response.argmax) == k + 1
+        if request.sampling.temperature:
+            assert len(response.draft_probs) == k and len(response.resampled) == k + 1
+            assert all(0 <= t < VOCAB for t in response.resampled)
+    if to_close:
+        target.CloseSession(pb.CloseSessionRequest(session_id=to_close), timeout=30)
 
 
 def test_fuzz_verify(target) -> None:  # type: ignore[no-untyped-def]
     @FUZZ
     @given(case=step_case("target"))
     def run(case: dict) -> None:
-        session_id, length, to_close = pick_session(target, "target", case)
-        request = pb.VerifyRequest(
-            session_id=session_id, expected_length=expected_length(case, length),
-            rollback_to=case["rollback_to"], append_tokens=case["append"], num_draft=case["num_draft"],
-            sampling=case["sampling"], seed=case["seed"], draft_distributions=case["distributions"],
-        )
-        response = send("target.Verify", target.Verify, request)
-        if response is not None:
-            k = request.num_draft
-            assert len(response.argmax) == k + 1
-            if request.sampling.temperature:
-                assert len(response.draft_probs) == k and len(response.resampled) == k + 1
-                assert all(0 <= t < VOCAB for t in response.resampled)
-        if to_close:
-            target.CloseSession(pb.CloseSessionRequest(session_id=to_close), timeout=30)
+        fuzz_verify(target, case)
 
     run()
+
+
+def fuzz_rollback(stub, role: str, case: dict) -> None:  # type: ignore[no-untyped-def]
+    session_id, length, to_close = pick_session(stub, role, case)
+    request = pb.RollbackRequest(session_id=session_id, expected_length=expected_length(case, length),
+                                 length=case["length"])
+    response = send(f"{role}.Rollback", stub.Rollback, request)
+    if response is not None:
+        assert response.length == request.length
+    if to_close:
+        stub.CloseSession(pb.CloseSessionRequest(session_id=to_close), timeout=30)
 
 
 @pytest.mark.parametrize("role", ["draft", "target"])
@@ -337,14 +356,7 @@ def test_fuzz_rollback(role: str, draft, target) -> None:  # type: ignore[no-unt
     @FUZZ
     @given(case=rollback_case())
     def run(case: dict) -> None:
-        session_id, length, to_close = pick_session(stub, role, case)
-        request = pb.RollbackRequest(session_id=session_id, expected_length=expected_length(case, length),
-                                     length=case["length"])
-        response = send(f"{role}.Rollback", stub.Rollback, request)
-        if response is not None:
-            assert response.length == request.length
-        if to_close:
-            stub.CloseSession(pb.CloseSessionRequest(session_id=to_close), timeout=30)
+        fuzz_rollback(stub, role, case)
 
     run()
 
@@ -370,20 +382,22 @@ def test_fuzz_close_session(role: str, draft, target) -> None:  # type: ignore[n
 # -- orchestrator --------------------------------------------------------------------------------------
 
 
+def fuzz_generate(orchestrator, rpc: str, request: pb.GenerateRequest) -> None:  # type: ignore[no-untyped-def]
+    response = send(f"orchestrator.{rpc}", getattr(orchestrator, rpc), request)
+    if response is None:
+        return
+    chunks = response if isinstance(response, list) else [response]
+    generated = sum(len(c.token_ids) for c in chunks)
+    assert chunks[-1].finish_reason in ("eos", "length")
+    assert generated <= (request.max_tokens or ORCHESTRATOR_LIMITS.max_tokens_cap)
+
+
 @pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
 def test_fuzz_generate(rpc: str, orchestrator) -> None:  # type: ignore[no-untyped-def]
-    method = getattr(orchestrator, rpc)
-
     @FUZZ
     @given(request=generate_request())
     def run(request: pb.GenerateRequest) -> None:
-        response = send(f"orchestrator.{rpc}", method, request)
-        if response is None:
-            return
-        chunks = response if isinstance(response, list) else [response]
-        generated = sum(len(c.token_ids) for c in chunks)
-        assert chunks[-1].finish_reason in ("eos", "length")
-        assert generated <= (request.max_tokens or ORCHESTRATOR_LIMITS.max_tokens_cap)
+        fuzz_generate(orchestrator, rpc, request)
 
     run()
 
@@ -395,20 +409,22 @@ RPCS += [("target", "Target", m) for m in ("OpenSession", "Verify", "Rollback", 
 RPCS += [("orchestrator", "Orchestrator", m) for m in ("Generate", "GenerateStream", "Status")]
 
 
+def fuzz_raw_bytes(channels, stubs, name: str, service: str, method: str, body: bytes) -> None:  # type: ignore[no-untyped-def]
+    channel = channels[name]
+    call = (channel.unary_stream if method == "GenerateStream" else channel.unary_unary)(
+        f"/specdec.v1.{service}/{method}")
+    response = send(f"{name}.{method}", call, body)
+    if response is not None and method == "OpenSession":
+        session_id = pb.OpenSessionResponse.FromString(response).session_id
+        stubs[name].CloseSession(pb.CloseSessionRequest(session_id=session_id), timeout=30)
+
+
 @pytest.mark.parametrize("name, service, method", RPCS, ids=[f"{s}.{m}" for _, s, m in RPCS])
 def test_fuzz_raw_bytes(name: str, service: str, method: str, channels, draft, target) -> None:  # type: ignore[no-untyped-def]
-    path = f"/specdec.v1.{service}/{method}"
-    channel = channels[name]
-    call = (channel.unary_stream if method == "GenerateStream" else channel.unary_unary)(path)
-    close = {"draft": draft, "target": target}.get(name)
-
     @FUZZ
     @given(body=st.one_of(st.binary(max_size=64), st.binary(min_size=200, max_size=2000)))
     def run(body: bytes) -> None:
-        response = send(f"{name}.{method}", call, body)
-        if response is not None and method == "OpenSession" and close is not None:
-            session_id = pb.OpenSessionResponse.FromString(response).session_id
-            close.CloseSession(pb.CloseSessionRequest(session_id=session_id), timeout=30)
+        fuzz_raw_bytes(channels, {"draft": draft, "target": target}, name, service, method, body)
 
     run()
 
@@ -416,7 +432,27 @@ def test_fuzz_raw_bytes(name: str, service: str, method: str, channels, draft, t
 # -- afterwards -----------------------------------------------------------------------------------------
 
 
-def test_services_healthy_and_clean_after_fuzzing(channels, workers, orchestrator) -> None:  # type: ignore[no-untyped-def]
+def test_services_healthy_and_clean_after_fuzzing(channels, workers, orchestrator, draft, target) -> None:  # type: ignore[no-untyped-def]
+    """Fuzzes every service itself first (a shorter run of the cases above, and random bytes at
+    every rpc), so it holds whichever tests ran before it, in whatever order; then every
+    service must be healthy, hold no session, and still generate."""
+    examples = []
+
+    @settings(FUZZ, max_examples=30)
+    @given(propose=step_case("draft"), verify=step_case("target"), rollback=rollback_case(),
+           role=st.sampled_from(["draft", "target"]), rpc=st.sampled_from(["Generate", "GenerateStream"]),
+           request=generate_request(), raw=st.sampled_from(RPCS), body=st.binary(max_size=64))
+    def burst(propose: dict, verify: dict, rollback: dict, role: str, rpc: str, request: pb.GenerateRequest,
+              raw: tuple[str, str, str], body: bytes) -> None:
+        examples.append(1)
+        fuzz_propose(draft, propose)
+        fuzz_verify(target, verify)
+        fuzz_rollback(draft if role == "draft" else target, role, rollback)
+        fuzz_generate(orchestrator, rpc, request)
+        fuzz_raw_bytes(channels, {"draft": draft, "target": target}, *raw, body)
+
+    burst()
+    assert examples, "the burst sent nothing"
     for channel in channels.values():
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -28,14 +28,9 @@ MAX_REQUESTS_PER_CLIENT = 10_000  # the loops are bounded by time and by count
 MAX_TOKENS = 24
 PROMPTS = corpus_lines()[7:700:29][:16]
 
+# A plain ``pytest`` leaves this out: pyproject's addopts has ``-m 'not load'`` (checked by
+# tests/unit/test_load_selection.py); ``-m load`` selects it.
 pytestmark = [pytest.mark.load, pytest.mark.timeout(900)]
-
-
-@pytest.fixture(autouse=True)
-def _only_when_asked(request: pytest.FixtureRequest) -> None:
-    """Until addopts deselects the marker, a plain ``pytest`` run skips this (it takes minutes)."""
-    if "load" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("load test: run it with -m load")
 
 
 def test_32_streaming_clients_for_30_seconds(tmp_path: Path, near_draft_dir: Path, target_dir: Path) -> None:

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,12 +25,35 @@ def _free_port() -> int:
 
 
 def _running(pid: int) -> bool:
-    """Alive and not a zombie (an exited child not yet reaped by init still has a /proc entry)."""
+    """Alive and not a zombie, on Linux and macOS alike: signal 0 says whether the pid exists,
+    ``ps`` whether it is an exited process that its parent has not reaped yet (state Z)."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
-    return "\nState:\tZ" not in status
+    except PermissionError:
+        pass  # it exists, owned by another user
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True)
+    if state.returncode != 0:
+        return False  # gone since
+    return not state.stdout.strip().startswith("Z")
+
+
+def test_running_tells_live_exited_and_reaped_processes_apart() -> None:
+    """The check the tests below rely on can say "running": a live process is, a killed but
+    unreaped one (a zombie) is not, and neither is a reaped one."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert _running(child.pid)
+    finally:
+        child.kill()
+    deadline = time.monotonic() + 60  # SIGKILL takes effect at once; the deadline only bounds a hang
+    while _running(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _running(child.pid)
+    os.kill(child.pid, 0)  # it still exists (nobody reaped it): "not running" came from the zombie check
+    child.wait()
+    assert not _running(child.pid)
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:

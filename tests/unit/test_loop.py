@@ -1,0 +1,283 @@
+"""The speculative loop (``orchestrator/speculative.py``) against fake backends, without MLX or
+servers: greedy output must equal the fake target's own greedy output whatever happens to
+the replicas, and no session may be left open anywhere."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+from orchestrator.backends import ReplicaError
+from orchestrator.speculative import GenerationParams, SpeculativeGeneration
+from specdec_core.errors import PrefixMismatch, ResourceExhausted, SessionNotFound, Unavailable
+from specdec_core.steps import Proposal, SamplingParams, StepRequest, Verdict
+
+START, EOS, VOCAB = 0, 1, 11
+
+
+def target_next(prompt: list[int], tokens: list[int]) -> int:
+    """The fake target's greedy choice after ``tokens`` (EOS once the output is long enough)."""
+    if len(tokens) > 30:
+        return EOS
+    return 2 + (sum(prompt) * 3 + sum(tokens) * 5 + len(tokens) * 7) % (VOCAB - 2)
+
+
+def draft_next(prompt: list[int], tokens: list[int]) -> int:
+    """The fake draft agrees with the target about 3 times in 4."""
+    right = target_next(prompt, tokens)
+    mix = (sum(t * (i + 1) for i, t in enumerate(tokens)) * 2654435761) % 1009
+    return right if mix % 4 else 2 + (right + 1) % (VOCAB - 2)
+
+
+def reference(prompt: list[int], max_tokens: int) -> list[int]:
+    tokens = [START]
+    while len(tokens) - 1 < max_tokens:
+        tokens.append(target_next(prompt, tokens))
+        if tokens[-1] == EOS:
+            break
+    return tokens[1:]
+
+
+@dataclass
+class Fault:
+    """Make call number ``at`` (counted over all calls of ``method`` on this replica) fail."""
+
+    method: str  # "open" or "step"
+    at: int
+    kind: str  # "down", "full", "lost" (session vanished), "malformed"
+
+
+@dataclass
+class FakeReplica:
+    role: str
+    address: str
+    faults: list[Fault] = field(default_factory=list)
+    max_draft: int = 0
+    sessions: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)  # id -> (prompt, tokens)
+    calls: dict[str, int] = field(default_factory=lambda: {"open": 0, "step": 0})
+    opened: int = 0
+    requests: list[StepRequest] = field(default_factory=list)
+
+    def _fault(self, method: str) -> str | None:
+        n = self.calls[method]
+        self.calls[method] += 1
+        return next((f.kind for f in self.faults if f.method == method and f.at == n), None)
+
+    def _raise(self, kind: str) -> None:
+        if kind == "down":
+            raise ReplicaError(self.address, grpc.StatusCode.UNAVAILABLE, "connection refused")
+        if kind == "full":
+            raise ResourceExhausted(f"{self.role} {self.address} is full")
+
+    async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str:
+        await asyncio.sleep(0)
+        kind = self._fault("open")
+        if kind:
+            self._raise(kind)
+        self.opened += 1
+        session_id = f"{self.address}/{self.opened}"
+        self.sessions[session_id] = (list(prompt_ids), [START])
+        return session_id
+
+    async def step(self, request: StepRequest) -> Proposal | Verdict:
+        await asyncio.sleep(0)
+        self.requests.append(request)
+        kind = self._fault("step")
+        if kind in ("down", "full"):
+            self._raise(kind)
+        if kind == "lost":
+            self.sessions.pop(request.session_id, None)
+        if request.session_id not in self.sessions:
+            raise ReplicaError(self.address, grpc.StatusCode.NOT_FOUND, str(SessionNotFound("gone")))
+        prompt, tokens = self.sessions[request.session_id]
+        if request.expected_length != len(tokens):
+            raise ReplicaError(self.address, grpc.StatusCode.ABORTED, str(PrefixMismatch("length")))
+        if self.max_draft and request.num_draft > self.max_draft:
+            raise AssertionError(f"k={request.num_draft} above this replica's max_draft {self.max_draft}")
+        if request.rollback_to:
+            del tokens[request.rollback_to :]
+        tokens.extend(request.append_tokens)
+        if self.role == "draft":
+            drafted = []
+            for _ in range(request.num_draft):
+                drafted.append(draft_next(prompt, tokens))
+                tokens.append(drafted[-1])
+                if drafted[-1] == EOS:
+                    break
+            result = Proposal(drafted, [1.0] * len(drafted), length=len(tokens))
+            if kind == "malformed":
+                result.tokens = result.tokens + [2] * (request.num_draft + 1 - len(drafted))
+        else:
+            k = request.num_draft
+            argmax = [target_next(prompt, tokens[: len(tokens) - k + j]) for j in range(k + 1)]
+            result = Verdict(argmax[:-1] if kind == "malformed" else argmax, [], [], length=len(tokens))
+        return result
+
+    async def close(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
+
+
+class FakeSource:
+    """Hands out the least-used healthy replica of a role, like ReplicaPool."""
+
+    def __init__(self, replicas: list[FakeReplica]):
+        self.replicas = replicas
+        self.in_use: dict[str, int] = {r.address: 0 for r in replicas}
+        self.reported: list[tuple[str, Exception]] = []
+
+    def acquire(self, role: str, exclude: set[str]) -> FakeReplica | None:
+        free = [r for r in self.replicas if r.role == role and r.address not in exclude]
+        if not free:
+            return None
+        replica = min(free, key=lambda r: self.in_use[r.address])
+        self.in_use[replica.address] += 1
+        return replica
+
+    def release(self, backend: FakeReplica) -> None:
+        self.in_use[backend.address] -= 1
+
+    def report_failure(self, backend: FakeReplica, error: Exception) -> None:
+        self.reported.append((backend.address, error))
+
+
+PROMPT = [5, 9, 4]
+
+
+def generate(replicas: list[FakeReplica], max_tokens: int = 40, k: int = 3, auto: bool = False,
+             speculative: bool = True) -> tuple[list[int], SpeculativeGeneration, FakeSource]:
+    source = FakeSource(replicas)
+    params = GenerationParams(max_tokens=max_tokens, num_draft=k, num_draft_auto=auto,
+                              sampling=SamplingParams(), seed=1, speculative=speculative)
+    generation = SpeculativeGeneration(source, PROMPT, params, START, EOS)
+
+    async def run() -> list[int]:
+        out: list[int] = []
+        async for event in generation.run():
+            out.extend(event.tokens)
+        await asyncio.sleep(0.01)  # let background closes of abandoned sessions run
+        return out
+
+    tokens = asyncio.run(run())
+    return tokens, generation, source
+
+
+def expected(max_tokens: int = 40) -> list[int]:
+    return [t for t in reference(PROMPT, max_tokens) if t != EOS]
+
+
+def assert_clean(replicas: list[FakeReplica], source: FakeSource) -> None:
+    assert all(not r.sessions for r in replicas), {r.address: r.sessions for r in replicas}
+    assert all(n == 0 for n in source.in_use.values()), source.in_use
+
+
+def pair(**faults: list[Fault]) -> list[FakeReplica]:
+    return [FakeReplica("draft", "d0", faults.get("d0", [])), FakeReplica("draft", "d1", faults.get("d1", [])),
+            FakeReplica("target", "t0", faults.get("t0", [])), FakeReplica("target", "t1", faults.get("t1", []))]
+
+
+# -- no faults ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
+def test_greedy_equals_the_target_alone(k: int) -> None:
+    replicas = pair()
+    tokens, generation, source = generate(replicas, k=k)
+    assert tokens == expected()
+    stats = generation.stats
+    assert generation.stats.tokens == len(reference(PROMPT, 40))
+    assert stats.accepted <= stats.proposed and stats.target_passes == stats.steps
+    assert stats.tokens == stats.accepted + stats.target_tokens
+    assert 0 < stats.accepted < stats.proposed  # the fake draft is right 3 times in 4
+    assert_clean(replicas, source)
+
+
+def test_eos_inside_a_drafted_block_ends_the_generation() -> None:
+    full = reference(PROMPT, 1000)
+    assert full[-1] == EOS
+    # k large enough that EOS falls inside a block the draft proposes
+    tokens, generation, _ = generate(pair(), max_tokens=1000, k=8)
+    assert tokens == full[:-1] and generation.stats.tokens == len(full)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 3, 4, 7])
+def test_max_tokens_mid_block_is_never_exceeded(max_tokens: int) -> None:
+    tokens, generation, _ = generate(pair(), max_tokens=max_tokens, k=5)
+    assert tokens == expected(max_tokens)
+    assert generation.stats.tokens == max_tokens
+    assert all(r.num_draft <= max(0, max_tokens - 1) for r in generation.source.replicas[0].requests)
+
+
+def test_target_alone_when_speculation_is_off() -> None:
+    replicas = pair()
+    tokens, generation, _ = generate(replicas, speculative=False)
+    assert tokens == expected() and generation.stats.proposed == 0
+    assert not replicas[0].opened and not replicas[1].opened
+
+
+def test_k_is_capped_at_the_replicas_max_draft() -> None:
+    replicas = pair()
+    replicas[0].max_draft = replicas[1].max_draft = 2
+    replicas[2].max_draft = replicas[3].max_draft = 3
+    tokens, generation, _ = generate(replicas, k=8, auto=True)  # the fake raises above the cap
+    assert tokens == expected()
+    assert max(r.num_draft for r in replicas[0].requests) == 2
+
+
+# -- faults at every point of a step ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["draft", "target"])
+@pytest.mark.parametrize("kind", ["down", "full", "lost", "malformed"])
+@pytest.mark.parametrize("at", range(6))
+def test_a_fault_at_any_step_keeps_the_output(role: str, kind: str, at: int) -> None:
+    replicas = pair(**{"d0" if role == "draft" else "t0": [Fault("step", at, kind)]})
+    tokens, generation, source = generate(replicas)
+    assert tokens == expected()
+    assert_clean(replicas, source)
+    serving = generation.stats.draft_replica if role == "draft" else generation.stats.target_replica
+    if kind == "lost":  # reopened on the same live replica, not failed over
+        assert serving.endswith("0") and generation.stats.failovers == 0
+    else:
+        assert serving.endswith("1") and generation.stats.failovers >= (kind != "full")
+
+
+@pytest.mark.parametrize("role", ["draft", "target"])
+@pytest.mark.parametrize("kind", ["down", "full"])
+def test_a_fault_at_open_moves_to_another_replica(role: str, kind: str) -> None:
+    replicas = pair(**{"d0" if role == "draft" else "t0": [Fault("open", 0, kind)]})
+    tokens, _, source = generate(replicas)
+    assert tokens == expected()
+    assert_clean(replicas, source)
+
+
+def test_a_draft_that_becomes_full_mid_request_leaves_the_target_alone() -> None:
+    replicas = [FakeReplica("draft", "d0", [Fault("step", 2, "full")]), FakeReplica("target", "t0")]
+    tokens, generation, source = generate(replicas)
+    assert tokens == expected()
+    steps_after = [r for r in replicas[1].requests[3:]]
+    assert steps_after and all(r.num_draft == 0 for r in steps_after)  # finished with the target alone
+    assert_clean(replicas, source)
+
+
+def test_a_lost_session_on_the_only_target_is_reopened_there() -> None:
+    replicas = [FakeReplica("draft", "d0"), FakeReplica("target", "t0", [Fault("step", 3, "lost")])]
+    tokens, generation, source = generate(replicas)
+    assert tokens == expected() and replicas[1].opened == 2
+    assert_clean(replicas, source)
+
+
+def test_no_target_left_is_unavailable_and_frees_everything() -> None:
+    replicas = [FakeReplica("draft", "d0"), FakeReplica("target", "t0", [Fault("step", 2, "down")])]
+    with pytest.raises(Unavailable):
+        generate(replicas)
+    assert not replicas[0].sessions and not replicas[1].sessions
+
+
+def test_every_target_full_is_resource_exhausted() -> None:
+    replicas = [FakeReplica("draft", "d0"), FakeReplica("target", "t0", [Fault("open", 0, "full")])]
+    with pytest.raises(ResourceExhausted):
+        generate(replicas)
+    assert not replicas[0].sessions
