@@ -7,7 +7,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from specdec_core.errors import InvalidArgument, ResourceExhausted, Unavailable
@@ -38,6 +38,7 @@ class TextEvent:
     token_ids: list[int]
     finish_reason: str | None = None
     stats: Stats | None = None
+    from_draft: list[bool] = field(default_factory=list)  # per token: an accepted draft token?
 
 
 class Orchestrator:
@@ -91,7 +92,8 @@ class Orchestrator:
         Cheap refusals come first (draining, prompt size, a free slot); the slot is held while
         the prompt is tokenized, which runs in a thread so a long prompt does not stall the
         event loop (other requests' streams, health checks)."""
-        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        arrived = time.monotonic()
+        deadline = arrived + timeout_s if timeout_s is not None else None
         if self.draining:
             raise Unavailable("the orchestrator is shutting down; retry on another instance")
         self.check_prompt(prompt)
@@ -113,6 +115,8 @@ class Orchestrator:
             )
             text = TextStream(self.tokenizer)
             async for step in generation.run():
+                if step.tokens and not generation.stats.time_to_first_token_s:
+                    generation.stats.time_to_first_token_s = time.monotonic() - arrived
                 delta = text.push(step.tokens)
                 if step.finish_reason is not None:
                     delta += text.flush()
@@ -120,9 +124,9 @@ class Orchestrator:
                     outcome = (f"finished ({step.finish_reason}): {stats.tokens} tokens in {stats.steps} steps, "
                                f"acceptance {stats.acceptance_rate:.2f}, {stats.total_s * 1e3:.0f} ms, "
                                f"draft {stats.draft_replica or '-'}, target {stats.target_replica}")
-                    yield TextEvent(delta, step.tokens, step.finish_reason, stats)
+                    yield TextEvent(delta, step.tokens, step.finish_reason, stats, step.from_draft)
                 else:
-                    yield TextEvent(delta, step.tokens)
+                    yield TextEvent(delta, step.tokens, from_draft=step.from_draft)
         except BaseException as error:
             outcome = f"failed: {type(error).__name__}: {error}"
             raise

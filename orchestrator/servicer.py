@@ -48,6 +48,12 @@ def stats_to_pb(stats: Stats) -> pb.GenerateStats:
         draft_replica=stats.draft_replica,
         target_replica=stats.target_replica,
         wire_bytes=stats.wire_bytes,
+        accepted_per_position=stats.accepted_per_position,
+        proposed_per_position=stats.proposed_per_position,
+        time_to_first_token_ms=stats.time_to_first_token_s * 1e3,
+        draft_model_ms=stats.draft_model_s * 1e3,
+        target_model_ms=stats.target_model_s * 1e3,
+        failovers=stats.failovers,
     )
 
 
@@ -70,28 +76,32 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     @grpc_method
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        text, token_ids = [], []
         events = self._events(request, context)
         async with contextlib.aclosing(events):
-            return await self._collect(events, text, token_ids)
+            return await self._collect(events)
 
     @staticmethod
-    async def _collect(events: AsyncIterator[TextEvent], text: list[str], token_ids: list[int]
-                       ) -> pb.GenerateResponse:
+    async def _collect(events: AsyncIterator[TextEvent]) -> pb.GenerateResponse:
+        response = pb.GenerateResponse()
+        text: list[str] = []
         async for event in events:
             text.append(event.text)
-            token_ids.extend(event.token_ids)
+            response.token_ids.extend(event.token_ids)
+            response.from_draft.extend(event.from_draft)
             if event.finish_reason is not None:
                 assert event.stats is not None
-                return pb.GenerateResponse(text="".join(text), token_ids=token_ids,
-                                           finish_reason=event.finish_reason, stats=stats_to_pb(event.stats))
+                response.text = "".join(text)
+                response.finish_reason = event.finish_reason
+                response.stats.CopyFrom(stats_to_pb(event.stats))
+                return response
         raise RuntimeError("generation ended without a finish reason")
 
     @grpc_stream_method
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[pb.GenerateStreamResponse]:
         async for event in self._events(request, context):
-            message = pb.GenerateStreamResponse(text=event.text, token_ids=event.token_ids)
+            message = pb.GenerateStreamResponse(text=event.text, token_ids=event.token_ids,
+                                                from_draft=event.from_draft)
             if event.finish_reason is not None:
                 message.finish_reason = event.finish_reason
                 message.stats.CopyFrom(stats_to_pb(event.stats))

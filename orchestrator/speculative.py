@@ -86,6 +86,21 @@ class Stats:
     failovers: int = 0
     draft_replica: str = ""
     target_replica: str = ""
+    # [i]: draft tokens proposed / accepted at draft position i+1 (vLLM's per-position counters)
+    proposed_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+    draft_model_s: float = 0.0  # what the workers reported as model time (the rest is wire)
+    target_model_s: float = 0.0
+    time_to_first_token_s: float = 0.0  # set by the caller that saw the request arrive
+
+    def count_block(self, proposed: int, accepted: int) -> None:
+        """Per-position counts of one step: positions 1..proposed drafted, 1..accepted kept."""
+        while len(self.proposed_per_position) < proposed:
+            self.proposed_per_position.append(0)
+            self.accepted_per_position.append(0)
+        for i in range(proposed):
+            self.proposed_per_position[i] += 1
+            self.accepted_per_position[i] += int(i < accepted)
 
     @property
     def acceptance_rate(self) -> float:
@@ -100,6 +115,7 @@ class Stats:
 class StepEvent:
     tokens: list[int]  # emitted this step (EOS excluded)
     finish_reason: str | None = None  # "eos" or "length" on the last event
+    from_draft: list[bool] = field(default_factory=list)  # per token: an accepted draft token?
 
 
 class BackendSource(Protocol):
@@ -285,6 +301,10 @@ class SpeculativeGeneration:
                     self.stats.verify_s += time.perf_counter() - started
             lane.record(result.length, result.tokens if lane.role == "draft" else block)
             self.stats.wire_bytes += result.wire_bytes
+            if lane.role == "draft":
+                self.stats.draft_model_s += result.model_ms / 1e3
+            else:
+                self.stats.target_model_s += result.model_ms / 1e3
             return result
         return None
 
@@ -378,6 +398,7 @@ class SpeculativeGeneration:
                 # Draft tokens kept; an accepted EOS cuts the block (and the target's token) off.
                 kept = min(outcome.accepted, len(emitted))
                 self.stats.accepted += kept
+                self.stats.count_block(len(drafted), kept)
                 self.stats.target_tokens += int(len(emitted) > kept)
                 self.stats.tokens += len(emitted)
                 produced += len(emitted)
@@ -388,13 +409,14 @@ class SpeculativeGeneration:
                     k = next_num_draft(k, outcome, len(drafted), AUTO_MIN_DRAFT, self.params.max_num_draft)
                 self.stats.final_num_draft = k
                 visible = [t for t in emitted if t != self.eos_id]
+                from_draft = [i < kept for i, t in enumerate(emitted) if t != self.eos_id]
                 if finish is not None:
                     # Free both sessions before the client hears we are done.
                     await asyncio.shield(self.close())
                     self.stats.total_s = time.perf_counter() - started
-                    yield StepEvent(visible, finish)
+                    yield StepEvent(visible, finish, from_draft)
                     return
-                yield StepEvent(visible, finish)
+                yield StepEvent(visible, finish, from_draft)
         finally:
             self.stats.total_s = time.perf_counter() - started
             await asyncio.shield(self.close())

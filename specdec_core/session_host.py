@@ -52,6 +52,16 @@ class HostMetrics:
     response_bytes: int = 0
 
 
+@dataclass(frozen=True)
+class StepTiming:
+    """How one Propose or Verify spent its time on the worker (for metrics)."""
+
+    kind: str  # "propose" or "verify"
+    queue_s: float  # from the call's arrival on the worker's loop to the model thread starting it
+    model_s: float  # the model work itself (forward passes, sampling)
+    ok: bool  # False if the work failed (the session was restored)
+
+
 class SessionHost:
     def __init__(self, engine: ModelEngine, limits: HostLimits, role: str, tokenizer_fingerprint: str):
         self.engine = engine
@@ -60,6 +70,8 @@ class SessionHost:
         self.tokenizer_fingerprint = tokenizer_fingerprint
         self.store = SessionStore(limits.max_sessions, limits.max_cached_tokens, limits.session_ttl_s)
         self.metrics = HostMetrics()
+        # Called on the event loop after every step that reached the model thread (metrics).
+        self.step_listeners: list[Callable[[StepTiming], None]] = []
         self.draining = False
         # One thread: MLX work is serialised, and the asyncio loop stays free.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-mlx")
@@ -185,20 +197,21 @@ class SessionHost:
         """The draft's step: roll back, append, then propose up to ``num_draft`` tokens."""
         self.engine.check_k(request.num_draft)
         return await self._step(
-            request, request.num_draft,
+            "propose", request, request.num_draft,
             lambda state: self.engine.propose(state, request.num_draft, request.sampling, request.seed),
         )
 
     async def verify(self, request: StepRequest) -> Verdict:
         """The target's step: roll back, append (the last ``num_draft`` are drafts), score them."""
         return await self._step(
-            request, 0,
+            "verify", request, 0,
             lambda state: self.engine.verify(
                 state, request.num_draft, request.sampling, request.seed, list(request.draft_distributions)
             ),
         )
 
-    async def _step(self, request: StepRequest, grows_by: int, work: Callable[[DecoderState], R]) -> R:
+    async def _step(self, kind: str, request: StepRequest, grows_by: int, work: Callable[[DecoderState], R]
+                    ) -> R:
         """Validate, roll back, append, then run ``work`` on the worker thread.
 
         ``grows_by`` is how many positions ``work`` may add (k for Propose), for the budget.
@@ -219,15 +232,29 @@ class SessionHost:
                 logger.info("%s req=%s step refused: %s", self.role, session.tag, error)
                 raise
 
+            arrived = time.perf_counter()
+            started: list[float] = []
+
             def guarded() -> R:
+                started.append(time.perf_counter())
                 try:
                     _check_deadline(request.deadline, f"{self.role} step")
                     return work(state)
                 except Exception:
                     _restore(state, saved)
                     raise
+                finally:
+                    started.append(time.perf_counter())
+
+            def timed(done: asyncio.Future[R]) -> None:
+                if len(started) == 2 and self.step_listeners:
+                    timing = StepTiming(kind, started[0] - arrived, started[1] - started[0],
+                                        not done.cancelled() and done.exception() is None)
+                    for listener in self.step_listeners:
+                        listener(timing)
 
             future = self._submit(guarded)
+            future.add_done_callback(timed)
             try:
                 result = await asyncio.shield(future)
             except asyncio.CancelledError:
@@ -247,6 +274,7 @@ class SessionHost:
             self.metrics.steps += 1
             session.last_used = self.store.clock()
             result.length = state.length
+            result.model_ms = (started[1] - started[0]) * 1e3
             return result
         finally:
             if not released:

@@ -100,6 +100,7 @@ class Proposal:
     distributions: Sequence[Any] = field(default_factory=list)  # q per token (sampling only)
     length: int = 0  # the session's length afterwards
     wire_bytes: int = 0  # request + response bytes, when it crossed the wire
+    model_ms: float = 0.0  # the worker's model time for this step
 
 
 @dataclass
@@ -112,3 +113,4 @@ class Verdict:
     resampled: list[int]
     length: int = 0  # the session's length afterwards
     wire_bytes: int = 0
+    model_ms: float = 0.0  # the worker's model time for this step

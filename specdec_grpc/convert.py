@@ -106,13 +106,14 @@ def proposal_to_pb(proposal: Proposal) -> pb.ProposeResponse:
         token_probs=proposal.token_probs,
         distributions=[distribution_to_pb(d) for d in proposal.distributions],
         length=proposal.length,
+        model_ms=proposal.model_ms,
     )
 
 
 def verdict_to_pb(verdict: Verdict) -> pb.VerifyResponse:
     return pb.VerifyResponse(
         argmax=verdict.argmax, draft_probs=verdict.draft_probs, resampled=verdict.resampled,
-        length=verdict.length,
+        length=verdict.length, model_ms=verdict.model_ms,
     )
 
 
@@ -140,8 +141,10 @@ def verify_request_to_pb(step: StepRequest) -> pb.VerifyRequest:
 
 
 def proposal_from_pb(message: pb.ProposeResponse) -> Proposal:
-    return Proposal(list(message.tokens), list(message.token_probs), message.distributions, message.length)
+    return Proposal(list(message.tokens), list(message.token_probs), message.distributions, message.length,
+                    model_ms=message.model_ms)
 
 
 def verdict_from_pb(message: pb.VerifyResponse) -> Verdict:
-    return Verdict(list(message.argmax), list(message.draft_probs), list(message.resampled), message.length)
+    return Verdict(list(message.argmax), list(message.draft_probs), list(message.resampled), message.length,
+                   model_ms=message.model_ms)

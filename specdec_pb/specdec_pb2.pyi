@@ -73,7 +73,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_path", "vocab_size", "eos_token_id", "pad_token_id", "decoder_start_token_id", "tokenizer_fingerprint", "dtype", "quantization_bits", "num_parameters", "role", "limits", "live_sessions", "cached_tokens", "metrics", "blas")
+    __slots__ = ("model_id", "model_path", "vocab_size", "eos_token_id", "pad_token_id", "decoder_start_token_id", "tokenizer_fingerprint", "dtype", "quantization_bits", "num_parameters", "role", "limits", "live_sessions", "cached_tokens", "metrics", "blas", "draft_method")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class InfoResponse(_message.Message):
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     BLAS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_METHOD_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_path: str
     vocab_size: int
@@ -106,7 +107,8 @@ class InfoResponse(_message.Message):
     cached_tokens: int
     metrics: Metrics
     blas: str
-    def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., decoder_start_token_id: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization_bits: _Optional[int] = ..., num_parameters: _Optional[int] = ..., role: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., live_sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., blas: _Optional[str] = ...) -> None: ...
+    draft_method: str
+    def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., decoder_start_token_id: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization_bits: _Optional[int] = ..., num_parameters: _Optional[int] = ..., role: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., live_sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., blas: _Optional[str] = ..., draft_method: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_sessions", "max_cached_tokens", "max_prompt_tokens", "max_draft", "session_ttl_s")
@@ -157,16 +159,18 @@ class ProposeRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., expected_length: _Optional[int] = ..., rollback_to: _Optional[int] = ..., append_tokens: _Optional[_Iterable[int]] = ..., num_draft: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
-    __slots__ = ("tokens", "token_probs", "distributions", "length")
+    __slots__ = ("tokens", "token_probs", "distributions", "length", "model_ms")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_PROBS_FIELD_NUMBER: _ClassVar[int]
     DISTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_MS_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     token_probs: _containers.RepeatedScalarFieldContainer[float]
     distributions: _containers.RepeatedCompositeFieldContainer[Distribution]
     length: int
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., token_probs: _Optional[_Iterable[float]] = ..., distributions: _Optional[_Iterable[_Union[Distribution, _Mapping]]] = ..., length: _Optional[int] = ...) -> None: ...
+    model_ms: float
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., token_probs: _Optional[_Iterable[float]] = ..., distributions: _Optional[_Iterable[_Union[Distribution, _Mapping]]] = ..., length: _Optional[int] = ..., model_ms: _Optional[float] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("session_id", "expected_length", "rollback_to", "append_tokens", "num_draft", "sampling", "seed", "draft_distributions")
@@ -189,16 +193,18 @@ class VerifyRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., expected_length: _Optional[int] = ..., rollback_to: _Optional[int] = ..., append_tokens: _Optional[_Iterable[int]] = ..., num_draft: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., draft_distributions: _Optional[_Iterable[_Union[Distribution, _Mapping]]] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("argmax", "draft_probs", "resampled", "length")
+    __slots__ = ("argmax", "draft_probs", "resampled", "length", "model_ms")
     ARGMAX_FIELD_NUMBER: _ClassVar[int]
     DRAFT_PROBS_FIELD_NUMBER: _ClassVar[int]
     RESAMPLED_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_MS_FIELD_NUMBER: _ClassVar[int]
     argmax: _containers.RepeatedScalarFieldContainer[int]
     draft_probs: _containers.RepeatedScalarFieldContainer[float]
     resampled: _containers.RepeatedScalarFieldContainer[int]
     length: int
-    def __init__(self, argmax: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[float]] = ..., resampled: _Optional[_Iterable[int]] = ..., length: _Optional[int] = ...) -> None: ...
+    model_ms: float
+    def __init__(self, argmax: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[float]] = ..., resampled: _Optional[_Iterable[int]] = ..., length: _Optional[int] = ..., model_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "max_tokens", "num_draft", "num_draft_auto", "temperature", "top_k", "top_p", "delta", "seed", "speculative")
@@ -225,7 +231,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., num_draft: _Optional[int] = ..., num_draft_auto: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., delta: _Optional[float] = ..., seed: _Optional[int] = ..., speculative: _Optional[bool] = ...) -> None: ...
 
 class GenerateStats(_message.Message):
-    __slots__ = ("proposed", "accepted", "acceptance_rate", "target_passes", "draft_passes", "steps", "draft_ms", "verify_ms", "orchestration_ms", "total_ms", "tokens", "target_tokens", "final_num_draft", "seed", "draft_replica", "target_replica", "wire_bytes")
+    __slots__ = ("proposed", "accepted", "acceptance_rate", "target_passes", "draft_passes", "steps", "draft_ms", "verify_ms", "orchestration_ms", "total_ms", "tokens", "target_tokens", "final_num_draft", "seed", "draft_replica", "target_replica", "wire_bytes", "accepted_per_position", "proposed_per_position", "time_to_first_token_ms", "draft_model_ms", "target_model_ms", "failovers")
     PROPOSED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +249,12 @@ class GenerateStats(_message.Message):
     DRAFT_REPLICA_FIELD_NUMBER: _ClassVar[int]
     TARGET_REPLICA_FIELD_NUMBER: _ClassVar[int]
     WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_PER_POSITION_FIELD_NUMBER: _ClassVar[int]
+    PROPOSED_PER_POSITION_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MODEL_MS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODEL_MS_FIELD_NUMBER: _ClassVar[int]
+    FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     proposed: int
     accepted: int
     acceptance_rate: float
@@ -260,49 +272,67 @@ class GenerateStats(_message.Message):
     draft_replica: str
     target_replica: str
     wire_bytes: int
-    def __init__(self, proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., target_passes: _Optional[int] = ..., draft_passes: _Optional[int] = ..., steps: _Optional[int] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., orchestration_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., tokens: _Optional[int] = ..., target_tokens: _Optional[int] = ..., final_num_draft: _Optional[int] = ..., seed: _Optional[int] = ..., draft_replica: _Optional[str] = ..., target_replica: _Optional[str] = ..., wire_bytes: _Optional[int] = ...) -> None: ...
+    accepted_per_position: _containers.RepeatedScalarFieldContainer[int]
+    proposed_per_position: _containers.RepeatedScalarFieldContainer[int]
+    time_to_first_token_ms: float
+    draft_model_ms: float
+    target_model_ms: float
+    failovers: int
+    def __init__(self, proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., target_passes: _Optional[int] = ..., draft_passes: _Optional[int] = ..., steps: _Optional[int] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., orchestration_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., tokens: _Optional[int] = ..., target_tokens: _Optional[int] = ..., final_num_draft: _Optional[int] = ..., seed: _Optional[int] = ..., draft_replica: _Optional[str] = ..., target_replica: _Optional[str] = ..., wire_bytes: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., proposed_per_position: _Optional[_Iterable[int]] = ..., time_to_first_token_ms: _Optional[float] = ..., draft_model_ms: _Optional[float] = ..., target_model_ms: _Optional[float] = ..., failovers: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "token_ids", "finish_reason", "stats")
+    __slots__ = ("text", "token_ids", "finish_reason", "stats", "from_draft")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    FROM_DRAFT_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
     stats: GenerateStats
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., stats: _Optional[_Union[GenerateStats, _Mapping]] = ...) -> None: ...
+    from_draft: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., stats: _Optional[_Union[GenerateStats, _Mapping]] = ..., from_draft: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("text", "token_ids", "finish_reason", "stats")
+    __slots__ = ("text", "token_ids", "finish_reason", "stats", "from_draft")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    FROM_DRAFT_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
     stats: GenerateStats
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., stats: _Optional[_Union[GenerateStats, _Mapping]] = ...) -> None: ...
+    from_draft: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., stats: _Optional[_Union[GenerateStats, _Mapping]] = ..., from_draft: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("address", "role", "healthy", "active_sessions", "last_error")
+    __slots__ = ("address", "role", "healthy", "active_sessions", "last_error", "live_sessions", "cached_tokens", "max_cached_tokens", "steps_per_s")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_S_FIELD_NUMBER: _ClassVar[int]
     address: str
     role: str
     healthy: bool
     active_sessions: int
     last_error: str
-    def __init__(self, address: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., active_sessions: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+    live_sessions: int
+    cached_tokens: int
+    max_cached_tokens: int
+    steps_per_s: float
+    def __init__(self, address: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., active_sessions: _Optional[int] = ..., last_error: _Optional[str] = ..., live_sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., max_cached_tokens: _Optional[int] = ..., steps_per_s: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("replicas", "active_generations", "max_generations")

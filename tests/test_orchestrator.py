@@ -72,6 +72,15 @@ def assert_stats_consistent(response) -> None:
     assert len(response.token_ids) == s.tokens - (1 if response.finish_reason == "eos" else 0)
     assert s.draft_passes >= s.proposed
     assert s.total_ms >= s.draft_ms + s.verify_ms - 1e-3
+    # Per draft position: every block drafts positions 1..n and keeps a prefix of them.
+    assert sum(s.proposed_per_position) == s.proposed and sum(s.accepted_per_position) == s.accepted
+    assert all(a <= p for a, p in zip(s.accepted_per_position, s.proposed_per_position, strict=True))
+    assert list(s.proposed_per_position) == sorted(s.proposed_per_position, reverse=True)
+    # One flag per token; the accepted draft tokens among them (an accepted EOS is not shown).
+    assert len(response.from_draft) == len(response.token_ids)
+    assert s.accepted - 1 <= sum(response.from_draft) <= s.accepted
+    assert 0 < s.time_to_first_token_ms <= s.total_ms + 50
+    assert 0 < s.target_model_ms <= s.verify_ms and s.draft_model_ms <= s.draft_ms
 
 
 @pytest.mark.parametrize("num_draft", [1, 3, 5, 8, "auto"])
