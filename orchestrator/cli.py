@@ -2,8 +2,8 @@
 
     specdec generate "PROMPT" [--max-tokens N] [--num-draft K|auto] [--temperature T]
                      [--top-k K] [--top-p P] [--delta D] [--seed S] [--no-speculation]
-                     [--json] [--address HOST:PORT]
-    specdec status [--address HOST:PORT]
+                     [--json] [--color --tokenizer DIR] [--address HOST:PORT]
+    specdec status [--json] [--address HOST:PORT]
 """
 
 from __future__ import annotations
@@ -12,13 +12,26 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
 from specdec_pb import specdec_pb2 as pb
 
-from .client import DEFAULT_ADDRESS, SpecdecClient
+from .client import DEFAULT_ADDRESS, SpecdecClient, TextAttribution
+
+# SGR colours of --color: accepted draft tokens, tokens the target wrote; then back to plain.
+DRAFT_COLOR = "\033[32m"  # green
+TARGET_COLOR = "\033[35m"  # magenta
+RESET = "\033[0m"
+COLOR_HELP = (
+    "colour the text by who wrote it: accepted draft tokens green, tokens the target wrote "
+    "(corrections, bonus tokens) magenta. Exact to the character: the stream flags every token, and "
+    "the client decodes the token ids with the tokenizer (--tokenizer) to find each token's "
+    "characters, checking its decoding against the server's text (from a disagreement on, the rest "
+    "is plain). Only on a terminal: plain text when stdout is not a TTY or NO_COLOR is set"
+)
 
 
 def _num_draft(value: str) -> int | str:
@@ -56,21 +69,51 @@ def build_parser() -> argparse.ArgumentParser:
                      help="lenience in [0, 1]: accept with min(1, p/q + delta); 0 = exact (default)")
     gen.add_argument("--seed", type=int, help="seed for reproducible sampling")
     gen.add_argument("--no-speculation", action="store_true", help="decode with the target alone (baseline)")
-    gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object: text, token_ids, from_draft, finish_reason, stats")
+    gen.add_argument("--color", action="store_true", help=COLOR_HELP)
+    gen.add_argument("--tokenizer", default=os.environ.get("SPECDEC_TOKENIZER"),
+                     help="directory with the models' tokenizer files (e.g. the target's model directory), "
+                          "which --color needs (default $SPECDEC_TOKENIZER)")
 
-    sub.add_parser("status", parents=[common], help="replicas behind the orchestrator")
+    status = sub.add_parser("status", parents=[common],
+                            help="replicas behind the orchestrator: health and live load")
+    status.add_argument("--json", action="store_true", help="print the StatusResponse as JSON")
     return parser
 
 
+def color_wanted(flag: bool, stream: Any = None) -> bool:
+    """--color applies on a terminal only, and never when NO_COLOR is set (https://no-color.org)."""
+    stream = stream if stream is not None else sys.stdout
+    return flag and not os.environ.get("NO_COLOR") and stream.isatty()
+
+
+def colored(runs: list[tuple[str, bool | None]]) -> str:
+    """Runs of (text, from_draft) in their colours; unattributed text (None) plain."""
+    return "".join(
+        text if flag is None else f"{DRAFT_COLOR if flag else TARGET_COLOR}{text}{RESET}"
+        for text, flag in runs if text
+    )
+
+
 def format_stats(stats: pb.GenerateStats, finish_reason: str) -> str:
+    """One line: tokens and speed, time to first token, acceptance (and per draft position:
+    accepted/proposed at position 1, 2, ...), passes, and time split into draft and verify calls,
+    each with the share the workers spent on model work (the rest is wire and queueing)."""
     seconds = stats.total_ms / 1e3
     rate = stats.tokens / seconds if seconds > 0 else 0.0
+    positions = " ".join(f"{a}/{p}" for a, p in zip(stats.accepted_per_position, stats.proposed_per_position,
+                                                   strict=False))
+    failovers = f", {stats.failovers} failover{'s' if stats.failovers != 1 else ''}" if stats.failovers else ""
     return (
-        f"[{stats.tokens} tokens, {finish_reason}, {seconds:.2f} s, {rate:.1f} tok/s | "
-        f"accepted {stats.accepted}/{stats.proposed} drafts ({stats.acceptance_rate:.0%}) | "
+        f"[{stats.tokens} tokens, {finish_reason}, {seconds:.2f} s, {rate:.1f} tok/s, "
+        f"first token {stats.time_to_first_token_ms:.0f} ms | "
+        f"accepted {stats.accepted}/{stats.proposed} drafts ({stats.acceptance_rate:.0%})"
+        + (f", by position {positions}" if positions else "") + " | "
         f"{stats.target_passes} target passes, {stats.draft_passes} draft passes, k={stats.final_num_draft} | "
-        f"draft {stats.draft_ms:.0f} ms, verify {stats.verify_ms:.0f} ms, "
-        f"orchestration {stats.orchestration_ms:.0f} ms]"
+        f"draft {stats.draft_ms:.0f} ms (model {stats.draft_model_ms:.0f}), "
+        f"verify {stats.verify_ms:.0f} ms (model {stats.target_model_ms:.0f}), "
+        f"orchestration {stats.orchestration_ms:.0f} ms{failovers}]"
     )
 
 
@@ -85,21 +128,79 @@ def _generate(args: argparse.Namespace, client: SpecdecClient) -> int:
         print(json.dumps({
             "text": response.text,
             "token_ids": list(response.token_ids),
+            "from_draft": list(response.from_draft),
             "finish_reason": response.finish_reason,
             "stats": MessageToDict(response.stats, preserving_proto_field_name=True,
                                    always_print_fields_with_no_presence=True),
         }))
         return 0
+    attribution = _attribution(args)
     final: pb.GenerateStreamResponse | None = None
-    for chunk in client.stream(args.prompt, **options):
-        sys.stdout.write(chunk.text)
-        sys.stdout.flush()
-        if chunk.finish_reason:
-            final = chunk
+    try:
+        for chunk in client.stream(args.prompt, **options):
+            if attribution is not None:
+                sys.stdout.write(colored(attribution.push(chunk.token_ids, chunk.from_draft, chunk.text)))
+            else:
+                sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            if chunk.finish_reason:
+                final = chunk
+    finally:
+        if attribution is not None:
+            sys.stdout.write(RESET)  # every run resets itself; this covers an interrupted write
     sys.stdout.write("\n")
+    if attribution is not None and not attribution.agrees:
+        print(f"specdec: the tokenizer in {args.tokenizer} decodes the tokens differently from the server; "
+              "the text from there on is not coloured", file=sys.stderr)
     if final is not None:
         print(format_stats(final.stats, final.finish_reason))
     return 0
+
+
+def _attribution(args: argparse.Namespace) -> TextAttribution | None:
+    """What --color needs, when colour applies: the text attributed with the tokenizer. Without a
+    tokenizer the text is printed plain, with a note: a colour the client cannot place exactly
+    would be a guess."""
+    if not color_wanted(args.color):
+        return None
+    if not args.tokenizer:
+        print("specdec: --color needs the tokenizer to place each token's text (--tokenizer DIR or "
+              "$SPECDEC_TOKENIZER); printing plain text", file=sys.stderr)
+        return None
+    from specdec_core.errors import CheckpointError
+    from specdec_core.tokenizer import load_tokenizer
+
+    try:
+        return TextAttribution(load_tokenizer(args.tokenizer))
+    except CheckpointError as error:
+        print(f"specdec: --color: {error}; printing plain text", file=sys.stderr)
+        return None
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole > 0 else "-"
+
+
+def format_status(status: pb.StatusResponse) -> str:
+    """A table: one row per replica, with this orchestrator's sessions on it and the replica's
+    live load as of the orchestrator's last health check ("-" while it is not serving or not
+    read yet: every worker reports a cache budget, so a zero budget means no reading)."""
+    rows = [("role", "address", "health", "sessions", "ours", "cache", "steps/s", "last error")]
+    for r in status.replicas:
+        known = r.healthy and r.max_cached_tokens > 0
+        rows.append((
+            r.role, r.address, "serving" if r.healthy else "down",
+            str(r.live_sessions) if known else "-", str(r.active_sessions),
+            f"{_percent(r.cached_tokens, r.max_cached_tokens)} of {r.max_cached_tokens}" if known else "-",
+            f"{r.steps_per_s:.1f}" if known else "-", r.last_error or "",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    lines.append(f"{status.active_generations}/{status.max_generations} generations in flight; sessions = "
+                 "open on the replica (every orchestrator), ours = this orchestrator's, cache = token "
+                 "positions held of its budget")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,7 +210,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "generate":
             code = _generate(args, client)
         else:
-            print(json.dumps(MessageToDict(client.status(), preserving_proto_field_name=True), indent=2))
+            status = client.status()
+            if args.json:
+                print(json.dumps(MessageToDict(status, preserving_proto_field_name=True,
+                                               always_print_fields_with_no_presence=True), indent=2))
+            else:
+                print(format_status(status))
             code = 0
     except grpc.RpcError as error:
         print(f"specdec: {error.code().name}: {error.details()}", file=sys.stderr)

@@ -8,7 +8,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from specdec_core.errors import InvalidArgument, ResourceExhausted, Unavailable
 
@@ -32,6 +32,14 @@ class OrchestratorLimits:
     max_generations: int = 32  # generations in flight at once
 
 
+class RequestObserver(Protocol):
+    """What the orchestrator tells about every request when it ends (specdec_grpc.metrics)."""
+
+    def request_ended(self, params: GenerationParams | None, stats: Stats | None, error: BaseException | None,
+                      elapsed_s: float) -> None:
+        """``stats``: final (None if refused before it started); ``error``: None if it finished."""
+
+
 @dataclass
 class TextEvent:
     text: str
@@ -51,6 +59,13 @@ class Orchestrator:
         self.limits = limits
         self.active = 0
         self.draining = False  # set on SIGTERM: new requests get UNAVAILABLE, running ones finish
+        # Told of every request's end: request_ended(params, stats, error, elapsed_s) (Prometheus).
+        self.metrics: RequestObserver | None = None
+
+    def _ended(self, params: GenerationParams | None, stats: Stats | None, error: BaseException | None,
+               elapsed_s: float) -> None:
+        if self.metrics is not None:
+            self.metrics.request_ended(params, stats, error, elapsed_s)
 
     def check_prompt(self, prompt: str) -> None:
         """The checks that cost no tokenizing: run before taking a slot or a tokenizer thread."""
@@ -75,16 +90,20 @@ class Orchestrator:
         """Fill defaults (0 = server default) and validate against the limits. A default above
         its cap (e.g. only --max-num-draft lowered) is clamped, not turned into an error."""
         limits = self.limits
-        return GenerationParams(
-            max_tokens=max_tokens or min(limits.default_max_tokens, limits.max_tokens_cap),
-            num_draft=num_draft or min(limits.default_num_draft, limits.max_num_draft),
-            num_draft_auto=num_draft_auto,
-            max_num_draft=self.limits.max_num_draft,
-            sampling=sampling,
-            delta=delta,
-            seed=seed if seed is not None else secrets.randbits(63),
-            speculative=speculative,
-        ).validate(self.limits.max_tokens_cap, self.limits.max_num_draft)
+        try:
+            return GenerationParams(
+                max_tokens=max_tokens or min(limits.default_max_tokens, limits.max_tokens_cap),
+                num_draft=num_draft or min(limits.default_num_draft, limits.max_num_draft),
+                num_draft_auto=num_draft_auto,
+                max_num_draft=self.limits.max_num_draft,
+                sampling=sampling,
+                delta=delta,
+                seed=seed if seed is not None else secrets.randbits(63),
+                speculative=speculative,
+            ).validate(self.limits.max_tokens_cap, self.limits.max_num_draft)
+        except Exception as error:  # the request ends here: refused before it started
+            self._ended(None, None, error, 0.0)
+            raise
 
     async def generate(self, prompt: str, params: GenerationParams, timeout_s: float | None) -> AsyncIterator[TextEvent]:
         """Stream text deltas; the last event has the finish reason and the stats.
@@ -94,15 +113,22 @@ class Orchestrator:
         event loop (other requests' streams, health checks)."""
         arrived = time.monotonic()
         deadline = arrived + timeout_s if timeout_s is not None else None
-        if self.draining:
-            raise Unavailable("the orchestrator is shutting down; retry on another instance")
-        self.check_prompt(prompt)
-        if self.active >= self.limits.max_generations:
-            raise ResourceExhausted(
-                f"{self.active} generations in flight; max_generations is {self.limits.max_generations}"
-            )
+        try:
+            if self.draining:
+                raise Unavailable("the orchestrator is shutting down; retry on another instance")
+            self.check_prompt(prompt)
+            if self.active >= self.limits.max_generations:
+                raise ResourceExhausted(
+                    f"{self.active} generations in flight; max_generations is {self.limits.max_generations}"
+                )
+        except Exception as error:
+            self._ended(params, None, error, time.monotonic() - arrived)
+            raise
         request_id = new_request_id()
         outcome = "ended early"
+        generation: SpeculativeGeneration | None = None
+        finished_at: float | None = None  # when the last event (finish reason, stats) was ready
+        failure: BaseException | None = None
         self.active += 1
         try:
             prompt_ids = await asyncio.to_thread(self.encode, prompt)
@@ -124,12 +150,19 @@ class Orchestrator:
                     outcome = (f"finished ({step.finish_reason}): {stats.tokens} tokens in {stats.steps} steps, "
                                f"acceptance {stats.acceptance_rate:.2f}, {stats.total_s * 1e3:.0f} ms, "
                                f"draft {stats.draft_replica or '-'}, target {stats.target_replica}")
+                    finished_at = time.monotonic()
                     yield TextEvent(delta, step.tokens, step.finish_reason, stats, step.from_draft)
                 else:
                     yield TextEvent(delta, step.tokens, from_draft=step.from_draft)
         except BaseException as error:
-            outcome = f"failed: {type(error).__name__}: {error}"
+            if finished_at is None:  # not the consumer closing us after the last event
+                outcome = f"failed: {type(error).__name__}: {error}"
+                failure = error
             raise
         finally:
             self.active -= 1
             logger.info("req=%s %s", request_id, outcome)
+            if finished_at is None and failure is None:
+                failure = RuntimeError("generation ended without a finish reason")  # INTERNAL
+            self._ended(params, generation.stats if generation is not None else None, failure,
+                        (finished_at or time.monotonic()) - arrived)

@@ -3,6 +3,10 @@
 Every session is pinned to one draft and one target replica (their KV caches are
 stateful). A replica that fails a call is taken out of rotation; the health watch puts it
 back when it answers SERVING again and still serves a compatible model.
+
+The same watch reads each serving replica's live load from its Info (sessions, cached token
+positions and their budget, steps answered) at every check, and derives steps per second from
+two consecutive readings; ``status`` reports the latest.
 """
 
 from __future__ import annotations
@@ -54,6 +58,26 @@ class IncompatibleReplicas(StartupError):
 
 
 @dataclass
+class Load:
+    """A replica's live load, from its Info at one health check."""
+
+    live_sessions: int
+    cached_tokens: int
+    max_cached_tokens: int
+    steps: int  # Propose/Verify calls answered since the replica started
+    at: float  # when it was read (event loop clock, seconds)
+    steps_per_s: float = 0.0  # over the interval since the reading before (0 for the first)
+
+    @classmethod
+    def read(cls, info: pb.InfoResponse, at: float, before: Load | None) -> Load:
+        load = cls(info.live_sessions, info.cached_tokens, info.limits.max_cached_tokens, info.metrics.steps, at)
+        # A counter that went back means the replica restarted: this reading starts afresh.
+        if before is not None and at > before.at and load.steps >= before.steps:
+            load.steps_per_s = (load.steps - before.steps) / (at - before.at)
+        return load
+
+
+@dataclass
 class Replica:
     address: str
     role: str
@@ -64,6 +88,7 @@ class Replica:
     active_sessions: int = 0
     last_error: str = ""
     info: pb.InfoResponse | None = None
+    load: Load | None = None  # None until read, and while the replica is not serving
 
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
@@ -151,6 +176,7 @@ class ReplicaPool:
             replica.last_error = f"{error.code().name}: {error.details()}"
             return False
         replica.backend.max_draft = replica.info.limits.max_draft  # the loop caps k at it
+        replica.load = Load.read(replica.info, asyncio.get_running_loop().time(), replica.load)
         if replica.info.role and replica.info.role != replica.role:
             raise StartupError(
                 f"{replica.address} was given as a {replica.role} but serves as a {replica.info.role}"
@@ -184,6 +210,23 @@ class ReplicaPool:
         elif not serving and replica.healthy:
             logger.warning("%s %s stopped serving", replica.role, replica.address)
             replica.healthy = False
+        elif serving:
+            await self._read_load(replica)
+        if not serving:
+            replica.load = None  # no live figures for a replica that does not serve
+
+    async def _read_load(self, replica: Replica) -> None:
+        """Refresh a serving replica's live load from its Info (a cheap call answered off the
+        model thread). A failed read leaves no figures rather than stale ones; health stays
+        the health check's business."""
+        try:
+            info = await replica.backend.stub.Info(pb.InfoRequest(), timeout=max(0.5, self.health_interval_s),
+                                                   metadata=self.metadata)
+        except grpc.aio.AioRpcError as error:
+            logger.debug("%s %s: Info failed: %s", replica.role, replica.address, error.code().name)
+            replica.load = None
+            return
+        replica.load = Load.read(info, asyncio.get_running_loop().time(), replica.load)
 
     async def close(self) -> None:
         if self._watch is not None:
@@ -214,8 +257,16 @@ class ReplicaPool:
             replica.healthy = False
 
     def status(self) -> list[pb.ReplicaStatus]:
-        return [
-            pb.ReplicaStatus(address=r.address, role=r.role, healthy=r.healthy,
-                             active_sessions=r.active_sessions, last_error=r.last_error)
-            for r in self.replicas
-        ]
+        """Every replica: health, this orchestrator's sessions on it, and its live load as read
+        at the last health check (zeros while none is known)."""
+        statuses = []
+        for r in self.replicas:
+            status = pb.ReplicaStatus(address=r.address, role=r.role, healthy=r.healthy,
+                                      active_sessions=r.active_sessions, last_error=r.last_error)
+            if r.load is not None:
+                status.live_sessions = r.load.live_sessions
+                status.cached_tokens = r.load.cached_tokens
+                status.max_cached_tokens = r.load.max_cached_tokens
+                status.steps_per_s = r.load.steps_per_s
+            statuses.append(status)
+        return statuses

@@ -13,6 +13,7 @@ import grpc
 
 from specdec_core.errors import CheckpointError
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
+from specdec_grpc.metrics import OrchestratorMetrics, serve_metrics
 from specdec_grpc.server import (
     DEFAULT_MAX_MESSAGE_MB,
     RunningServer,
@@ -94,6 +95,7 @@ class OrchestratorConfig:
     health_interval_s: float = 1.0
     security: Security = field(default_factory=Security)
     workers: WorkerCredentials = field(default_factory=WorkerCredentials)
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0: a free one); None: off
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> OrchestratorConfig:
@@ -127,6 +129,7 @@ class OrchestratorConfig:
             health_interval_s=args.health_interval,
             security=Security.from_args(args),
             workers=workers,
+            metrics_port=args.metrics_port,
         )
 
 
@@ -205,7 +208,9 @@ async def start_orchestrator(config: OrchestratorConfig) -> tuple[RunningServer,
         raise
     reference = pool.reference
     assert reference is not None
-    orchestrator = Orchestrator(pool, tokenizer, reference.decoder_start_token_id, reference.eos_token_id,
+    metrics = OrchestratorMetrics() if config.metrics_port is not None else None
+    source = metrics.count_failures(pool) if metrics is not None else pool
+    orchestrator = Orchestrator(source, tokenizer, reference.decoder_start_token_id, reference.eos_token_id,
                                 config.limits)
     servicer = OrchestratorServicer(orchestrator, pool)
     running = await create_server(
@@ -216,12 +221,17 @@ async def start_orchestrator(config: OrchestratorConfig) -> tuple[RunningServer,
         max_message_mb=config.max_message_mb,
         security=config.security,
     )
+    if metrics is not None:
+        orchestrator.metrics = metrics
+        metrics.watch(orchestrator)
+        running.metrics = serve_metrics(metrics.registry, config.host, config.metrics_port,
+                                        config.security.cert, config.security.key)
     return running, pool, orchestrator
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     config = OrchestratorConfig.from_args(args)
 
     async def serve() -> None:
@@ -231,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
             orchestrator.draining = True
 
         await serve_until_signal(running, config.grace_s, drain,
-                                 ready=lambda: announce("orchestrator", config.host, running.port))
+                                 ready=lambda: announce("orchestrator", config.host, running.port,
+                                                        running.metrics_port))
         await pool.close()
 
     try:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,8 @@ class LoadedModel:
     dtype: str
     quantization: dict[str, int] | None
 
-    @property
-    def num_parameters(self) -> int:
+    @cached_property
+    def num_parameters(self) -> int:  # Info reports it on every call; the model never changes
         return sum(v.size for _, v in tree_flatten(self.model.parameters()))
 
 

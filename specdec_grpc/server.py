@@ -14,11 +14,15 @@ import asyncio
 import hmac
 import inspect
 import ipaddress
+import json
 import logging
+import re
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -84,6 +88,13 @@ def add_server_arguments(
     parser.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN' on every call")
     parser.add_argument("--auth-token-file", help="read the bearer token from this file instead")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text",
+                        help="text (default) or json: one JSON object per line with time, level, logger, "
+                             "message and, on lines about a request, its request_id")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (same host as the "
+                             "service; over TLS with --tls-cert); 0 picks a free port and prints it "
+                             "(default: off)")
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -204,6 +215,11 @@ class RunningServer:
     service_names: Sequence[str]
     draining: bool = False  # set by shutdown: NOT_SERVING for good
     wedged: bool = False  # a worker's watchdog verdict: NOT_SERVING until it clears
+    metrics: Any = None  # the Prometheus endpoint (specdec_grpc.metrics.MetricsEndpoint), if on
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics.port if self.metrics is not None else None
 
     async def set_wedged(self, wedged: bool) -> None:
         """The watchdog's verdict: NOT_SERVING while wedged, SERVING again once it recovers
@@ -306,6 +322,8 @@ async def shutdown(
     if on_drain is not None:
         await on_drain()
     await running.server.stop(grace)
+    if running.metrics is not None:
+        await asyncio.to_thread(running.metrics.close)
 
 
 def is_loopback(host: str) -> bool:
@@ -319,13 +337,40 @@ def is_loopback(host: str) -> bool:
         return False  # a host name (or "", all interfaces): assume the network can reach it
 
 
-def announce(role: str, host: str, port: int) -> None:
-    """The line scripts and tests wait for: the bound address (port 0 picks one)."""
+def announce(role: str, host: str, port: int, metrics_port: int | None = None) -> None:
+    """The line scripts and tests wait for: the bound address (port 0 picks one). With metrics
+    on, a line ``specdec-<role> metrics on HOST:PORT`` comes first."""
+    if metrics_port is not None:
+        print(f"specdec-{role} metrics on {host}:{metrics_port}", flush=True)
     print(f"specdec-{role} listening on {host}:{port}", flush=True)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, and request_id
+    when the message is about a request (it carries ``req=<id>``, as every such line does)."""
+
+    REQUEST_ID = re.compile(r"\breq=(\S+)")
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": message,
+        }
+        match = self.REQUEST_ID.search(message)
+        if match and match.group(1) != "-":  # "-": a worker call without a request id
+            entry["request_id"] = match.group(1)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])

@@ -57,6 +57,13 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: st
     await context.abort(code, message)
 
 
+def _report(servicer: Any, method: str, code: grpc.StatusCode) -> None:
+    """Tell the servicer's optional ``on_error(method, code)`` hook (metrics) about a failed call."""
+    hook = getattr(servicer, "on_error", None)
+    if hook is not None:
+        hook(method, code)
+
+
 def grpc_method(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a unary servicer method: domain errors become their status, others INTERNAL."""
 
@@ -65,6 +72,7 @@ def grpc_method(fn: Callable[..., Any]) -> Callable[..., Any]:
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             # Queued past its deadline: the caller has given up, so do not run the work.
+            _report(self, fn.__name__, grpc.StatusCode.DEADLINE_EXCEEDED)
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"the deadline passed before {fn.__name__} started; nothing was done")
         try:
@@ -72,6 +80,7 @@ def grpc_method(fn: Callable[..., Any]) -> Callable[..., Any]:
         except grpc.aio.AbortError:
             raise
         except Exception as error:  # noqa: BLE001 - mapped to a status, never crashes the server
+            _report(self, fn.__name__, status_for(error))
             await _abort(context, error, fn.__name__)
 
     return wrapper
@@ -88,6 +97,7 @@ def grpc_stream_method(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., A
         except grpc.aio.AbortError:
             raise
         except Exception as error:  # noqa: BLE001
+            _report(self, fn.__name__, status_for(error))
             await _abort(context, error, fn.__name__)
 
     return wrapper

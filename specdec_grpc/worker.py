@@ -20,9 +20,11 @@ from google.protobuf.message import Message
 from specdec_core import blas
 from specdec_core.checkpoint import load_model
 from specdec_core.engine import ModelEngine
+from specdec_core.errors import CheckpointError
 from specdec_core.session_host import HostLimits, SessionHost
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
 from specdec_grpc.convert import WireLimits
+from specdec_grpc.metrics import WorkerMetrics, serve_metrics
 from specdec_grpc.server import (
     RunningServer,
     Security,
@@ -57,6 +59,12 @@ class WorkerConfig:
     max_message_mb: int | None = None  # None: sized from the limits and vocabulary (needed_message_mb)
     grace_s: float = 10.0
     security: Security = field(default_factory=Security)
+    metrics_port: int | None = None  # Prometheus /metrics on this port (0: a free one); None: off
+    # How a draft proposes: "model", "ngram" (prompt lookup, no weights) or "hybrid" (both).
+    method: str = "model"
+    ngram_min: int = 1
+    ngram_max: int = 4
+    hybrid_min_match: int = 3
 
     @classmethod
     def from_args(cls, role: str, args: argparse.Namespace) -> WorkerConfig:
@@ -79,6 +87,11 @@ class WorkerConfig:
             max_message_mb=args.max_message_mb,
             grace_s=args.grace,
             security=Security.from_args(args),
+            metrics_port=args.metrics_port,
+            method=getattr(args, "method", "model"),  # draft-only flags (the target has none)
+            ngram_min=getattr(args, "ngram_min", 1),
+            ngram_max=getattr(args, "ngram_max", 4),
+            hybrid_min_match=getattr(args, "hybrid_min_match", 3),
         )
 
 
@@ -118,7 +131,27 @@ def build_parser(role: str) -> argparse.ArgumentParser:
                          "legal request, --max-draft distributions over the model's vocabulary plus "
                          "--max-decoder-tokens ids, with 2x headroom: 10 MiB for T5 at --max-draft 32)",
     )
+    if role == "draft":
+        add_draft_method_arguments(parser)
     return parser
+
+
+def add_draft_method_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = WorkerConfig(role="draft", model="")
+    parser.add_argument("--method", choices=["model", "ngram", "hybrid"], default=defaults.method,
+                        help="how the draft proposes: model (the T5 in --model); ngram (prompt lookup: "
+                             "the tokens that followed the longest recent match of the output's last "
+                             "tokens in the prompt or the output; no weights are loaded, --model gives "
+                             "the config and tokenizer); hybrid (the n-gram match where one is at least "
+                             f"--hybrid-min-match long, the model elsewhere). Default {defaults.method}")
+    parser.add_argument("--ngram-min", type=int, default=defaults.ngram_min,
+                        help=f"shortest match the ngram draft uses (default {defaults.ngram_min}; the hybrid's "
+                             "is --hybrid-min-match)")
+    parser.add_argument("--ngram-max", type=int, default=defaults.ngram_max,
+                        help=f"longest match the ngram and hybrid drafts look up first (default {defaults.ngram_max})")
+    parser.add_argument("--hybrid-min-match", type=int, default=defaults.hybrid_min_match,
+                        help="the hybrid draft proposes from the n-gram lookup where the match is at "
+                             f"least this long, else from the model (default {defaults.hybrid_min_match})")
 
 
 def _varint_bytes(value: int) -> int:
@@ -140,9 +173,22 @@ def needed_message_mb(limits: HostLimits, vocab_size: int) -> int:
 
 
 def build_host(config: WorkerConfig) -> SessionHost:
+    if config.method != "model" and config.role != "draft":
+        raise CheckpointError(f"--method {config.method} is for drafts; a {config.role} runs its model")
+    if config.method == "ngram":
+        return _ngram_host(config)
+    if config.method not in ("model", "hybrid"):
+        raise CheckpointError(f"unknown draft method {config.method!r}: model, ngram or hybrid")
     loaded = load_model(config.model, dtype=config.dtype, quantize_bits=config.quantize)
     tokenizer = load_tokenizer(loaded.path)
-    engine = ModelEngine(loaded, max_draft=config.limits.max_draft)
+    if config.method == "hybrid":
+        from specdec_core.hybrid import HybridEngine
+
+        engine = HybridEngine(loaded, config.limits.max_draft, config.hybrid_min_match, config.ngram_max)
+        logger.info("%s drafts with n-gram matches of %d..%d tokens, the model elsewhere", config.role,
+                    config.hybrid_min_match, config.ngram_max)
+    else:
+        engine = ModelEngine(loaded, max_draft=config.limits.max_draft)
     logger.info(
         "%s loaded %s (%s, %.1fM parameters, quantization %s); BLAS: %s",
         config.role, config.model, loaded.dtype, loaded.num_parameters / 1e6,
@@ -151,8 +197,26 @@ def build_host(config: WorkerConfig) -> SessionHost:
     return SessionHost(engine, config.limits, config.role, tokenizer_fingerprint(tokenizer))
 
 
+def _ngram_host(config: WorkerConfig) -> SessionHost:
+    """A draft with no model: the config and tokenizer of --model for Info, no weights read."""
+    from specdec_core.checkpoint import read_config, resolve_model_path
+    from specdec_core.ngram import ModelConfig, NgramEngine
+    from specdec_core.t5 import ModelArgs
+
+    path = resolve_model_path(config.model)
+    loaded = ModelConfig(ModelArgs.from_dict(read_config(path)), path, config.model)
+    engine = NgramEngine(loaded, config.limits.max_draft, config.ngram_min, config.ngram_max)
+    logger.info("%s drafts by n-gram lookup (matches of %d..%d tokens); config and tokenizer from %s, "
+                "no model loaded", config.role, config.ngram_min, config.ngram_max, config.model)
+    tokenizer = load_tokenizer(path)
+    return SessionHost(engine, config.limits, config.role, tokenizer_fingerprint(tokenizer))
+
+
 class SessionServicer:
     """The RPCs draft and target share. Subclasses add Propose or Verify."""
+
+    # Told (method name, status code) of every call answered with an error (``grpc_method``).
+    on_error: Callable[[str, grpc.StatusCode], None] | None = None
 
     def __init__(self, host: SessionHost):
         self.host = host
@@ -227,6 +291,7 @@ def info_response(host: SessionHost) -> pb.InfoResponse:
             request_bytes=live["request_bytes"],
         ),
         blas=blas.active_blas,
+        draft_method=getattr(host.engine, "method", "model") if host.role == "draft" else "",
     )
 
 
@@ -256,6 +321,11 @@ async def start_worker(
         security=config.security,
     )
     host.on_wedged = running.set_wedged  # the watchdog's verdict becomes the health status
+    if config.metrics_port is not None:
+        metrics = WorkerMetrics(host)
+        servicer.on_error = metrics.refused
+        running.metrics = serve_metrics(metrics.registry, config.host, config.metrics_port,
+                                        config.security.cert, config.security.key)
     return running, host
 
 
@@ -267,13 +337,13 @@ def run_worker(
     argv: list[str] | None = None,
 ) -> None:
     args = build_parser(role).parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     config = WorkerConfig.from_args(role, args)
 
     async def serve() -> None:
         running, host = await start_worker(config, servicer_class, add_to_server, service_name)
         await serve_until_signal(running, config.grace_s, host.drain,
-                                 ready=lambda: announce(role, config.host, running.port))
+                                 ready=lambda: announce(role, config.host, running.port, running.metrics_port))
         await host.stop()
 
     try:

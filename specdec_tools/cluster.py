@@ -2,7 +2,8 @@
 
 ``up`` starts N drafts and M targets on free ports (they print their port), waits until
 each reports SERVING, then starts the orchestrator on ``--port`` (default 50051) and waits
-for it too. Logs, pids and addresses go to a run directory (default ``runs/current``);
+for it too. Every service serves Prometheus metrics on a free port (``--metrics-port 0``).
+Logs, pids, addresses and metrics addresses go to a run directory (default ``runs/current``);
 ``down`` stops exactly the processes recorded there, by pid.
 """
 
@@ -56,17 +57,20 @@ def up(args: argparse.Namespace) -> int:
         return 1
     run_dir.mkdir(parents=True, exist_ok=True)
     members: list[dict] = []
-    extra = ["--log-level", args.log_level]
+    extra = ["--log-level", args.log_level, "--metrics-port", "0"]
     try:
         for role, count, model in (("draft", args.drafts, args.draft_model), ("target", args.targets, args.target_model)):
             for i in range(count):
                 service_args = ["--model", str(model), "--host", args.host, "--port", "0", *extra]
+                if role == "draft" and getattr(args, "draft_method", "model") != "model":
+                    service_args += ["--method", args.draft_method]
                 members.append(_start(run_dir, f"{role}-{i}", role, service_args, args.host))
         for member in members:
             port = member["_service"].wait_port(args.timeout)
             member["address"] = f"{args.host}:{port}"
+            member["metrics_address"] = member["_service"].metrics_address
             wait_serving(member["address"], args.timeout)
-            print(f"  {member['name']:<12} {member['address']:<22} pid {member['pid']}")
+            _print_started(member)
         service_args = ["--host", args.host, "--port", str(args.port), *extra]
         for member in members:
             service_args += [f"--{member['role']}", member["address"]]
@@ -76,8 +80,9 @@ def up(args: argparse.Namespace) -> int:
         members.append(orchestrator)
         port = orchestrator["_service"].wait_port(args.timeout)
         orchestrator["address"] = f"{args.host}:{port}"
+        orchestrator["metrics_address"] = orchestrator["_service"].metrics_address
         wait_serving(orchestrator["address"], args.timeout)
-        print(f"  {'orchestrator':<12} {orchestrator['address']:<22} pid {orchestrator['pid']}")
+        _print_started(orchestrator)
     except (RuntimeError, OSError) as error:
         print(f"scripts/up failed: {error}", file=sys.stderr)
         _stop([m for m in members if "pid" in m], grace=5)
@@ -91,6 +96,15 @@ def up(args: argparse.Namespace) -> int:
           f"  specdec status --address {address}\n"
           f"  scripts/down")
     return 0
+
+
+def _metrics_url(record: dict) -> str:
+    address = record.get("metrics_address")
+    return f"http://{address}/metrics" if address else "-"
+
+
+def _print_started(member: dict) -> None:
+    print(f"  {member['name']:<12} {member['address']:<22} pid {member['pid']:<8} metrics {_metrics_url(member)}")
 
 
 def _is_ours(pid: int, argv: list[str]) -> bool:
@@ -165,7 +179,7 @@ def status(args: argparse.Namespace) -> int:
                 serving = "NOT SERVING"
         healthy &= alive and serving == "SERVING"
         print(f"  {record['name']:<12} {record.get('address', '?'):<22} pid {record['pid']:<8} "
-              f"{'running' if alive else 'DEAD':<8} {serving}")
+              f"{'running' if alive else 'DEAD':<8} {serving:<12} metrics {_metrics_url(record)}")
     return 0 if healthy else 1
 
 
@@ -180,6 +194,9 @@ def up_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--drafts", type=int, default=1, help="draft replicas (default 1)")
     parser.add_argument("--targets", type=int, default=1, help="target replicas (default 1)")
     parser.add_argument("--draft-model", default=str(DEMO_DRAFT), help="default: the bundled demo draft")
+    parser.add_argument("--draft-method", choices=["model", "ngram", "hybrid"], default="model",
+                        help="how the drafts propose (specdec-draft --method): model (default), ngram (prompt "
+                             "lookup, no weights: --draft-model gives the tokenizer), hybrid")
     parser.add_argument("--target-model", default=str(DEMO_TARGET), help="default: the bundled demo target")
     parser.add_argument("--tokenizer", help="tokenizer directory for the orchestrator (default: the target's)")
     parser.add_argument("--host", default="127.0.0.1", help="interface every process binds")

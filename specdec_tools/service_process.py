@@ -2,7 +2,8 @@
 
 Every service (``specdec-draft``, ``specdec-target``, ``specdec-orchestrator``) prints
 ``specdec-<role> listening on HOST:PORT`` once it serves (``specdec_grpc.server.announce``);
-with ``--port 0`` that line is the only way to learn which port it got. The process writes
+with ``--port 0`` that line is the only way to learn which port it got. With ``--metrics-port``
+a line ``specdec-<role> metrics on HOST:PORT`` comes before it (``metrics_port``). The process writes
 to a log file rather than a pipe: a pipe nobody drains fills up and stalls the service, and a
 file can still be shown when a start fails.
 
@@ -51,7 +52,9 @@ class ServiceProcess:
         self.log = log
         self.host: str | None = None
         self.port: int | None = None
+        self.metrics_port: int | None = None  # the Prometheus port, if it announced one
         self._listening = re.compile(rf"specdec-{re.escape(role)} listening on (\S+):(\d+)")
+        self._metrics = re.compile(rf"specdec-{re.escape(role)} metrics on (\S+):(\d+)")
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "wb") as out:
             self.process = subprocess.Popen(
@@ -70,18 +73,27 @@ class ServiceProcess:
         assert self.port is not None, f"specdec-{self.role} has not announced its port"
         return f"{self.host}:{self.port}"
 
+    @property
+    def metrics_address(self) -> str | None:
+        """``HOST:PORT`` of its Prometheus metrics, as announced (None: metrics off)."""
+        return f"{self.host}:{self.metrics_port}" if self.metrics_port is not None else None
+
     def alive(self) -> bool:
         return self.process.poll() is None
 
     def wait_port(self, timeout: float) -> int:
-        """Wait for the announce line; return the port. If the process exits first or ``timeout``
-        passes, kill it and raise ``RuntimeError`` with the end of its log."""
+        """Wait for the announce line; return the port (and note the metrics port announced
+        before it). If the process exits first or ``timeout`` passes, kill it and raise
+        ``RuntimeError`` with the end of its log."""
         deadline = time.monotonic() + timeout
         while True:
             exited = self.process.poll() is not None  # before reading: a last line written on exit counts
-            match = self._listening.search(self.log.read_text(errors="replace"))
+            text = self.log.read_text(errors="replace")
+            match = self._listening.search(text)
             if match:
                 self.host, self.port = match.group(1), int(match.group(2))
+                metrics = self._metrics.search(text)
+                self.metrics_port = int(metrics.group(2)) if metrics else None
                 return self.port
             if exited or time.monotonic() >= deadline:
                 break

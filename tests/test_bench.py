@@ -84,3 +84,107 @@ def test_quick_bench_writes_json_markdown_and_plot(tmp_path: Path) -> None:
     assert exact["T=0 services-spec k=2"] == 1.0 and exact["T=0 inproc-spec k=2"] == 1.0
     markdown = (out / "bench.md").read_text()
     assert "Machine:" in markdown and "| k |" in markdown and "skipped" in markdown
+
+
+# -- the custom workload: the user's own pair and prompts -------------------------------------------
+
+CUSTOM_SETTINGS = ["--quick", "--ks", "2", "--temperatures", "0", "--prompts", "2", "--repeats", "1",
+                   "--max-tokens", "6", "--log-level", "WARNING"]
+
+
+def convert(source: Path, out: Path, *flags: str) -> Path:
+    from specdec_tools.convert import main as convert_main
+
+    assert convert_main(["--model", str(source), "--out", str(out), *flags]) == 0
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_custom_workload_runs_your_pair_and_prompts(tmp_path: Path, draft_dir: Path, target_dir: Path) -> None:
+    """A specdec-format draft, an HF-format target, JSON Lines prompts: every system runs."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    from specdec_core.tokenizer import load_tokenizer
+
+    draft = convert(draft_dir, tmp_path / "draft-mlx")
+    prompts = ["Return the number of items in a container.", "Factory for creating file objects", "unused"]
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("\n".join(json.dumps({"prompt": p, "id": i}) for i, p in enumerate(prompts)) + "\n\n")
+    out = tmp_path / "bench"
+    assert main(["--draft-model", str(draft), "--target-model", str(target_dir), "--prompts-file",
+                 str(prompts_file), "--out", str(out), *CUSTOM_SETTINGS]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    (workload,) = report["workloads"]
+    assert workload["name"] == "custom" and workload["prompts"] == prompts[:2]
+    assert workload["draft"] == str(draft) and workload["target"] == str(target_dir)
+    assert workload["max_tokens"] == 6 and not workload["results"]["skipped_systems"]
+    cells = workload["results"]["cells"]
+    assert {c["system"] for c in cells} == SYSTEMS
+    for cell in cells:
+        assert cell["generations"] == 2 and cell["tokens"] > 0, cell["system"]
+    exact = workload["results"]["exact_greedy"]
+    assert exact["T=0 services-spec k=2"] == 1.0 and exact["T=0 inproc-spec k=2"] == 1.0
+    # The services ran the user's pair: the target's greedy output on the user's first prompt.
+    tokenizer = load_tokenizer(target_dir)
+    model = T5ForConditionalGeneration.from_pretrained(target_dir).eval()
+    with torch.no_grad():
+        ids = model.generate(tokenizer(prompts[0], return_tensors="pt").input_ids, do_sample=False,
+                             max_new_tokens=6)[0].tolist()[1:]
+    expected = ids[: ids.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in ids else ids
+    services = next(c for c in cells if c["system"] == "services-target")
+    assert services["runs"][0]["token_ids"] == expected
+    assert "## custom: your pair" in (out / "bench.md").read_text()
+
+
+@pytest.mark.timeout(300)
+def test_custom_workload_skips_transformers_for_a_quantized_checkpoint(tmp_path: Path, draft_dir: Path,
+                                                                        target_dir: Path) -> None:
+    target = convert(target_dir, tmp_path / "target-q8", "--quantize", "8")
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("Return the number of items in a container.\n\n  Factory for creating file objects  \n")
+    out = tmp_path / "bench"
+    assert main(["--draft-model", str(draft_dir), "--target-model", str(target), "--prompts-file",
+                 str(prompts_file), "--out", str(out), *CUSTOM_SETTINGS]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    (workload,) = report["workloads"]
+    assert workload["prompts"] == ["Return the number of items in a container.", "Factory for creating file objects"]
+    skipped = workload["results"]["skipped_systems"]
+    assert set(skipped) == {"hf-target", "hf-assisted"} and "quantized" in skipped["hf-target"]
+    cells = workload["results"]["cells"]
+    assert {c["system"] for c in cells} == SYSTEMS - set(skipped)
+    assert workload["results"]["exact_greedy"]["T=0 services-spec k=2"] == 1.0
+    b = next(c for c in cells if c["system"] == "services-spec")
+    assert b["speedup"] > 0 and b["vs_hf_assisted"] is None
+    markdown = (out / "bench.md").read_text()
+    assert "transformers cannot load this pair" in markdown
+    assert (out / "bench.png").stat().st_size > 0
+
+
+def test_prompts_file_formats(tmp_path: Path) -> None:
+    from specdec_tools.bench.workloads import read_prompts
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("first prompt\n\n  second  \n{not json\n")
+    assert read_prompts(plain) == ["first prompt", "second", "{not json"]
+    lines = tmp_path / "p.jsonl"
+    lines.write_text('{"prompt": "a b", "x": 1}\n\n{"prompt": " c "}\n')
+    assert read_prompts(lines) == ["a b", " c "]
+    for content, fragment in (('{"prompt": "a"}\n{"text": "b"}\n', ':2: no "prompt"'),
+                              ('{"prompt": "a"}\nplain\n', ":2: not JSON"), ("\n \n", "no prompts")):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(content)
+        with pytest.raises(SystemExit, match=fragment):
+            read_prompts(bad)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--draft-model", "d", "--target-model", "t"], "needs --prompts-file"),
+    (["--draft-model", "d", "--target-model", "t", "--prompts-file", "f", "--workloads", "demo"], "add custom"),
+    (["--workloads", "custom"], "needs --draft-model"),
+    (["--workloads", "nope"], "unknown workload"),
+])
+def test_custom_flags_are_checked_before_anything_runs(tmp_path: Path, argv: list[str], fragment: str) -> None:
+    with pytest.raises(SystemExit, match=fragment):
+        main([*argv, "--out", str(tmp_path / "out"), "--log-level", "WARNING"])
+    assert not (tmp_path / "out" / "bench.json").exists()

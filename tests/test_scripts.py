@@ -8,9 +8,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import T5ForConditionalGeneration
 
 from specdec_core.tokenizer import load_tokenizer
@@ -56,6 +58,17 @@ def test_running_tells_live_exited_and_reaped_processes_apart() -> None:
     assert not _running(child.pid)
 
 
+def _metrics(address: str) -> dict[str, dict[tuple, float]]:
+    """A /metrics scrape: sample name -> sorted labels -> value (prometheus_client's parser)."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    samples: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
 def _run(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -85,9 +98,21 @@ def test_up_generate_status_down(tmp_path: Path, near_draft_dir: Path, target_di
         expected = expected[: expected.index(1)] if 1 in expected else expected
         assert result["token_ids"] == expected
 
+        # Every service serves Prometheus metrics on the port cluster.json records (each its own).
+        metrics = [r["metrics_address"] for r in records]
+        assert len(set(metrics) | {r["address"] for r in records}) == 2 * len(records)
+        for record in records:
+            families = _metrics(record["metrics_address"])
+            if record["role"] == "orchestrator":  # the generation above, as its stats count it
+                assert families["specdec_requests_total"] == {(("code", "OK"), ("outcome", "ok")): 1}
+                assert families["specdec_generation_tokens_total"] == {(): result["stats"]["tokens"]}
+            else:
+                assert families["specdec_worker_live_sessions"] == {(("role", record["role"]),): 0}
+
         status = _run(["scripts/status", "--run-dir", str(run_dir)], env, timeout=60)
         assert status.returncode == 0, status.stdout + status.stderr
         assert status.stdout.count("SERVING") == 4
+        assert all(f"http://{address}/metrics" in status.stdout for address in metrics)
     finally:
         down = _run(["scripts/down", "--run-dir", str(run_dir)], env, timeout=120)
     assert down.returncode == 0, down.stdout + down.stderr

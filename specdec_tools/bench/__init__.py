@@ -25,7 +25,14 @@ use the same seed per (repeat, prompt).
 Workloads: ``synthetic``, a cost-asymmetric random pair built offline and cached under
 ``--pair-dir`` (default ``OUT/synthetic-pair``; see ``specdec_tools.synthetic_pair``), and
 ``demo``, the trained demo pair in ``models/demo-draft`` and ``models/demo-target`` (skipped
-with a message when missing). Prompts are fixed in ``prompts.json`` (in this package).
+with a message when missing). Their prompts are fixed in ``prompts.json`` (in this package).
+``custom`` is the user's own pair and prompts: ``--draft-model`` and ``--target-model`` (a
+checkpoint directory in Hugging Face or ``specdec-convert`` format, or a hub name, resolved as
+the services resolve ``--model``, once, and checked to share one tokenizer) and
+``--prompts-file`` (one prompt per line, or JSON Lines with a ``prompt`` field); it runs alone
+when those flags are given without ``--workloads``. Where transformers cannot load a pair (a
+quantized specdec checkpoint, no torch), (d) and (e) are skipped with the reason, in
+``bench.json`` (``skipped_systems``) and ``bench.md``, and the other systems still run.
 
 Figures per workload, temperature and k:
 
@@ -70,10 +77,21 @@ calls a speculative step makes, to read ``grpc_ms_per_step`` against on the same
 so that four processes do not oversubscribe a small machine; 0 leaves the libraries' own
 defaults. MLX checkpoints load as ``--dtype`` (default float32, what PyTorch runs).
 
+``--drafting`` compares draft methods instead (``drafting``): the target alone and drafts
+started with ``--method`` from ``--draft-methods`` (default model, ngram, hybrid; extra draft
+flags in ``--draft-flags``), each behind its own orchestrator in front of one shared target, in
+the same rotating order; it writes ``drafting.json`` and ``drafting.md``. The ``copy`` workload
+is made for it: a target that copies its prompt with a few tokens swapped and a cheaper draft
+that knows half the swaps, built by hand and cached beside ``--pair-dir``
+(``specdec_tools.copy_pair``).
+
+    specdec-bench --drafting --workloads copy,demo --out bench-out
+
 Modules: ``cells`` (systems, cells, settings, one run's record), ``workloads`` (prompts and
 model pairs), ``services``, ``in_process`` and ``hugging_face`` (the systems), ``runner`` (every
 cell of a workload in rotating order), ``analysis`` (figures and the bound), ``machine``
-(thread caps and what the machine is), ``report`` (markdown and plot), ``cli``.
+(thread caps and what the machine is), ``report`` (markdown and plot), ``cli``, ``drafting``
+(the draft-method comparison).
 """
 
 from specdec_core import blas

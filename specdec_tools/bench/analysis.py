@@ -90,6 +90,9 @@ def derive(cells: dict[Cell, dict[str, Any]], temperatures: list[float], ks: lis
         def get(system: str, k: str | None, t: float = temperature) -> dict[str, Any]:
             return cells[Cell(t, system, k)]
 
+        def ran(system: str, k: str | None, t: float = temperature) -> bool:
+            return Cell(t, system, k) in cells  # the transformers systems may have been skipped
+
         draft_ms = [get("inproc-spec", k)["draft_ms_per_token"] for k in ks]
         draft_ms = [ms for ms in draft_ms if ms]
         target_ms = get("inproc-target", None)["target_ms_per_pass"]
@@ -102,19 +105,22 @@ def derive(cells: dict[Cell, dict[str, Any]], temperatures: list[float], ks: lis
         a_ms = get("services-target", None)["ms_per_token"]
         for system in SYSTEMS:
             for k in ([None] if system not in BASELINE_OF else ks):
+                if not ran(system, k):
+                    continue
                 cell = get(system, k)
                 cell["speedup_vs_a"] = a_ms / cell["ms_per_token"]
                 if system in BASELINE_OF:
                     cell["speedup"] = get(BASELINE_OF[system], None)["ms_per_token"] / cell["ms_per_token"]
         for k in ks:
-            b, c, d = get("services-spec", k), get("inproc-spec", k), get("hf-assisted", k)
+            b, c = get("services-spec", k), get("inproc-spec", k)
+            d = get("hf-assisted", k) if ran("hf-assisted", k) else None
             for key, name in (("loop_ms_per_step", "grpc_ms_per_step"),
                               ("wall_ms_per_step", "grpc_wall_ms_per_step"),
                               ("cpu_ms_per_step", "grpc_cpu_ms_per_step"),
                               ("draft_ms_per_step", "grpc_propose_ms_per_step"),
                               ("verify_ms_per_step", "grpc_verify_ms_per_step")):
                 b[name] = b[key] - c[key] if b[key] is not None and c[key] is not None else None
-            b["vs_hf_assisted"] = d["ms_per_token"] / b["ms_per_token"]
+            b["vs_hf_assisted"] = d["ms_per_token"] / b["ms_per_token"] if d is not None else None
             for cell in (b, c):
                 drafted, tpp = cell["drafted_per_step"], cell["tokens_per_target_pass"]
                 if drafted and tpp and ratio is not None:
@@ -139,6 +145,7 @@ def exactness(runs: dict[Cell, list[list[Run]]], ks: list[str]) -> dict[str, Any
             reference = ids(Cell(0.0, BASELINE_OF[cell.system], None))
             mine = ids(cell)
             out[cell.label] = sum(a == b for a, b in zip(mine, reference, strict=True)) / len(mine)
-    mlx, hf = ids(Cell(0.0, "services-target", None)), ids(Cell(0.0, "hf-target", None))
-    out["mlx target == transformers target"] = sum(a == b for a, b in zip(mlx, hf, strict=True)) / len(mlx)
+    if Cell(0.0, "hf-target", None) in runs:
+        mlx, hf = ids(Cell(0.0, "services-target", None)), ids(Cell(0.0, "hf-target", None))
+        out["mlx target == transformers target"] = sum(a == b for a, b in zip(mlx, hf, strict=True)) / len(mlx)
     return out

@@ -62,11 +62,14 @@ class Settings:
     dtype: str | None
 
 
-def cells_for(settings: Settings) -> list[Cell]:
-    """Every cell the settings ask for: the speculative systems at each k, the baselines once."""
+def cells_for(settings: Settings, systems: set[str] | None = None) -> list[Cell]:
+    """Every cell the settings ask for: the speculative systems at each k, the baselines once
+    (only ``systems``, when given: those that could run)."""
     cells = []
     for temperature in settings.temperatures:
         for system in SYSTEMS:
+            if systems is not None and system not in systems:
+                continue
             for k in (settings.ks if system in BASELINE_OF else [None]):
                 cells.append(Cell(temperature, system, k))
     return cells

@@ -15,7 +15,7 @@ from .cells import SYSTEMS, Settings
 from .machine import limit_threads, machine, machine_line
 from .report import markdown, plot
 from .runner import run_workload
-from .workloads import DEMO_DIR, load_workloads
+from .workloads import CUSTOM_MAX_TOKENS, DEMO_DIR, WORKLOADS, CustomPair, load_workloads
 
 FULL_KS = ("1", "2", "3", "5", "8", "auto")
 QUICK_KS = ("1", "3", "auto")
@@ -36,7 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"{QUICK['prompts']} prompts, {QUICK['repeats']} repeats, k "
                              f"{'/'.join(QUICK_KS)}, max_tokens {QUICK['max_tokens']} "
                              "(under 5 minutes on 2 cores)")
-    parser.add_argument("--workloads", default="synthetic,demo", help="comma-separated: synthetic, demo")
+    parser.add_argument("--workloads",
+                        help=f"comma-separated: {', '.join(WORKLOADS)} (default synthetic,demo; custom when "
+                             "--draft-model and --target-model are given)")
+    parser.add_argument("--draft-model", metavar="DIR|NAME",
+                        help="your draft for the custom workload: a checkpoint directory (Hugging Face or "
+                             "specdec-convert format) or a hub name, loaded as the services load --model")
+    parser.add_argument("--target-model", metavar="DIR|NAME", help="your target for the custom workload (as above)")
+    parser.add_argument("--prompts-file", type=Path, metavar="FILE",
+                        help="the custom workload's prompts: one per line, or JSON Lines with a \"prompt\" "
+                             "field; the first --prompts of them are used (default 8; quick 2), each "
+                             f"generating up to --max-tokens (default {CUSTOM_MAX_TOKENS}; quick 24)")
     parser.add_argument("--ks", help=f"comma-separated k values and/or auto (default {','.join(FULL_KS)})")
     parser.add_argument("--temperatures", default="0,1", help="comma-separated temperatures (default 0,1)")
     parser.add_argument("--prompts", type=int, help="prompts per workload (default 8; quick 2)")
@@ -52,7 +62,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models-dir", type=Path, default=DEMO_DIR,
                         help="where demo-draft and demo-target live (default: the repository's models/)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--drafting", action="store_true",
+                        help="compare draft methods instead: --draft-methods drafts against the target alone, "
+                             "through the services; writes drafting.json and drafting.md (e.g. --workloads copy)")
+    parser.add_argument("--draft-methods", default="model,ngram,hybrid",
+                        help="with --drafting: comma-separated draft methods (default model,ngram,hybrid)")
+    parser.add_argument("--draft-flags", default="",
+                        help="with --drafting: extra flags for every draft, e.g. \"--ngram-max 3 --hybrid-min-match 2\"")
     return parser
+
+
+def workload_names(args: argparse.Namespace) -> tuple[list[str], CustomPair | None]:
+    """The workloads to run, and the user's pair when the custom flags are given (all three)."""
+    given = {"--draft-model": args.draft_model, "--target-model": args.target_model,
+             "--prompts-file": args.prompts_file}
+    custom = None
+    if any(given.values()):
+        missing = [flag for flag, value in given.items() if not value]
+        if missing:
+            raise SystemExit(f"the custom workload needs {', '.join(missing)} too")
+        custom = CustomPair(args.draft_model, args.target_model, args.prompts_file)
+    default = "custom" if custom else "synthetic,demo"
+    names = [w.strip() for w in (args.workloads or default).split(",") if w.strip()]
+    unknown = [name for name in names if name not in WORKLOADS]
+    if unknown:
+        raise SystemExit(f"unknown workload {unknown[0]!r}; choose from {', '.join(WORKLOADS)}")
+    if "custom" in names and not custom:
+        raise SystemExit("the custom workload needs --draft-model, --target-model and --prompts-file")
+    if custom and "custom" not in names:
+        raise SystemExit("--draft-model/--target-model/--prompts-file are for the custom workload; add custom "
+                         "to --workloads")
+    return names, custom
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in settings.ks:
         if k != "auto" and not (k.isdigit() and 1 <= int(k) <= 16):
             raise SystemExit(f"--ks: {k!r} is not a k in 1..16 or 'auto'")
+    names, custom = workload_names(args)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     env = limit_threads(settings.threads)
@@ -82,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("%s", machine_line(info))
     started = time.perf_counter()
     pair_dir = args.pair_dir or out / ("synthetic-pair-tiny" if args.tiny else "synthetic-pair")
-    workloads, skipped = load_workloads([w.strip() for w in args.workloads.split(",") if w.strip()], settings,
-                                        pair_dir, args.tiny, args.models_dir)
+    workloads, skipped = load_workloads(names, settings, pair_dir, args.tiny, args.models_dir, custom)
+    if args.drafting:
+        from .drafting import drafting_main
+
+        return drafting_main(args, settings, env, info, workloads, skipped, out, started)
     report: dict[str, Any] = {
         "machine": info,
         "settings": {**asdict(settings), "quick": args.quick, "tiny": args.tiny},

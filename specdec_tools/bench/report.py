@@ -35,11 +35,15 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{workload['max_tokens']}. An empty gRPC call (health Check) from the bench to the target "
                   f"service: p50 {fmt(floor['wall_ms_p50'])} ms wall, {fmt(floor['cpu_ms'])} ms CPU (both "
                   "processes); a speculative step makes two calls (Propose, Verify).", ""]
+        skipped_systems = workload["results"].get("skipped_systems") or {}
+        for reason in dict.fromkeys(skipped_systems.values()):
+            systems = ", ".join(SYSTEMS[name] for name, why in skipped_systems.items() if why == reason)
+            lines += [f"{systems}: {reason}", ""]
         for temperature in s["temperatures"]:
             derived = workload["results"]["per_temperature"][f"{temperature:g}"]
 
             def ms(system: str, t: float = temperature, table: dict = cells) -> str:
-                return fmt(table[(t, system, None)]["ms_per_token"], 1)
+                return fmt(table.get((t, system, None), {}).get("ms_per_token"), 1)
 
             lines += [
                 f"### T={temperature:g}", "",
@@ -56,7 +60,7 @@ def markdown(report: dict[str, Any]) -> str:
             for k in s["ks"]:
                 b = cells[(temperature, "services-spec", k)]
                 c = cells[(temperature, "inproc-spec", k)]
-                d = cells[(temperature, "hf-assisted", k)]
+                d = cells.get((temperature, "hf-assisted", k), {"ms_per_token": None, "speedup": None})
                 lines.append(
                     f"| {k} | {fmt(b['ms_per_token'], 1)} | {fmt(c['ms_per_token'], 1)} | "
                     f"{fmt(d['ms_per_token'], 1)} | {fmt(b['speedup'], 2, 'x')} | "
@@ -105,6 +109,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for ax, (workload, temperature) in zip(axes.flat, panels, strict=False):
         cells = {(c["temperature"], c["system"], c["k"]): c for c in workload["results"]["cells"]}
         for system, style in styles.items():
+            if (temperature, system, s["ks"][0]) not in cells:  # a skipped system
+                continue
             speedups = [cells[(temperature, system, k)]["speedup"] for k in s["ks"]]
             ax.plot(x, speedups, style, label=SYSTEMS[system])
         bound = [cells[(temperature, "services-spec", k)].get("bound") for k in s["ks"]]

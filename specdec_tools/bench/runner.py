@@ -8,7 +8,7 @@ from dataclasses import asdict
 from typing import Any
 
 from .analysis import derive, exactness, summarize
-from .cells import Cell, Run, Settings, cells_for, seed
+from .cells import SYSTEMS, Cell, Run, Settings, cells_for, seed
 from .hugging_face import HuggingFace
 from .in_process import InProcess
 from .report import fmt
@@ -18,6 +18,17 @@ from .workloads import Workload
 logger = logging.getLogger("specdec.bench")
 
 
+def start_hugging_face(workload: Workload) -> tuple[HuggingFace | None, str]:
+    """Systems (d) and (e), or None and why not: a pair transformers cannot load (a quantized
+    specdec checkpoint, no torch, ...) skips them, and the rest of the comparison still runs."""
+    try:
+        return HuggingFace(workload.draft, workload.target), ""
+    except Exception as error:  # noqa: BLE001 - any failure to load means these systems cannot run
+        reason = f"skipped: transformers cannot load this pair ({type(error).__name__}: {error})"
+        logger.warning("%s: %s", workload.name, reason)
+        return None, reason
+
+
 def run_workload(workload: Workload, settings: Settings, env: dict[str, str]) -> dict[str, Any]:
     """Start every system on the workload's pair, run all cells (see the package docstring for
     the order), stop the systems, and return the cells' runs and figures (``bench.json``'s)."""
@@ -25,16 +36,21 @@ def run_workload(workload: Workload, settings: Settings, env: dict[str, str]) ->
     log("%s: starting the services (3 processes), the in-process hosts and transformers", workload.name)
     started = time.perf_counter()
     systems: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
     try:
         systems["services"] = Services(workload.draft, workload.target, settings.dtype, env)
         systems["inproc"] = InProcess(workload.draft, workload.target, settings.dtype)
-        systems["hf"] = HuggingFace(workload.draft, workload.target)
+        hf, reason = start_hugging_face(workload)
+        if hf is not None:
+            systems["hf"] = hf
+        else:
+            skipped = {system: reason for system in SYSTEMS if system.startswith("hf-")}
         systems["services"].connect()
         log("%s: ready in %.1f s", workload.name, time.perf_counter() - started)
         floor = systems["services"].empty_call_floor()
         log("%s: an empty gRPC call to the target: p50 %.2f ms wall, %s ms CPU", workload.name,
             floor["wall_ms_p50"], fmt(floor["cpu_ms"]))
-        cells = cells_for(settings)
+        cells = cells_for(settings, {system for system in SYSTEMS if system.split("-")[0] in systems})
         runner = {cell: systems[cell.system.split("-")[0]] for cell in cells}
 
         def one(cell: Cell, prompt: int, repeat: int, max_tokens: int) -> Run:
@@ -66,6 +82,7 @@ def run_workload(workload: Workload, settings: Settings, env: dict[str, str]) ->
     summaries = {cell: summarize(runs[cell]) for cell in cells}
     derived = derive(summaries, settings.temperatures, settings.ks)
     return {
+        "skipped_systems": skipped,
         "empty_grpc_call": floor,
         "per_temperature": derived,
         "exact_greedy": exactness(runs, settings.ks),

@@ -1,0 +1,296 @@
+"""Model-free drafting ("prompt lookup"): propose the tokens that followed the longest recent
+match of the output's last tokens, in the prompt or in the output itself.
+
+T5's encoder and decoder share one vocabulary, so an output that copies spans of its input
+(extraction, editing, summaries that quote) can be drafted by looking the output's last n
+tokens up in the prompt's ids and in what was already generated. ``NgramIndex`` does that for
+one session; ``NgramEngine`` serves it behind the same interface as ``ModelEngine``'s draft
+side (start, propose, the checks), so ``SessionHost``, the servicer and the orchestrator need
+no special case. Its q is a point mass on each proposed token, which keeps exact speculative
+sampling exact (docs/architecture.md, "Drafting without a model").
+
+No MLX here (the unit tests import this module without it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidArgument
+from .steps import Distribution, Proposal, SamplingParams, Verdict
+
+MAX_NGRAM = 64  # the longest n-gram an index may use (each size costs one table entry per position)
+
+
+def check_ngram_sizes(ngram_min: int, ngram_max: int) -> None:
+    if not 1 <= ngram_min <= ngram_max <= MAX_NGRAM:
+        raise InvalidArgument(
+            f"n-gram sizes must satisfy 1 <= ngram_min <= ngram_max <= {MAX_NGRAM}, "
+            f"got ngram_min={ngram_min}, ngram_max={ngram_max}"
+        )
+
+
+@dataclass(frozen=True)
+class Match:
+    """The longest match of the output's last ``size`` tokens, at its most recent occurrence."""
+
+    size: int  # n: how many of the output's last tokens matched
+    end: int  # index (in prompt + output) of the occurrence's last token
+    tokens: list[int]  # what followed it: the proposal (at most the k asked for)
+
+
+class NgramIndex:
+    """A session's prompt ids and output tokens, indexed by every n-gram of sizes
+    ``ngram_min..ngram_max`` that lies within one of the two (none spans the boundary: the
+    output is not a continuation of the prompt's text).
+
+    ``lookup(k)`` takes the output's last n tokens for n from ``ngram_max`` down to
+    ``ngram_min`` (longest first) and returns what followed their most recent earlier
+    occurrence, up to k tokens: in the prompt it stops at the prompt's end; in the output it
+    may run into the tokens it proposes (an overlapping copy, as LZ77 does), so a repeating
+    output is continued. Appending and truncating the output are O(sizes) per token, so a
+    rollback costs what it drops.
+    """
+
+    def __init__(self, prompt: Sequence[int], ngram_min: int = 1, ngram_max: int = 4):
+        check_ngram_sizes(ngram_min, ngram_max)
+        self.ngram_min = ngram_min
+        self.ngram_max = ngram_max
+        self.prompt_length = len(prompt)
+        self._seq: list[int] = []  # prompt, then output
+        # n-gram -> end indices of its occurrences in _seq, ascending (the last is the most recent)
+        self._ends: dict[tuple[int, ...], list[int]] = {}
+        for token in prompt:
+            self._push(token, segment_start=0)
+
+    # -- contents ------------------------------------------------------------------------------
+    @property
+    def output(self) -> list[int]:
+        return self._seq[self.prompt_length :]
+
+    @property
+    def positions(self) -> int:
+        """Token positions indexed: prompt plus output."""
+        return len(self._seq)
+
+    def _push(self, token: int, segment_start: int) -> None:
+        self._seq.append(token)
+        end = len(self._seq) - 1
+        for n in range(self.ngram_min, self.ngram_max + 1):
+            if end - n + 1 < segment_start:
+                break
+            self._ends.setdefault(tuple(self._seq[end - n + 1 : end + 1]), []).append(end)
+
+    def extend(self, tokens: Iterable[int]) -> None:
+        """Append output tokens."""
+        for token in tokens:
+            self._push(token, segment_start=self.prompt_length)
+
+    def truncate(self, output_length: int) -> None:
+        """Keep the first ``output_length`` output tokens (a rollback)."""
+        if not 0 <= output_length <= len(self._seq) - self.prompt_length:
+            raise InvalidArgument(
+                f"cannot keep {output_length} output tokens: the index holds "
+                f"{len(self._seq) - self.prompt_length}"
+            )
+        keep = self.prompt_length + output_length
+        while len(self._seq) > keep:
+            end = len(self._seq) - 1
+            for n in range(self.ngram_min, self.ngram_max + 1):
+                if end - n + 1 < self.prompt_length:
+                    break
+                key = tuple(self._seq[end - n + 1 : end + 1])
+                ends = self._ends[key]
+                ends.pop()  # ``end`` is the most recent occurrence of every n-gram ending there
+                if not ends:
+                    del self._ends[key]
+            self._seq.pop()
+
+    def sync(self, output: Sequence[int]) -> None:
+        """Make the indexed output equal ``output``: truncate to the common prefix, append the rest."""
+        mine = self._seq[self.prompt_length :]
+        if len(mine) <= len(output) and mine == list(output[: len(mine)]):
+            common = len(mine)  # the usual case: the session only grew
+        else:
+            common = 0
+            for a, b in zip(mine, output, strict=False):
+                if a != b:
+                    break
+                common += 1
+            self.truncate(common)
+        self.extend(output[common:])
+
+    # -- lookup --------------------------------------------------------------------------------
+    def lookup(self, k: int) -> Match | None:
+        """The longest match of the output's last tokens at its most recent occurrence that has a
+        continuation, and up to ``k`` tokens of that continuation; None if nothing matches."""
+        if k < 1:
+            return None
+        output_length = len(self._seq) - self.prompt_length
+        last = len(self._seq) - 1
+        for n in range(min(self.ngram_max, output_length), self.ngram_min - 1, -1):
+            ends = self._ends.get(tuple(self._seq[last - n + 1 :]))
+            if not ends:
+                continue
+            for end in reversed(ends):
+                # The suffix itself is no match, and nothing follows the prompt's last token.
+                if end == last or end == self.prompt_length - 1:
+                    continue
+                return Match(n, end, self._continuation(end, k))
+        return None
+
+    def _continuation(self, end: int, k: int) -> list[int]:
+        if end < self.prompt_length:
+            return self._seq[end + 1 : min(end + 1 + k, self.prompt_length)]
+        tokens: list[int] = []
+        for j in range(k):  # an overlapping copy: past the end, it copies what it proposed
+            i = end + 1 + j
+            tokens.append(self._seq[i] if i < len(self._seq) else tokens[i - len(self._seq)])
+        return tokens
+
+    def propose(self, k: int) -> list[int]:
+        match = self.lookup(k)
+        return match.tokens if match is not None else []
+
+
+# -- the engine ------------------------------------------------------------------------------------
+
+
+def point_mass(token: int) -> Distribution:
+    """q for a token proposed without a model: all of its mass on the token (float16 weight 1,
+    exact on the wire; ``sampling.normalised`` gives exactly 1.0)."""
+    return Distribution(np.array([token], np.int32), np.ones(1, np.float16))
+
+
+@dataclass
+class ModelConfig:
+    """What ``Info`` says about the model family of a worker that loads no weights: the config
+    (vocabulary, special ids) and where it came from; no dtype, no parameters."""
+
+    args: Any  # specdec_core.t5.ModelArgs
+    path: Path
+    model_id: str
+    dtype: str = ""
+    quantization: dict[str, int] | None = None
+    num_parameters: int = 0
+
+
+class IndexPositions:
+    """An n-gram session's stand-in for a KV cache. Nothing is cached (``length`` 0, so a
+    rollback has no K/V to drop). What the session counts against the worker's budget
+    (``--max-cached-tokens``) are the positions it indexes: the prompt (``encoder_length``) and
+    the decoder tokens in the store's chunks (``capacity``), exactly as a model session of the
+    same lengths counts them. That overstates its bytes (a few tens per position, not K/V) but
+    keeps the store's reservation and growth checks exact, and the budget still bounds the
+    index's memory; raise --max-cached-tokens on an n-gram worker to hold more sessions."""
+
+    length = 0
+
+    def __init__(self, tokens: list[int], prompt_length: int):
+        self._tokens = tokens  # the session's own list (mutated in place, never replaced)
+        self.encoder_length = prompt_length
+
+    @property
+    def capacity(self) -> int:
+        from .kv_cache import CHUNK  # the store's unit; imported here so this module needs no MLX
+
+        return -(-len(self._tokens) // CHUNK) * CHUNK
+
+    def rollback_to(self, length: int) -> None:
+        pass
+
+
+class NgramState:
+    """An n-gram session: its decoder tokens (``tokens[0]`` is the decoder start id), as
+    ``engine.DecoderState`` holds them, and the index of prompt and output, brought up to date
+    with ``tokens`` at each proposal (``SessionHost`` rolls back and appends ``tokens`` itself)."""
+
+    def __init__(self, tokens: list[int], index: NgramIndex):
+        self.tokens = tokens
+        self.index = index
+        self.cache = IndexPositions(tokens, index.prompt_length)
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def rollback_to(self, length: int) -> None:
+        if not 0 < length <= len(self.tokens):
+            raise InvalidArgument(
+                f"rollback_to must be in [1, {len(self.tokens)}] (the session's length), got {length}"
+            )
+        del self.tokens[length:]
+
+    @property
+    def cached_tokens(self) -> int:
+        from .kv_cache import CHUNK
+
+        return max(self.cache.capacity, CHUNK) + self.cache.encoder_length
+
+
+class NgramEngine:
+    """A draft with no model: ``ModelEngine``'s draft-side interface over an ``NgramIndex`` per
+    session. ``loaded`` carries the model family's config for Info (no weights are read)."""
+
+    method = "ngram"
+
+    def __init__(self, loaded: ModelConfig, max_draft: int = 64, ngram_min: int = 1, ngram_max: int = 4):
+        check_ngram_sizes(ngram_min, ngram_max)
+        self.loaded = loaded
+        self.args = loaded.args
+        self.max_draft = max_draft
+        self.ngram_min = ngram_min
+        self.ngram_max = ngram_max
+        self.forward_passes = 0  # no model: never a forward pass
+
+    @property
+    def vocab_size(self) -> int:
+        return self.args.vocab_size
+
+    # The same checks as ModelEngine's, so every worker refuses the same requests.
+    def check_tokens(self, tokens: list[int], what: str) -> None:
+        for t in tokens:
+            if not 0 <= t < self.vocab_size:
+                raise InvalidArgument(
+                    f"{what} contains token id {t}, outside the vocabulary [0, {self.vocab_size})"
+                )
+
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise InvalidArgument("prompt_ids is empty: send at least one token id")
+        self.check_tokens(prompt_ids, "prompt_ids")
+
+    def check_k(self, k: int) -> None:
+        if not 1 <= k <= self.max_draft:
+            raise InvalidArgument(f"num_draft must be in [1, {self.max_draft}] (max_draft), got {k}")
+
+    def start(self, prompt_ids: list[int]) -> NgramState:
+        self.check_prompt(prompt_ids)
+        index = NgramIndex(prompt_ids, self.ngram_min, self.ngram_max)
+        return NgramState([self.args.decoder_start_token_id], index)
+
+    def propose(self, state: NgramState, k: int, params: SamplingParams, seed: int) -> Proposal:
+        """Up to k tokens from the index (none when nothing matches: the step is the target
+        alone), cut after EOS; q is a point mass on each."""
+        self.check_k(k)
+        state.index.sync(state.tokens[1:])
+        tokens = state.index.propose(k)
+        eos = self.args.eos_token_id
+        if eos in tokens:
+            tokens = tokens[: tokens.index(eos) + 1]
+        state.tokens.extend(tokens)
+        state.index.extend(tokens)
+        return Proposal(
+            tokens=tokens,
+            token_probs=[1.0] * len(tokens),
+            distributions=[] if params.greedy else [point_mass(t) for t in tokens],
+        )
+
+    def verify(self, state: NgramState, num_draft: int, params: SamplingParams, seed: int,
+               draft_distributions: list[Distribution]) -> Verdict:
+        raise InvalidArgument("an n-gram worker drafts only; verify on a target")

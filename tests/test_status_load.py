@@ -1,0 +1,181 @@
+"""Status reports each replica's live load (sessions, cached token positions and their budget,
+steps per second), read by the orchestrator's health watch from the replicas' own Info, and
+``specdec status`` prints it. The reference is each worker's Info, asked directly."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from harness import LoopThread, start_orchestrator_in, start_worker_in
+
+from orchestrator import cli
+from orchestrator.client import SpecdecClient
+from orchestrator.replicas import Load
+from specdec_core.session_host import HostLimits
+from specdec_pb import specdec_pb2 as pb
+from specdec_pb import specdec_pb2_grpc as pb_grpc
+from specdec_tools.tiny_checkpoints import corpus_lines
+
+PROMPTS = corpus_lines()[11:200:19][:6]
+HEALTH_S = 0.2
+BUDGET = {"draft": 50_000, "target": 70_000}  # not the default, so the budget shown is the worker's
+
+
+def wait_for(condition: Callable[[], object], what: str, deadline_s: float = 60.0) -> object:
+    """Poll until ``condition()`` is truthy (the health watch reads every HEALTH_S seconds)."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(HEALTH_S / 2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def cluster(loop: LoopThread, near_draft_dir: Path, target_dir: Path):
+    draft = start_worker_in(loop, "draft", near_draft_dir, HostLimits(max_cached_tokens=BUDGET["draft"]))
+    target = start_worker_in(loop, "target", target_dir, HostLimits(max_cached_tokens=BUDGET["target"]))
+    orch = start_orchestrator_in(loop, [draft.address], [target.address], health_interval_s=HEALTH_S)
+    client = SpecdecClient(orch.address, timeout=60)
+    channels = {w.role: grpc.insecure_channel(w.address) for w in (draft, target)}
+    stubs = {"draft": pb_grpc.DraftStub(channels["draft"]), "target": pb_grpc.TargetStub(channels["target"])}
+    yield client, orch, stubs, {"draft": draft, "target": target}
+    for channel in channels.values():
+        channel.close()
+    client.close()
+    orch.stop()
+    draft.stop()
+    target.stop()
+
+
+def by_role(client: SpecdecClient) -> dict[str, pb.ReplicaStatus]:
+    return {r.role: r for r in client.status().replicas}
+
+
+def agrees_with_info(client: SpecdecClient, stubs) -> bool:
+    """Status's load equals each worker's own Info (while nothing changes it)."""
+    status = by_role(client)
+    for role, stub in stubs.items():
+        info = stub.Info(pb.InfoRequest(), timeout=10)
+        r = status[role]
+        if (r.live_sessions, r.cached_tokens, r.max_cached_tokens) != (
+                info.live_sessions, info.cached_tokens, info.limits.max_cached_tokens):
+            return False
+    return True
+
+
+def test_status_reports_the_workers_sessions_and_cache(cluster) -> None:
+    client, orch, stubs, _ = cluster
+    for prompt in PROMPTS[:3]:
+        client.generate(prompt, max_tokens=12, num_draft=3)
+    # Sessions another orchestrator holds open (opened here directly): the load Status shows is
+    # the replica's own, not only this orchestrator's.
+    opened = {role: [stub.OpenSession(pb.OpenSessionRequest(prompt_ids=[5 + i, 6, 7, 1]), timeout=10).session_id
+                     for i in range(2)] for role, stub in stubs.items()}
+    try:
+        wait_for(lambda: agrees_with_info(client, stubs) and by_role(client)["target"].live_sessions == 2,
+                 "Status to show the 2 open sessions per replica")
+        status = by_role(client)
+        for role in stubs:
+            r = status[role]
+            assert r.healthy and r.live_sessions == 2 and r.active_sessions == 0  # none of them ours
+            assert r.max_cached_tokens == BUDGET[role] and 0 < r.cached_tokens < r.max_cached_tokens
+        # specdec status prints them: sessions and the cache share of the budget, per replica.
+        table = capsys_free_status(orch.address)
+        for role in stubs:
+            r = status[role]
+            row = next(line for line in table.splitlines() if line.startswith(role)).split()
+            assert row[1:4] == [r.address, "serving", "2"]
+            assert f"{100 * r.cached_tokens / r.max_cached_tokens:.1f}%" in row
+    finally:
+        for role, ids in opened.items():
+            for session_id in ids:
+                stubs[role].CloseSession(pb.CloseSessionRequest(session_id=session_id), timeout=10)
+    wait_for(lambda: agrees_with_info(client, stubs) and by_role(client)["draft"].live_sessions == 0,
+             "Status to show the sessions closed")
+    assert all(r.cached_tokens == 0 for r in client.status().replicas)
+
+
+def capsys_free_status(address: str) -> str:
+    """``specdec status``'s table."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        cli.main(["status", "--address", address])
+    assert exit_info.value.code == 0
+    return out.getvalue()
+
+
+def test_steps_per_second_while_generations_run(cluster) -> None:
+    client, orch, stubs, workers = cluster
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def generate() -> None:
+        try:
+            i = 0
+            while not stop.is_set():
+                client.generate(PROMPTS[i % len(PROMPTS)], max_tokens=16, num_draft=2)
+                i += 1
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            errors.append(error)
+
+    thread = threading.Thread(target=generate, daemon=True)
+    thread.start()
+    try:
+        busy = wait_for(lambda: (s := by_role(client)) and all(r.steps_per_s > 0 for r in s.values()) and s,
+                        "steps_per_s > 0 on both replicas while generations run")
+        assert all(r.healthy for r in busy.values())
+        # A rate, not a counter: it cannot exceed the steps the worker answered in all.
+        for role, worker in workers.items():
+            assert busy[role].steps_per_s <= worker.host.snapshot()["steps"] / HEALTH_S * 2
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not errors, errors
+    # Idle again: no step in an interval between two checks reads as 0 steps per second.
+    wait_for(lambda: all(r.steps_per_s == 0 for r in client.status().replicas), "steps_per_s back to 0")
+
+
+def test_a_replica_that_stops_serving_shows_no_load(loop: LoopThread, near_draft_dir: Path, target_dir: Path) -> None:
+    draft = start_worker_in(loop, "draft", near_draft_dir)
+    target = start_worker_in(loop, "target", target_dir)
+    orch = start_orchestrator_in(loop, [draft.address], [target.address], health_interval_s=HEALTH_S)
+    try:
+        with SpecdecClient(orch.address, timeout=60) as client:
+            wait_for(lambda: by_role(client)["draft"].max_cached_tokens > 0, "the draft's load")
+            draft.stop()
+            wait_for(lambda: not by_role(client)["draft"].healthy, "the draft marked down")
+            down = wait_for(lambda: (r := by_role(client)["draft"]).max_cached_tokens == 0 and r,
+                            "the draft's load cleared")
+            assert (down.live_sessions, down.cached_tokens, down.steps_per_s) == (0, 0, 0.0)
+            assert by_role(client)["target"].max_cached_tokens > 0
+            table = capsys_free_status(orch.address)
+            row = next(line for line in table.splitlines() if line.startswith("draft"))
+            assert "down" in row and "%" not in row
+    finally:
+        orch.stop()
+        target.stop()
+
+
+def info(steps: int, sessions: int = 1, cached: int = 10, budget: int = 100) -> pb.InfoResponse:
+    return pb.InfoResponse(live_sessions=sessions, cached_tokens=cached, limits=pb.Limits(max_cached_tokens=budget),
+                           metrics=pb.Metrics(steps=steps))
+
+
+def test_load_rate_is_the_difference_of_two_readings() -> None:
+    first = Load.read(info(40), at=10.0, before=None)
+    assert first.steps_per_s == 0.0  # one reading: no rate yet
+    second = Load.read(info(70), at=10.5, before=first)
+    assert second.steps_per_s == pytest.approx(60.0)  # 30 steps in half a second
+    assert (second.live_sessions, second.cached_tokens, second.max_cached_tokens) == (1, 10, 100)
+    restarted = Load.read(info(5), at=11.0, before=second)  # the counter went back: a restart
+    assert restarted.steps_per_s == 0.0
+    assert Load.read(info(20), at=12.0, before=restarted).steps_per_s == pytest.approx(15.0)
