@@ -261,6 +261,39 @@ def test_sampled_failover_keeps_a_seeded_requests_tokens(fresh: Cluster) -> None
     assert stats.draft_replica not in ("", killed["draft"]) and stats.target_replica != killed["target"]
 
 
+def test_killed_ngram_draft_fails_over_like_a_model_draft(fresh: Cluster, reference) -> None:
+    """kill -9 of the serving n-gram draft (``--method ngram``) mid-stream: the request fails
+    over to the other n-gram draft and the greedy output stays the target's."""
+    drafts = [start_worker("draft", fresh.models["draft"], fresh.log_dir, extra=["--method", "ngram"], wait=False)
+              for _ in range(2)]
+    start_all(drafts)
+    orch = start_orchestrator_in(fresh.loop, [d.address for d in drafts], fresh.addresses("target"),
+                                 health_interval_s=HEALTH_INTERVAL_S, connect_timeout_s=30)
+    try:
+        pacer = Pacer(orch.pool, PACE_S)
+        with SpecdecClient(orch.address, timeout=60) as client:
+            prompt = PROMPTS[6]
+            chunks: list[pb.GenerateStreamResponse] = []
+            killed = ""
+            for chunk in client.stream(prompt, max_tokens=MAX_TOKENS, num_draft=NUM_DRAFT):
+                chunks.append(chunk)
+                if len(chunks) == 3:
+                    assert not chunk.finish_reason, "the generation ended before the test could act"
+                    busy = {r.address for r in client.status().replicas if r.role == "draft" and r.active_sessions}
+                    victim = next(d for d in drafts if d.address in busy)
+                    killed = victim.address
+                    victim.kill()
+            assert tokens_of(chunks) == reference(prompt, MAX_TOKENS)
+            survivor = next(d.address for d in drafts if d.address != killed)
+            assert chunks[-1].stats.draft_replica == survivor
+            assert pacer.since(0, "Propose") and {c.address for c in pacer.calls if c.method == "Propose"} == {
+                killed, survivor}
+    finally:
+        orch.stop()
+        for d in drafts:
+            d.kill()
+
+
 # -- replica failure ----------------------------------------------------------------------------------
 
 
