@@ -7,14 +7,13 @@ Every forward pass feeds the tokens past ``cache.length``; rolling back shortens
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import mlx.core as mx
 import numpy as np
 
 from .checkpoint import LoadedModel
+from .decoder_state import CHUNK, DecoderState
 from .errors import InvalidArgument
-from .kv_cache import CHUNK, DecoderCache
+from .request_checks import RequestChecks
 from .sampling import (
     DRAFT_STREAM,
     TARGET_STREAM,
@@ -29,32 +28,7 @@ from .steps import Distribution, Proposal, SamplingParams, Verdict
 DECODE_SLICE = CHUNK  # most new decoder positions fed in one call (see ModelEngine.forward)
 
 
-@dataclass
-class DecoderState:
-    tokens: list[int]
-    cache: DecoderCache
-
-    @property
-    def length(self) -> int:
-        return len(self.tokens)
-
-    def rollback_to(self, length: int) -> None:
-        if not 0 < length <= len(self.tokens):
-            raise InvalidArgument(
-                f"rollback_to must be in [1, {len(self.tokens)}] (the session's length), got {length}"
-            )
-        del self.tokens[length:]
-        if self.cache.length > length:
-            self.cache.rollback_to(length)
-
-    @property
-    def cached_tokens(self) -> int:
-        """Positions this session holds memory for: decoder slots (at least the first chunk, which
-        its first step allocates, so opened sessions reserve it) plus the encoder."""
-        return max(self.cache.capacity, CHUNK) + self.cache.encoder_length
-
-
-class ModelEngine:
+class ModelEngine(RequestChecks):
     """One loaded model and the operations the services run on its sessions."""
 
     def __init__(self, loaded: LoadedModel, max_draft: int = 64):
@@ -63,22 +37,6 @@ class ModelEngine:
         self.args = loaded.args
         self.max_draft = max_draft
         self.forward_passes = 0
-
-    @property
-    def vocab_size(self) -> int:
-        return self.args.vocab_size
-
-    def check_tokens(self, tokens: list[int], what: str) -> None:
-        for t in tokens:
-            if not 0 <= t < self.vocab_size:
-                raise InvalidArgument(
-                    f"{what} contains token id {t}, outside the vocabulary [0, {self.vocab_size})"
-                )
-
-    def check_prompt(self, prompt_ids: list[int]) -> None:
-        if not prompt_ids:
-            raise InvalidArgument("prompt_ids is empty: send at least one token id")
-        self.check_tokens(prompt_ids, "prompt_ids")
 
     def start(self, prompt_ids: list[int]) -> DecoderState:
         """Encode the prompt once and build the session's cache (cross K/V included)."""
@@ -167,7 +125,3 @@ class ModelEngine:
             verdict.resampled.append(draw_residual(p[j], q, float(draws[j])))
         verdict.resampled.append(sample(p[num_draft], float(draws[num_draft])))
         return verdict
-
-    def check_k(self, k: int) -> None:
-        if not 1 <= k <= self.max_draft:
-            raise InvalidArgument(f"num_draft must be in [1, {self.max_draft}] (max_draft), got {k}")

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 
+from .decoder_state import CHUNK
 from .errors import InvalidArgument
-
-CHUNK = 256  # positions added per growth step: big enough that growth is rare
 
 
 class LayerKVCache:

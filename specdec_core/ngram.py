@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from .decoder_state import CHUNK, DecoderState
 from .errors import InvalidArgument
+from .request_checks import RequestChecks
 from .steps import Distribution, Proposal, SamplingParams, Verdict
 
 MAX_NGRAM = 64  # the longest n-gram an index may use (each size costs one table entry per position)
@@ -197,43 +199,23 @@ class IndexPositions:
 
     @property
     def capacity(self) -> int:
-        from .kv_cache import CHUNK  # the store's unit; imported here so this module needs no MLX
-
         return -(-len(self._tokens) // CHUNK) * CHUNK
 
     def rollback_to(self, length: int) -> None:
         pass
 
 
-class NgramState:
-    """An n-gram session: its decoder tokens (``tokens[0]`` is the decoder start id), as
-    ``engine.DecoderState`` holds them, and the index of prompt and output, brought up to date
-    with ``tokens`` at each proposal (``SessionHost`` rolls back and appends ``tokens`` itself)."""
+class NgramState(DecoderState):
+    """An n-gram session: its decoder tokens, as any session holds them, and the index of prompt
+    and output, brought up to date with ``tokens`` at each proposal (``SessionHost`` rolls back
+    and appends ``tokens`` itself)."""
 
     def __init__(self, tokens: list[int], index: NgramIndex):
-        self.tokens = tokens
+        super().__init__(tokens, IndexPositions(tokens, index.prompt_length))
         self.index = index
-        self.cache = IndexPositions(tokens, index.prompt_length)
-
-    @property
-    def length(self) -> int:
-        return len(self.tokens)
-
-    def rollback_to(self, length: int) -> None:
-        if not 0 < length <= len(self.tokens):
-            raise InvalidArgument(
-                f"rollback_to must be in [1, {len(self.tokens)}] (the session's length), got {length}"
-            )
-        del self.tokens[length:]
-
-    @property
-    def cached_tokens(self) -> int:
-        from .kv_cache import CHUNK
-
-        return max(self.cache.capacity, CHUNK) + self.cache.encoder_length
 
 
-class NgramEngine:
+class NgramEngine(RequestChecks):
     """A draft with no model: ``ModelEngine``'s draft-side interface over an ``NgramIndex`` per
     session. ``loaded`` carries the model family's config for Info (no weights are read)."""
 
@@ -247,27 +229,6 @@ class NgramEngine:
         self.ngram_min = ngram_min
         self.ngram_max = ngram_max
         self.forward_passes = 0  # no model: never a forward pass
-
-    @property
-    def vocab_size(self) -> int:
-        return self.args.vocab_size
-
-    # The same checks as ModelEngine's, so every worker refuses the same requests.
-    def check_tokens(self, tokens: list[int], what: str) -> None:
-        for t in tokens:
-            if not 0 <= t < self.vocab_size:
-                raise InvalidArgument(
-                    f"{what} contains token id {t}, outside the vocabulary [0, {self.vocab_size})"
-                )
-
-    def check_prompt(self, prompt_ids: list[int]) -> None:
-        if not prompt_ids:
-            raise InvalidArgument("prompt_ids is empty: send at least one token id")
-        self.check_tokens(prompt_ids, "prompt_ids")
-
-    def check_k(self, k: int) -> None:
-        if not 1 <= k <= self.max_draft:
-            raise InvalidArgument(f"num_draft must be in [1, {self.max_draft}] (max_draft), got {k}")
 
     def start(self, prompt_ids: list[int]) -> NgramState:
         self.check_prompt(prompt_ids)

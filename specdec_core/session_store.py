@@ -13,9 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .engine import DecoderState
+from .decoder_state import CHUNK, DecoderState
 from .errors import ResourceExhausted, SessionNotFound
-from .kv_cache import CHUNK
 
 
 @dataclass

@@ -6,12 +6,14 @@ Tests talk to them with ordinary synchronous gRPC channels, exactly as a client 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from draft_service.servicer import SERVICE_NAME as DRAFT_SERVICE
 from draft_service.servicer import DraftServicer
 from draft_service.servicer import add_to_server as add_draft
+from orchestrator.client import SpecdecClient
 from specdec_core.session_host import HostLimits, SessionHost
 from specdec_grpc.server import RunningServer
 from specdec_grpc.worker import WorkerConfig, start_worker
@@ -84,3 +86,22 @@ def start_orchestrator_in(loop: LoopThread, drafts: list[str], targets: list[str
     cfg = OrchestratorConfig(drafts=drafts, targets=targets, port=0, **config)
     running, pool, orchestrator = loop.call(start_orchestrator(cfg))
     return RunningOrchestrator(loop, running, pool, orchestrator)
+
+
+@contextmanager
+def speculative_cluster(loop: LoopThread, draft_dir: Any, target_dir: Any, draft_limits: HostLimits | None = None,
+                        target_limits: HostLimits | None = None, **orchestrator_config: Any
+                        ) -> Iterator[tuple[SpecdecClient, Worker, Worker, RunningOrchestrator]]:
+    """One draft, one target and an orchestrator in-process, with a client; all stopped after."""
+    draft = start_worker_in(loop, "draft", draft_dir, draft_limits)
+    target = start_worker_in(loop, "target", target_dir, target_limits)
+    orch = start_orchestrator_in(loop, [draft.address], [target.address], **orchestrator_config)
+    client = SpecdecClient(orch.address, timeout=60)
+    try:
+        yield client, draft, target, orch
+    finally:
+        client.close()
+        orch.stop()
+        draft.stop()
+        target.stop()
+

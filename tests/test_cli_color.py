@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import LoopThread, start_orchestrator_in, start_worker_in
+from harness import LoopThread, speculative_cluster
 
 from orchestrator import cli
-from orchestrator.client import SpecdecClient, TextAttribution
+from orchestrator.client import TextAttribution
 from specdec_core.tokenizer import load_tokenizer
 from specdec_tools.tiny_checkpoints import corpus_lines
 
@@ -38,15 +38,8 @@ COLOURS = {cli.DRAFT_COLOR: True, cli.TARGET_COLOR: False}
 
 @pytest.fixture(scope="module")
 def cluster(loop: LoopThread, near_draft_dir: Path, target_dir: Path):
-    draft = start_worker_in(loop, "draft", near_draft_dir)
-    target = start_worker_in(loop, "target", target_dir)
-    orch = start_orchestrator_in(loop, [draft.address], [target.address])
-    client = SpecdecClient(orch.address, timeout=60)
-    yield client, orch
-    client.close()
-    orch.stop()
-    draft.stop()
-    target.stop()
+    with speculative_cluster(loop, near_draft_dir, target_dir) as (client, _, _, orch):
+        yield client, orch
 
 
 @pytest.fixture(scope="module")

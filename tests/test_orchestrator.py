@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from harness import LoopThread, start_orchestrator_in, start_worker_in
+from harness import LoopThread, speculative_cluster, start_orchestrator_in, start_worker_in
 from scipy import stats as scipy_stats
 from transformers import T5ForConditionalGeneration
 
@@ -31,15 +31,8 @@ PROMPTS = corpus_lines()[5:425:21][:20]
 
 @pytest.fixture(scope="module")
 def cluster(loop: LoopThread, near_draft_dir: Path, target_dir: Path):
-    draft = start_worker_in(loop, "draft", near_draft_dir)
-    target = start_worker_in(loop, "target", target_dir)
-    orch = start_orchestrator_in(loop, [draft.address], [target.address])
-    client = SpecdecClient(orch.address, timeout=60)
-    yield client, draft, target, orch
-    client.close()
-    orch.stop()
-    draft.stop()
-    target.stop()
+    with speculative_cluster(loop, near_draft_dir, target_dir) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

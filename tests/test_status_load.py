@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from harness import LoopThread, start_orchestrator_in, start_worker_in
+from harness import LoopThread, speculative_cluster, start_orchestrator_in, start_worker_in
 
 from orchestrator import cli
 from orchestrator.client import SpecdecClient
@@ -41,19 +41,14 @@ def wait_for(condition: Callable[[], object], what: str, deadline_s: float = 60.
 
 @pytest.fixture(scope="module")
 def cluster(loop: LoopThread, near_draft_dir: Path, target_dir: Path):
-    draft = start_worker_in(loop, "draft", near_draft_dir, HostLimits(max_cached_tokens=BUDGET["draft"]))
-    target = start_worker_in(loop, "target", target_dir, HostLimits(max_cached_tokens=BUDGET["target"]))
-    orch = start_orchestrator_in(loop, [draft.address], [target.address], health_interval_s=HEALTH_S)
-    client = SpecdecClient(orch.address, timeout=60)
-    channels = {w.role: grpc.insecure_channel(w.address) for w in (draft, target)}
-    stubs = {"draft": pb_grpc.DraftStub(channels["draft"]), "target": pb_grpc.TargetStub(channels["target"])}
-    yield client, orch, stubs, {"draft": draft, "target": target}
-    for channel in channels.values():
-        channel.close()
-    client.close()
-    orch.stop()
-    draft.stop()
-    target.stop()
+    with speculative_cluster(loop, near_draft_dir, target_dir, HostLimits(max_cached_tokens=BUDGET["draft"]),
+                             HostLimits(max_cached_tokens=BUDGET["target"]), health_interval_s=HEALTH_S
+                             ) as (client, draft, target, orch):
+        channels = {w.role: grpc.insecure_channel(w.address) for w in (draft, target)}
+        stubs = {"draft": pb_grpc.DraftStub(channels["draft"]), "target": pb_grpc.TargetStub(channels["target"])}
+        yield client, orch, stubs, {"draft": draft, "target": target}
+        for channel in channels.values():
+            channel.close()
 
 
 def by_role(client: SpecdecClient) -> dict[str, pb.ReplicaStatus]:

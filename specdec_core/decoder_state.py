@@ -1,0 +1,41 @@
+"""A session's decoder state, as the session store and host see it: no MLX here, so a worker
+without a model (the n-gram draft) shares it.
+
+A session's decoder state is the token list it has been given or has proposed (``tokens[0]``
+is the decoder start id) and a cache holding K/V for a prefix of it (``kv_cache.DecoderCache``,
+or a stand-in with the same ``length``/``capacity``/``encoder_length``/``rollback_to``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidArgument
+
+CHUNK = 256  # cache positions added per growth step, and the budget's unit: big enough that growth is rare
+
+
+@dataclass
+class DecoderState:
+    tokens: list[int]
+    cache: Any  # kv_cache.DecoderCache, or a stand-in with the same interface
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def rollback_to(self, length: int) -> None:
+        if not 0 < length <= len(self.tokens):
+            raise InvalidArgument(
+                f"rollback_to must be in [1, {len(self.tokens)}] (the session's length), got {length}"
+            )
+        del self.tokens[length:]
+        if self.cache.length > length:
+            self.cache.rollback_to(length)
+
+    @property
+    def cached_tokens(self) -> int:
+        """Positions this session holds memory for: decoder slots (at least the first chunk, which
+        its first step allocates, so opened sessions reserve it) plus the encoder."""
+        return max(self.cache.capacity, CHUNK) + self.cache.encoder_length
