@@ -31,6 +31,8 @@ DECODE_SLICE = CHUNK  # most new decoder positions fed in one call (see ModelEng
 class ModelEngine(RequestChecks):
     """One loaded model and the operations the services run on its sessions."""
 
+    method = "model"  # how a draft built on it proposes (Info.draft_method)
+
     def __init__(self, loaded: LoadedModel, max_draft: int = 64):
         self.loaded = loaded
         self.model = loaded.model

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -175,16 +175,31 @@ def needed_message_mb(limits: HostLimits, vocab_size: int) -> int:
 def build_host(config: WorkerConfig) -> SessionHost:
     if config.method != "model" and config.role != "draft":
         raise CheckpointError(f"--method {config.method} is for drafts; a {config.role} runs its model")
-    if config.method == "ngram":
-        return _ngram_host(config)
+    engine, model_dir = _build_engine(config)
+    tokenizer = load_tokenizer(model_dir)
+    return SessionHost(engine, config.limits, config.role, tokenizer_fingerprint(tokenizer))
+
+
+def _build_engine(config: WorkerConfig) -> tuple[Any, Path]:
+    """The engine for the configured method, and the directory its tokenizer files are in."""
+    if config.method == "ngram":  # no model: the config and tokenizer of --model for Info, no weights
+        from specdec_core.checkpoint import read_config, resolve_model_path
+        from specdec_core.ngram import ModelConfig, NgramEngine
+        from specdec_core.t5 import ModelArgs
+
+        path = resolve_model_path(config.model)
+        config_only = ModelConfig(ModelArgs.from_dict(read_config(path)), path, config.model)
+        logger.info("%s drafts by n-gram lookup (matches of %d..%d tokens); config and tokenizer from %s, "
+                    "no model loaded", config.role, config.ngram_min, config.ngram_max, config.model)
+        return NgramEngine(config_only, config.limits.max_draft, config.ngram_min, config.ngram_max), path
     if config.method not in ("model", "hybrid"):
         raise CheckpointError(f"unknown draft method {config.method!r}: model, ngram or hybrid")
     loaded = load_model(config.model, dtype=config.dtype, quantize_bits=config.quantize)
-    tokenizer = load_tokenizer(loaded.path)
     if config.method == "hybrid":
         from specdec_core.hybrid import HybridEngine
 
-        engine = HybridEngine(loaded, config.limits.max_draft, config.hybrid_min_match, config.ngram_max)
+        engine: ModelEngine = HybridEngine(loaded, config.limits.max_draft, config.hybrid_min_match,
+                                           config.ngram_max)
         logger.info("%s drafts with n-gram matches of %d..%d tokens, the model elsewhere", config.role,
                     config.hybrid_min_match, config.ngram_max)
     else:
@@ -194,22 +209,7 @@ def build_host(config: WorkerConfig) -> SessionHost:
         config.role, config.model, loaded.dtype, loaded.num_parameters / 1e6,
         loaded.quantization or "none", blas.active_blas,
     )
-    return SessionHost(engine, config.limits, config.role, tokenizer_fingerprint(tokenizer))
-
-
-def _ngram_host(config: WorkerConfig) -> SessionHost:
-    """A draft with no model: the config and tokenizer of --model for Info, no weights read."""
-    from specdec_core.checkpoint import read_config, resolve_model_path
-    from specdec_core.ngram import ModelConfig, NgramEngine
-    from specdec_core.t5 import ModelArgs
-
-    path = resolve_model_path(config.model)
-    loaded = ModelConfig(ModelArgs.from_dict(read_config(path)), path, config.model)
-    engine = NgramEngine(loaded, config.limits.max_draft, config.ngram_min, config.ngram_max)
-    logger.info("%s drafts by n-gram lookup (matches of %d..%d tokens); config and tokenizer from %s, "
-                "no model loaded", config.role, config.ngram_min, config.ngram_max, config.model)
-    tokenizer = load_tokenizer(path)
-    return SessionHost(engine, config.limits, config.role, tokenizer_fingerprint(tokenizer))
+    return engine, loaded.path
 
 
 class SessionServicer:
@@ -291,7 +291,7 @@ def info_response(host: SessionHost) -> pb.InfoResponse:
             request_bytes=live["request_bytes"],
         ),
         blas=blas.active_blas,
-        draft_method=getattr(host.engine, "method", "model") if host.role == "draft" else "",
+        draft_method=host.engine.method if host.role == "draft" else "",
     )
 
 
