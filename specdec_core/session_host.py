@@ -43,6 +43,11 @@ class HostLimits:
     # Seconds the model thread may have work waiting without finishing any before the worker
     # reports NOT_SERVING and refuses new sessions (a wedged thread); 0 turns the watchdog off.
     watchdog_s: float = 30.0
+    # Continuous batching: the model thread runs up to max_batch waiting steps of one kind as
+    # one batched forward pass; batch_wait_ms may hold a step that finds the thread idle so
+    # that more can join (0: never wait; steps that arrive during a batch form the next one).
+    max_batch: int = 16
+    batch_wait_ms: float = 0.0
 
 
 @dataclass
@@ -50,6 +55,8 @@ class HostMetrics:
     steps: int = 0
     request_bytes: int = 0
     response_bytes: int = 0
+    batches: int = 0  # batched model-thread runs (a batch of one counts)
+    batched_steps: int = 0  # steps that ran in them
 
 
 @dataclass(frozen=True)
@@ -350,6 +357,8 @@ class SessionHost:
             "steps": self.metrics.steps,
             "request_bytes": self.metrics.request_bytes,
             "response_bytes": self.metrics.response_bytes,
+            "batches": self.metrics.batches,
+            "batched_steps": self.metrics.batched_steps,
             "time": time.time(),
         }
 

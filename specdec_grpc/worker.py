@@ -81,6 +81,8 @@ class WorkerConfig:
                 session_ttl_s=args.session_ttl,
                 max_decoder_tokens=args.max_decoder_tokens,
                 watchdog_s=args.watchdog_s,
+                max_batch=args.max_batch,
+                batch_wait_ms=args.batch_wait_ms,
             ),
             host=args.host,
             port=args.port,
@@ -125,6 +127,14 @@ def build_parser(role: str) -> argparse.ArgumentParser:
                              "had work waiting this many seconds without finishing any; SERVING again "
                              f"once it does. 0 = off (default {limits.watchdog_s:g}; raise it where one "
                              "forward pass can take longer, e.g. a large model on CPU)")
+    parser.add_argument("--max-batch", type=int, default=limits.max_batch,
+                        help="most sessions' steps run together in one batched forward pass "
+                             f"(default {limits.max_batch}; 1 turns batching off)")
+    parser.add_argument("--batch-wait-ms", type=float, default=limits.batch_wait_ms,
+                        help="how long the model thread may hold a step that finds it idle, to gather "
+                             "more sessions' steps into its batch (default "
+                             f"{limits.batch_wait_ms:g}: never; steps that arrive while a batch runs "
+                             "are batched anyway)")
     add_server_arguments(
         parser, DEFAULT_PORTS[role], default_max_message_mb=None,
         max_message_help="largest request/response accepted, MiB (default: sized to the largest "
@@ -279,6 +289,9 @@ def info_response(host: SessionHost) -> pb.InfoResponse:
             max_prompt_tokens=limits.max_prompt_tokens,
             max_draft=limits.max_draft,
             session_ttl_s=limits.session_ttl_s,
+            max_batch=limits.max_batch,
+            batch_wait_ms=limits.batch_wait_ms,
+            max_decoder_tokens=limits.max_decoder_tokens,
         ),
         live_sessions=live["live_sessions"],
         cached_tokens=live["cached_tokens"],
@@ -289,6 +302,8 @@ def info_response(host: SessionHost) -> pb.InfoResponse:
             steps=live["steps"],
             response_bytes=live["response_bytes"],
             request_bytes=live["request_bytes"],
+            batches=live["batches"],
+            batched_steps=live["batched_steps"],
         ),
         blas=blas.active_blas,
         draft_method=host.engine.method if host.role == "draft" else "",

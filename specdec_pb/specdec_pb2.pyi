@@ -111,34 +111,44 @@ class InfoResponse(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., decoder_start_token_id: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization_bits: _Optional[int] = ..., num_parameters: _Optional[int] = ..., role: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., live_sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., blas: _Optional[str] = ..., draft_method: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_sessions", "max_cached_tokens", "max_prompt_tokens", "max_draft", "session_ttl_s")
+    __slots__ = ("max_sessions", "max_cached_tokens", "max_prompt_tokens", "max_draft", "session_ttl_s", "max_batch", "batch_wait_ms", "max_decoder_tokens")
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_DRAFT_FIELD_NUMBER: _ClassVar[int]
     SESSION_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    BATCH_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DECODER_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_sessions: int
     max_cached_tokens: int
     max_prompt_tokens: int
     max_draft: int
     session_ttl_s: float
-    def __init__(self, max_sessions: _Optional[int] = ..., max_cached_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_draft: _Optional[int] = ..., session_ttl_s: _Optional[float] = ...) -> None: ...
+    max_batch: int
+    batch_wait_ms: float
+    max_decoder_tokens: int
+    def __init__(self, max_sessions: _Optional[int] = ..., max_cached_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_draft: _Optional[int] = ..., session_ttl_s: _Optional[float] = ..., max_batch: _Optional[int] = ..., batch_wait_ms: _Optional[float] = ..., max_decoder_tokens: _Optional[int] = ...) -> None: ...
 
 class Metrics(_message.Message):
-    __slots__ = ("sessions_opened", "sessions_expired", "forward_passes", "steps", "response_bytes", "request_bytes")
+    __slots__ = ("sessions_opened", "sessions_expired", "forward_passes", "steps", "response_bytes", "request_bytes", "batches", "batched_steps")
     SESSIONS_OPENED_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_EXPIRED_FIELD_NUMBER: _ClassVar[int]
     FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_STEPS_FIELD_NUMBER: _ClassVar[int]
     sessions_opened: int
     sessions_expired: int
     forward_passes: int
     steps: int
     response_bytes: int
     request_bytes: int
-    def __init__(self, sessions_opened: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., forward_passes: _Optional[int] = ..., steps: _Optional[int] = ..., response_bytes: _Optional[int] = ..., request_bytes: _Optional[int] = ...) -> None: ...
+    batches: int
+    batched_steps: int
+    def __init__(self, sessions_opened: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., forward_passes: _Optional[int] = ..., steps: _Optional[int] = ..., response_bytes: _Optional[int] = ..., request_bytes: _Optional[int] = ..., batches: _Optional[int] = ..., batched_steps: _Optional[int] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
     __slots__ = ("session_id", "expected_length", "rollback_to", "append_tokens", "num_draft", "sampling", "seed")
