@@ -25,6 +25,10 @@ class DecoderState:
     def length(self) -> int:
         return len(self.tokens)
 
+    def append(self, token: int) -> None:
+        """A token the session's own draft proposed (an engine extends its bookkeeping here)."""
+        self.tokens.append(token)
+
     def rollback_to(self, length: int) -> None:
         if not 0 < length <= len(self.tokens):
             raise InvalidArgument(

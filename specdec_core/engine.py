@@ -7,6 +7,9 @@ Every forward pass feeds the tokens past ``cache.length``; rolling back shortens
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
 import mlx.core as mx
 import numpy as np
 
@@ -48,13 +51,26 @@ class ModelEngine(RequestChecks):
         return DecoderState(tokens=[self.args.decoder_start_token_id], cache=cache)
 
     def forward(self, state: DecoderState, num_logits: int) -> np.ndarray:
-        """Feed every token past the cache; return float32 logits of the last ``num_logits``.
+        """One session's forward pass (``forward_batch`` of one)."""
+        return self.forward_batch([state], [num_logits])[0]
+
+    def forward_batch(self, states: Sequence[DecoderState], num_logits: Sequence[int]) -> list[np.ndarray]:
+        """Feed every session's tokens past its cache in ONE decoder pass; return each session's
+        float32 logits of its last ``num_logits`` positions."""
+        feeds = [self._pending(state, wanted) for state, wanted in zip(states, num_logits, strict=True)]
+        logits = self.model.decode_sessions(feeds, [state.cache for state in states], num_logits)
+        mx.eval(logits)
+        self.forward_passes += 1
+        return [np.array(rows) for rows in logits]
+
+    def _pending(self, state: DecoderState, num_logits: int) -> list[int]:
+        """The session's tokens the next pass feeds (at least ``num_logits`` of them).
 
         If fewer tokens are pending than logits wanted, the cache is rolled back so the
         positions are recomputed (a caller may roll back to a length that is all cached).
         A long run of pending tokens (a failover resync appends a whole generation) is fed
-        ``DECODE_SLICE`` at a time, so no decoder call builds attention scores and position
-        biases bigger than DECODE_SLICE x length per head.
+        ``DECODE_SLICE`` at a time first, alone, so no decoder call builds attention scores
+        and position biases bigger than DECODE_SLICE x length per head.
         """
         pending_needed = min(num_logits, len(state.tokens))
         if len(state.tokens) - state.cache.length < pending_needed:
@@ -62,36 +78,58 @@ class ModelEngine(RequestChecks):
         pending = state.tokens[state.cache.length :]
         while len(pending) > DECODE_SLICE and len(pending) - DECODE_SLICE >= num_logits:
             head, pending = pending[:DECODE_SLICE], pending[DECODE_SLICE:]
-            self.model.decode(mx.array([head], dtype=mx.int32), cache=state.cache, num_logits=0)
+            self.model.decode_sessions([head], [state.cache], [0])
             mx.eval([array for layer in state.cache.layers for array in (layer.keys, layer.values)])
-        logits = self.model.decode(
-            mx.array([pending], dtype=mx.int32), cache=state.cache, num_logits=num_logits
-        )
-        mx.eval(logits)
-        self.forward_passes += 1
-        return np.array(logits[0])
+        return pending
 
-    def propose(
-        self, state: DecoderState, k: int, params: SamplingParams, seed: int
-    ) -> Proposal:
+    def propose(self, state: DecoderState, k: int, params: SamplingParams, seed: int) -> Proposal:
         """Draft up to k tokens after the state's tokens (fewer if EOS comes first)."""
+        return self.propose_batch([(state, k, params, seed)])[0]
+
+    def propose_batch(self, jobs: Sequence[DraftJob]) -> list[Proposal]:
+        """Many sessions' Propose: each round, one batched single-token pass over the sessions
+        still drafting; a session leaves the batch at its k or its EOS."""
+        drafts = [self._drafting(*job) for job in jobs]
+        while True:
+            waiting = [d for d in drafts if not d.done and self._fill(d) and not d.done]
+            if not waiting:
+                return [d.proposal for d in drafts]
+            rows = self.forward_batch([d.state for d in waiting], [1] * len(waiting))
+            for draft, logits in zip(waiting, rows, strict=True):
+                self._draw(draft, logits[0])
+
+    def _drafting(self, state: DecoderState, k: int, params: SamplingParams, seed: int) -> Drafting:
         self.check_k(k)
         # The token at decoder index i is drawn with the uniform keyed by position i.
         draws = None if params.greedy else position_uniforms(seed, DRAFT_STREAM, len(state.tokens), k)
-        proposal = Proposal(tokens=[], token_probs=[])
-        for i in range(k):
-            logits = self.forward(state, 1)[0]
-            if params.greedy:
-                token, prob = int(np.argmax(logits)), 1.0
-            else:
-                token, prob, q = draw_draft(probabilities(logits[None], params)[0], float(draws[i]))
-                proposal.distributions.append(Distribution.from_dense(q))
-            proposal.tokens.append(token)
-            proposal.token_probs.append(prob)
-            state.tokens.append(token)
-            if token == self.args.eos_token_id:
-                break
-        return proposal
+        return Drafting(state, k, params, draws, len(state.tokens), self.args.eos_token_id)
+
+    def _fill(self, draft: Drafting) -> bool:
+        """Add any tokens that need no model pass; True if the session still needs one."""
+        return True
+
+    def _draw(self, draft: Drafting, logits: np.ndarray) -> None:
+        """The model's token for the draft's next position, from its logits."""
+        if draft.params.greedy:
+            draft.add(int(np.argmax(logits)), 1.0, None)
+            return
+        token, prob, q = draw_draft(probabilities(logits[None], draft.params)[0], draft.next_uniform())
+        draft.add(token, prob, Distribution.from_dense(q))
+
+    def check_verify(self, state: DecoderState, num_draft: int, params: SamplingParams,
+                     draft_distributions: Sequence[Distribution]) -> None:
+        """Refuse a Verify before any pass (so one bad session never fails a batch)."""
+        if not 0 <= num_draft < len(state.tokens):
+            raise InvalidArgument(
+                f"num_draft must be in [0, {len(state.tokens) - 1}] for this session, got {num_draft}"
+            )
+        if num_draft > self.max_draft:
+            raise InvalidArgument(f"num_draft {num_draft} exceeds this service's limit {self.max_draft}")
+        if not params.greedy and len(draft_distributions) != num_draft:
+            raise InvalidArgument(
+                f"sampling needs the draft's distribution for each of the {num_draft} draft "
+                f"tokens, got {len(draft_distributions)}"
+            )
 
     def verify(
         self,
@@ -102,18 +140,18 @@ class ModelEngine(RequestChecks):
         draft_distributions: list[Distribution],
     ) -> Verdict:
         """Score the last ``num_draft`` tokens of the state in one decoder pass."""
-        if not 0 <= num_draft < len(state.tokens):
-            raise InvalidArgument(
-                f"num_draft must be in [0, {len(state.tokens) - 1}] for this session, got {num_draft}"
-            )
-        if num_draft > self.max_draft:
-            raise InvalidArgument(f"num_draft {num_draft} exceeds this service's limit {self.max_draft}")
-        if not params.greedy and len(draft_distributions) != num_draft:  # checked before the pass
-            raise InvalidArgument(
-                f"sampling needs the draft's distribution for each of the {num_draft} draft "
-                f"tokens, got {len(draft_distributions)}"
-            )
-        logits = self.forward(state, num_draft + 1)  # (k+1, V)
+        return self.verify_batch([(state, num_draft, params, seed, draft_distributions)])[0]
+
+    def verify_batch(self, jobs: Sequence[VerifyJob]) -> list[Verdict]:
+        """Many sessions' Verify in one decoder pass: each scores its own block of k+1."""
+        for state, num_draft, params, _, distributions in jobs:
+            self.check_verify(state, num_draft, params, distributions)
+        rows = self.forward_batch([job[0] for job in jobs], [job[1] + 1 for job in jobs])
+        return [self._verdict(*job, logits) for job, logits in zip(jobs, rows, strict=True)]
+
+    def _verdict(self, state: DecoderState, num_draft: int, params: SamplingParams, seed: int,
+                 draft_distributions: Sequence[Distribution], logits: np.ndarray) -> Verdict:
+        """Acceptance inputs from one session's (k+1, V) logits."""
         draft = state.tokens[len(state.tokens) - num_draft :] if num_draft else []
         verdict = Verdict(argmax=[int(i) for i in np.argmax(logits, axis=-1)], draft_probs=[], resampled=[])
         if params.greedy:
@@ -127,3 +165,38 @@ class ModelEngine(RequestChecks):
             verdict.resampled.append(draw_residual(p[j], q, float(draws[j])))
         verdict.resampled.append(sample(p[num_draft], float(draws[num_draft])))
         return verdict
+
+
+# One session's part of a batch: (state, k, sampling, seed) for Propose; (state, num_draft,
+# sampling, seed, the draft's q per draft token) for Verify.
+DraftJob = tuple[DecoderState, int, SamplingParams, int]
+VerifyJob = tuple[DecoderState, int, SamplingParams, int, Sequence[Distribution]]
+
+
+@dataclass
+class Drafting:
+    """One session's Propose while its batch drafts."""
+
+    state: DecoderState
+    k: int
+    params: SamplingParams
+    draws: np.ndarray | None  # the uniforms of positions first .. first + k - 1 (sampling)
+    first: int  # the session's length when drafting began
+    eos: int
+    proposal: Proposal = field(default_factory=lambda: Proposal(tokens=[], token_probs=[]))
+
+    @property
+    def done(self) -> bool:
+        tokens = self.proposal.tokens
+        return len(tokens) >= self.k or (bool(tokens) and tokens[-1] == self.eos)
+
+    def next_uniform(self) -> float:
+        assert self.draws is not None
+        return float(self.draws[len(self.state.tokens) - self.first])
+
+    def add(self, token: int, prob: float, q: Distribution | None) -> None:
+        self.proposal.tokens.append(token)
+        self.proposal.token_probs.append(prob)
+        if q is not None:
+            self.proposal.distributions.append(q)
+        self.state.append(token)

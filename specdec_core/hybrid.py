@@ -14,14 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from .checkpoint import LoadedModel
-from .engine import DecoderState, ModelEngine
+from .engine import DecoderState, Drafting, ModelEngine
 from .errors import InvalidArgument
 from .ngram import NgramIndex, check_ngram_sizes, point_mass
-from .sampling import DRAFT_STREAM, draw_draft, position_uniforms, probabilities
-from .steps import Distribution, Proposal, SamplingParams
+from .steps import SamplingParams
 
 
 @dataclass
@@ -29,6 +26,10 @@ class HybridState(DecoderState):
     """A model session's decoder state plus the n-gram index of its prompt and output."""
 
     index: NgramIndex
+
+    def append(self, token: int) -> None:
+        super().append(token)
+        self.index.extend([token])
 
 
 class HybridEngine(ModelEngine):
@@ -50,36 +51,21 @@ class HybridEngine(ModelEngine):
         # Only matches of min_match or more are used, so shorter n-grams are not indexed.
         return HybridState(state.tokens, state.cache, NgramIndex(prompt_ids, self.min_match, self.ngram_max))
 
-    def propose(self, state: HybridState, k: int, params: SamplingParams, seed: int) -> Proposal:
-        self.check_k(k)
-        state.index.sync(state.tokens[1:])
-        # As ModelEngine: the model's draw for decoder index i uses the uniform keyed by i.
-        draws = None if params.greedy else position_uniforms(seed, DRAFT_STREAM, len(state.tokens), k)
-        first = len(state.tokens)
-        proposal = Proposal(tokens=[], token_probs=[])
-        eos = self.args.eos_token_id
+    def _drafting(self, state: HybridState, k: int, params: SamplingParams, seed: int) -> Drafting:
+        state.index.sync(state.tokens[1:])  # the host rolled back and appended since the last step
+        return super()._drafting(state, k, params, seed)
 
-        def add(token: int, prob: float, q: Distribution | None) -> None:
-            proposal.tokens.append(token)
-            proposal.token_probs.append(prob)
-            if q is not None:
-                proposal.distributions.append(q)
-            state.tokens.append(token)
-            state.index.extend([token])
-
-        while len(proposal.tokens) < k and eos not in proposal.tokens:
-            match = state.index.lookup(k - len(proposal.tokens))
-            if match is not None:
-                for token in match.tokens:
-                    add(token, 1.0, None if params.greedy else point_mass(token))
-                    if token == eos:
-                        break
-                continue
-            logits = self.forward(state, 1)[0]  # feeds the n-gram tokens appended since its last pass
-            if params.greedy:
-                add(int(np.argmax(logits)), 1.0, None)
-            else:
-                token, prob, q = draw_draft(probabilities(logits[None], params)[0],
-                                            float(draws[len(state.tokens) - first]))
-                add(token, prob, Distribution.from_dense(q))
-        return proposal
+    def _fill(self, draft: Drafting) -> bool:
+        """Take the n-gram match at the next positions while there is one; True if the model must
+        draft the position after them."""
+        state = draft.state
+        assert isinstance(state, HybridState)
+        while not draft.done:
+            match = state.index.lookup(draft.k - len(draft.proposal.tokens))
+            if match is None:
+                return True
+            for token in match.tokens:
+                draft.add(token, 1.0, None if draft.params.greedy else point_mass(token))
+                if draft.done:
+                    break
+        return False

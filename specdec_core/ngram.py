@@ -252,6 +252,19 @@ class NgramEngine(RequestChecks):
             distributions=[] if params.greedy else [point_mass(t) for t in tokens],
         )
 
+    def propose_batch(self, jobs: Sequence[tuple[NgramState, int, SamplingParams, int]]) -> list[Proposal]:
+        """No model pass to share: each session's lookup, one after another."""
+        return [self.propose(*job) for job in jobs]
+
+    def check_verify(self, state: NgramState, num_draft: int, params: SamplingParams,
+                     draft_distributions: Sequence[Distribution]) -> None:
+        raise InvalidArgument("an n-gram worker drafts only; verify on a target")
+
     def verify(self, state: NgramState, num_draft: int, params: SamplingParams, seed: int,
                draft_distributions: list[Distribution]) -> Verdict:
-        raise InvalidArgument("an n-gram worker drafts only; verify on a target")
+        return self.verify_batch([(state, num_draft, params, seed, draft_distributions)])[0]
+
+    def verify_batch(self, jobs: Sequence[tuple[Any, ...]]) -> list[Verdict]:
+        for state, num_draft, params, _, distributions in jobs:
+            self.check_verify(state, num_draft, params, distributions)  # always refuses
+        return []

@@ -13,18 +13,18 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .engine import DecoderState, ModelEngine
-from .errors import DeadlineExceeded, InvalidArgument, PrefixMismatch, SpecdecError, Unavailable
+from .errors import InvalidArgument, PrefixMismatch, SpecdecError, Unavailable
 from .session_store import Session, SessionStore, capacity_for
+from .step_scheduler import QueuedStep, StepScheduler, check_deadline, restore
 from .steps import Proposal, StepRequest, Verdict
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-R = TypeVar("R", Proposal, Verdict)
 
 
 @dataclass
@@ -67,6 +67,7 @@ class StepTiming:
     queue_s: float  # from the call's arrival on the worker's loop to the model thread starting it
     model_s: float  # the model work itself (forward passes, sampling)
     ok: bool  # False if the work failed (the session was restored)
+    batch_size: int = 1  # steps in the batch this one ran in (model_s is the whole batch's)
 
 
 class SessionHost:
@@ -82,6 +83,7 @@ class SessionHost:
         self.draining = False
         # One thread: MLX work is serialised, and the asyncio loop stays free.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-mlx")
+        self._scheduler = StepScheduler(engine, self._count_job, self._executor.submit, limits, self.metrics)
         self._expiry_task: asyncio.Task[None] | None = None
         # Watchdog: jobs submitted to the model thread and not done, and when it last made
         # progress (finished a job, or got work while idle). Updated from both threads.
@@ -149,13 +151,17 @@ class SessionHost:
 
     def _submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run ``fn`` on the model thread, counted by the watchdog (done or cancelled alike)."""
+        job = self._executor.submit(fn, *args)
+        self._count_job(job)
+        return asyncio.wrap_future(job)
+
+    def _count_job(self, job: Future[Any]) -> None:
+        """Count a job (a step or an encode) for the watchdog until it is done or cancelled."""
         with self._jobs_lock:
             if self._jobs_pending == 0:
                 self._progress_at = time.monotonic()  # idle until now: not stalled
             self._jobs_pending += 1
-        job = self._executor.submit(fn, *args)
         job.add_done_callback(self._job_done)
-        return asyncio.wrap_future(job)
 
     def _job_done(self, _: object) -> None:
         with self._jobs_lock:
@@ -188,7 +194,7 @@ class SessionHost:
         self.store.reserve(reserved)
 
         def start() -> DecoderState:
-            _check_deadline(deadline, "encoding the prompt")
+            check_deadline(deadline, "encoding the prompt")
             return self.engine.start(prompt_ids)
 
         try:
@@ -203,29 +209,20 @@ class SessionHost:
     async def propose(self, request: StepRequest) -> Proposal:
         """The draft's step: roll back, append, then propose up to ``num_draft`` tokens."""
         self.engine.check_k(request.num_draft)
-        return await self._step(
-            "propose", request, request.num_draft,
-            lambda state: self.engine.propose(state, request.num_draft, request.sampling, request.seed),
-        )
+        return await self._step("propose", request, request.num_draft)
 
     async def verify(self, request: StepRequest) -> Verdict:
         """The target's step: roll back, append (the last ``num_draft`` are drafts), score them."""
-        return await self._step(
-            "verify", request, 0,
-            lambda state: self.engine.verify(
-                state, request.num_draft, request.sampling, request.seed, list(request.draft_distributions)
-            ),
-        )
+        return await self._step("verify", request, 0)
 
-    async def _step(self, kind: str, request: StepRequest, grows_by: int, work: Callable[[DecoderState], R]
-                    ) -> R:
-        """Validate, roll back, append, then run ``work`` on the worker thread.
+    async def _step(self, kind: str, request: StepRequest, grows_by: int) -> Any:
+        """Validate, roll back, append, then queue the step for the model thread's next batch.
 
-        ``grows_by`` is how many positions ``work`` may add (k for Propose), for the budget.
-        If the request's deadline (``time.monotonic()`` clock) has passed when the worker
-        thread gets to the step, it fails with DeadlineExceeded instead of running. Returns the
-        work's result with the session's new length. A step that fails or whose caller gives
-        up (cancellation) leaves the session as it was.
+        ``grows_by`` is how many positions the step may add (k for Propose), for the budget.
+        If the request's deadline (``time.monotonic()`` clock) has passed when its batch is
+        formed, it fails with DeadlineExceeded instead of running. Returns the result with the
+        session's new length. A step that fails or whose caller gives up (cancellation) leaves
+        the session as it was, and never fails or changes the other steps of its batch.
         """
         session = await self._acquire(request.session_id)
         released = False
@@ -239,36 +236,27 @@ class SessionHost:
                 logger.info("%s req=%s step refused: %s", self.role, session.tag, error)
                 raise
 
-            arrived = time.perf_counter()
-            started: list[float] = []
+            step = QueuedStep(kind, state, request, saved, time.perf_counter())
+            future = self._scheduler.submit(step)
 
-            def guarded() -> R:
-                started.append(time.perf_counter())
-                try:
-                    _check_deadline(request.deadline, f"{self.role} step")
-                    return work(state)
-                except Exception:
-                    _restore(state, saved)
-                    raise
-                finally:
-                    started.append(time.perf_counter())
-
-            def timed(done: asyncio.Future[R]) -> None:
-                if len(started) == 2 and self.step_listeners:
-                    timing = StepTiming(kind, started[0] - arrived, started[1] - started[0],
-                                        not done.cancelled() and done.exception() is None)
+            def timed(done: asyncio.Future[Any]) -> None:
+                if step.finished and self.step_listeners:
+                    timing = StepTiming(kind, step.started - step.arrived, step.finished - step.started,
+                                        not done.cancelled() and done.exception() is None, step.batch_size)
                     for listener in self.step_listeners:
                         listener(timing)
 
-            future = self._submit(guarded)
             future.add_done_callback(timed)
             try:
                 result = await asyncio.shield(future)
             except asyncio.CancelledError:
-                # The caller gave up (deadline or cancel) and never sees the result: once the
-                # worker thread is done, undo the step and only then unlock the session.
+                # The caller gave up (deadline or cancel) and never sees the result. A step still
+                # waiting leaves the queue; one in a running batch finishes with it. Either way,
+                # once it is done, undo it and only then unlock the session.
+                step.future.cancel()
+
                 def undo(_: object) -> None:
-                    _restore(state, saved)
+                    restore(state, saved)
                     session.lock.release()
 
                 future.add_done_callback(undo)
@@ -281,7 +269,7 @@ class SessionHost:
             self.metrics.steps += 1
             session.last_used = self.store.clock()
             result.length = state.length
-            result.model_ms = (started[1] - started[0]) * 1e3
+            result.model_ms = (step.finished - step.started) * 1e3
             return result
         finally:
             if not released:
@@ -366,23 +354,3 @@ class SessionHost:
 def request_tag(tag: str) -> str:
     """The caller's request id as it appears in logs: printable, at most 64 characters."""
     return "".join(c for c in tag[:64] if c.isprintable() and not c.isspace()) or "-"
-
-
-def _check_deadline(deadline: float | None, what: str) -> None:
-    if deadline is not None and time.monotonic() >= deadline:
-        raise DeadlineExceeded(
-            f"the caller's deadline passed before {what} could run (it waited for the model); "
-            "nothing was changed: retry with a longer deadline or use a less loaded replica"
-        )
-
-
-def _restore(state: DecoderState, saved: list[int]) -> None:
-    """Put a session back as it was before a failed step."""
-    common = 0
-    for a, b in zip(saved, state.tokens, strict=False):
-        if a != b:
-            break
-        common += 1
-    state.tokens[:] = saved
-    if state.cache.length > common:
-        state.cache.rollback_to(common)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -157,6 +158,16 @@ class RelativePositionBias(nn.Module):
         return self.embeddings(table).transpose(2, 0, 1)[None]
 
 
+def attend(queries: mx.array, keys: mx.array, values: mx.array, bias: mx.array | None) -> mx.array:
+    """Unscaled attention of (B, H, L, d_kv) queries over (B, H, S, d_kv) keys/values; scores and
+    softmax in float32."""
+    scores = (queries @ keys.transpose(0, 1, 3, 2)).astype(mx.float32)  # (B, H, L, S)
+    if bias is not None:
+        scores = scores + bias
+    weights = mx.softmax(scores, axis=-1).astype(values.dtype)
+    return weights @ values
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -167,12 +178,18 @@ class Attention(nn.Module):
         self.v = nn.Linear(args.d_model, inner, bias=False)
         self.o = nn.Linear(inner, args.d_model, bias=False)
 
-    def _heads(self, x: mx.array) -> mx.array:
+    def heads(self, x: mx.array) -> mx.array:
         B, L, _ = x.shape
         return x.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, d_kv)
 
+    @staticmethod
+    def merge(x: mx.array) -> mx.array:
+        """(B, H, L, d_kv) -> (B, L, H * d_kv), the inverse of ``heads``."""
+        B, _, L, _ = x.shape
+        return x.transpose(0, 2, 1, 3).reshape(B, L, -1)
+
     def project_kv(self, x: mx.array) -> tuple[mx.array, mx.array]:
-        return self._heads(self.k(x)), self._heads(self.v(x))
+        return self.heads(self.k(x)), self.heads(self.v(x))
 
     def __call__(
         self,
@@ -181,14 +198,22 @@ class Attention(nn.Module):
         values: mx.array,
         bias: mx.array | None,
     ) -> mx.array:
-        B, L, _ = x.shape
-        queries = self._heads(self.q(x))
-        scores = (queries @ keys.transpose(0, 1, 3, 2)).astype(mx.float32)  # (B, H, L, S)
-        if bias is not None:
-            scores = scores + bias
-        weights = mx.softmax(scores, axis=-1).astype(values.dtype)
-        out = (weights @ values).transpose(0, 2, 1, 3).reshape(B, L, -1)
-        return self.o(out)
+        return self.o(self.merge(attend(self.heads(self.q(x)), keys, values, bias)))
+
+    def ragged(
+        self, queries: mx.array, spans: list[tuple[int, int]], kvs: list[tuple[mx.array, mx.array]],
+        biases: list[mx.array | None],
+    ) -> mx.array:
+        """Many sessions' queries (1, H, N, d_kv), session i at positions spans[i], each attending
+        over its own keys/values: the output projection of all of them in one matmul."""
+        if len(spans) == 1:
+            out = attend(queries, *kvs[0], biases[0])
+        else:
+            out = mx.concatenate(
+                [attend(queries[:, :, a:b], k, v, bias) for (a, b), (k, v), bias in zip(spans, kvs, biases, strict=True)],
+                axis=2,
+            )
+        return self.o(self.merge(out))
 
 
 class FeedForward(nn.Module):
@@ -258,14 +283,40 @@ class DecoderLayer(nn.Module):
         self_bias: mx.array,
         cross_kv: tuple[mx.array, mx.array],
         cross_bias: mx.array | None,
-        cache: LayerKVCache | None,
     ) -> mx.array:
+        """A padded batch from position 0, no cache (teacher forcing, references)."""
         h = self.ln1(x)
-        keys, values = self.self_attn.project_kv(h)
-        if cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
-        x = x + self.self_attn(h, keys, values, self_bias)
+        x = x + self.self_attn(h, *self.self_attn.project_kv(h), self_bias)
         x = x + self.cross_attn(self.ln2(x), *cross_kv, cross_bias)
+        return x + self.mlp(self.ln3(x))
+
+    def ragged(
+        self,
+        x: mx.array,
+        spans: list[tuple[int, int]],
+        self_biases: list[mx.array | None],
+        caches: list[LayerKVCache],
+        cross: list[tuple[mx.array, mx.array]],
+    ) -> mx.array:
+        """Many sessions' new positions concatenated, (1, N, d_model), session i at spans[i].
+
+        Norms, projections and the feed-forward run once over all N rows (the batch's gain);
+        attention runs per session on its own cache and cross K/V, so no cache is copied or
+        padded and each session's rows see only its own positions.
+        """
+        h = self.ln1(x)
+        attn = self.self_attn
+        queries = attn.heads(attn.q(h))
+        keys, values = attn.project_kv(h)
+        if len(spans) == 1:
+            kvs = [caches[0].update_and_fetch(keys, values)]
+        else:
+            kvs = [cache.update_and_fetch(keys[:, :, a:b], values[:, :, a:b])
+                   for (a, b), cache in zip(spans, caches, strict=True)]
+        x = x + attn.ragged(queries, spans, kvs, self_biases)
+        cross_attn = self.cross_attn
+        x = x + cross_attn.ragged(cross_attn.heads(cross_attn.q(self.ln2(x))), spans, cross,
+                                  [None] * len(spans))
         return x + self.mlp(self.ln3(x))
 
 
@@ -332,32 +383,82 @@ class T5(nn.Module):
     ) -> mx.array:
         """Run the decoder over (B, n) new tokens; return float32 logits (B, num_logits, V).
 
-        With a cache the tokens are appended after ``cache.length`` positions; without one
-        they start at position 0 and cross K/V come from ``encoder_output``. The lm head
-        runs only on the last ``num_logits`` positions (all when None).
+        With a cache (B = 1) the tokens are appended after ``cache.length`` positions, as
+        ``decode_sessions`` does for many sessions; without one they start at position 0 and
+        cross K/V come from ``encoder_output``. The lm head runs only on the last
+        ``num_logits`` positions (all when None).
         """
         self.check_token_ids(tokens, "decoder tokens")
         n = tokens.shape[1]
         if num_logits is not None and not 0 <= num_logits <= n:
             raise InvalidArgument(f"num_logits must be in [0, {n}] for {n} decoder tokens, got {num_logits}")
-        offset = cache.length if cache is not None else 0
-        total = offset + n
-        bias = self.decoder_bias(offset, n, total)
-        causal = np.arange(total)[None, :] > np.arange(offset, total)[:, None]
-        bias = bias + mx.array(np.where(causal, -1e9, 0.0).astype(np.float32))
         if cache is not None:
-            cross_kvs = cache.cross
-        else:
-            if encoder_output is None:
-                raise InvalidArgument("decode without a cache needs encoder_output")
-            cross_kvs = [layer.cross_attn.project_kv(encoder_output) for layer in self.decoder_layers]
+            if tokens.shape[0] != 1:
+                raise InvalidArgument("a cache holds one session: decode (1, n) tokens with it")
+            return self.decode_sessions([tokens[0].tolist()], [cache], [n if num_logits is None else num_logits]
+                                        )[0][None]
+        if encoder_output is None:
+            raise InvalidArgument("decode without a cache needs encoder_output")
+        bias = self._self_bias(0, n)
+        cross_kvs = [layer.cross_attn.project_kv(encoder_output) for layer in self.decoder_layers]
         cross_bias = _padding_bias(encoder_mask)
         x = self.shared(tokens)
         for i, layer in enumerate(self.decoder_layers):
-            x = layer(x, bias, cross_kvs[i], cross_bias, cache.layers[i] if cache else None)
+            x = layer(x, bias, cross_kvs[i], cross_bias)
         if num_logits is not None:
             x = x[:, n - num_logits :, :]
         return self.logits(self.decoder_norm(x))
+
+    def decode_sessions(
+        self, tokens: Sequence[Sequence[int]], caches: Sequence[DecoderCache], num_logits: Sequence[int]
+    ) -> list[mx.array]:
+        """Many sessions' new tokens in ONE decoder pass (a ragged batch).
+
+        Session i appends ``tokens[i]`` after its ``caches[i].length`` positions and gets the
+        float32 logits of its last ``num_logits[i]`` positions, (num_logits[i], V). Sessions
+        may differ in encoder length, decoder length and block size: rows are concatenated,
+        never padded, and every session attends over its own cache only.
+        """
+        if not (len(tokens) == len(caches) == len(num_logits)) or not tokens:
+            raise InvalidArgument("decode_sessions needs one token list, cache and logits count per session")
+        spans: list[tuple[int, int]] = []
+        flat: list[int] = []
+        for seq, wanted in zip(tokens, num_logits, strict=True):
+            if not seq:
+                raise InvalidArgument("every session in a batch must feed at least one decoder token")
+            if not 0 <= wanted <= len(seq):
+                raise InvalidArgument(
+                    f"num_logits must be in [0, {len(seq)}] for {len(seq)} decoder tokens, got {wanted}")
+            spans.append((len(flat), len(flat) + len(seq)))
+            flat.extend(seq)
+        low, high = min(flat), max(flat)
+        if low < 0 or high >= self.args.vocab_size:
+            raise InvalidArgument(f"decoder tokens contain token id {low if low < 0 else high}, outside the "
+                                  f"vocabulary [0, {self.args.vocab_size})")
+        biases = [self._self_bias(cache.length, b - a) for (a, b), cache in zip(spans, caches, strict=True)]
+        x = self.shared(mx.array(flat, dtype=mx.int32)[None])
+        for i, layer in enumerate(self.decoder_layers):
+            x = layer.ragged(x, spans, biases, [cache.layers[i] for cache in caches],
+                             [cache.cross[i] for cache in caches])
+        rows = [row for (_, end), wanted in zip(spans, num_logits, strict=True) for row in range(end - wanted, end)]
+        if len(rows) != len(flat):
+            x = x[:, mx.array(rows, dtype=mx.int32)] if rows else x[:, :0]
+        logits = self.logits(self.decoder_norm(x))[0]
+        out, start = [], 0
+        for wanted in num_logits:
+            out.append(logits[start : start + wanted])
+            start += wanted
+        return out
+
+    def _self_bias(self, offset: int, n: int) -> mx.array:
+        """Relative position bias plus the causal mask for n queries at positions offset.. over all
+        offset + n keys: (1, heads, n, offset + n)."""
+        total = offset + n
+        bias = self.decoder_bias(offset, n, total)
+        if n == 1:
+            return bias  # the one query is the last position: it sees every key
+        causal = np.arange(total)[None, :] > np.arange(offset, total)[:, None]
+        return bias + mx.array(np.where(causal, -1e9, 0.0).astype(np.float32))
 
     def logits(self, hidden: mx.array) -> mx.array:
         if self.args.scale_decoder_outputs:

@@ -205,13 +205,13 @@ def test_a_long_append_is_fed_in_slices_with_the_same_logits(target_dir: Path) -
     rng = np.random.default_rng(0)
     state.tokens.extend(int(t) for t in rng.integers(3, 512, size=2 * DECODE_SLICE + 90))
     fed: list[int] = []
-    decode = engine.model.decode
+    decode, decode_sessions = engine.model.decode, engine.model.decode_sessions
 
-    def recording(tokens: mx.array, **kwargs: Any) -> mx.array:
-        fed.append(tokens.shape[1])
-        return decode(tokens, **kwargs)
+    def recording(tokens: list[list[int]], *args: Any) -> list[mx.array]:
+        fed.extend(len(seq) for seq in tokens)
+        return decode_sessions(tokens, *args)
 
-    engine.model.decode = recording  # type: ignore[method-assign]  (a fresh engine, used once)
+    engine.model.decode_sessions = recording  # type: ignore[method-assign]  (a fresh engine, used once)
     logits = engine.forward(state, 5)
     assert max(fed) <= DECODE_SLICE + 5 and sum(fed) == len(state.tokens)
     assert state.cache.length == len(state.tokens)

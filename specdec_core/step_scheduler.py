@@ -1,0 +1,172 @@
+"""Continuous batching on a worker's model thread: the steps waiting when the thread gets free
+run as ONE batched forward pass (docs/architecture.md, "Batching").
+
+Every Propose/Verify becomes a ``QueuedStep`` and a job on the model thread. A job takes the
+waiting steps of the oldest step's kind (up to ``max_batch``), drops those whose caller gave
+up or whose deadline passed, and runs the rest through the engine's ``propose_batch`` or
+``verify_batch``; jobs that find the queue empty return at once. So steps that arrive while a
+batch runs form the next batch: nobody waits for a batch to fill unless ``batch_wait_ms`` says
+so. Isolation: every step is checked alone before the batch runs, and if the batched pass
+fails, each step is restored and rerun alone, so a failure stays with the step that caused it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from .decoder_state import DecoderState
+from .errors import DeadlineExceeded
+from .steps import StepRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class QueuedStep:
+    """One session's Propose or Verify, from its arrival until its batch has run."""
+
+    kind: str  # "propose" or "verify"
+    state: DecoderState  # already rolled back and appended (SessionHost._prepare)
+    request: StepRequest
+    saved: list[int]  # the session's tokens before the step, to restore on failure
+    arrived: float  # time.perf_counter() when it reached the worker
+    future: Future[Any] = field(default_factory=Future)
+    started: float = 0.0  # when its batch began on the model thread
+    finished: float = 0.0  # when its batch ended (0: never ran)
+    batch_size: int = 0
+    prepared: list[int] = field(default_factory=list)  # its tokens once rolled back and appended
+
+    def __post_init__(self) -> None:
+        self.prepared = list(self.state.tokens)
+
+
+class StepScheduler:
+    """Forms batches of waiting steps and runs them on the model thread."""
+
+    def __init__(self, engine: Any, count_job: Callable[[Future[Any]], None],
+                 run_on_model_thread: Callable[..., Future[Any]], limits: Any, metrics: Any):
+        self.engine = engine
+        self._count_job = count_job  # the watchdog counts every step until it is done
+        self._run_on_model_thread = run_on_model_thread
+        self.max_batch = max(1, limits.max_batch)
+        self.batch_wait_s = max(0.0, limits.batch_wait_ms) / 1e3
+        self.metrics = metrics
+        self._waiting: deque[QueuedStep] = deque()
+        self._arrived = threading.Condition()
+
+    def submit(self, step: QueuedStep) -> Any:
+        """Queue a step; returns an asyncio future of its result (call on the event loop)."""
+        import asyncio  # the scheduler's own code runs on the model thread
+
+        self._count_job(step.future)
+        with self._arrived:
+            self._waiting.append(step)
+            self._arrived.notify()
+        self._run_on_model_thread(self._run_next)
+        return asyncio.wrap_future(step.future)
+
+    # -- on the model thread ------------------------------------------------------------------
+    def _run_next(self) -> None:
+        batch = self._take()
+        if batch:
+            self.run(batch)
+
+    def _take(self) -> list[QueuedStep]:
+        """The next batch: waiting steps of the oldest one's kind, at most max_batch."""
+        with self._arrived:
+            if not self._waiting:
+                return []
+            if self.batch_wait_s > 0:
+                # Hold the oldest step up to batch_wait_s after its arrival for more to join.
+                until = self._waiting[0].arrived + self.batch_wait_s
+                while len(self._waiting) < self.max_batch and (left := until - time.perf_counter()) > 0:
+                    self._arrived.wait(left)
+            kind = self._waiting[0].kind
+            batch = [step for step in self._waiting if step.kind == kind][: self.max_batch]
+            for step in batch:
+                self._waiting.remove(step)
+        # A step whose caller gave up while it waited is dropped (its caller restores it).
+        return [step for step in batch if step.future.set_running_or_notify_cancel()]
+
+    def run(self, batch: list[QueuedStep]) -> None:
+        """Run one batch; every step's future gets its own result or its own error."""
+        started = time.perf_counter()
+        ready = [step for step in batch if self._admit(step)]
+        results: list[Any] = []
+        if ready:
+            try:
+                results = self._work(ready)
+            except Exception:  # noqa: BLE001 - find the step that failed: rerun each alone
+                if len(ready) > 1:
+                    logger.warning("a batch of %d %s steps failed; running them one by one", len(ready),
+                                   ready[0].kind, exc_info=True)
+                results = [self._alone(step) for step in ready]
+        finished = time.perf_counter()
+        self.metrics.batches += 1
+        self.metrics.batched_steps += len(ready)
+        for step, result in zip(ready, results, strict=True):
+            step.started, step.finished, step.batch_size = started, finished, len(ready)
+            if isinstance(result, BaseException):
+                step.future.set_exception(result)
+            else:
+                step.future.set_result(result)
+
+    def _admit(self, step: QueuedStep) -> bool:
+        """Check a step alone before its batch runs; fail it (restored) if it cannot run."""
+        try:
+            check_deadline(step.request.deadline, f"the {step.kind} step")
+            if step.kind == "verify":
+                request = step.request
+                self.engine.check_verify(step.state, request.num_draft, request.sampling,
+                                         list(request.draft_distributions))
+            return True
+        except Exception as error:  # noqa: BLE001 - the step's own error, reported to its caller
+            restore(step.state, step.saved)
+            step.finished = step.started = time.perf_counter()
+            step.batch_size = 1
+            step.future.set_exception(error)
+            return False
+
+    def _work(self, steps: list[QueuedStep]) -> list[Any]:
+        if steps[0].kind == "propose":
+            return self.engine.propose_batch(
+                [(s.state, s.request.num_draft, s.request.sampling, s.request.seed) for s in steps])
+        return self.engine.verify_batch(
+            [(s.state, s.request.num_draft, s.request.sampling, s.request.seed,
+              list(s.request.draft_distributions)) for s in steps])
+
+    def _alone(self, step: QueuedStep) -> Any:
+        """Put the step back as it was queued and run it by itself: its result, or its error."""
+        restore(step.state, step.prepared)
+        try:
+            return self._work([step])[0]
+        except Exception as error:  # noqa: BLE001 - this step's own failure
+            restore(step.state, step.saved)
+            return error
+
+
+def check_deadline(deadline: float | None, what: str) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded(
+            f"the caller's deadline passed before {what} could run (it waited for the model); "
+            "nothing was changed: retry with a longer deadline or use a less loaded replica"
+        )
+
+
+def restore(state: DecoderState, saved: list[int]) -> None:
+    """Put a session back as it was before a failed step."""
+    common = 0
+    for a, b in zip(saved, state.tokens, strict=False):
+        if a != b:
+            break
+        common += 1
+    state.tokens[:] = saved
+    if state.cache.length > common:
+        state.cache.rollback_to(common)
