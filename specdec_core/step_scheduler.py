@@ -81,19 +81,27 @@ class StepScheduler:
     def _take(self) -> list[QueuedStep]:
         """The next batch: waiting steps of the oldest one's kind, at most max_batch."""
         with self._arrived:
-            if not self._waiting:
+            if not self._drop_cancelled():
                 return []
             if self.batch_wait_s > 0:
                 # Hold the oldest step up to batch_wait_s after its arrival for more to join.
                 until = self._waiting[0].arrived + self.batch_wait_s
-                while len(self._waiting) < self.max_batch and (left := until - time.perf_counter()) > 0:
+                while self._drop_cancelled() < self.max_batch and (left := until - time.perf_counter()) > 0:
                     self._arrived.wait(left)
+                if not self._drop_cancelled():
+                    return []
             kind = self._waiting[0].kind
             batch = [step for step in self._waiting if step.kind == kind][: self.max_batch]
             for step in batch:
                 self._waiting.remove(step)
-        # A step whose caller gave up while it waited is dropped (its caller restores it).
+        # A step whose caller gives up from now on finishes with its batch and is undone after.
         return [step for step in batch if step.future.set_running_or_notify_cancel()]
+
+    def _drop_cancelled(self) -> int:
+        """Forget waiting steps whose caller gave up (their caller restores them); how many wait."""
+        if any(step.future.cancelled() for step in self._waiting):
+            self._waiting = deque(step for step in self._waiting if not step.future.cancelled())
+        return len(self._waiting)
 
     def run(self, batch: list[QueuedStep]) -> None:
         """Run one batch; every step's future gets its own result or its own error."""

@@ -161,10 +161,14 @@ class RelativePositionBias(nn.Module):
 def attend(queries: mx.array, keys: mx.array, values: mx.array, bias: mx.array | None) -> mx.array:
     """Unscaled attention of (B, H, L, d_kv) queries over (B, H, S, d_kv) keys/values; scores and
     softmax in float32."""
-    scores = (queries @ keys.transpose(0, 1, 3, 2)).astype(mx.float32)  # (B, H, L, S)
+    scores = queries @ keys.transpose(0, 1, 3, 2)  # (B, H, L, S)
+    if scores.dtype != mx.float32:  # (a cast is one more graph node per session and layer)
+        scores = scores.astype(mx.float32)
     if bias is not None:
         scores = scores + bias
-    weights = mx.softmax(scores, axis=-1).astype(values.dtype)
+    weights = mx.softmax(scores, axis=-1)
+    if weights.dtype != values.dtype:
+        weights = weights.astype(values.dtype)
     return weights @ values
 
 

@@ -35,6 +35,7 @@ from .status import status_for
 logger = logging.getLogger(__name__)
 
 # Worker steps: from well under a millisecond (tiny models) to seconds (T5-11B on CPU).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # sessions per batch (--max-batch defaults to 16)
 STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                 1.0, 2.5, 5.0, 10.0, 30.0)
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -195,6 +196,9 @@ class WorkerMetrics:
                                buckets=STEP_BUCKETS, registry=r)
         self.model = Histogram("specdec_worker_step_model_seconds", "Propose/Verify: the model work itself",
                                ["role", "kind", "outcome"], buckets=STEP_BUCKETS, registry=r)
+        self.batch = Histogram("specdec_worker_step_batch_size", "Propose/Verify: how many sessions' steps "
+                               "ran in the batched forward pass this step ran in (continuous batching)",
+                               ["role", "kind"], buckets=BATCH_BUCKETS, registry=r)
         self.rejected = Counter("specdec_worker_rejected_requests", "Calls answered with an error status, "
                                 "by method and code", ["role", "method", "code"], registry=r)
         self._children: dict[tuple[str, bool], tuple[Any, Any]] = {}
@@ -214,6 +218,8 @@ class WorkerMetrics:
         queue, model = self._children.get((timing.kind, timing.ok)) or self._child(timing.kind, timing.ok)
         queue.observe(timing.queue_s)
         model.observe(timing.model_s)
+        if timing.ok:
+            self.batch.labels(self.host.role, timing.kind).observe(timing.batch_size)
 
     def refused(self, method: str, code: grpc.StatusCode) -> None:
         """``SessionServicer.on_error`` (called by ``specdec_grpc.status.grpc_method``)."""
@@ -272,6 +278,12 @@ class _HostCollector(Collector):
                      live["forward_passes"])
         yield family(CounterMetricFamily, "specdec_worker_steps", "Propose/Verify steps that succeeded",
                      live["steps"])
+        yield family(CounterMetricFamily, "specdec_worker_batches", "Batched model-thread runs (a batch "
+                     "of one counts); batched_steps / batches is the mean batch size", live["batches"])
+        yield family(CounterMetricFamily, "specdec_worker_batched_steps", "Steps that ran in those batches",
+                     live["batched_steps"])
+        yield family(GaugeMetricFamily, "specdec_worker_max_batch", "The batch limit (--max-batch)",
+                     limits.max_batch)
         yield family(CounterMetricFamily, "specdec_worker_sessions_opened", "Sessions opened",
                      live["sessions_opened"])
         yield family(CounterMetricFamily, "specdec_worker_sessions_expired", "Sessions evicted after their "

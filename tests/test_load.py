@@ -4,7 +4,8 @@ all real processes on loopback, tiny models. Deselected by default; run with ``-
 Every client loops (bounded by time and count) over prompts, two greedy requests out of three
 (checked token for token against the target alone) and one sampled. At the end: no unexpected
 error, no session left on any service, and the figures (clients x seconds, tokens/s, errors,
-leaked sessions, peak RSS per process) are printed.
+leaked sessions, peak RSS per process, and each worker's mean batch size under load: steps per
+batched forward pass, from its Info counters before and after) are printed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 from procs import GreedyReference, ServiceProcess, start_all, start_orchestrator, start_worker, wait_until
 
 from orchestrator.client import SpecdecClient
+from specdec_pb import specdec_pb2 as pb
 from specdec_tools.tiny_checkpoints import corpus_lines
 
 CLIENTS = 32
@@ -76,6 +78,7 @@ def test_32_streaming_clients_for_30_seconds(tmp_path: Path, near_draft_dir: Pat
             return requests
 
         cpu_before = {p.pid: p.cpu_seconds() for p in processes}
+        batches_before = {w.pid: w.info().metrics for w in workers}
         started = time.monotonic()
         with ThreadPoolExecutor(CLIENTS) as pool:
             requests = sum(pool.map(client, range(CLIENTS)))
@@ -86,12 +89,14 @@ def test_32_streaming_clients_for_30_seconds(tmp_path: Path, near_draft_dir: Pat
             status = api.status()
         leaked = _sessions_left(workers, within_s=5)
         usage = {f"{p.role} {p.address}": (p.peak_rss_mb(), p.cpu_seconds() - cpu_before[p.pid]) for p in processes}
+        batching = {f"{w.role} {w.address}": _mean_batch(batches_before[w.pid], w.info().metrics) for w in workers}
         total = sum(tokens.values())
         print(f"\nload: {CLIENTS} clients x {elapsed:.1f} s, {requests} requests, {total} tokens "
               f"({total / elapsed:.0f} tokens/s; greedy {tokens['greedy']}, sampled {tokens['sampled']}), "
               f"{len(errors)} errors, {len(mismatches)} greedy mismatches, leaked sessions {leaked}")
         for name, (mb, cpu) in usage.items():
-            print(f"  {name}: peak RSS {mb:.0f} MiB, {cpu:.1f} CPU s under load")
+            print(f"  {name}: peak RSS {mb:.0f} MiB, {cpu:.1f} CPU s under load"
+                  + (f", {batching[name]}" if name in batching else ""))
         assert not errors, Counter(errors).most_common(5)
         assert leaked == 0
         assert not mismatches, mismatches[:5]
@@ -100,6 +105,15 @@ def test_32_streaming_clients_for_30_seconds(tmp_path: Path, near_draft_dir: Pat
     finally:
         for process in processes:
             process.kill()
+
+
+def _mean_batch(before: pb.Metrics, after: pb.Metrics) -> str:
+    """Steps per batched forward pass between two Info reads: n/a where no batch was counted
+    (a worker that runs every step alone does not count batches)."""
+    batches, steps = after.batches - before.batches, after.batched_steps - before.batched_steps
+    if batches <= 0:
+        return f"mean batch n/a ({after.steps - before.steps} steps, no batches counted)"
+    return f"mean batch {steps / batches:.2f} ({steps} steps in {batches} batches)"
 
 
 def _sessions_left(workers: list[ServiceProcess], within_s: float) -> int:

@@ -164,6 +164,14 @@ def test_worker_metrics_agree_with_info_and_the_requests(cluster, served) -> Non
         assert scrape.value("specdec_worker_step_model_seconds_sum", role=role, kind=kind, outcome="ok") > 0
         assert scrape.value("specdec_worker_cached_tokens_budget", role=role) == reply.limits.max_cached_tokens
         assert scrape.value("specdec_worker_max_sessions", role=role) == reply.limits.max_sessions
+        # Batching: every step ran in a batch; the histogram of batch sizes sums what Info counts
+        # (each step observes its batch's size, so the sum is the steps-weighted total).
+        assert scrape.value("specdec_worker_batches_total", role=role) == reply.metrics.batches > 0
+        assert scrape.value("specdec_worker_batched_steps_total", role=role) == reply.metrics.batched_steps
+        assert reply.metrics.batched_steps == reply.metrics.steps
+        assert scrape.value("specdec_worker_step_batch_size_count", role=role, kind=kind) == reply.metrics.steps
+        assert scrape.value("specdec_worker_step_batch_size_sum", role=role, kind=kind) >= reply.metrics.steps
+        assert scrape.value("specdec_worker_max_batch", role=role) == reply.limits.max_batch == 16
 
     # A session held open: the gauges read what Info reads.
     with grpc.insecure_channel(draft.address) as channel:

@@ -91,6 +91,25 @@ def test_greedy_speculative_equals_target_alone(cluster, reference, num_draft) -
     assert 0 < accepted < proposed
 
 
+def test_concurrent_greedy_requests_are_batched_and_equal_the_target_alone(cluster, reference) -> None:
+    """16 clients at once, each with its own prompt length and k (auto k moves per session):
+    the workers batch their steps, and every output is transformers' greedy output."""
+    client, draft, target = cluster[0], cluster[1], cluster[2]
+    ks = [1, 2, 3, 5, "auto"]
+    before = [(w.host.metrics.batches, w.host.metrics.batched_steps) for w in (draft, target)]
+
+    def one(i: int):
+        return client.generate(PROMPTS[i], max_tokens=MAX_TOKENS, num_draft=ks[i % len(ks)])
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(one, range(16)))
+    for i, response in enumerate(responses):
+        assert list(response.token_ids) == reference(PROMPTS[i]), PROMPTS[i]
+    for (batches, steps), worker in zip(before, (draft, target), strict=True):
+        new_batches = worker.host.metrics.batches - batches
+        assert (worker.host.metrics.batched_steps - steps) / new_batches > 1.5  # batches really formed
+
+
 def test_text_and_stream_agree(cluster, reference) -> None:
     client = cluster[0]
     prompt = PROMPTS[0]
@@ -245,7 +264,7 @@ def _sample_pairs(client: SpecdecClient, prompt: str, n: int = N_SAMPLES, **opti
         tokens = list(response.token_ids) + ([eos] if response.finish_reason == "eos" else [])
         return (tokens[0], tokens[1] if tokens[0] != eos else -1)
 
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(16) as pool:  # 16 clients: the workers batch the steps
         return Counter(pool.map(one, range(n)))
 
 
@@ -271,7 +290,10 @@ def exact_pairs(reference):
 def test_speculative_sampling_matches_target_distribution(cluster, exact_pairs) -> None:
     client = cluster[0]
     prompt = PROMPTS[SAMPLE_PROMPT_INDEX]
+    target = cluster[2]
+    batches, steps = target.host.metrics.batches, target.host.metrics.batched_steps
     speculative = _sample_pairs(client, prompt, num_draft=2)
+    assert (target.host.metrics.batched_steps - steps) / (target.host.metrics.batches - batches) > 1.5
     target_alone = _sample_pairs(client, prompt, n=1000, speculative=False)
     assert _chi_square_p(speculative, exact_pairs) > 1e-3
     assert _chi_square_p(target_alone, exact_pairs) > 1e-3

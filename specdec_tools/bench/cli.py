@@ -15,6 +15,7 @@ from .cells import SYSTEMS, Settings
 from .machine import limit_threads, machine, machine_line
 from .report import markdown, plot
 from .runner import run_workload
+from .serving import FULL_REQUESTS, QUICK_REQUESTS, serving_main, serving_settings
 from .workloads import CUSTOM_MAX_TOKENS, DEMO_DIR, WORKLOADS, CustomPair, load_workloads
 
 FULL_KS = ("1", "2", "3", "5", "8", "auto")
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK['prompts']} prompts, {QUICK['repeats']} repeats, k "
                              f"{'/'.join(QUICK_KS)}, max_tokens {QUICK['max_tokens']} "
-                             "(under 5 minutes on 2 cores)")
+                             "(under 5 minutes on 2 cores); with --concurrency "
+                             f"{QUICK_REQUESTS} requests per client, max_tokens {QUICK['max_tokens']}")
     parser.add_argument("--workloads",
                         help=f"comma-separated: {', '.join(WORKLOADS)} (default synthetic,demo; custom when "
                              "--draft-model and --target-model are given)")
@@ -47,9 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the custom workload's prompts: one per line, or JSON Lines with a \"prompt\" "
                              "field; the first --prompts of them are used (default 8; quick 2), each "
                              f"generating up to --max-tokens (default {CUSTOM_MAX_TOKENS}; quick 24)")
-    parser.add_argument("--ks", help=f"comma-separated k values and/or auto (default {','.join(FULL_KS)})")
-    parser.add_argument("--temperatures", default="0,1", help="comma-separated temperatures (default 0,1)")
-    parser.add_argument("--prompts", type=int, help="prompts per workload (default 8; quick 2)")
+    parser.add_argument("--ks", help=f"comma-separated k values and/or auto (default {','.join(FULL_KS)}; "
+                                     "with --concurrency one k, default auto)")
+    parser.add_argument("--temperatures", help="comma-separated temperatures (default 0,1; with --concurrency 0)")
+    parser.add_argument("--prompts", type=int, help="prompts per workload (default 8; quick 2, but 8 with "
+                                                    "--concurrency)")
     parser.add_argument("--repeats", type=int, help="timed repeats of every prompt (default 3; quick 2)")
     parser.add_argument("--max-tokens", type=int, help="cap on each workload's max_tokens")
     parser.add_argument("--threads", type=int, default=1,
@@ -69,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --drafting: comma-separated draft methods (default model,ngram,hybrid)")
     parser.add_argument("--draft-flags", default="",
                         help="with --drafting: extra flags for every draft, e.g. \"--ngram-max 3 --hybrid-min-match 2\"")
+    parser.add_argument("--concurrency", metavar="C,C,...",
+                        help="the serving benchmark instead: at each number of concurrent streaming clients, "
+                             "speculative and the target alone through one set of services; writes "
+                             "serving.json, serving.md and serving.png (default workload synthetic)")
+    parser.add_argument("--requests", type=int,
+                        help=f"with --concurrency: timed requests per client at each concurrency (default "
+                             f"{FULL_REQUESTS}; quick {QUICK_REQUESTS})")
+    parser.add_argument("--worker-flags", default="",
+                        help="with --concurrency: extra flags for draft and target, e.g. "
+                             "\"--max-batch 8 --batch-wait-ms 2\"")
     return parser
 
 
@@ -82,7 +96,7 @@ def workload_names(args: argparse.Namespace) -> tuple[list[str], CustomPair | No
         if missing:
             raise SystemExit(f"the custom workload needs {', '.join(missing)} too")
         custom = CustomPair(args.draft_model, args.target_model, args.prompts_file)
-    default = "custom" if custom else "synthetic,demo"
+    default = "custom" if custom else ("synthetic" if args.concurrency else "synthetic,demo")
     names = [w.strip() for w in (args.workloads or default).split(",") if w.strip()]
     unknown = [name for name in names if name not in WORKLOADS]
     if unknown:
@@ -103,10 +117,16 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()
     preset = QUICK if args.quick else FULL
+    if args.concurrency and args.drafting:
+        raise SystemExit("--concurrency and --drafting are separate benchmarks; pick one")
+    # the serving mode checks its flags now, before any pair is built; it takes every prompt in turn
+    # (prompts cost nothing there) and is greedy unless asked
+    serving = serving_settings(args) if args.concurrency else None
     settings = Settings(
-        ks=[k.strip() for k in (args.ks or ",".join(QUICK_KS if args.quick else FULL_KS)).split(",")],
-        temperatures=[float(t) for t in args.temperatures.split(",")],
-        prompts=args.prompts or preset["prompts"],
+        ks=[serving.k] if serving else [
+            k.strip() for k in (args.ks or ",".join(QUICK_KS if args.quick else FULL_KS)).split(",")],
+        temperatures=[float(t) for t in (args.temperatures or ("0" if serving else "0,1")).split(",")],
+        prompts=args.prompts or (FULL["prompts"] if serving else preset["prompts"]),
         repeats=args.repeats or preset["repeats"],
         max_tokens=args.max_tokens or preset.get("max_tokens"),
         threads=args.threads,
@@ -128,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         from .drafting import drafting_main
 
         return drafting_main(args, settings, env, info, workloads, skipped, out, started)
+    if serving:
+        return serving_main(args, settings, serving, env, info, workloads, skipped, out, started)
     report: dict[str, Any] = {
         "machine": info,
         "settings": {**asdict(settings), "quick": args.quick, "tiny": args.tiny},
