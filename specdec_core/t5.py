@@ -373,7 +373,10 @@ class T5(nn.Module):
     # -- decoder ------------------------------------------------------------------------
     def make_cache(self, encoder_output: mx.array) -> DecoderCache:
         """A fresh session cache; cross-attention K/V are projected here, once."""
-        cross = [layer.cross_attn.project_kv(encoder_output) for layer in self.decoder_layers]
+        # Stored contiguous: the projection's head split is a strided view, which every later
+        # attention matmul would otherwise copy again, for every session and layer of every step.
+        cross = [tuple(mx.contiguous(a) for a in layer.cross_attn.project_kv(encoder_output))
+                 for layer in self.decoder_layers]
         mx.eval(cross)
         return DecoderCache(layers=[LayerKVCache() for _ in self.decoder_layers], cross=cross)
 
