@@ -236,7 +236,8 @@ class FeedForward(nn.Module):
         if self.activation == "relu":
             return nn.relu(x)
         if self.activation == "gelu_new" or self.gated:  # HF maps gated-gelu to the tanh form
-            return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+            # x * x * x, not x**3: MLX's CPU power is a third of this function's time
+            return 0.5 * x * (1.0 + mx.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))))
         return nn.gelu(x)
 
     def __call__(self, x: mx.array) -> mx.array:
