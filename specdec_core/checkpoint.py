@@ -93,19 +93,27 @@ def read_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from exc
 
 
-def read_weights(path: Path) -> dict[str, mx.array]:
-    """All tensors of a checkpoint directory, by their stored names."""
+def safetensors_files(path: Path) -> list[Path]:
+    """``model.safetensors``, or the shards ``model.safetensors.index.json`` names; [] if neither."""
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / shard for shard in shards]
+    return []
+
+
+def read_weights(path: Path) -> dict[str, mx.array]:
+    """All tensors of a checkpoint directory, by their stored names."""
     torch_bin = path / "pytorch_model.bin"
     try:
-        if single.is_file():
-            return dict(mx.load(str(single)))
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = safetensors_files(path)
+        if files:
             weights: dict[str, mx.array] = {}
-            for shard in shards:
-                weights.update(mx.load(str(path / shard)))
+            for file in files:
+                weights.update(mx.load(str(file)))
             return weights
         if torch_bin.is_file() or any(path.glob("pytorch_model-*.bin")):
             return _read_torch_bins(path)
@@ -153,8 +161,7 @@ def load_model(
     ``dtype`` None keeps the stored dtype (float16 is promoted to float32: T5 overflows in it).
     ``quantize_bits`` 4 or 8 quantizes the linear layers after loading.
     """
-    if dtype is not None and dtype not in DTYPES:
-        raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    check_dtype(dtype)
     if quantize_bits is not None and quantize_bits not in QUANT_BITS:
         raise CheckpointError(f"quantization must be 4 or 8 bits, not {quantize_bits}")
     path = resolve_model_path(name_or_dir)
@@ -163,9 +170,7 @@ def load_model(
     args = ModelArgs.from_dict(config)
     raw = read_weights(path)
     weights = T5.sanitize(raw) if is_hf_layout(raw.keys()) else raw
-    head, shared = weights.get("lm_head.weight"), weights.get("shared.weight")
-    if head is not None and shared is not None and head.shape == shared.shape and mx.array_equal(head, shared).item():
-        del weights["lm_head.weight"]  # a tied v1.0 head saved as a copy (pytorch_model.bin)
+    drop_tied_head(weights)
     args.untied_lm_head = "lm_head.weight" in weights
     model = T5(args)
 
@@ -177,17 +182,8 @@ def load_model(
             class_predicate=lambda p, m: f"{p}.scales" in weights,
         )
     _check_weights(model, weights, path)
-    stored_dtype = next(
-        (str(v.dtype).removeprefix("mlx.core.") for k, v in weights.items() if k == "shared.weight"),
-        "float32",
-    )
-    chosen = dtype or ("float32" if stored_dtype == "float16" else stored_dtype)
-    if chosen == "float16":
-        logger.warning("T5 overflows in float16 (inf/NaN activations); prefer bfloat16 or float32")
-    target = DTYPES[chosen]
-    weights = {
-        k: (v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()
-    }
+    chosen = choose_dtype(weights, dtype)
+    weights = {k: cast_floating(v, chosen) for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     quantization = stored_quant
     if quantize_bits is not None and stored_quant is None:
@@ -204,14 +200,51 @@ def load_model(
     return LoadedModel(model, args, path, str(name_or_dir), chosen, quantization)
 
 
+def check_dtype(dtype: str | None) -> None:
+    if dtype is not None and dtype not in DTYPES:
+        raise CheckpointError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+
+
+def drop_tied_head(weights: dict[str, mx.array]) -> None:
+    """Remove ``lm_head.weight`` when it is a copy of ``shared.weight``."""
+    head, shared = weights.get("lm_head.weight"), weights.get("shared.weight")
+    if head is not None and shared is not None and head.shape == shared.shape and mx.array_equal(head, shared).item():
+        del weights["lm_head.weight"]  # a tied v1.0 head saved as a copy (pytorch_model.bin)
+
+
+def choose_dtype(weights: dict[str, mx.array], requested: str | None) -> str:
+    """The requested dtype, else the stored one of ``shared.weight`` (float16 becomes float32)."""
+    shared = weights.get("shared.weight")
+    stored = "float32" if shared is None else str(shared.dtype).removeprefix("mlx.core.")
+    chosen = requested or ("float32" if stored == "float16" else stored)
+    if chosen == "float16":
+        logger.warning("T5 overflows in float16 (inf/NaN activations); prefer bfloat16 or float32")
+    return chosen
+
+
+def cast_floating(value: mx.array, dtype: str) -> mx.array:
+    """A floating tensor cast to ``dtype``; an integer one (quantized weights) as it is."""
+    return value.astype(DTYPES[dtype]) if mx.issubdtype(value.dtype, mx.floating) else value
+
+
 def _check_weights(model: T5, weights: dict[str, mx.array], path: Path) -> None:
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
+    check_shapes(
+        {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())},
+        {k: tuple(v.shape) for k, v in weights.items()},
+        path,
+    )
+
+
+def check_shapes(
+    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], path: Path
+) -> None:
+    """Raise a CheckpointError naming the missing, unexpected and misshapen tensors."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     wrong = [
-        f"{k}: checkpoint {tuple(weights[k].shape)} vs config {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in weights and tuple(weights[k].shape) != tuple(v.shape)
+        f"{k}: checkpoint {found[k]} vs config {shape}"
+        for k, shape in expected.items()
+        if k in found and found[k] != shape
     ]
     problems = []
     if missing:

@@ -81,6 +81,7 @@ class SessionHost:
         # Called on the event loop after every step that reached the model thread (metrics).
         self.step_listeners: list[Callable[[StepTiming], None]] = []
         self.draining = False
+        self.broken: SpecdecError | None = None  # set by abort_steps: every call fails with it
         # One thread: MLX work is serialised, and the asyncio loop stays free.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-mlx")
         self._scheduler = StepScheduler(engine, self._count_job, self._executor.submit, limits, self.metrics)
@@ -110,6 +111,12 @@ class SessionHost:
             self._watchdog_task.cancel()
             self._watchdog_task = None
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def abort_steps(self, error: SpecdecError) -> None:
+        """The model cannot serve any more: fail every queued and running step now with ``error``,
+        and every later call too (without waiting for the model thread, which may never return)."""
+        self.broken = error
+        self._scheduler.abort(error)
 
     async def drain(self) -> None:
         """Refuse new work (UNAVAILABLE) from now on; calls already running finish."""
@@ -172,6 +179,8 @@ class SessionHost:
         return await self._submit(fn, *args)
 
     def _check_serving(self) -> None:
+        if self.broken is not None:
+            raise type(self.broken)(str(self.broken))
         if self.draining:
             raise Unavailable(f"the {self.role} service is draining (shutting down); use another replica")
 

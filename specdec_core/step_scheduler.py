@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +59,7 @@ class StepScheduler:
         self.batch_wait_s = max(0.0, limits.batch_wait_ms) / 1e3
         self.metrics = metrics
         self._waiting: deque[QueuedStep] = deque()
+        self._running: list[QueuedStep] = []  # the batch on the model thread now
         self._arrived = threading.Condition()
 
     def submit(self, step: QueuedStep) -> Any:
@@ -95,16 +96,34 @@ class StepScheduler:
             for step in batch:
                 self._waiting.remove(step)
         # A step whose caller gives up from now on finishes with its batch and is undone after.
-        return [step for step in batch if step.future.set_running_or_notify_cancel()]
+        return [step for step in batch if _claim(step.future)]
 
     def _drop_cancelled(self) -> int:
-        """Forget waiting steps whose caller gave up (their caller restores them); how many wait."""
-        if any(step.future.cancelled() for step in self._waiting):
-            self._waiting = deque(step for step in self._waiting if not step.future.cancelled())
+        """Forget waiting steps that already have an answer: their caller gave up (and restores
+        them) or ``abort`` answered them; how many still wait."""
+        if any(step.future.done() for step in self._waiting):
+            self._waiting = deque(step for step in self._waiting if not step.future.done())
         return len(self._waiting)
+
+    def abort(self, error: Exception) -> None:
+        """Answer every waiting and running step with ``error`` now (the model can no longer
+        serve, e.g. a tensor-parallel peer died mid-pass and the model thread may never return)."""
+        with self._arrived:
+            steps = [*self._waiting, *self._running]
+        for step in steps:
+            _settle(step.future, error=error)
 
     def run(self, batch: list[QueuedStep]) -> None:
         """Run one batch; every step's future gets its own result or its own error."""
+        with self._arrived:
+            self._running = batch
+        try:
+            self._run(batch)
+        finally:
+            with self._arrived:
+                self._running = []
+
+    def _run(self, batch: list[QueuedStep]) -> None:
         started = time.perf_counter()
         ready = [step for step in batch if self._admit(step)]
         results: list[Any] = []
@@ -122,9 +141,9 @@ class StepScheduler:
         for step, result in zip(ready, results, strict=True):
             step.started, step.finished, step.batch_size = started, finished, len(ready)
             if isinstance(result, BaseException):
-                step.future.set_exception(result)
+                _settle(step.future, error=result)
             else:
-                step.future.set_result(result)
+                _settle(step.future, result=result)
 
     def _admit(self, step: QueuedStep) -> bool:
         """Check a step alone before its batch runs; fail it (restored) if it cannot run."""
@@ -139,7 +158,7 @@ class StepScheduler:
             restore(step.state, step.saved)
             step.finished = step.started = time.perf_counter()
             step.batch_size = 1
-            step.future.set_exception(error)
+            _settle(step.future, error=error)
             return False
 
     def _work(self, steps: list[QueuedStep]) -> list[Any]:
@@ -158,6 +177,27 @@ class StepScheduler:
         except Exception as error:  # noqa: BLE001 - this step's own failure
             restore(step.state, step.saved)
             return error
+
+
+def _claim(future: Future[Any]) -> bool:
+    """Mark a step's future running; False if it was cancelled or already answered (abort)."""
+    if future.done():
+        return False
+    try:
+        return future.set_running_or_notify_cancel()
+    except RuntimeError:  # abort answered it just now
+        return False
+
+
+def _settle(future: Future[Any], result: Any = None, error: BaseException | None = None) -> None:
+    """Give a step its answer unless it has one (``abort`` may have answered it already)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
 
 
 def check_deadline(deadline: float | None, what: str) -> None:

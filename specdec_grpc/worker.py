@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +24,7 @@ from google.protobuf.message import Message
 from specdec_core import blas
 from specdec_core.checkpoint import load_model
 from specdec_core.engine import ModelEngine
-from specdec_core.errors import CheckpointError
+from specdec_core.errors import CheckpointError, Unavailable
 from specdec_core.session_host import HostLimits, SessionHost
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
 from specdec_grpc.convert import WireLimits
@@ -65,6 +69,9 @@ class WorkerConfig:
     ngram_min: int = 1
     ngram_max: int = 4
     hybrid_min_match: int = 3
+    # Ranks the model is split over (a target only). None: one process, or the size of the
+    # group this process was started in by mlx.launch.
+    tensor_parallel: int | None = None
 
     @classmethod
     def from_args(cls, role: str, args: argparse.Namespace) -> WorkerConfig:
@@ -94,6 +101,7 @@ class WorkerConfig:
             ngram_min=getattr(args, "ngram_min", 1),
             ngram_max=getattr(args, "ngram_max", 4),
             hybrid_min_match=getattr(args, "hybrid_min_match", 3),
+            tensor_parallel=getattr(args, "tensor_parallel", None),
         )
 
 
@@ -143,6 +151,12 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     )
     if role == "draft":
         add_draft_method_arguments(parser)
+    else:
+        parser.add_argument("--tensor-parallel", type=int, metavar="N",
+                            help="split the model over N ranks on this machine (a loopback MLX ring; "
+                                 "this process is rank 0 and serves gRPC, it starts ranks 1..N-1). "
+                                 "Under mlx.launch (several machines) the group is the launcher's: "
+                                 "N may be left out. See the README, 'A target larger than one machine'")
     return parser
 
 
@@ -307,6 +321,7 @@ def info_response(host: SessionHost) -> pb.InfoResponse:
         ),
         blas=blas.active_blas,
         draft_method=host.engine.method if host.role == "draft" else "",
+        tensor_parallel=getattr(host.engine, "tensor_parallel", 1),
     )
 
 
@@ -354,14 +369,127 @@ def run_worker(
     args = build_parser(role).parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     config = WorkerConfig.from_args(role, args)
+    ranks = TensorParallel.join(config, sys.argv[1:] if argv is None else argv)
+    if ranks is not None and ranks.group.rank() != 0:
+        ranks.follow(config)  # never returns
+    host = ranks.build_host(config) if ranks is not None else None
 
     async def serve() -> None:
-        running, host = await start_worker(config, servicer_class, add_to_server, service_name)
-        await serve_until_signal(running, config.grace_s, host.drain,
+        running, started = await start_worker(config, servicer_class, add_to_server, service_name, host)
+        watch = ranks.watch(running, started) if ranks is not None else None
+        await serve_until_signal(running, config.grace_s, started.drain,
                                  ready=lambda: announce(role, config.host, running.port, running.metrics_port))
-        await host.stop()
+        if watch is not None:
+            watch.cancel()
+        await started.stop()
 
     try:
         asyncio.run(serve())
     except KeyboardInterrupt:
         pass
+    finally:
+        if ranks is not None:
+            ranks.stop_followers()
+
+
+class TensorParallel:
+    """A target split over the ranks of a ring (``specdec_core.rank_mirror``): rank 0 serves with
+    a ``MirroredEngine``, every other rank follows it and serves nothing."""
+
+    def __init__(self, group: Any, followers: list[subprocess.Popen[bytes]]):
+        self.group = group
+        self.followers = followers  # the ranks this process started (none under mlx.launch)
+        self.mirror: Any = None
+
+    @classmethod
+    def join(cls, config: WorkerConfig, argv: list[str]) -> TensorParallel | None:
+        """Join (or start, with --tensor-parallel N > 1) the ring; None for one process."""
+        from specdec_core import rank_mirror
+
+        wanted = config.tensor_parallel
+        if wanted is not None and wanted < 1:
+            raise SystemExit(f"--tensor-parallel must be >= 1, got {wanted}")
+        if config.role != "target" or not (rank_mirror.launched() or (wanted or 1) > 1):
+            return None
+        if config.quantize or config.method != "model":
+            raise SystemExit("a tensor-parallel target loads the float checkpoint: leave out --quantize")
+        followers = []
+        if not rank_mirror.launched():
+            followers = rank_mirror.launch_local_followers(
+                wanted or 1, [sys.executable, "-m", f"{config.role}_service.server", *argv])
+        try:
+            group = rank_mirror.join()
+        except Exception:
+            for follower in followers:
+                follower.kill()
+            raise
+        if wanted is not None and wanted != group.size():
+            raise SystemExit(f"--tensor-parallel {wanted} but this process was launched in a group of "
+                             f"{group.size()} ranks")
+        return cls(group, followers)
+
+    def build_host(self, config: WorkerConfig) -> SessionHost:
+        """Rank 0's host: this rank's shard behind a MirroredEngine."""
+        from specdec_core.rank_mirror import MirroredEngine, RankLink, RankMirror
+        from specdec_core.tensor_parallel import load_sharded, weight_nbytes
+
+        loaded = load_sharded(config.model, self.group, config.dtype)
+        self.mirror = RankMirror(RankLink(self.group))
+        engine = MirroredEngine(loaded, self.mirror, max_draft=config.limits.max_draft)
+        logger.info("%s rank 0 of %d loaded its shard of %s (%s, %.1f MB of weights); BLAS: %s", config.role,
+                    self.group.size(), config.model, loaded.dtype, weight_nbytes(loaded.model) / 1e6,
+                    blas.active_blas)
+        return SessionHost(engine, config.limits, config.role, tokenizer_fingerprint(load_tokenizer(loaded.path)))
+
+    def follow(self, config: WorkerConfig) -> None:
+        """A follower rank: load the shard, replay rank 0's passes until the group closes, exit."""
+        from specdec_core.rank_mirror import RankLink, follow
+        from specdec_core.tensor_parallel import load_sharded
+
+        rank = self.group.rank()
+        # Rank 0 drains on SIGTERM/SIGINT and needs its followers until it is done; a follower
+        # ends when rank 0 is gone (its ring link closes).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        code = 0
+        try:
+            engine = ModelEngine(load_sharded(config.model, self.group, config.dtype),
+                                 max_draft=config.limits.max_draft)
+            logger.info("%s rank %d of %d follows rank 0", config.role, rank, self.group.size())
+            logger.info("%s rank %d: %s; exiting", config.role, rank, follow(engine, RankLink(self.group)))
+        except Exception:
+            logger.exception("%s rank %d failed; exiting (rank 0 will report NOT_SERVING)", config.role, rank)
+            code = 1
+        logging.shutdown()
+        os._exit(code)  # no interpreter teardown: MLX's ring threads may still hold a dead socket
+
+    def watch(self, running: RunningServer, host: SessionHost) -> asyncio.Task[None]:
+        """Report NOT_SERVING, for good, once the group breaks (a follower this process started
+        exited, or a broadcast or pass failed); the watchdog cannot clear it."""
+        mirror = self.mirror
+
+        async def on_wedged(wedged: bool) -> None:
+            await running.set_wedged(wedged or mirror.broken is not None)
+
+        host.on_wedged = on_wedged
+
+        async def watch() -> None:
+            while mirror.broken is None:
+                for rank, follower in enumerate(self.followers, start=1):
+                    if follower.poll() is not None:
+                        mirror.fail(f"rank {rank} (pid {follower.pid}) exited with code {follower.returncode}")
+                await asyncio.sleep(0.1)
+            await running.set_wedged(True)
+            # A pass in flight may block in a collective with the dead rank for good: answer its
+            # steps now, so the orchestrator fails over at once instead of at its call timeout.
+            host.abort_steps(Unavailable(f"the tensor-parallel target broke ({mirror.broken}); use another "
+                                         "replica"))
+
+        return asyncio.get_running_loop().create_task(watch())
+
+    def stop_followers(self) -> None:
+        """After rank 0 stopped serving: its followers have nothing left to do."""
+        for follower in self.followers:
+            if follower.poll() is None:
+                follower.kill()
+            follower.wait()

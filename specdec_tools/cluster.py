@@ -4,7 +4,8 @@
 each reports SERVING, then starts the orchestrator on ``--port`` (default 50051) and waits
 for it too. Every service serves Prometheus metrics on a free port (``--metrics-port 0``).
 Logs, pids, addresses and metrics addresses go to a run directory (default ``runs/current``);
-``down`` stops exactly the processes recorded there, by pid.
+``down`` stops exactly the processes recorded there, by pid; a tensor-parallel target
+(``--target-tp N``) is a process group (rank 0 and the ranks it started), stopped as a group.
 """
 
 from __future__ import annotations
@@ -64,7 +65,11 @@ def up(args: argparse.Namespace) -> int:
                 service_args = ["--model", str(model), "--host", args.host, "--port", "0", *extra]
                 if role == "draft" and getattr(args, "draft_method", "model") != "model":
                     service_args += ["--method", args.draft_method]
+                tensor_parallel = role == "target" and getattr(args, "target_tp", 1) > 1
+                if tensor_parallel:
+                    service_args += ["--tensor-parallel", str(args.target_tp)]
                 members.append(_start(run_dir, f"{role}-{i}", role, service_args, args.host))
+                members[-1]["process_group"] = tensor_parallel  # pid is the group's id (new session)
         for member in members:
             port = member["_service"].wait_port(args.timeout)
             member["address"] = f"{args.host}:{port}"
@@ -126,21 +131,52 @@ def _alive(records: list[dict]) -> list[dict]:
     return [r for r in records if _is_ours(r["pid"], r["argv"])]
 
 
+def _group_left(record: dict) -> bool:
+    """True if a tensor-parallel target's group has members although its rank 0 is gone (the
+    group id is rank 0's pid, which no new process gets while the group exists)."""
+    if not record.get("process_group"):
+        return False
+    try:
+        os.kill(record["pid"], 0)
+        return False  # rank 0 itself is alive: handled by pid
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return False
+    try:
+        os.killpg(record["pid"], 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _signal(record: dict, sig: signal.Signals) -> None:
+    """The recorded process, or with ``process_group`` its whole group (every rank)."""
+    try:
+        if record.get("process_group"):
+            os.killpg(record["pid"], sig)
+        else:
+            os.kill(record["pid"], sig)
+    except ProcessLookupError:
+        pass
+
+
 def _stop(records: list[dict], grace: float) -> None:
     # Orchestrator first, so it stops sending work before the workers drain.
     ordered = sorted(records, key=lambda r: r.get("role") != "orchestrator")
     for record in ordered:
-        if _is_ours(record["pid"], record["argv"]):
-            try:
-                os.kill(record["pid"], signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        if _is_ours(record["pid"], record["argv"]) or _group_left(record):
+            _signal(record, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _alive(ordered):
+
+    def running() -> list[dict]:
+        return [r for r in ordered if _is_ours(r["pid"], r["argv"]) or _group_left(r)]
+
+    while time.monotonic() < deadline and running():
         time.sleep(0.1)
-    for record in _alive(ordered):
+    for record in running():
         print(f"  {record['name']} (pid {record['pid']}) did not stop in {grace:g}s; killing it", file=sys.stderr)
-        os.kill(record["pid"], signal.SIGKILL)
+        _signal(record, signal.SIGKILL)
     for record in ordered:
         try:  # reap our own children when up() failed midway
             os.waitpid(record["pid"], os.WNOHANG)
@@ -198,6 +234,9 @@ def up_main(argv: list[str] | None = None) -> None:
                         help="how the drafts propose (specdec-draft --method): model (default), ngram (prompt "
                              "lookup, no weights: --draft-model gives the tokenizer), hybrid")
     parser.add_argument("--target-model", default=str(DEMO_TARGET), help="default: the bundled demo target")
+    parser.add_argument("--target-tp", type=int, default=1, metavar="N",
+                        help="split each target over N ranks on this machine (specdec-target "
+                             "--tensor-parallel N: a loopback MLX ring; default 1, one process)")
     parser.add_argument("--tokenizer", help="tokenizer directory for the orchestrator (default: the target's)")
     parser.add_argument("--host", default="127.0.0.1", help="interface every process binds")
     parser.add_argument("--port", type=int, default=50051, help="orchestrator port (workers pick free ports)")

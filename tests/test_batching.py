@@ -264,3 +264,24 @@ def test_sampled_draft_batch_matches_the_solo_draws(draft_dir: Path) -> None:
         assert await proposals(len(PROMPTS)) == await proposals(1)
 
     asyncio.run(main())
+
+
+def test_abort_answers_waiting_steps_and_every_later_call(target_dir: Path) -> None:
+    """A host whose model can no longer serve (a tensor-parallel peer died mid-pass) answers the
+    steps it holds and every later call UNAVAILABLE at once, without the model thread."""
+    from specdec_core.errors import Unavailable
+
+    async def main() -> None:
+        batched = Batched(target_dir, size=4)  # holds lone steps for 5 s: they wait
+        host = await batched.host()
+        session = await host.open(PROMPTS[0])
+        waiting = asyncio.get_running_loop().create_task(host.verify(verify_request(session.id, BLOCKS[0])))
+        await asyncio.sleep(0.2)
+        host.abort_steps(Unavailable("the tensor-parallel target broke"))
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(waiting, 1)
+        with pytest.raises(Unavailable, match="broke"):
+            await host.open(PROMPTS[1])
+        await host.stop()
+
+    asyncio.run(main())

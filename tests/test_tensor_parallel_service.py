@@ -1,0 +1,200 @@
+"""A tensor-parallel target service (``specdec-target --tensor-parallel 2``) as a real process.
+
+Rank 0 serves gRPC and starts rank 1 on a loopback MLX ring; every step is mirrored to rank 1
+(specdec_core/rank_mirror.py). A draft, a single-process target replica and an orchestrator
+(in this process, paced like tests/test_faults.py so a kill lands mid-stream) sit around it.
+
+Reference: transformers' greedy ``generate`` of the target alone. The 2-rank target must give
+it token for token, alone and with concurrent requests (batches), and seeded sampling must
+give what the 1-rank target gives. Killing rank 1 mid-stream fails the request over to the
+single-process replica with the same output, and the broken 2-rank target reports NOT_SERVING.
+The tests skip if the ring backend cannot start here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import mlx.core as mx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import LoopThread, RunningOrchestrator, start_orchestrator_in
+from procs import START_TIMEOUT_S, GreedyReference, Pacer, ServiceProcess, start_all, start_worker, wait_until
+
+from orchestrator.client import SpecdecClient
+from specdec_pb import specdec_pb2 as pb
+from specdec_tools.tiny_checkpoints import corpus_lines
+
+RANKS = 2
+MAX_TOKENS = 48
+NUM_DRAFT = 3
+PACE_S = 0.03
+CANDIDATES = corpus_lines()[13:1300:13]
+PROMPTS = CANDIDATES[:6]
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@dataclass
+class Services:
+    loop: LoopThread
+    tp: ServiceProcess  # rank 0 of the 2-rank target (its own process group: every rank)
+    follower_pid: int
+    single: ServiceProcess  # a 1-rank target replica
+    draft: ServiceProcess
+
+
+def _health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        request = health_pb2.HealthCheckRequest(service="")
+        return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
+
+
+def _kill_group(process: ServiceProcess) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.kill()
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory, near_draft_dir: Path, target_dir: Path
+             ) -> Iterator[Services]:
+    if not mx.distributed.is_available():
+        pytest.skip("this MLX build has no distributed backend")
+    log_dir = tmp_path_factory.mktemp("tp-service-logs")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")  # two ranks on two shared cores
+    tp = ServiceProcess("target", ["--model", str(target_dir), "--port", "0", "--log-level", "INFO",
+                                   "--tensor-parallel", str(RANKS)],
+                        log_dir / "target-tp.log", env=env, new_session=True)
+    others = [start_worker("target", target_dir, log_dir, wait=False),
+              start_worker("draft", near_draft_dir, log_dir, wait=False)]
+    loop = LoopThread()
+    try:
+        try:
+            tp.wait_port(START_TIMEOUT_S)
+        except RuntimeError as error:
+            if "joined the ring" not in tp.log.read_text(errors="replace"):
+                pytest.skip(f"the MLX ring backend did not start here: {error}")
+            raise
+        single, draft = start_all(others)
+        found = re.search(r"follower rank\(s\) \(pids (\d+)\)", tp.log.read_text())
+        assert found, "rank 0 did not log its follower's pid"
+        yield Services(loop, tp, int(found.group(1)), single, draft)
+    finally:
+        loop.close()
+        _kill_group(tp)
+        for other in others:
+            other.kill()
+
+
+@pytest.fixture(scope="module")
+def reference(target_dir: Path) -> GreedyReference:
+    return GreedyReference(target_dir)
+
+
+def _client(orch: RunningOrchestrator) -> SpecdecClient:
+    return SpecdecClient(orch.address, timeout=60)
+
+
+def test_info_reports_the_world_size(services: Services) -> None:
+    info = services.tp.info()
+    assert info.tensor_parallel == RANKS and info.role == "target"
+    assert services.single.info().tensor_parallel == 1
+
+
+def test_greedy_equals_the_target_alone(services: Services, reference: GreedyReference) -> None:
+    """One request at a time, then all at once (steps of several sessions form batches)."""
+    orch = start_orchestrator_in(services.loop, [services.draft.address], [services.tp.address],
+                                 connect_timeout_s=30)
+    try:
+        with _client(orch) as client:
+            for prompt in PROMPTS[:3]:
+                response = client.generate(prompt, max_tokens=MAX_TOKENS, num_draft=NUM_DRAFT)
+                assert list(response.token_ids) == reference(prompt, MAX_TOKENS), prompt
+                assert response.stats.target_replica == services.tp.address
+            before = services.tp.info().metrics
+            with ThreadPoolExecutor(len(PROMPTS)) as pool:
+                responses = list(pool.map(
+                    lambda p: client.generate(p, max_tokens=MAX_TOKENS, num_draft=NUM_DRAFT), PROMPTS))
+            for prompt, response in zip(PROMPTS, responses, strict=True):
+                assert list(response.token_ids) == reference(prompt, MAX_TOKENS), prompt
+            after = services.tp.info()
+            batched = after.metrics.batched_steps - before.batched_steps
+            batches = after.metrics.batches - before.batches
+            print(f"concurrent: {batched} steps in {batches} batches")
+            wait_until(lambda: services.tp.live_sessions() == 0, 30, what="sessions closed")
+    finally:
+        orch.stop()
+
+
+def test_seeded_sampling_equals_the_one_rank_target(services: Services) -> None:
+    """T=1 with a seed: the draws are keyed by position, so both targets give the same tokens."""
+    outputs = {}
+    for target in (services.tp, services.single):
+        orch = start_orchestrator_in(services.loop, [services.draft.address], [target.address],
+                                     connect_timeout_s=30)
+        try:
+            with _client(orch) as client:
+                outputs[target.address] = [
+                    list(client.generate(p, max_tokens=24, num_draft=NUM_DRAFT, temperature=1.0, seed=s).token_ids)
+                    for p, s in zip(PROMPTS[:3], (1, 2, 3), strict=True)
+                ]
+        finally:
+            orch.stop()
+    assert outputs[services.tp.address] == outputs[services.single.address]
+
+
+def test_killed_rank_fails_over_and_reports_not_serving(services: Services, reference: GreedyReference) -> None:
+    """kill -9 of rank 1 mid-stream: the request finishes on the 1-rank replica with the target's
+    greedy output; the 2-rank target reports NOT_SERVING and refuses new sessions. Last: it
+    leaves the 2-rank target broken."""
+    orch = start_orchestrator_in(services.loop, [services.draft.address],
+                                 [services.tp.address, services.single.address],
+                                 health_interval_s=0.1, connect_timeout_s=30)
+    pacer = Pacer(orch.pool, PACE_S)
+    try:
+        with _client(orch) as client:
+            streams: dict[str, list[pb.GenerateStreamResponse]] = {}
+
+            def stream(prompt: str) -> None:
+                streams[prompt] = list(client.stream(prompt, max_tokens=MAX_TOKENS, num_draft=NUM_DRAFT))
+
+            # Two at once: the least-loaded choice puts one on each target. Prompts the target
+            # does not end early, so the kill lands mid-stream.
+            long = [p for p in CANDIDATES if len(reference(p, MAX_TOKENS)) == MAX_TOKENS][:2]
+            with ThreadPoolExecutor(2) as pool:
+                running = [pool.submit(stream, p) for p in long]
+                wait_until(lambda: sum(1 for r in client.status().replicas if r.role == "target"
+                                       and r.active_sessions) == 2, 30, what="one generation on each target")
+                wait_until(lambda: sum(1 for c in pacer.calls if c.method == "Verify"
+                                       and c.address == services.tp.address) >= 2, 30,
+                           what="the 2-rank target verifying")
+                os.kill(services.follower_pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+                for future in running:
+                    future.result()
+            for prompt, chunks in streams.items():
+                assert [t for c in chunks for t in c.token_ids] == reference(prompt, MAX_TOKENS), prompt
+                assert chunks[-1].stats.target_replica == services.single.address
+            assert any(c.method == "Verify" and c.address == services.tp.address and c.time < killed_at
+                       for c in pacer.calls), "the 2-rank target never verified before the kill"
+        assert services.tp.alive(), "rank 0 must stay up and report its state"
+        wait_until(lambda: _health(services.tp.address) == health_pb2.HealthCheckResponse.NOT_SERVING, 10,
+                   what="the 2-rank target NOT_SERVING")
+        with grpc.insecure_channel(services.tp.address) as channel, pytest.raises(grpc.RpcError) as info:
+            from specdec_pb import specdec_pb2_grpc as pb_grpc
+
+            pb_grpc.TargetStub(channel).OpenSession(pb.OpenSessionRequest(prompt_ids=[5, 6, 1]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "tensor-parallel" in info.value.details()
+    finally:
+        orch.stop()
