@@ -59,11 +59,3 @@ def accept_sampled(
             continue
         return StepOutcome(j, resampled[j])
     return StepOutcome(len(draft_tokens), resampled[len(draft_tokens)])
-
-
-def next_num_draft(k: int, outcome: StepOutcome, proposed: int, low: int, high: int) -> int:
-    """The "auto" schedule (as transformers' heuristic): +2 after a fully accepted block,
-    -1 after a rejection, kept within [low, high]."""
-    if proposed and outcome.accepted == proposed:
-        return min(high, k + 2)
-    return max(low, k - 1)

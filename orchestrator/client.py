@@ -37,6 +37,7 @@ def build_request(
     delta: float = 0.0,
     seed: int | None = None,
     speculative: bool = True,
+    pipeline: bool | None = None,
 ) -> pb.GenerateRequest:
     """``num_draft`` is k, 0 for the server default, or "auto" for the adaptive schedule."""
     auto = num_draft == "auto"
@@ -53,6 +54,8 @@ def build_request(
     )
     if seed is not None:
         request.seed = seed
+    if pipeline is not None:  # unset: the orchestrator's default
+        request.pipeline = pipeline
     return request
 
 

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from specdec_core.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 from .detokenize import TextStream
+from .k_policy import KMemory
 from .speculative import BackendSource, GenerationParams, SpeculativeGeneration, Stats, new_request_id
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class OrchestratorLimits:
     max_num_draft: int = 16  # the largest k (and the ceiling of num_draft=auto)
     default_num_draft: int = 5  # the published anchor's k=7 is for T5-XXL; 5 suits small pairs
     max_generations: int = 32  # generations in flight at once
+    pipeline: bool = True  # pipelined drafting unless a request says otherwise (--no-pipeline)
 
 
 class RequestObserver(Protocol):
@@ -61,6 +63,7 @@ class Orchestrator:
         self.draining = False  # set on SIGTERM: new requests get UNAVAILABLE, running ones finish
         # Told of every request's end: request_ended(params, stats, error, elapsed_s) (Prometheus).
         self.metrics: RequestObserver | None = None
+        self.k_memory = KMemory()  # what num_draft=auto learned, handed from request to request
 
     def _ended(self, params: GenerationParams | None, stats: Stats | None, error: BaseException | None,
                elapsed_s: float) -> None:
@@ -86,7 +89,7 @@ class Orchestrator:
         return ids
 
     def params(self, max_tokens: int, num_draft: int, num_draft_auto: bool, sampling: Any, delta: float,
-               seed: int | None, speculative: bool) -> GenerationParams:
+               seed: int | None, speculative: bool, pipeline: bool | None = None) -> GenerationParams:
         """Fill defaults (0 = server default) and validate against the limits. A default above
         its cap (e.g. only --max-num-draft lowered) is clamped, not turned into an error."""
         limits = self.limits
@@ -100,6 +103,8 @@ class Orchestrator:
                 delta=delta,
                 seed=seed if seed is not None else secrets.randbits(63),
                 speculative=speculative,
+                seeded=seed is not None,
+                pipeline=limits.pipeline if pipeline is None else pipeline,
             ).validate(self.limits.max_tokens_cap, self.limits.max_num_draft)
         except Exception as error:  # the request ends here: refused before it started
             self._ended(None, None, error, 0.0)
@@ -137,7 +142,8 @@ class Orchestrator:
                         "off" if not params.speculative else "auto" if params.num_draft_auto else params.num_draft,
                         params.sampling.temperature, params.seed)
             generation = SpeculativeGeneration(
-                self.source, prompt_ids, params, self.decoder_start_id, self.eos_id, deadline, request_id
+                self.source, prompt_ids, params, self.decoder_start_id, self.eos_id, deadline, request_id,
+                self.k_memory,
             )
             text = TextStream(self.tokenizer)
             async for step in generation.run():

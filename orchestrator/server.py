@@ -120,6 +120,7 @@ class OrchestratorConfig:
                 max_num_draft=args.max_num_draft,
                 default_num_draft=args.default_num_draft,
                 max_generations=args.max_generations,
+                pipeline=not args.no_pipeline,
             ),
             host=args.host,
             port=args.port,
@@ -156,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-num-draft", type=int, default=limits.max_num_draft,
                         help="largest k, and the ceiling of num_draft=auto")
     parser.add_argument("--default-num-draft", type=int, default=limits.default_num_draft)
+    parser.add_argument("--no-pipeline", action="store_true",
+                        help="draft only after each verdict (default: while the target verifies a block, "
+                             "the draft drafts the next one as if it were fully accepted; a request's "
+                             "`pipeline` field overrides this)")
     parser.add_argument("--max-generations", type=int, default=limits.max_generations,
                         help="generations in flight at once; more get RESOURCE_EXHAUSTED")
     parser.add_argument("--connect-timeout", type=float, default=60.0,

@@ -26,6 +26,7 @@ def params_from_pb(orchestrator: Orchestrator, request: pb.GenerateRequest) -> G
         delta=request.delta,
         seed=request.seed if request.HasField("seed") else None,
         speculative=request.speculative if request.HasField("speculative") else True,
+        pipeline=request.pipeline if request.HasField("pipeline") else None,
     )
 
 
@@ -50,6 +51,10 @@ def stats_to_pb(stats: Stats) -> pb.GenerateStats:
         wire_bytes=stats.wire_bytes,
         accepted_per_position=stats.accepted_per_position,
         proposed_per_position=stats.proposed_per_position,
+        steps_per_num_draft=stats.steps_per_num_draft,
+        predrafts=stats.predrafts,
+        predraft_hits=stats.predraft_hits,
+        wasted_draft_tokens=stats.wasted_draft_tokens,
         time_to_first_token_ms=stats.time_to_first_token_s * 1e3,
         draft_model_ms=stats.draft_model_s * 1e3,
         target_model_ms=stats.target_model_s * 1e3,

@@ -16,6 +16,7 @@ docs/architecture.md for the whole path of a token.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import secrets
 import time
@@ -30,12 +31,15 @@ from specdec_core.errors import DeadlineExceeded, InvalidArgument, ResourceExhau
 from specdec_core.sampling import ACCEPT_STREAM, position_uniforms
 from specdec_core.steps import Proposal, SamplingParams, StepRequest, Verdict
 
-from .acceptance import StepOutcome, accept_greedy, accept_sampled, next_num_draft
+from .acceptance import StepOutcome, accept_greedy, accept_sampled
 from .backends import Backend, ReplicaError
+from .k_policy import KMemory, KPolicy, StepRecord
 
 logger = logging.getLogger(__name__)
 
-AUTO_MIN_DRAFT = 1
+# Draft ahead only when the block drafted ahead has at least this chance of being used: else
+# the draft's work (on a shared CPU or GPU, taken from the target) is mostly wasted.
+MIN_HIT_CHANCE = 0.25
 MAX_FAILOVERS = 8  # per request: past this a flapping cluster is reported, not retried forever
 DEFAULT_CALL_TIMEOUT_S = 60.0  # per call when the request has no deadline: a hung replica is failed over
 # Closes of sessions abandoned by a failover run off the request path; keep them referenced.
@@ -52,6 +56,15 @@ class GenerationParams:
     delta: float = 0.0
     seed: int = 0
     speculative: bool = True
+    seeded: bool = False  # the caller gave the seed: a random output must be reproducible from it
+    pipeline: bool = True  # draft the next block while the target verifies this one
+
+    @property
+    def timed_k(self) -> bool:
+        """May num_draft=auto choose k from measured times? Not when the output is random and
+        the caller gave the seed: k decides which positions are drafts (k_policy.py)."""
+        random_output = not self.sampling.greedy or self.delta > 0
+        return not (random_output and self.seeded)
 
     def validate(self, max_tokens_cap: int, max_draft_cap: int) -> GenerationParams:
         if not 1 <= self.max_tokens <= max_tokens_cap:
@@ -89,6 +102,12 @@ class Stats:
     # [i]: draft tokens proposed / accepted at draft position i+1 (vLLM's per-position counters)
     proposed_per_position: list[int] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
+    # [k]: steps that drafted k tokens (0: the target alone), as asked of the draft
+    steps_per_num_draft: list[int] = field(default_factory=list)
+    predrafts: int = 0  # blocks drafted ahead while the target verified (pipelining)
+    predraft_hits: int = 0  # ... used as the next block
+    wasted_draft_tokens: int = 0  # tokens drafted ahead and not used
+    ahead_s: float = 0.0  # time in drafting-ahead calls (overlapping verify_s)
     draft_model_s: float = 0.0  # what the workers reported as model time (the rest is wire)
     target_model_s: float = 0.0
     time_to_first_token_s: float = 0.0  # set by the caller that saw the request arrive
@@ -101,6 +120,11 @@ class Stats:
         for i in range(proposed):
             self.proposed_per_position[i] += 1
             self.accepted_per_position[i] += int(i < accepted)
+
+    def count_num_draft(self, k: int) -> None:
+        while len(self.steps_per_num_draft) <= k:
+            self.steps_per_num_draft.append(0)
+        self.steps_per_num_draft[k] += 1
 
     @property
     def acceptance_rate(self) -> float:
@@ -163,6 +187,28 @@ class Lane:
         """The session's state after a call: all committed tokens, then ``block``."""
         self.length, self._held, self._block = length, len(self.decoded), block
 
+    def holds(self, block: list[int]) -> bool:
+        """Does the session hold every committed token followed by ``block``?"""
+        held = self.decoded[: self._held] + self._block
+        wanted = len(self.decoded) + len(block)
+        return len(held) >= wanted and held[:wanted] == self.decoded + block
+
+    def extend_request(self, block: list[int], num_draft: int, sampling: SamplingParams, seed: int,
+                       deadline: float | None) -> StepRequest:
+        """Draft on after the committed tokens and ``block`` (which the session holds: ``holds``),
+        cutting whatever it holds past them."""
+        upto = len(self.decoded) + len(block)
+        return StepRequest(
+            session_id=self.session_id,
+            expected_length=self.length,
+            rollback_to=upto if upto < self.length else 0,
+            append_tokens=[],
+            num_draft=num_draft,
+            sampling=sampling,
+            seed=seed,
+            deadline=deadline,
+        )
+
     @property
     def max_draft(self) -> int:
         """The largest k this lane's replica takes (its --max-draft; 0: unknown, no cap)."""
@@ -197,6 +243,7 @@ class SpeculativeGeneration:
         eos_id: int,
         deadline: float | None = None,
         request_id: str = "",
+        k_memory: KMemory | None = None,
     ):
         self.source = source
         self.prompt_ids = prompt_ids
@@ -208,6 +255,11 @@ class SpeculativeGeneration:
         self.stats = Stats(seed=params.seed, final_num_draft=params.num_draft)
         self.draft = Lane("draft", self.decoded)
         self.target = Lane("target", self.decoded)
+        self.k_memory = k_memory  # what earlier requests learned about k (timed policies only)
+        self.k_policy: KPolicy | None = None  # set once both sessions are open
+        # Pipelining: the next block, drafted while the target verified the last one, when the
+        # verdict made it valid (the draft session holds the committed tokens, then it).
+        self._ready: Proposal | None = None
 
     # -- timing -------------------------------------------------------------------------------
     def _call_deadline(self) -> float:
@@ -258,9 +310,12 @@ class SpeculativeGeneration:
             return
 
     async def _call(self, lane: Lane, block: list[int], num_draft: int, seed: int,
-                    draft_distributions: Any = ()) -> Any:
+                    draft_distributions: Any = (), ahead: bool = False) -> Any:
         """One Propose or Verify on the lane, failing over (and resyncing the new replica from
         the prompt and the committed tokens) while replicas fail. None: the draft lane closed.
+
+        ``ahead``: a Propose that drafts on after the committed tokens and ``block`` (drafting
+        ahead); None as soon as the session no longer holds them (after a failover).
 
         A session that vanished on a live replica (NOT_FOUND, ABORTED: expired by TTL, or the
         replica restarted) is reopened there once before failing over; a full replica (its
@@ -268,8 +323,11 @@ class SpeculativeGeneration:
         reopened: set[str] = set()
         while lane.backend is not None:
             backend = lane.backend
-            request = lane.request(block, num_draft, self.params.sampling, seed, self._call_deadline(),
-                                   draft_distributions)
+            if ahead and not lane.holds(block):
+                return None
+            request = (lane.extend_request(block, num_draft, self.params.sampling, seed, self._call_deadline())
+                       if ahead else lane.request(block, num_draft, self.params.sampling, seed,
+                                                  self._call_deadline(), draft_distributions))
             started = time.perf_counter()
             try:
                 result = await backend.step(request)
@@ -295,13 +353,17 @@ class SpeculativeGeneration:
                 await self._open(lane, [error])
                 continue
             finally:
-                if lane.role == "draft":
+                if ahead:  # overlaps the Verify: not counted in draft_ms (stats add up to the total)
+                    self.stats.ahead_s += time.perf_counter() - started
+                elif lane.role == "draft":
                     self.stats.draft_s += time.perf_counter() - started
                 else:
                     self.stats.verify_s += time.perf_counter() - started
-            lane.record(result.length, result.tokens if lane.role == "draft" else block)
+            lane.record(result.length, block + result.tokens if lane.role == "draft" else block)
             self.stats.wire_bytes += result.wire_bytes
-            if lane.role == "draft":
+            if ahead:
+                pass  # its model time overlaps the Verify, like its wall time (ahead_s)
+            elif lane.role == "draft":
                 self.stats.draft_model_s += result.model_ms / 1e3
             else:
                 self.stats.target_model_s += result.model_ms / 1e3
@@ -373,6 +435,41 @@ class SpeculativeGeneration:
             return []
         return [lane.max_draft for lane in (self.draft, self.target) if lane.max_draft > 0]
 
+    # -- choosing k ---------------------------------------------------------------------------
+    def _memory_key(self) -> tuple[Any, ...]:
+        """What k learned from one request carries to the next under: the same two replicas
+        and the same sampling (acceptance depends on temperature, top-k, top-p and delta)."""
+        return (self.draft.backend.address, self.target.backend.address, self.params.sampling,
+                self.params.delta)
+
+    def _start_k_policy(self) -> None:
+        """Every request with a draft feeds a policy (fixed k too: its steps teach the memory);
+        only auto k asks it. Timed or untimed: ``GenerationParams.timed_k``."""
+        if self.draft.backend is None:
+            return
+        timed = self.params.timed_k
+        learned = self.k_memory.recall(self._memory_key()) if timed and self.k_memory else None
+        self.k_policy = KPolicy(timed, learned)
+
+    def _store_k_policy(self) -> None:
+        if self.k_policy is not None and self.k_memory is not None and self.draft.backend is not None:
+            self.k_memory.store(self._memory_key(), self.k_policy.learned())
+
+    def _num_draft(self, remaining: int) -> int:
+        """This step's k: the caller's, or auto's choice (within max_num_draft and every
+        replica's --max-draft); never drafting past max_tokens (a step yields up to k+1 tokens)."""
+        if self.draft.backend is None:  # no draft left: the target alone
+            return 0
+        if not self.params.num_draft_auto or self.k_policy is None:
+            return min(self.params.num_draft, remaining - 1)
+        k = self.k_policy.choose(min([self.params.max_num_draft, *self._replica_draft_caps()]))
+        self.stats.final_num_draft = k
+        return min(k, remaining - 1)
+
+    def _sessions(self) -> tuple[Any, ...]:
+        """Which sessions the lanes hold: a step that changed them failed over or reopened one."""
+        return (self.draft.backend, self.draft.session_id, self.target.backend, self.target.session_id)
+
     # -- the loop -----------------------------------------------------------------------------
     async def run(self) -> AsyncIterator[StepEvent]:
         started = time.perf_counter()
@@ -380,13 +477,20 @@ class SpeculativeGeneration:
             await self._open(self.target)
             if self.params.speculative:
                 await self._open(self.draft)
-            k = self.params.num_draft
+            self._start_k_policy()
             produced = 0
+            loop_from: tuple[float, float] | None = None  # the last step's start, and its time in calls
             while True:
+                step_started = time.perf_counter()
+                if loop_from is not None and self.k_policy is not None:
+                    self.k_policy.observe_loop(step_started - loop_from[0] - loop_from[1])
                 remaining = self.params.max_tokens - produced
-                # A step yields up to k+1 tokens; never draft past max_tokens.
-                k_step = min(k, remaining - 1, *self._replica_draft_caps()) if self.draft.backend else 0
-                outcome, drafted = await self._step(k_step)
+                k_step = self._num_draft(remaining)
+                outcome, drafted, record = await self._step(k_step, remaining)
+                loop_from = (step_started, record.propose_s + record.verify_s)
+                if self.k_policy is not None:
+                    self.k_policy.observe(record)
+                self.stats.count_num_draft(record.requested)
                 emitted = outcome.emitted(drafted)
                 self.stats.steps += 1
                 self.stats.target_passes += 1
@@ -405,12 +509,10 @@ class SpeculativeGeneration:
                 self.decoded.extend(emitted)  # the lanes see it: their synced prefix follows
                 if finish is None and produced >= self.params.max_tokens:
                     finish = "length"
-                if self.params.num_draft_auto and drafted:
-                    k = next_num_draft(k, outcome, len(drafted), AUTO_MIN_DRAFT, self.params.max_num_draft)
-                self.stats.final_num_draft = k
                 visible = [t for t in emitted if t != self.eos_id]
                 from_draft = [i < kept for i, t in enumerate(emitted) if t != self.eos_id]
                 if finish is not None:
+                    self._store_k_policy()
                     # Free both sessions before the client hears we are done.
                     await asyncio.shield(self.close())
                     self.stats.total_s = time.perf_counter() - started
@@ -421,16 +523,115 @@ class SpeculativeGeneration:
             self.stats.total_s = time.perf_counter() - started
             await asyncio.shield(self.close())
 
-    async def _step(self, k: int) -> tuple[StepOutcome, list[int]]:
-        """One propose -> verify -> accept. Every random draw is keyed by the request's seed and
-        the output position it decides (``position_uniforms``), never by the step."""
+    # -- pipelining ----------------------------------------------------------------------------
+    def _predraft_size(self, k: int, drafted: list[int], remaining: int) -> int:
+        """How many tokens to draft ahead while the target verifies ``drafted``: the guess of
+        the target's token after a fully accepted block, then the k the next step would choose
+        after it (0: do not draft ahead).
+
+        That k comes from the same policy, told that this block was fully accepted (the only
+        outcome in which the drafted-ahead block is used). For a seeded sampled request the
+        policy is untimed, so this is exactly the k the next step chooses: the positions that
+        are drafts, hence the tokens, do not depend on pipelining."""
+        lane = self.draft
+        if (not self.params.pipeline or lane.backend is None or k == 0 or len(drafted) < k
+                or self.eos_id in drafted):
+            return 0
+        left = remaining - len(drafted) - 1  # tokens still to generate after a full acceptance
+        if left <= 1 or self._hit_chance(k) < MIN_HIT_CHANCE:
+            return 0
+        if self.params.num_draft_auto and self.k_policy is not None:
+            policy = copy.deepcopy(self.k_policy)
+            policy.observe(StepRecord(requested=k, accepted=k, drafted=k, timed=False))
+            k_next = policy.choose(min([self.params.max_num_draft, *self._replica_draft_caps()]))
+        else:
+            k_next = self.params.num_draft
+        # The Propose asks for the guess and k_next drafts: within the draft replica's --max-draft.
+        k_next = min(k_next, left - 1, *([lane.max_draft - 1] if lane.max_draft > 0 else []))
+        return 1 + k_next if k_next > 0 else 0
+
+    def _hit_chance(self, k: int) -> float:
+        """The chance that a block drafted ahead is used: every one of the k drafts accepted and
+        the draft's guess of the target's next token right (taken as likely as one more draft)."""
+        if self.k_policy is not None:
+            rates = self.k_policy.acceptance.rates(k + 1)
+        else:
+            rate = self.stats.acceptance_rate if self.stats.proposed else 1.0
+            rates = [rate] * (k + 1)
+        return float(np.prod(rates[: k + 1]))
+
+    async def _predraft(self, drafted: list[int], n: int, seed: int) -> Proposal | None:
+        """Draft n tokens after the committed ones and ``drafted``, on the draft's session, while
+        the target verifies (a replica failure fails over as any call does; the guess is lost)."""
+        result = await self._call(self.draft, drafted, n, seed, ahead=True)
+        if result is not None:
+            self.stats.predrafts += 1
+            self.stats.draft_passes += len(result.tokens)
+        return result
+
+    def _keep_predraft(self, predrafted: Proposal | None, drafted: list[int], outcome: StepOutcome) -> None:
+        """A block drafted ahead is the next block when every draft was accepted and the
+        target's token after them is the one the draft guessed; otherwise it is wasted (the
+        next call rolls the draft session back, like any rejected draft)."""
+        if predrafted is None:
+            return
+        tokens = predrafted.tokens
+        hit = (outcome.accepted == len(drafted) and bool(tokens) and tokens[0] == outcome.token
+               and outcome.token != self.eos_id)
+        if not hit:
+            self.stats.wasted_draft_tokens += len(tokens)
+            return
+        self.stats.predraft_hits += 1
+        distributions = list(predrafted.distributions)
+        self._ready = Proposal(tokens=tokens[1:], token_probs=list(predrafted.token_probs[1:]),
+                               distributions=distributions[1:], model_ms=predrafted.model_ms)
+
+    def _take_ready(self, k: int) -> Proposal | None:
+        """This step's block if it was drafted ahead (at most k of it; what is cut is wasted)."""
+        ready, self._ready = self._ready, None
+        if ready is None:
+            return None
+        if k == 0 or self.draft.backend is None or not self.draft.holds(ready.tokens):
+            self.stats.wasted_draft_tokens += len(ready.tokens)
+            return None
+        self.stats.wasted_draft_tokens += max(0, len(ready.tokens) - k)
+        return Proposal(tokens=ready.tokens[:k], token_probs=ready.token_probs[:k],
+                        distributions=list(ready.distributions)[:k], model_ms=0.0)
+
+    async def _step(self, k: int, remaining: int) -> tuple[StepOutcome, list[int], StepRecord]:
+        """One propose -> verify -> accept (k = 0: no Propose, the target alone; the draft
+        session catches up on its next call). Every random draw is keyed by the request's seed
+        and the output position it decides (``position_uniforms``), never by the step."""
         sampling, seed = self.params.sampling, self.params.seed
-        proposal: Proposal | None = await self._call(self.draft, [], k, seed) if k > 0 else None
-        drafted = proposal.tokens if proposal is not None else []
+        sessions = self._sessions()
+        caught_up = len(self.decoded) - self.draft.synced  # what the draft appends before drafting
+        started = time.perf_counter()
+        proposal = self._take_ready(k)
         if proposal is not None:
-            self.stats.draft_passes += len(drafted)
+            caught_up = 0
+        elif k > 0:
+            proposal = await self._call(self.draft, [], k, seed)
+            if proposal is not None:
+                self.stats.draft_passes += len(proposal.tokens)
+        proposed_at = time.perf_counter()
+        drafted = proposal.tokens if proposal is not None else []
         distributions = proposal.distributions if proposal is not None else []
-        verdict: Verdict = await self._call(self.target, drafted, len(drafted), seed, distributions)
+        verify = self._call(self.target, drafted, len(drafted), seed, distributions)
+        ahead = self._predraft_size(k, drafted, remaining)
+        predrafted: Proposal | None = None
+        if not ahead:
+            verdict: Verdict = await verify
+        else:
+            tasks = [asyncio.ensure_future(verify), asyncio.ensure_future(self._predraft(drafted, ahead, seed))]
+            try:
+                # Both finish before the loop goes on: a draft session never has two steps at once.
+                await asyncio.wait(tasks)
+            except asyncio.CancelledError:
+                for task in tasks:
+                    task.cancel()
+                raise
+            verdict, predrafted = tasks[0].result(), tasks[1].result()
+        verified_at = time.perf_counter()
         uniforms = position_uniforms(seed, ACCEPT_STREAM, len(self.decoded), len(drafted))
         if sampling.greedy:
             outcome = accept_greedy(drafted, verdict.argmax, uniforms, self.params.delta)
@@ -439,7 +640,18 @@ class SpeculativeGeneration:
             outcome = accept_sampled(
                 drafted, draft_probs, verdict.draft_probs, verdict.resampled, uniforms, self.params.delta
             )
-        return outcome, drafted
+        self._keep_predraft(predrafted, drafted, outcome)
+        record = StepRecord(
+            requested=k if proposal is not None else 0,  # a draft lane that closed asked for nothing
+            accepted=outcome.accepted,
+            drafted=len(drafted),
+            timed=self._sessions() == sessions,
+            propose_s=proposed_at - started,
+            propose_model_s=proposal.model_ms / 1e3 if proposal is not None else 0.0,
+            caught_up=caught_up,
+            verify_s=verified_at - proposed_at,
+        )
+        return outcome, drafted, record
 
 
 # Codes that mean the replica lost our session, not that it is down.

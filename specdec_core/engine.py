@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -45,9 +46,29 @@ class ModelEngine(RequestChecks):
 
     def start(self, prompt_ids: list[int]) -> DecoderState:
         """Encode the prompt once and build the session's cache (cross K/V included)."""
-        self.check_prompt(prompt_ids)
-        encoder_output = self.model.encode(mx.array([prompt_ids], dtype=mx.int32))
-        cache = self.model.make_cache(encoder_output)
+        return self._start_many([prompt_ids])[0]
+
+    def start_batch(self, prompts: Sequence[list[int]]) -> list[DecoderState]:
+        """Open many sessions: prompts of similar length share one padded encoder pass."""
+        return self._start_many(prompts)
+
+    def _start_many(self, prompts: Sequence[list[int]]) -> list[DecoderState]:
+        for prompt in prompts:
+            self.check_prompt(prompt)
+        states: dict[int, DecoderState] = {}
+        for group in encode_groups([len(p) for p in prompts]):
+            longest = max(len(prompts[i]) for i in group)
+            ids = [prompts[i] + [self.args.pad_token_id] * (longest - len(prompts[i])) for i in group]
+            mask = None
+            if len(group) > 1:  # padded keys get no attention: each row is its prompt's own encoding
+                mask = mx.array([[1] * len(prompts[i]) + [0] * (longest - len(prompts[i])) for i in group])
+            encoded = self.model.encode(mx.array(ids, dtype=mx.int32), mask)
+            for row, i in enumerate(group):
+                cache = self.model.make_cache(encoded[row : row + 1, : len(prompts[i])])
+                states[i] = self._new_state(prompts[i], cache)
+        return [states[i] for i in range(len(prompts))]
+
+    def _new_state(self, prompt_ids: list[int], cache: Any) -> DecoderState:
         return DecoderState(tokens=[self.args.decoder_start_token_id], cache=cache)
 
     def forward(self, state: DecoderState, num_logits: int) -> np.ndarray:
@@ -165,6 +186,21 @@ class ModelEngine(RequestChecks):
             verdict.resampled.append(draw_residual(p[j], q, float(draws[j])))
         verdict.resampled.append(sample(p[num_draft], float(draws[num_draft])))
         return verdict
+
+
+def encode_groups(lengths: Sequence[int], slack: float = 1.25, extra: int = 32) -> list[list[int]]:
+    """Indices of prompts to encode together, similar lengths in one group: a group's padded
+    size (members x longest) stays within ``slack`` x its real tokens + ``extra``."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups:
+            group = groups[-1]
+            real = sum(lengths[j] for j in group) + lengths[i]
+            if (len(group) + 1) * lengths[i] <= slack * real + extra:
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
 
 
 # One session's part of a batch: (state, k, sampling, seed) for Propose; (state, num_draft,

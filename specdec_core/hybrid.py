@@ -13,6 +13,7 @@ cache stays consistent with the session's tokens (rollbacks included).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .checkpoint import LoadedModel
 from .engine import DecoderState, Drafting, ModelEngine
@@ -46,8 +47,8 @@ class HybridEngine(ModelEngine):
         self.min_match = min_match
         self.ngram_max = ngram_max
 
-    def start(self, prompt_ids: list[int]) -> HybridState:
-        state = super().start(prompt_ids)
+    def _new_state(self, prompt_ids: list[int], cache: Any) -> HybridState:
+        state = super()._new_state(prompt_ids, cache)
         # Only matches of min_match or more are used, so shorter n-grams are not indexed.
         return HybridState(state.tokens, state.cache, NgramIndex(prompt_ids, self.min_match, self.ngram_max))
 

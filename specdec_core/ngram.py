@@ -252,6 +252,9 @@ class NgramEngine(RequestChecks):
             distributions=[] if params.greedy else [point_mass(t) for t in tokens],
         )
 
+    def start_batch(self, prompts: Sequence[list[int]]) -> list[NgramState]:
+        return [self.start(prompt) for prompt in prompts]
+
     def propose_batch(self, jobs: Sequence[tuple[NgramState, int, SamplingParams, int]]) -> list[Proposal]:
         """No model pass to share: each session's lookup, one after another."""
         return [self.propose(*job) for job in jobs]

@@ -148,6 +148,10 @@ class MirroredEngine(ModelEngine):
         state.mirror_id = mirror_id
         return state
 
+    def start_batch(self, prompts: Sequence[list[int]]) -> list[DecoderState]:
+        """One mirrored open at a time (each its own message and encoder pass on every rank)."""
+        return [self.start(prompt) for prompt in prompts]
+
     def forward_batch(self, states: Sequence[DecoderState], num_logits: Sequence[int]) -> list[np.ndarray]:
         steps = []
         for state, wanted in zip(states, num_logits, strict=True):

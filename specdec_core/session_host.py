@@ -15,16 +15,15 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from .engine import DecoderState, ModelEngine
+from .engine import ModelEngine
 from .errors import InvalidArgument, PrefixMismatch, SpecdecError, Unavailable
 from .session_store import Session, SessionStore, capacity_for
-from .step_scheduler import QueuedStep, StepScheduler, check_deadline, restore
+from .step_scheduler import QueuedStep, StepScheduler, restore
 from .steps import Proposal, StepRequest, Verdict
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass
@@ -156,12 +155,6 @@ class SessionHost:
         with self._jobs_lock:
             return time.monotonic() - self._progress_at if self._jobs_pending else 0.0
 
-    def _submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Run ``fn`` on the model thread, counted by the watchdog (done or cancelled alike)."""
-        job = self._executor.submit(fn, *args)
-        self._count_job(job)
-        return asyncio.wrap_future(job)
-
     def _count_job(self, job: Future[Any]) -> None:
         """Count a job (a step or an encode) for the watchdog until it is done or cancelled."""
         with self._jobs_lock:
@@ -174,9 +167,6 @@ class SessionHost:
         with self._jobs_lock:
             self._jobs_pending -= 1
             self._progress_at = time.monotonic()
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._submit(fn, *args)
 
     def _check_serving(self) -> None:
         if self.broken is not None:
@@ -202,12 +192,11 @@ class SessionHost:
         reserved = len(prompt_ids) + capacity_for(1)
         self.store.reserve(reserved)
 
-        def start() -> DecoderState:
-            check_deadline(deadline, "encoding the prompt")
-            return self.engine.start(prompt_ids)
-
+        # Opens waiting together encode together (prompts of similar length in one padded pass).
+        opening = QueuedStep("open", None, None, [], time.perf_counter(), prompt=list(prompt_ids),
+                             open_deadline=deadline)
         try:
-            state = await self._run(start)
+            state = await self._scheduler.submit(opening)
         finally:
             self.store.release(reserved)
         session = self.store.add(state, request_tag(tag))  # no await since release: still fits

@@ -30,13 +30,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class QueuedStep:
-    """One session's Propose or Verify, from its arrival until its batch has run."""
+    """One session's Propose or Verify (or a session's opening), from its arrival until its
+    batch has run."""
 
-    kind: str  # "propose" or "verify"
-    state: DecoderState  # already rolled back and appended (SessionHost._prepare)
-    request: StepRequest
+    kind: str  # "propose", "verify" or "open"
+    state: DecoderState | None  # already rolled back and appended (SessionHost._prepare); None: open
+    request: StepRequest | None  # None: open
     saved: list[int]  # the session's tokens before the step, to restore on failure
     arrived: float  # time.perf_counter() when it reached the worker
+    prompt: list[int] | None = None  # open: the prompt to encode
+    open_deadline: float | None = None  # open: the caller's deadline
     future: Future[Any] = field(default_factory=Future)
     started: float = 0.0  # when its batch began on the model thread
     finished: float = 0.0  # when its batch ended (0: never ran)
@@ -44,7 +47,15 @@ class QueuedStep:
     prepared: list[int] = field(default_factory=list)  # its tokens once rolled back and appended
 
     def __post_init__(self) -> None:
-        self.prepared = list(self.state.tokens)
+        self.prepared = list(self.state.tokens) if self.state is not None else []
+
+    @property
+    def deadline(self) -> float | None:
+        return self.request.deadline if self.request is not None else self.open_deadline
+
+    def restore(self, tokens: list[int]) -> None:
+        if self.state is not None:
+            restore(self.state, tokens)
 
 
 class StepScheduler:
@@ -84,7 +95,7 @@ class StepScheduler:
         with self._arrived:
             if not self._drop_cancelled():
                 return []
-            if self.batch_wait_s > 0:
+            if self.batch_wait_s > 0 and self._waiting[0].kind != "open":  # an open is never held
                 # Hold the oldest step up to batch_wait_s after its arrival for more to join.
                 until = self._waiting[0].arrived + self.batch_wait_s
                 while self._drop_cancelled() < self.max_batch and (left := until - time.perf_counter()) > 0:
@@ -136,8 +147,9 @@ class StepScheduler:
                                    ready[0].kind, exc_info=True)
                 results = [self._alone(step) for step in ready]
         finished = time.perf_counter()
-        self.metrics.batches += 1
-        self.metrics.batched_steps += len(ready)
+        if batch[0].kind != "open":  # Info's batch counters are about Propose/Verify steps
+            self.metrics.batches += 1
+            self.metrics.batched_steps += len(ready)
         for step, result in zip(ready, results, strict=True):
             step.started, step.finished, step.batch_size = started, finished, len(ready)
             if isinstance(result, BaseException):
@@ -148,20 +160,22 @@ class StepScheduler:
     def _admit(self, step: QueuedStep) -> bool:
         """Check a step alone before its batch runs; fail it (restored) if it cannot run."""
         try:
-            check_deadline(step.request.deadline, f"the {step.kind} step")
+            check_deadline(step.deadline, "encoding the prompt" if step.kind == "open" else f"the {step.kind} step")
             if step.kind == "verify":
                 request = step.request
                 self.engine.check_verify(step.state, request.num_draft, request.sampling,
                                          list(request.draft_distributions))
             return True
         except Exception as error:  # noqa: BLE001 - the step's own error, reported to its caller
-            restore(step.state, step.saved)
+            step.restore(step.saved)
             step.finished = step.started = time.perf_counter()
             step.batch_size = 1
             _settle(step.future, error=error)
             return False
 
     def _work(self, steps: list[QueuedStep]) -> list[Any]:
+        if steps[0].kind == "open":
+            return self.engine.start_batch([s.prompt for s in steps])
         if steps[0].kind == "propose":
             return self.engine.propose_batch(
                 [(s.state, s.request.num_draft, s.request.sampling, s.request.seed) for s in steps])
@@ -171,11 +185,11 @@ class StepScheduler:
 
     def _alone(self, step: QueuedStep) -> Any:
         """Put the step back as it was queued and run it by itself: its result, or its error."""
-        restore(step.state, step.prepared)
+        step.restore(step.prepared)
         try:
             return self._work([step])[0]
         except Exception as error:  # noqa: BLE001 - this step's own failure
-            restore(step.state, step.saved)
+            step.restore(step.saved)
             return error
 
 

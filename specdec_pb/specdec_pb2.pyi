@@ -219,7 +219,7 @@ class VerifyResponse(_message.Message):
     def __init__(self, argmax: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[float]] = ..., resampled: _Optional[_Iterable[int]] = ..., length: _Optional[int] = ..., model_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "max_tokens", "num_draft", "num_draft_auto", "temperature", "top_k", "top_p", "delta", "seed", "speculative")
+    __slots__ = ("prompt", "max_tokens", "num_draft", "num_draft_auto", "temperature", "top_k", "top_p", "delta", "seed", "speculative", "pipeline")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_DRAFT_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +230,7 @@ class GenerateRequest(_message.Message):
     DELTA_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     max_tokens: int
     num_draft: int
@@ -240,10 +241,11 @@ class GenerateRequest(_message.Message):
     delta: float
     seed: int
     speculative: bool
-    def __init__(self, prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., num_draft: _Optional[int] = ..., num_draft_auto: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., delta: _Optional[float] = ..., seed: _Optional[int] = ..., speculative: _Optional[bool] = ...) -> None: ...
+    pipeline: bool
+    def __init__(self, prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., num_draft: _Optional[int] = ..., num_draft_auto: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., delta: _Optional[float] = ..., seed: _Optional[int] = ..., speculative: _Optional[bool] = ..., pipeline: _Optional[bool] = ...) -> None: ...
 
 class GenerateStats(_message.Message):
-    __slots__ = ("proposed", "accepted", "acceptance_rate", "target_passes", "draft_passes", "steps", "draft_ms", "verify_ms", "orchestration_ms", "total_ms", "tokens", "target_tokens", "final_num_draft", "seed", "draft_replica", "target_replica", "wire_bytes", "accepted_per_position", "proposed_per_position", "time_to_first_token_ms", "draft_model_ms", "target_model_ms", "failovers")
+    __slots__ = ("proposed", "accepted", "acceptance_rate", "target_passes", "draft_passes", "steps", "draft_ms", "verify_ms", "orchestration_ms", "total_ms", "tokens", "target_tokens", "final_num_draft", "seed", "draft_replica", "target_replica", "wire_bytes", "accepted_per_position", "proposed_per_position", "time_to_first_token_ms", "draft_model_ms", "target_model_ms", "failovers", "steps_per_num_draft", "predrafts", "predraft_hits", "wasted_draft_tokens")
     PROPOSED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +269,10 @@ class GenerateStats(_message.Message):
     DRAFT_MODEL_MS_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODEL_MS_FIELD_NUMBER: _ClassVar[int]
     FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_NUM_DRAFT_FIELD_NUMBER: _ClassVar[int]
+    PREDRAFTS_FIELD_NUMBER: _ClassVar[int]
+    PREDRAFT_HITS_FIELD_NUMBER: _ClassVar[int]
+    WASTED_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     proposed: int
     accepted: int
     acceptance_rate: float
@@ -290,7 +296,11 @@ class GenerateStats(_message.Message):
     draft_model_ms: float
     target_model_ms: float
     failovers: int
-    def __init__(self, proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., target_passes: _Optional[int] = ..., draft_passes: _Optional[int] = ..., steps: _Optional[int] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., orchestration_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., tokens: _Optional[int] = ..., target_tokens: _Optional[int] = ..., final_num_draft: _Optional[int] = ..., seed: _Optional[int] = ..., draft_replica: _Optional[str] = ..., target_replica: _Optional[str] = ..., wire_bytes: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., proposed_per_position: _Optional[_Iterable[int]] = ..., time_to_first_token_ms: _Optional[float] = ..., draft_model_ms: _Optional[float] = ..., target_model_ms: _Optional[float] = ..., failovers: _Optional[int] = ...) -> None: ...
+    steps_per_num_draft: _containers.RepeatedScalarFieldContainer[int]
+    predrafts: int
+    predraft_hits: int
+    wasted_draft_tokens: int
+    def __init__(self, proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., target_passes: _Optional[int] = ..., draft_passes: _Optional[int] = ..., steps: _Optional[int] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., orchestration_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., tokens: _Optional[int] = ..., target_tokens: _Optional[int] = ..., final_num_draft: _Optional[int] = ..., seed: _Optional[int] = ..., draft_replica: _Optional[str] = ..., target_replica: _Optional[str] = ..., wire_bytes: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., proposed_per_position: _Optional[_Iterable[int]] = ..., time_to_first_token_ms: _Optional[float] = ..., draft_model_ms: _Optional[float] = ..., target_model_ms: _Optional[float] = ..., failovers: _Optional[int] = ..., steps_per_num_draft: _Optional[_Iterable[int]] = ..., predrafts: _Optional[int] = ..., predraft_hits: _Optional[int] = ..., wasted_draft_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "stats", "from_draft")

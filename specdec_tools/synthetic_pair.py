@@ -21,7 +21,8 @@ decoder token:
    residual blocks. The target is the draft plus a small perturbation of the residual
    stream, so the two agree on most tokens (greedy and sampled; about 0.85 with the default
    gain) but not all, while each target decoder token runs ``1 + EXTRA_DECODER_LAYERS``
-   decoder layers to the draft's one. ``config.json`` is the draft's with ``num_layers`` and
+   decoder layers to the draft's one (``PairRecipe.low_acceptance()``: a larger gain, and
+   they rarely agree). ``config.json`` is the draft's with ``num_layers`` and
    ``num_decoder_layers`` raised; the weights are one ``model.safetensors`` in HF names, so
    both transformers (the PyTorch baselines) and ``specdec_core`` load it.
 
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,10 @@ DRAFT = dict(d_model=256, d_kv=32, num_heads=8, d_ff=1024, num_layers=2, num_dec
              relative_attention_num_buckets=32, relative_attention_max_distance=128)
 EXTRA_DECODER_LAYERS = 11  # 12 decoder blocks in all: 12x the draft's decoder layers
 EXTRA_BLOCK_GAIN = 0.08  # scale of each extra block's output projections (near-identity blocks)
+# The low-acceptance variant: the same construction with the extra blocks 7.5x stronger, so the
+# target drifts far from the draft (greedy agreement ~0.12, sampled acceptance ~0.16, measured
+# over the benchmark's prompts) at the same costs: a pair on which drafting does not pay.
+LOW_ACCEPTANCE_BLOCK_GAIN = 0.6
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,11 @@ class PairRecipe:
     extra_block_gain: float = EXTRA_BLOCK_GAIN
     seed: int = 0
     version: int = 1  # bump when the construction changes, so caches rebuild
+
+    def low_acceptance(self) -> PairRecipe:
+        """The same pair with a larger perturbation (LOW_ACCEPTANCE_BLOCK_GAIN): the draft
+        rarely agrees with the target, while the costs stay the same."""
+        return replace(self, extra_block_gain=LOW_ACCEPTANCE_BLOCK_GAIN)
 
     def scaled_down(self) -> PairRecipe:
         """A pair small enough for a smoke test (seconds to build and run)."""

@@ -285,3 +285,43 @@ def test_abort_answers_waiting_steps_and_every_later_call(target_dir: Path) -> N
         await host.stop()
 
     asyncio.run(main())
+
+
+def test_opens_together_encode_in_one_padded_pass(target_dir: Path) -> None:
+    """Opens batched together: prompts of similar length share a padded encoder pass, and every
+    session's cross K/V equal its prompt encoded alone (the padding is masked out)."""
+    from specdec_core.engine import encode_groups
+
+    engine = ModelEngine(load_model(str(target_dir)), max_draft=8)
+    encodes: list[int] = []
+    encode = engine.model.encode
+
+    def counting(ids: Any, mask: Any = None) -> Any:
+        encodes.append(ids.shape[0])
+        return encode(ids, mask)
+
+    engine.model.encode = counting  # type: ignore[method-assign]  (a fresh engine)
+    states = engine.start_batch(PROMPTS)
+    assert sorted(encodes, reverse=True) == sorted((len(g) for g in encode_groups([len(p) for p in PROMPTS])),
+                                                   reverse=True)
+    assert max(encodes) > 1  # some prompts really shared a pass
+    solo = ModelEngine(load_model(str(target_dir)), max_draft=8)
+    for prompt, state in zip(PROMPTS, states, strict=True):
+        alone = solo.start(prompt)
+        assert state.cache.encoder_length == len(prompt) and state.tokens == alone.tokens
+        for (k, v), (k1, v1) in zip(state.cache.cross, alone.cache.cross, strict=True):
+            np.testing.assert_allclose(np.array(k), np.array(k1), rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(np.array(v), np.array(v1), rtol=1e-4, atol=1e-5)
+
+
+def test_encode_groups_bound_the_padding() -> None:
+    from specdec_core.engine import encode_groups
+
+    lengths = [5, 300, 7, 6, 290, 2000, 8]
+    groups = encode_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        real = sum(lengths[i] for i in group)
+        assert len(group) == 1 or len(group) * max(lengths[i] for i in group) <= 1.25 * real + 32
+    assert [5] in groups  # the 2000-token prompt is encoded alone
+    assert any({0, 2, 3, 6} <= set(g) for g in groups)  # the short ones together

@@ -1,6 +1,7 @@
-"""The workloads: a model pair and its prompts: synthetic, the trained demo pair or the hand-built
-copy pair (``copy``: copy-heavy, for ``--drafting``) with prompts in ``prompts.json``, or the
-user's own pair and prompts file (``custom``)."""
+"""The workloads: a model pair and its prompts: synthetic, its low-acceptance variant
+(``lowaccept``: a draft that rarely agrees, where drafting does not pay), the trained demo pair
+or the hand-built copy pair (``copy``: copy-heavy, for ``--drafting``) with prompts in
+``prompts.json``, or the user's own pair and prompts file (``custom``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMPTS_FILE = Path(__file__).with_name("prompts.json")
 DEMO_DIR = REPO_ROOT / "models"
 CUSTOM_MAX_TOKENS = 64  # the custom workload's max_tokens unless --max-tokens (the services' default)
-WORKLOADS = ("synthetic", "demo", "custom", "copy")
+WORKLOADS = ("synthetic", "demo", "custom", "copy", "lowaccept")
 
 logger = logging.getLogger("specdec.bench")
 
@@ -102,8 +103,6 @@ def custom_workload(pair: CustomPair, settings: Settings) -> Workload:
 def load_workloads(names: list[str], settings: Settings, pair_dir: Path, tiny: bool,
                    demo_dir: Path, custom: CustomPair | None = None) -> tuple[list[Workload], dict[str, str]]:
     """The named workloads, and why any were skipped (the demo pair when it is not trained)."""
-    from specdec_tools.synthetic_pair import PairRecipe, build_pair
-
     spec = json.loads(PROMPTS_FILE.read_text())
     workloads, skipped = [], {}
     for name in names:
@@ -115,16 +114,13 @@ def load_workloads(names: list[str], settings: Settings, pair_dir: Path, tiny: b
         if name not in spec:
             raise SystemExit(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
         entry = spec[name]
-        prompts = entry["prompts"][: settings.prompts]
+        prompts = spec[entry.get("prompts_from", name)]["prompts"][: settings.prompts]
         max_tokens = min(entry["max_tokens"], settings.max_tokens or entry["max_tokens"])
         if name == "synthetic":
-            recipe = PairRecipe().scaled_down() if tiny else PairRecipe()
-            logger.info("synthetic: building or reusing the pair in %s", pair_dir)
-            pair = build_pair(pair_dir, recipe)
-            about = (f"random pair: draft 1 decoder layer, target {1 + recipe.extra_decoder_layers} "
-                     f"(extra blocks' output projections x{recipe.extra_block_gain}), d_model "
-                     f"{recipe.draft['d_model']}")
-            workloads.append(Workload(name, pair.draft, pair.target, prompts, max_tokens, about))
+            workloads.append(synthetic_workload(name, prompts, max_tokens, pair_dir, tiny, low_acceptance=False))
+        elif name == "lowaccept":
+            workloads.append(synthetic_workload(name, prompts, max_tokens, pair_dir.with_name(f"{pair_dir.name}-lowaccept"),
+                                                tiny, low_acceptance=True))
         elif name == "demo":
             draft, target = demo_dir / "demo-draft", demo_dir / "demo-target"
             missing = [str(p) for p in (draft, target) if not (p / "config.json").is_file()]
@@ -140,6 +136,24 @@ def load_workloads(names: list[str], settings: Settings, pair_dir: Path, tiny: b
         else:
             raise SystemExit(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
     return workloads, skipped
+
+
+def synthetic_workload(name: str, prompts: list[str], max_tokens: int, pair_dir: Path, tiny: bool,
+                       low_acceptance: bool) -> Workload:
+    """The synthetic pair (``specdec_tools.synthetic_pair``), or its low-acceptance variant (a
+    larger perturbation, cached in its own directory), built once and reused."""
+    from specdec_tools.synthetic_pair import PairRecipe, build_pair
+
+    recipe = PairRecipe().low_acceptance() if low_acceptance else PairRecipe()
+    recipe = recipe.scaled_down() if tiny else recipe
+    logger.info("%s: building or reusing the pair in %s", name, pair_dir)
+    pair = build_pair(pair_dir, recipe)
+    about = (f"random pair: draft 1 decoder layer, target {1 + recipe.extra_decoder_layers} "
+             f"(extra blocks' output projections x{recipe.extra_block_gain}), d_model "
+             f"{recipe.draft['d_model']}")
+    if low_acceptance:
+        about += "; a larger perturbation: the draft rarely agrees with the target"
+    return Workload(name, pair.draft, pair.target, prompts, max_tokens, about)
 
 
 def copy_workload(prompts: list[str], max_tokens: int, pair_dir: Path, tiny: bool) -> Workload:

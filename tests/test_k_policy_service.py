@@ -1,0 +1,94 @@
+"""num_draft=auto's k policy (``orchestrator/k_policy.py``) through the services, in-process.
+
+- A draft that never agrees with its target (two unrelated random models): greedy auto equals the
+  target alone, and the policy leaves most steps to the target alone (k = 0), probing now and then.
+- Timing may steer k only where the output cannot depend on it: a seeded sampled request gives
+  the same tokens, and drafts at the same positions, when the target is made slow; a greedy
+  request's k, which may follow timing, does change (so the slowdown is one the policy sees).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import LoopThread, Worker, speculative_cluster
+
+from orchestrator.client import SpecdecClient
+from specdec_tools.tiny_checkpoints import corpus_lines
+
+PROMPTS = corpus_lines()[7:300:37][:3]
+MAX_TOKENS = 40
+TARGET_DELAY_S = 0.03  # far above a tiny target's Verify (a few ms): drafting becomes cheap
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def steps_at_k0(stats: Any) -> int:
+    """Steps that drafted nothing: a model draft proposes at position 1 whenever asked."""
+    return stats.steps - (stats.proposed_per_position[0] if stats.proposed_per_position else 0)
+
+
+@pytest.fixture(scope="module")
+def unrelated(loop: LoopThread, draft_dir: Path, target_dir: Path) -> Iterator[SpecdecClient]:
+    with speculative_cluster(loop, draft_dir, target_dir) as (client, *_):
+        yield client
+
+
+@pytest.fixture(scope="module")
+def related(loop: LoopThread, near_draft_dir: Path, target_dir: Path) -> Iterator[tuple[SpecdecClient, Worker]]:
+    with speculative_cluster(loop, near_draft_dir, target_dir) as (client, _, target, _):
+        yield client, target
+
+
+def test_a_draft_that_never_agrees_leaves_most_steps_to_the_target_alone(unrelated: SpecdecClient) -> None:
+    for prompt in PROMPTS:
+        alone = unrelated.generate(prompt, max_tokens=MAX_TOKENS, speculative=False)
+        auto = unrelated.generate(prompt, max_tokens=MAX_TOKENS, num_draft="auto")
+        assert list(auto.token_ids) == list(alone.token_ids)
+        stats = auto.stats
+        assert stats.accepted == 0
+        assert steps_at_k0(stats) >= 0.75 * stats.steps, (stats.steps, list(stats.proposed_per_position))
+
+
+class SlowVerify:
+    """Delays every Verify of a target worker by ``delay_s`` before its real work."""
+
+    def __init__(self, target: Worker):
+        self.host = target.host
+        self.verify = target.host.verify
+        self.delay_s = 0.0
+
+    async def __call__(self, request: Any) -> Any:
+        await asyncio.sleep(self.delay_s)
+        return await self.verify(request)
+
+    def __enter__(self) -> SlowVerify:
+        self.host.verify = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.host.verify = self.verify
+
+
+def test_seeded_sampling_does_not_follow_timing_but_greedy_does(related: tuple[SpecdecClient, Worker]) -> None:
+    client, target = related
+    seeded = dict(max_tokens=MAX_TOKENS, num_draft="auto", temperature=1.0, seed=11)
+    greedy = dict(max_tokens=MAX_TOKENS, num_draft="auto")
+    runs: dict[float, dict[str, Any]] = {}
+    with SlowVerify(target) as slow:
+        for delay in (0.0, TARGET_DELAY_S):
+            slow.delay_s = delay
+            for _ in range(2):  # the second learns from the first (the orchestrator's k memory)
+                runs[delay] = {"seeded": client.generate(PROMPTS[0], **seeded),
+                               "greedy": client.generate(PROMPTS[0], **greedy)}
+    fast, slow_runs = runs[0.0], runs[TARGET_DELAY_S]
+    assert list(fast["seeded"].token_ids) == list(slow_runs["seeded"].token_ids)
+    assert list(fast["seeded"].stats.proposed_per_position) == list(slow_runs["seeded"].stats.proposed_per_position)
+    assert list(fast["greedy"].token_ids) == list(slow_runs["greedy"].token_ids)
+    # The draft costs as much as the target here (it is the target plus noise), so greedy
+    # drafts little until the target is made slow; then drafting pays.
+    assert slow_runs["greedy"].stats.proposed > fast["greedy"].stats.proposed
