@@ -1,7 +1,7 @@
 """``specdec``: the command-line client.
 
     specdec generate "PROMPT" [--max-tokens N] [--num-draft K|auto] [--temperature T]
-                     [--top-k K] [--top-p P] [--delta D] [--seed S] [--no-speculation]
+                     [--top-k K] [--top-p P] [--delta D] [--seed S] [--no-speculation] [--no-pipeline]
                      [--json] [--color --tokenizer DIR] [--address HOST:PORT]
     specdec status [--json] [--address HOST:PORT]
 """
@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="lenience in [0, 1]: accept with min(1, p/q + delta); 0 = exact (default)")
     gen.add_argument("--seed", type=int, help="seed for reproducible sampling")
     gen.add_argument("--no-speculation", action="store_true", help="decode with the target alone (baseline)")
+    gen.add_argument("--no-pipeline", action="store_true",
+                     help="draft only after each verdict (default: the orchestrator's setting, normally "
+                          "drafting the next block while the target verifies; same output either way)")
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object: text, token_ids, from_draft, finish_reason, stats")
     gen.add_argument("--color", action="store_true", help=COLOR_HELP)
@@ -122,6 +125,7 @@ def _generate(args: argparse.Namespace, client: SpecdecClient) -> int:
         max_tokens=args.max_tokens, num_draft=args.num_draft, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, delta=args.delta, seed=args.seed,
         speculative=not args.no_speculation,
+        pipeline=False if args.no_pipeline else None,
     )
     if args.json:
         response = client.generate(args.prompt, **options)

@@ -259,13 +259,13 @@ def health_of(address: str) -> int:
 def test_a_stuck_model_thread_turns_health_not_serving_until_it_recovers(spare, draft_dir: Path) -> None:
     worker = spare("draft", draft_dir, HostLimits(watchdog_s=0.5))
     release = threading.Event()
-    start = worker.host.engine.start
+    start_batch = worker.host.engine.start_batch
 
-    def stuck_start(prompt_ids: list[int]) -> Any:
+    def stuck_start(prompts: list[list[int]]) -> Any:
         release.wait(60)  # a model thread stuck in a forward pass
-        return start(prompt_ids)
+        return start_batch(prompts)
 
-    worker.host.engine.start = stuck_start  # type: ignore[method-assign]
+    worker.host.engine.start_batch = stuck_start  # type: ignore[method-assign]
     with grpc.insecure_channel(worker.address) as channel:
         stub = pb_grpc.DraftStub(channel)
         assert health_of(worker.address) == SERVING
@@ -276,7 +276,7 @@ def test_a_stuck_model_thread_turns_health_not_serving_until_it_recovers(spare, 
         release.set()
         assert blocked.result(30).session_id  # the stuck call finishes normally
         wait_until(lambda: health_of(worker.address) == SERVING, 10, what="SERVING after recovery")
-        del worker.host.engine.start
+        del worker.host.engine.start_batch
         session = open_session(stub)
         assert stub.Propose(pb.ProposeRequest(session_id=session, expected_length=1, num_draft=2),
                             timeout=30).length == 3

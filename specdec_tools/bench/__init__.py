@@ -4,13 +4,15 @@ in one process, and Hugging Face assisted generation, on the same checkpoints an
 Systems (all greedy at temperature 0, all sampling at temperature 1 with no top-k/top-p):
 
 - ``services-target`` (a): the target alone through the services (``speculative=false``).
-- ``services-spec`` (b): speculative decoding through the services.
+- ``services-spec`` (b): speculative decoding through the services, pipelined drafting on.
+- ``services-serial`` (b'): the same with ``pipeline=false`` (drafting only after each verdict).
   Both use three real processes, started here as subprocesses (``python -m
   draft_service.server``, ``target_service.server``, ``orchestrator.server`` on loopback
   ports), called with ``SpecdecClient``; (a) and (b) share them.
 - ``inproc-target`` and ``inproc-spec`` (c): the orchestrator's own ``Orchestrator.generate``
   (tokenize, ``SpeculativeGeneration``, detokenize) over ``specdec_tools.inprocess`` backends on two
-  ``SessionHost``s in this process: the same work with no gRPC and no process hops.
+  ``SessionHost``s in this process: the same work with no gRPC and no process hops, serial
+  (``pipeline=false``): the single-process loop that the pipelined services must beat.
 - ``hf-target`` (e) and ``hf-assisted`` (d): transformers' PyTorch ``generate`` on CPU, the
   target alone and with ``assistant_model=draft`` (``do_sample=False`` at T=0, ``True`` at
   T=1). A fixed k is ``num_assistant_tokens=k``, schedule ``constant``, confidence threshold 0

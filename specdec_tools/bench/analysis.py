@@ -74,6 +74,13 @@ def summarize(runs_by_repeat: list[list[Run]]) -> dict[str, Any]:
             r.verify_s for r in runs) else None,
         "alpha": None,
         "drafted_per_step": None,
+        # pipelining: share of the blocks drafted ahead that were used, tokens drafted ahead in vain
+        "predraft_hit_rate": (sum(r.predraft_hits for r in runs) / sum(r.predrafts for r in runs)
+                              if any(r.predrafts for r in runs) else None),
+        "predrafts_per_step": sum(r.predrafts for r in runs) / steps if steps else None,
+        "wasted_draft_tokens_per_step": sum(r.wasted_draft_tokens for r in runs) / steps if steps else None,
+        "steps_per_k": [sum(r.steps_per_k[k] for r in runs if k < len(r.steps_per_k))
+                        for k in range(max((len(r.steps_per_k) for r in runs), default=0))],
     }
     if all(r.proposed is not None for r in runs):
         proposed = sum(r.proposed or 0 for r in runs)
@@ -121,6 +128,9 @@ def derive(cells: dict[Cell, dict[str, Any]], temperatures: list[float], ks: lis
                               ("verify_ms_per_step", "grpc_verify_ms_per_step")):
                 b[name] = b[key] - c[key] if b[key] is not None and c[key] is not None else None
             b["vs_hf_assisted"] = d["ms_per_token"] / b["ms_per_token"] if d is not None else None
+            if ran("services-serial", k):  # < 1: pipelining made the services faster
+                b["vs_serial"] = b["ms_per_token"] / get("services-serial", k)["ms_per_token"]
+                b["vs_inproc_serial"] = b["ms_per_token"] / c["ms_per_token"]
             for cell in (b, c):
                 drafted, tpp = cell["drafted_per_step"], cell["tokens_per_target_pass"]
                 if drafted and tpp and ratio is not None:

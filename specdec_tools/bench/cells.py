@@ -3,17 +3,18 @@ runs in, the settings that pick them, and the record of one generation."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SYSTEMS = {
     "services-target": "(a) target alone, services",
-    "services-spec": "(b) speculative, services",
+    "services-spec": "(b) speculative, services (pipelined drafting)",
+    "services-serial": "(b') speculative, services, drafting only after each verdict",
     "inproc-target": "target alone, in-process",
     "inproc-spec": "(c) speculative, in-process",
     "hf-target": "(e) transformers target alone",
     "hf-assisted": "(d) transformers assisted",
 }
-BASELINE_OF = {"services-spec": "services-target", "inproc-spec": "inproc-target", "hf-assisted": "hf-target"}
+BASELINE_OF = {"services-spec": "services-target", "services-serial": "services-target", "inproc-spec": "inproc-target", "hf-assisted": "hf-target"}
 
 
 @dataclass
@@ -34,6 +35,10 @@ class Run:
     loop_s: float = 0.0  # the orchestrator's own time for the loop (stats.total)
     wire_bytes: int = 0
     cpu_s: float | None = None  # CPU time of every process involved (this one and the services)
+    predrafts: int = 0  # blocks drafted ahead while the target verified (pipelining)
+    predraft_hits: int = 0  # ... used as the next block
+    wasted_draft_tokens: int = 0
+    steps_per_k: list[int] = field(default_factory=list)  # [k]: steps that drafted k (the k chosen)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ class InProcess:
         params = self.orchestrator.params(
             max_tokens=max_tokens, num_draft=0 if k in (None, "auto") else int(k), num_draft_auto=k == "auto",
             sampling=SamplingParams(temperature), delta=0.0, seed=seed, speculative=k is not None,
+            pipeline=False,  # (c) is the serial loop in one process: what pipelining must beat
         )
 
         async def generate() -> tuple[list[int], Any]:
@@ -59,7 +60,8 @@ class InProcess:
         ids, s = self.loop.call(generate())
         wall = time.perf_counter() - start
         return Run(index, wall, s.tokens, ids, s.steps, s.target_passes, s.draft_passes, s.proposed,
-                   s.accepted, s.draft_s, s.verify_s, s.total_s, s.wire_bytes, time.process_time() - cpu)
+                   s.accepted, s.draft_s, s.verify_s, s.total_s, s.wire_bytes, time.process_time() - cpu,
+                   steps_per_k=list(s.steps_per_num_draft))
 
     def close(self) -> None:
         async def stop() -> None:

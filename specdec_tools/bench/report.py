@@ -54,8 +54,10 @@ def markdown(report: dict[str, Any]) -> str:
                 "| k | (b) services ms/tok | (c) in-proc ms/tok | (d) HF assisted ms/tok "
                 "| (b) speedup vs (a) "
                 "| (c) speedup vs in-proc target | (d) speedup vs (e) | (b) vs (d) | alpha | alpha_hat "
-                "| tokens/target pass | gRPC ms/step | gRPC CPU ms/step | wire B/step | bound |",
-                "|---|" + "---:|" * 14,
+                "| tokens/target pass | gRPC ms/step | gRPC CPU ms/step | wire B/step | bound "
+                "| (b') no pipelining ms/tok | (b)/(b') | (b)/(c) | ahead: drafted/step, used, wasted tok/step "
+                "| k chosen (steps at k=0,1,..) |",
+                "|---|" + "---:|" * 19,
             ]
             for k in s["ks"]:
                 b = cells[(temperature, "services-spec", k)]
@@ -69,7 +71,12 @@ def markdown(report: dict[str, Any]) -> str:
                     f"{fmt(b.get('alpha_hat'))} | {fmt(b['tokens_per_target_pass'])} | "
                     f"{fmt(b.get('grpc_ms_per_step'))} | {fmt(b.get('grpc_cpu_ms_per_step'))} | "
                     f"{fmt(b['wire_bytes_per_step'], 0)} | "
-                    f"{fmt(b.get('bound'), 2, 'x')} |"
+                    f"{fmt(b.get('bound'), 2, 'x')} | "
+                    f"{fmt(cells.get((temperature, 'services-serial', k), {}).get('ms_per_token'), 1)} | "
+                    f"{fmt(b.get('vs_serial'), 2, 'x')} | {fmt(b.get('vs_inproc_serial'), 2, 'x')} | "
+                    f"{fmt(b.get('predrafts_per_step'))}, {fmt(b.get('predraft_hit_rate'))}, "
+                    f"{fmt(b.get('wasted_draft_tokens_per_step'))} | "
+                    f"{' '.join(str(n) for n in b.get('steps_per_k', [])) or '-'} |"
                 )
             lines.append("")
         exact = workload["results"]["exact_greedy"]
@@ -86,7 +93,10 @@ def markdown(report: dict[str, Any]) -> str:
         "per-token acceptance fitted to tokens/target pass; gRPC ms/step = (b) minus (c) loop time per "
         "step; gRPC CPU ms/step = the same in CPU time summed over all processes (robust to a busy "
         "machine); bound = (1 - a^(k+1)) / ((1 - a)(k c + 1)) with a = alpha_hat (for auto, k = mean "
-        "drafted per step).", "",
+        "drafted per step); (b') = (b) with drafting only after each verdict; (b)/(b') and (b)/(c) = "
+        "ms/token ratios (< 1: pipelined services faster than serial services / than the serial loop in "
+        "one process); ahead = blocks drafted ahead per step, the share of them used, draft tokens "
+        "drafted ahead in vain per step; k chosen = steps of (b) at each k, over all its runs.", "",
     ]
     return "\n".join(lines)
 
@@ -103,7 +113,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     rows = max(1, (len(panels) + columns - 1) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4 * rows), squeeze=False)
     x = list(range(len(s["ks"])))
-    styles = {"services-spec": "o-", "inproc-spec": "s--", "hf-assisted": "^-."}
+    styles = {"services-spec": "o-", "services-serial": "o:", "inproc-spec": "s--", "hf-assisted": "^-."}
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     for ax, (workload, temperature) in zip(axes.flat, panels, strict=False):

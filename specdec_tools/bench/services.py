@@ -93,9 +93,9 @@ class Services:
         return total
 
     def generate(self, prompt: str, index: int, max_tokens: int, k: str | None, temperature: float,
-                 seed: int) -> Run:
+                 seed: int, pipeline: bool = True) -> Run:
         options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, speculative=k is not None,
-                       num_draft=k if k == "auto" else int(k or 1))
+                       num_draft=k if k == "auto" else int(k or 1), pipeline=pipeline)
         services_cpu, cpu = self.cpu_s(), time.process_time()
         start = time.perf_counter()
         response = self.client.generate(prompt, **options)
@@ -109,7 +109,8 @@ class Services:
         s = response.stats
         return Run(index, wall, s.tokens, list(response.token_ids), s.steps, s.target_passes, s.draft_passes,
                    s.proposed, s.accepted, s.draft_ms / 1e3, s.verify_ms / 1e3, s.total_ms / 1e3,
-                   s.wire_bytes, total_cpu)
+                   s.wire_bytes, total_cpu, s.predrafts, s.predraft_hits, s.wasted_draft_tokens,
+                   list(s.steps_per_num_draft))
 
     def close(self) -> None:
         if self.client is not None:
