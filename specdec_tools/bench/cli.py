@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -13,7 +12,7 @@ from typing import Any
 
 from .cells import SYSTEMS, Settings
 from .machine import limit_threads, machine, machine_line
-from .report import markdown, plot
+from .report import markdown, plot, workload_entry, write_outputs
 from .runner import run_workload
 from .serving import FULL_REQUESTS, QUICK_REQUESTS, serving_main, serving_settings
 from .workloads import CUSTOM_MAX_TOKENS, DEMO_DIR, WORKLOADS, CustomPair, load_workloads
@@ -159,17 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for workload in workloads:
         workload.results = run_workload(workload, settings, env)
-        report["workloads"].append({
-            "name": workload.name, "about": workload.about, "draft": str(workload.draft),
-            "target": str(workload.target), "prompts": workload.prompts, "max_tokens": workload.max_tokens,
-            "results": workload.results,
-        })
+        report["workloads"].append(workload_entry(workload, workload.results))
     report["wall_s"] = time.perf_counter() - started
     report["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    (out / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "bench.md").write_text(markdown(report))
-    plot(report, out / "bench.png")
-    logger.info("wrote %s, %s and %s (%.0f s)", out / "bench.json", out / "bench.md", out / "bench.png",
-                report["wall_s"])
-    print((out / "bench.md").read_text())
-    return 0
+    return write_outputs(out, "bench", report, markdown(report), plot)

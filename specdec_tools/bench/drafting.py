@@ -25,7 +25,7 @@ from specdec_tools.service_process import ServiceProcess
 
 from .analysis import summarize
 from .cells import Run, Settings, seed
-from .report import fmt
+from .report import fmt, workload_entry, write_outputs
 from .workloads import Workload
 
 logger = logging.getLogger("specdec.bench")
@@ -199,7 +199,6 @@ def drafting_markdown(report: dict[str, Any]) -> str:
 def drafting_main(args: Any, settings: Settings, env: dict[str, str], info: dict[str, Any],
                   workloads: list[Workload], skipped: dict[str, str], out: Path, started: float) -> int:
     """``specdec-bench --drafting``: run every workload, write drafting.json and drafting.md."""
-    import json
     import shlex
 
     methods = [m.strip() for m in args.draft_methods.split(",") if m.strip()]
@@ -210,12 +209,6 @@ def drafting_main(args: Any, settings: Settings, env: dict[str, str], info: dict
                               "skipped": skipped, "workloads": []}
     for workload in workloads:
         results = run_drafting(workload, settings, env, methods, shlex.split(args.draft_flags))
-        report["workloads"].append({"name": workload.name, "about": workload.about, "draft": str(workload.draft),
-                                    "target": str(workload.target), "prompts": workload.prompts,
-                                    "max_tokens": workload.max_tokens, "results": results})
+        report["workloads"].append(workload_entry(workload, results))
     report["wall_s"] = time.perf_counter() - started
-    (out / "drafting.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "drafting.md").write_text(drafting_markdown(report))
-    logger.info("wrote %s and %s (%.0f s)", out / "drafting.json", out / "drafting.md", report["wall_s"])
-    print((out / "drafting.md").read_text())
-    return 0
+    return write_outputs(out, "drafting", report, drafting_markdown(report))

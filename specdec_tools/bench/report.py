@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .cells import SYSTEMS
 from .machine import machine_line
+
+logger = logging.getLogger("specdec.bench")
+
+
+def workload_entry(workload: Any, results: dict[str, Any]) -> dict[str, Any]:
+    """One workload's part of a report's json: what it ran on, and its results."""
+    return {"name": workload.name, "about": workload.about, "draft": str(workload.draft),
+            "target": str(workload.target), "prompts": workload.prompts, "max_tokens": workload.max_tokens,
+            "results": results}
+
+
+def write_outputs(out: Path, stem: str, report: dict[str, Any], markdown_text: str,
+                  plot_fn: Callable[[dict[str, Any], Path], None] | None = None) -> int:
+    """Write STEM.json, STEM.md (and STEM.png with ``plot_fn``) into ``out``; print the markdown."""
+    written = [out / f"{stem}.json", out / f"{stem}.md"]
+    written[0].write_text(json.dumps(report, indent=1) + "\n")
+    written[1].write_text(markdown_text)
+    if plot_fn is not None:
+        written.append(out / f"{stem}.png")
+        plot_fn(report, written[-1])
+    logger.info("wrote %s (%.0f s)", ", ".join(str(p) for p in written), report["wall_s"])
+    print(markdown_text)
+    return 0
 
 
 def fmt(value: Any, digits: int = 2, suffix: str = "") -> str:

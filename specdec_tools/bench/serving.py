@@ -31,7 +31,6 @@ figures include their CPU time (a client is one thread that mostly waits on its 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -43,6 +42,7 @@ from typing import Any
 from specdec_tools.service_process import ServiceProcess
 
 from .cells import Settings, seed
+from .report import workload_entry, write_outputs
 from .services import Services
 from .workloads import Workload
 
@@ -316,17 +316,9 @@ def serving_main(args: Any, settings: Settings, serving: ServingSettings, env: d
     }
     for workload in workloads:
         results = run_serving(workload, settings, serving, env)
-        report["workloads"].append({"name": workload.name, "about": workload.about, "draft": str(workload.draft),
-                                    "target": str(workload.target), "prompts": workload.prompts,
-                                    "max_tokens": workload.max_tokens, "results": results})
+        report["workloads"].append(workload_entry(workload, results))
     report["wall_s"] = time.perf_counter() - started
-    (out / "serving.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "serving.md").write_text(serving_markdown(report))
-    serving_plot(report, out / "serving.png")
-    logger.info("wrote %s, %s and %s (%.0f s)", out / "serving.json", out / "serving.md", out / "serving.png",
-                report["wall_s"])
-    print((out / "serving.md").read_text())
-    return 0
+    return write_outputs(out, "serving", report, serving_markdown(report), serving_plot)
 
 
 def serving_settings(args: Any) -> ServingSettings:
