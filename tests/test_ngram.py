@@ -128,8 +128,9 @@ def test_greedy_equals_target_alone_on_copy_prompts(copy_cluster: Cluster, copy_
         s = response.stats
         proposed, accepted, steps, tokens = proposed + s.proposed, accepted + s.accepted, steps + s.steps, tokens + s.tokens
         drafting_steps += s.proposed_per_position[0] if s.proposed_per_position else 0
-    # Drafts saved target passes, and some were wrong (the swapped tokens) and rejected.
-    assert tokens / steps > 1.4 and 0 < accepted < proposed
+    # Drafts saved target passes, and some were wrong (the swapped tokens) and rejected. (Auto k
+    # chooses by measured time, not passes: on a loaded machine it drafts less, so a lower bar.)
+    assert tokens / steps > (1.4 if num_draft != "auto" else 1.2) and 0 < accepted < proposed
     if method == "ngram":
         assert drafting_steps < steps  # the first step of each request has nothing to match: target alone
 

@@ -154,6 +154,36 @@ def test_seeded_sampling_equals_the_one_rank_target(services: Services) -> None:
     assert outputs[services.tp.address] == outputs[services.single.address]
 
 
+def test_sampling_on_two_ranks_matches_the_target_distribution(services: Services, target_dir: Path) -> None:
+    """T=1 through the 2-rank target: the first two tokens follow the target's own sampling
+    distribution (transformers, exactly enumerated): chi-square, as for the 1-rank target."""
+    from types import SimpleNamespace
+
+    from test_orchestrator import PROMPTS as SAMPLE_PROMPTS
+    from test_orchestrator import (
+        SAMPLE_PROMPT_INDEX,
+        _chi_square_p,
+        _exact_two_token_distribution,
+        _sample_pairs,
+    )
+    from transformers import T5ForConditionalGeneration
+
+    from specdec_core.tokenizer import load_tokenizer
+
+    prompt = SAMPLE_PROMPTS[SAMPLE_PROMPT_INDEX]
+    hf = SimpleNamespace(model=T5ForConditionalGeneration.from_pretrained(target_dir).eval(),
+                         tokenizer=load_tokenizer(target_dir))
+    exact = _exact_two_token_distribution(hf, prompt)
+    orch = start_orchestrator_in(services.loop, [services.draft.address], [services.tp.address],
+                                 connect_timeout_s=30)
+    try:
+        with _client(orch) as client:
+            observed = _sample_pairs(client, prompt, n=1000, num_draft=2)
+    finally:
+        orch.stop()
+    assert _chi_square_p(observed, exact) > 1e-3
+
+
 def test_killed_rank_fails_over_and_reports_not_serving(services: Services, reference: GreedyReference) -> None:
     """kill -9 of rank 1 mid-stream: the request finishes on the 1-rank replica with the target's
     greedy output; the 2-rank target reports NOT_SERVING and refuses new sessions. Last: it
