@@ -189,9 +189,10 @@ class Lane:
 
     def holds(self, block: list[int]) -> bool:
         """Does the session hold every committed token followed by ``block``?"""
-        held = self.decoded[: self._held] + self._block
-        wanted = len(self.decoded) + len(block)
-        return len(held) >= wanted and held[:wanted] == self.decoded + block
+        if self.synced < len(self.decoded):
+            return False
+        start = len(self.decoded) - self._held  # where the uncommitted rest begins in its block
+        return self._block[start : start + len(block)] == block
 
     def extend_request(self, block: list[int], num_draft: int, sampling: SamplingParams, seed: int,
                        deadline: float | None) -> StepRequest:
@@ -462,9 +463,13 @@ class SpeculativeGeneration:
             return 0
         if not self.params.num_draft_auto or self.k_policy is None:
             return min(self.params.num_draft, remaining - 1)
-        k = self.k_policy.choose(min([self.params.max_num_draft, *self._replica_draft_caps()]))
+        k = self.k_policy.choose(self._auto_cap())
         self.stats.final_num_draft = k
         return min(k, remaining - 1)
+
+    def _auto_cap(self) -> int:
+        """The largest k auto may choose: max_num_draft and every replica's --max-draft."""
+        return min([self.params.max_num_draft, *self._replica_draft_caps()])
 
     def _sessions(self) -> tuple[Any, ...]:
         """Which sessions the lanes hold: a step that changed them failed over or reopened one."""
@@ -543,7 +548,7 @@ class SpeculativeGeneration:
         if self.params.num_draft_auto and self.k_policy is not None:
             policy = copy.deepcopy(self.k_policy)
             policy.observe(StepRecord(requested=k, accepted=k, drafted=k, timed=False))
-            k_next = policy.choose(min([self.params.max_num_draft, *self._replica_draft_caps()]))
+            k_next = policy.choose(self._auto_cap())
         else:
             k_next = self.params.num_draft
         # The Propose asks for the guess and k_next drafts: within the draft replica's --max-draft.
@@ -582,9 +587,8 @@ class SpeculativeGeneration:
             self.stats.wasted_draft_tokens += len(tokens)
             return
         self.stats.predraft_hits += 1
-        distributions = list(predrafted.distributions)
         self._ready = Proposal(tokens=tokens[1:], token_probs=list(predrafted.token_probs[1:]),
-                               distributions=distributions[1:], model_ms=predrafted.model_ms)
+                               distributions=list(predrafted.distributions)[1:])
 
     def _take_ready(self, k: int) -> Proposal | None:
         """This step's block if it was drafted ahead (at most k of it; what is cut is wasted)."""
@@ -596,7 +600,7 @@ class SpeculativeGeneration:
             return None
         self.stats.wasted_draft_tokens += max(0, len(ready.tokens) - k)
         return Proposal(tokens=ready.tokens[:k], token_probs=ready.token_probs[:k],
-                        distributions=list(ready.distributions)[:k], model_ms=0.0)
+                        distributions=list(ready.distributions)[:k])
 
     async def _step(self, k: int, remaining: int) -> tuple[StepOutcome, list[int], StepRecord]:
         """One propose -> verify -> accept (k = 0: no Propose, the target alone; the draft

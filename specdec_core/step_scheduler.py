@@ -12,6 +12,7 @@ fails, each step is restored and rerun alone, so a failure stays with the step t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -44,7 +45,7 @@ class QueuedStep:
     started: float = 0.0  # when its batch began on the model thread
     finished: float = 0.0  # when its batch ended (0: never ran)
     batch_size: int = 0
-    prepared: list[int] = field(default_factory=list)  # its tokens once rolled back and appended
+    prepared: list[int] = field(init=False, default_factory=list)  # its tokens once rolled back and appended
 
     def __post_init__(self) -> None:
         self.prepared = list(self.state.tokens) if self.state is not None else []
@@ -75,8 +76,6 @@ class StepScheduler:
 
     def submit(self, step: QueuedStep) -> Any:
         """Queue a step; returns an asyncio future of its result (call on the event loop)."""
-        import asyncio  # the scheduler's own code runs on the model thread
-
         self._count_job(step.future)
         with self._arrived:
             self._waiting.append(step)
