@@ -165,6 +165,7 @@ class Lane:
     session_id: str = ""
     length: int = 1  # the service session's length
     failed: set[str] = field(default_factory=set)  # replicas this request gave up on
+    opening: Any = None  # the replica a session is being opened on (until it is attached)
     _held: int = 1  # committed tokens the session held after its last call
     _block: list[int] = field(default_factory=list)  # what it holds past them
 
@@ -261,6 +262,7 @@ class SpeculativeGeneration:
         # Pipelining: the next block, drafted while the target verified the last one, when the
         # verdict made it valid (the draft session holds the committed tokens, then it).
         self._ready: Proposal | None = None
+        self._first_k: int | None = None  # the first step's k, when chosen during the opens
 
     # -- timing -------------------------------------------------------------------------------
     def _call_deadline(self) -> float:
@@ -289,6 +291,7 @@ class SpeculativeGeneration:
                     "no target replica is available (all down or failed for this request); "
                     "start a target service or check --target addresses"
                 )
+            lane.opening = backend
             try:
                 timeout = self._call_deadline() - time.monotonic()
                 session_id = await backend.open(self.prompt_ids, self.request_id, timeout)
@@ -303,12 +306,43 @@ class SpeculativeGeneration:
             except BaseException:
                 self.source.release(backend)
                 raise
+            finally:
+                lane.opening = None
             lane.attach(backend, session_id)
             if lane.role == "draft":
                 self.stats.draft_replica = backend.address
             else:
                 self.stats.target_replica = backend.address
             return
+
+    async def _open_lanes(self) -> None:
+        """Open the target's session and, when speculating, the draft's. Pipelined, both at once
+        (the draft encodes its prompt while the target encodes it: only the slower open is on
+        the way to the first token); otherwise one after the other, the serial baseline."""
+        if not self.params.speculative:
+            await self._open(self.target)
+            self._start_k_policy()  # no draft: no policy
+            return
+        if not self.params.pipeline:
+            await self._open(self.target)
+            await self._open(self.draft)
+            self._start_k_policy()
+            return
+        await _all(self._open(self.target), self._open_draft_and_draft_ahead())
+
+    async def _open_draft_and_draft_ahead(self) -> None:
+        """Pipelined start: open the draft's session, choose the first step's k and draft its
+        block while the target still encodes the prompt (the target's open is the longer one),
+        so the first Verify goes out as soon as the target's session is open."""
+        await self._open(self.draft)
+        self._start_k_policy()
+        k = self._first_k = self._num_draft(self.params.max_tokens)
+        if k == 0:
+            return
+        result = await self._call(self.draft, [], k, self.params.seed, ahead=True)
+        if result is not None:  # None: the draft lane closed (no replica left)
+            self.stats.draft_passes += len(result.tokens)
+            self._ready = result
 
     async def _call(self, lane: Lane, block: list[int], num_draft: int, seed: int,
                     draft_distributions: Any = (), ahead: bool = False) -> Any:
@@ -418,17 +452,19 @@ class SpeculativeGeneration:
         task.add_done_callback(_ABANDONED.discard)
 
     async def close(self) -> None:
-        """Close both sessions; safe on every exit path (errors here are only logged)."""
-        for lane in (self.draft, self.target):
-            backend, lane.backend = lane.backend, None
-            if backend is None:
-                continue
-            try:
-                await backend.close(lane.session_id)
-            except Exception as error:  # noqa: BLE001 - the TTL frees it if this fails
-                logger.info("req=%s closing session on %s failed: %s", self.request_id, backend.address, error)
-            finally:
-                self.source.release(backend)
+        """Close both sessions, at once; safe on every exit path (errors here are only logged)."""
+        await _all(self._close_lane(self.draft), self._close_lane(self.target))
+
+    async def _close_lane(self, lane: Lane) -> None:
+        backend, lane.backend = lane.backend, None
+        if backend is None:
+            return
+        try:
+            await backend.close(lane.session_id)
+        except Exception as error:  # noqa: BLE001 - the TTL frees it if this fails
+            logger.info("req=%s closing session on %s failed: %s", self.request_id, backend.address, error)
+        finally:
+            self.source.release(backend)
 
     def _replica_draft_caps(self) -> list[int]:
         """With auto k, each lane's --max-draft, so k never exceeds what a replica takes."""
@@ -440,7 +476,8 @@ class SpeculativeGeneration:
     def _memory_key(self) -> tuple[Any, ...]:
         """What k learned from one request carries to the next under: the same two replicas
         and the same sampling (acceptance depends on temperature, top-k, top-p and delta)."""
-        return (self.draft.backend.address, self.target.backend.address, self.params.sampling,
+        target = self.target.backend or self.target.opening  # pipelined, the target may still be opening
+        return (self.draft.backend.address, target.address if target is not None else "", self.params.sampling,
                 self.params.delta)
 
     def _start_k_policy(self) -> None:
@@ -459,6 +496,9 @@ class SpeculativeGeneration:
     def _num_draft(self, remaining: int) -> int:
         """This step's k: the caller's, or auto's choice (within max_num_draft and every
         replica's --max-draft); never drafting past max_tokens (a step yields up to k+1 tokens)."""
+        if self._first_k is not None:  # chosen while the target opened (its block is drafted)
+            k, self._first_k = self._first_k, None
+            return k
         if self.draft.backend is None:  # no draft left: the target alone
             return 0
         if not self.params.num_draft_auto or self.k_policy is None:
@@ -479,10 +519,7 @@ class SpeculativeGeneration:
     async def run(self) -> AsyncIterator[StepEvent]:
         started = time.perf_counter()
         try:
-            await self._open(self.target)
-            if self.params.speculative:
-                await self._open(self.draft)
-            self._start_k_policy()
+            await self._open_lanes()
             produced = 0
             loop_from: tuple[float, float] | None = None  # the last step's start, and its time in calls
             while True:
@@ -626,15 +663,8 @@ class SpeculativeGeneration:
         if not ahead:
             verdict: Verdict = await verify
         else:
-            tasks = [asyncio.ensure_future(verify), asyncio.ensure_future(self._predraft(drafted, ahead, seed))]
-            try:
-                # Both finish before the loop goes on: a draft session never has two steps at once.
-                await asyncio.wait(tasks)
-            except asyncio.CancelledError:
-                for task in tasks:
-                    task.cancel()
-                raise
-            verdict, predrafted = tasks[0].result(), tasks[1].result()
+            # Both finish before the loop goes on: a draft session never has two steps at once.
+            verdict, predrafted = await _all(verify, self._predraft(drafted, ahead, seed))
         verified_at = time.perf_counter()
         uniforms = position_uniforms(seed, ACCEPT_STREAM, len(self.decoded), len(drafted))
         if sampling.greedy:
@@ -656,6 +686,19 @@ class SpeculativeGeneration:
             verify_s=verified_at - proposed_at,
         )
         return outcome, drafted, record
+
+
+async def _all(*calls: Any) -> list[Any]:
+    """Run calls concurrently and wait until EVERY one has finished (unlike ``gather``, none is
+    left running when another fails); then their results, or the first one's error."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        await asyncio.wait(tasks)
+    except asyncio.CancelledError:
+        for task in tasks:
+            task.cancel()
+        raise
+    return [task.result() for task in tasks]
 
 
 # Codes that mean the replica lost our session, not that it is down.

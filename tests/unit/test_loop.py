@@ -217,6 +217,40 @@ def test_target_alone_when_speculation_is_off() -> None:
     assert not replicas[0].opened and not replicas[1].opened
 
 
+class SlowOpeningTarget(FakeReplica):
+    """A target whose open finishes only once the draft has been asked for a block (or after a
+    timeout): a loop that opened the two lanes one after the other would wait it out."""
+
+    draft: FakeReplica | None = None
+    overlapped: bool = False
+
+    async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str:
+        for _ in range(200):
+            if self.draft is not None and self.draft.requests:
+                self.overlapped = True
+                break
+            await asyncio.sleep(0.001)
+        return await super().open(prompt_ids, request_id, timeout)
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_pipelined_start_drafts_the_first_block_while_the_target_opens(pipeline: bool) -> None:
+    draft, target = FakeReplica("draft", "d0"), SlowOpeningTarget("target", "t0")
+    target.draft = draft
+    source = FakeSource([draft, target])
+    params = GenerationParams(max_tokens=40, num_draft=3, sampling=SamplingParams(), seed=1, pipeline=pipeline)
+    generation = SpeculativeGeneration(source, PROMPT, params, START, EOS)
+
+    async def run() -> list[int]:
+        return [t async for event in generation.run() for t in event.tokens]
+
+    assert asyncio.run(run()) == expected()
+    assert target.overlapped == pipeline  # serial (the baseline): the draft waits for the target
+    first = draft.requests[0]
+    assert first.num_draft == 3 and first.expected_length == 1 and not first.append_tokens
+    assert_clean([draft, target], source)
+
+
 def test_k_is_capped_at_the_replicas_max_draft() -> None:
     replicas = pair()
     replicas[0].max_draft = replicas[1].max_draft = 2
