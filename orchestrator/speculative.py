@@ -328,7 +328,17 @@ class SpeculativeGeneration:
             await self._open(self.draft)
             self._start_k_policy()
             return
-        await _all(self._open(self.target), self._open_draft_and_draft_ahead())
+        target = asyncio.ensure_future(self._open(self.target))
+        # Let the target's open take its replica first: with none left it fails here, before a
+        # draft replica is bothered with a session for a request that cannot run.
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            target.cancel()
+            raise
+        if target.done():
+            target.result()  # raises the target's error (a target lane never ends empty)
+        await _all(target, self._open_draft_and_draft_ahead())
 
     async def _open_draft_and_draft_ahead(self) -> None:
         """Pipelined start: open the draft's session, choose the first step's k and draft its
