@@ -202,7 +202,7 @@ class Ewma:
         self.value = 0.0
 
     def add(self, sample: float) -> None:
-        if self.weight >= 1.5:
+        if self.weight >= 1.5 and self.value > 0:  # (clipping to 4 x 0 would pin it at 0 for good)
             sample = min(sample, CLIP_FACTOR * self.value)
         self.weight = self.decay * self.weight + 1.0
         self.value += (sample - self.value) / self.weight
@@ -222,8 +222,8 @@ class DecayedLine:
         self.n = self.sx = self.sxx = self.sy = self.sxy = 0.0
 
     def add(self, x: float, y: float) -> None:
-        if self.n >= 1.5:
-            y = min(y, CLIP_FACTOR * self.predict(x))
+        if self.n >= 1.5 and (predicted := self.predict(x)) > 0:
+            y = min(y, CLIP_FACTOR * predicted)
         d = self.decay
         self.n, self.sx, self.sxx = d * self.n + 1, d * self.sx + x, d * self.sxx + x * x
         self.sy, self.sxy = d * self.sy + y, d * self.sxy + x * y
@@ -264,6 +264,9 @@ class StepRecord:
     propose_model_s: float = 0.0  # the draft worker's model time in it
     caught_up: int = 0  # committed tokens the draft appended before drafting (1 after a drafting step)
     verify_s: float = 0.0  # the Verify call's wall time (block size drafted + 1)
+    # The block was drafted ahead (pipelining): no Propose call in this step, so its times say
+    # nothing about what a Propose costs.
+    drafted_ahead: bool = False
 
 
 @dataclass
@@ -279,7 +282,7 @@ class MeasuredCosts:
         if not step.timed:
             return
         self.verify.add(step.drafted + 1, step.verify_s)
-        if step.requested > 0 and step.caught_up <= NORMAL_CATCH_UP:
+        if step.requested > 0 and step.caught_up <= NORMAL_CATCH_UP and not step.drafted_ahead:
             self.propose_call.add(max(0.0, step.propose_s - step.propose_model_s))
             if step.drafted > 0:
                 self.draft_token.add(step.propose_model_s / step.drafted)

@@ -658,7 +658,8 @@ class SpeculativeGeneration:
         caught_up = len(self.decoded) - self.draft.synced  # what the draft appends before drafting
         started = time.perf_counter()
         proposal = self._take_ready(k)
-        if proposal is not None:
+        was_ready = proposal is not None  # drafted ahead: no Propose in this step
+        if was_ready:
             caught_up = 0
         elif k > 0:
             proposal = await self._call(self.draft, [], k, seed)
@@ -694,6 +695,7 @@ class SpeculativeGeneration:
             propose_model_s=proposal.model_ms / 1e3 if proposal is not None else 0.0,
             caught_up=caught_up,
             verify_s=verified_at - proposed_at,
+            drafted_ahead=was_ready,
         )
         return outcome, drafted, record
 
