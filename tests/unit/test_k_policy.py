@@ -171,33 +171,36 @@ def test_a_catch_up_after_steps_at_k0_or_a_failover_does_not_count_as_drafting_c
     assert after.step_time(2) - after.propose_call - 2 * after.draft_per_token == pytest.approx(0.01, rel=0.01)
 
 
+def _costs_after(*runs: tuple[int, StepRecord]) -> CostModel:
+    """The cost model of MeasuredCosts fed each (times, record) in turn."""
+    costs = MeasuredCosts()
+    for times, record in runs:
+        for _ in range(times):
+            costs.observe(record)
+    model = costs.model()
+    assert model is not None
+    return model
+
+
 def test_a_block_drafted_ahead_does_not_count_as_a_free_propose() -> None:
     """A step whose block was drafted ahead made no Propose call: its ~0 s must not teach the
     policy that drafting is free (which made auto k draft 8-16 tokens at acceptance 0.1)."""
-    costs = MeasuredCosts()
-    for _ in range(3):  # hits first: nothing is known about a Propose yet
-        costs.observe(StepRecord(requested=3, accepted=3, drafted=3, propose_s=0.0, caught_up=0, verify_s=0.01,
-                                 drafted_ahead=True))
-    for _ in range(10):
-        costs.observe(StepRecord(requested=3, accepted=1, drafted=3, propose_s=0.0045, propose_model_s=0.003,
-                                 caught_up=1, verify_s=0.01))
-    model = costs.model()
-    assert model is not None
+    model = _costs_after(
+        (3, StepRecord(requested=3, accepted=3, drafted=3, caught_up=0, verify_s=0.01, drafted_ahead=True)),
+        (10, StepRecord(requested=3, accepted=1, drafted=3, propose_s=0.0045, propose_model_s=0.003, caught_up=1,
+                        verify_s=0.01)),
+    )
     assert model.propose_call == pytest.approx(0.0015, rel=0.01)
     assert model.draft_per_token == pytest.approx(0.001, rel=0.01)
 
 
 def test_estimates_that_reached_zero_still_follow_the_samples() -> None:
     """The clip (4x the current value) must not pin an estimate that read 0 at 0."""
-    costs = MeasuredCosts()
-    for _ in range(3):
-        costs.observe(StepRecord(requested=2, accepted=0, drafted=2, propose_s=0.0, propose_model_s=0.0,
-                                 caught_up=1, verify_s=0.0))
-    for _ in range(30):
-        costs.observe(StepRecord(requested=2, accepted=0, drafted=2, propose_s=0.006, propose_model_s=0.004,
-                                 caught_up=1, verify_s=0.01))
-    model = costs.model()
-    assert model is not None
+    model = _costs_after(
+        (3, StepRecord(requested=2, accepted=0, drafted=2, caught_up=1)),  # every time 0
+        (30, StepRecord(requested=2, accepted=0, drafted=2, propose_s=0.006, propose_model_s=0.004, caught_up=1,
+                        verify_s=0.01)),
+    )
     assert model.draft_per_token == pytest.approx(0.002, rel=0.1)
     assert model.propose_call == pytest.approx(0.002, rel=0.1)
     verify_of_three = model.step_time(2) - model.propose_call - 2 * model.draft_per_token
