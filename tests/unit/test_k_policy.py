@@ -12,6 +12,7 @@ from test_loop import FakeReplica, assert_clean, expected, generate, pair
 from orchestrator.k_policy import (
     FIXED_COSTS,
     PROBE_GAP_MAX,
+    UNTIMED_PROBE_GAP_MIN,
     CostModel,
     KMemory,
     KPolicy,
@@ -265,6 +266,23 @@ def test_at_k0_it_probes_ever_more_rarely_and_recovers_when_drafts_start_to_pass
     assert len(probes) <= 30
     # The pair changes (say, the text turns to copying the prompt): the next probe finds out.
     ks = run(policy, SimulatedPair([1.0], costs), PROBE_GAP_MAX + 20)
+    assert all(k > 0 for k in ks[-10:])
+
+
+def test_an_untimed_request_probes_a_rare_draft_less_often_and_still_comes_back() -> None:
+    """No memory to start from: on a pair that rarely agrees an untimed request pays mostly for
+    its probes, so it probes less often than a timed one with the same costs (no fewer than
+    UNTIMED_PROBE_GAP_MIN steps apart), and still finds a draft that starts to agree."""
+    def probes(policy: KPolicy, steps: int) -> list[int]:
+        return [i for i, k in enumerate(run(policy, SimulatedPair([0.1], FIXED_COSTS), steps)) if k > 0]
+
+    timed_with_fixed_costs = KPolicy(True)
+    timed_with_fixed_costs.cost_model = lambda: FIXED_COSTS  # type: ignore[method-assign]
+    untimed = KPolicy(False)
+    seen, reference = probes(untimed, 48), probes(timed_with_fixed_costs, 48)
+    assert 1 <= len(seen) < len(reference)
+    assert all(b - a > UNTIMED_PROBE_GAP_MIN for a, b in zip(seen[1:], seen[2:], strict=False))
+    ks = run(untimed, SimulatedPair([1.0], FIXED_COSTS), PROBE_GAP_MAX + 20)
     assert all(k > 0 for k in ks[-10:])
 
 
