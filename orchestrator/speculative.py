@@ -319,9 +319,8 @@ class SpeculativeGeneration:
         """Open the target's session and, when speculating, the draft's. Pipelined, both at once
         (the draft encodes its prompt while the target encodes it: only the slower open is on
         the way to the first token); otherwise one after the other, the serial baseline."""
-        if not self.params.speculative:
+        if not self.params.speculative:  # no draft: no k policy either
             await self._open(self.target)
-            self._start_k_policy()  # no draft: no policy
             return
         if not self.params.pipeline:
             await self._open(self.target)
@@ -349,10 +348,8 @@ class SpeculativeGeneration:
         k = self._first_k = self._num_draft(self.params.max_tokens)
         if k == 0:
             return
-        result = await self._call(self.draft, [], k, self.params.seed, ahead=True)
-        if result is not None:  # None: the draft lane closed (no replica left)
-            self.stats.draft_passes += len(result.tokens)
-            self._ready = result
+        # None: the draft lane closed (no replica left)
+        self._ready = await self._call(self.draft, [], k, self.params.seed, ahead=True)
 
     async def _call(self, lane: Lane, block: list[int], num_draft: int, seed: int,
                     draft_distributions: Any = (), ahead: bool = False) -> Any:
@@ -406,6 +403,8 @@ class SpeculativeGeneration:
                     self.stats.verify_s += time.perf_counter() - started
             lane.record(result.length, block + result.tokens if lane.role == "draft" else block)
             self.stats.wire_bytes += result.wire_bytes
+            if lane.role == "draft":  # every Propose, drafted ahead or not: one pass per token
+                self.stats.draft_passes += len(result.tokens)
             if ahead:
                 pass  # its model time overlaps the Verify, like its wall time (ahead_s)
             elif lane.role == "draft":
@@ -610,7 +609,7 @@ class SpeculativeGeneration:
         else:
             rate = self.stats.acceptance_rate if self.stats.proposed else 1.0
             rates = [rate] * (k + 1)
-        return float(np.prod(rates[: k + 1]))
+        return float(np.prod(rates))
 
     async def _predraft(self, drafted: list[int], n: int, seed: int) -> Proposal | None:
         """Draft n tokens after the committed ones and ``drafted``, on the draft's session, while
@@ -618,7 +617,6 @@ class SpeculativeGeneration:
         result = await self._call(self.draft, drafted, n, seed, ahead=True)
         if result is not None:
             self.stats.predrafts += 1
-            self.stats.draft_passes += len(result.tokens)
         return result
 
     def _keep_predraft(self, predrafted: Proposal | None, drafted: list[int], outcome: StepOutcome) -> None:
@@ -663,8 +661,6 @@ class SpeculativeGeneration:
             caught_up = 0
         elif k > 0:
             proposal = await self._call(self.draft, [], k, seed)
-            if proposal is not None:
-                self.stats.draft_passes += len(proposal.tokens)
         proposed_at = time.perf_counter()
         drafted = proposal.tokens if proposal is not None else []
         distributions = proposal.distributions if proposal is not None else []
