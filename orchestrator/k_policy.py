@@ -14,6 +14,12 @@ every position and no overheads that is Leviathan's (1 - a^(k+1)) / ((1 - a)(k c
 k = 0 is the target alone: the loop skips the Propose call, and the draft session catches up
 on its next call (``Lane.request`` appends every committed token it lacks).
 
+**A block drafted ahead.** When pipelining already drafted n tokens of this step's block (while
+the target verified the last one), any k <= n needs no Propose in this step: a timed policy then
+picks the k in [0, min(n, cap)] with the Propose terms of T(k) taken as 0, rather than a k that
+would cut the ready block short. An untimed policy ignores it (its k must not depend on
+pipelining, see below).
+
 Inputs, fed after every step (``StepRecord``):
 
 - **acceptance per position** (``PositionAcceptance``): this request's counts of tried and kept
@@ -21,9 +27,11 @@ Inputs, fed after every step (``StepRecord``):
   shrunk toward the one before it, so a position never tried is assumed as good as its
   predecessor (that is how k grows past what was tried).
 - **costs** (``MeasuredCosts``): the Verify call's wall time fitted as a + b * (block size), the
-  Propose call's wall time split into the worker's model time per drafted token and the rest
-  (wire, queueing), and the loop's own time per step. Wall times, so under load the Verify
-  time includes the target's batching: the same policy then weighs the batch's cost.
+  Propose call's wall time split into the worker's model time per drafted token (from every
+  Propose, drafted ahead or not) and the rest (wire, queueing; only from Proposes not drafted
+  ahead: an ahead one's wall time overlaps a Verify), and the loop's own time per step. Wall
+  times, so under load the Verify time includes the target's batching: the same policy then
+  weighs the batch's cost.
 
 **Exactness: timed or untimed.** Greedy output never depends on k. A sampled request's tokens
 do (k decides which positions are draft positions and which are bonus draws), and a seeded
@@ -50,6 +58,7 @@ No MLX, no I/O.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
@@ -105,6 +114,10 @@ class CostModel:
         if k > 0:
             time += self.propose_call + self.draft_per_token * k
         return time
+
+    def drafted_ahead(self) -> CostModel:
+        """The costs of a step whose block is already drafted: no Propose to pay."""
+        return dataclasses.replace(self, propose_call=0.0, draft_per_token=0.0)
 
 
 # The untimed policy's costs, in units of one target-alone step (step_time(0) == 1): a draft
@@ -273,6 +286,9 @@ class StepRecord:
     # The block was drafted ahead (pipelining): no Propose call in this step, so its times say
     # nothing about what a Propose costs.
     drafted_ahead: bool = False
+    # The Propose that drafted the next block ahead during this step's Verify (0: none made).
+    ahead_drafted: int = 0  # tokens it drafted (the guess of the target's token included)
+    ahead_model_s: float = 0.0  # the draft worker's model time in it
 
 
 @dataclass
@@ -292,6 +308,15 @@ class MeasuredCosts:
             self.propose_call.add(max(0.0, step.propose_s - step.propose_model_s))
             if step.drafted > 0:
                 self.draft_token.add(step.propose_model_s / step.drafted)
+        # Its wall time overlaps the Verify (on a shared machine, inflated by it): not a
+        # propose_call sample. Its model time is what drafting costs, as in any Propose.
+        self.observe_ahead(step.ahead_drafted, step.ahead_model_s)
+
+    def observe_ahead(self, drafted: int, model_s: float) -> None:
+        """A Propose that drafted ahead: its model time per drafted token (a draft that nearly
+        always agrees has almost every block drafted ahead; this is then its only measure)."""
+        if drafted > 0:
+            self.draft_token.add(model_s / drafted)
 
     def model(self) -> CostModel | None:
         """None until a Verify was measured (in a time above 0); until a Propose was, the
@@ -350,12 +375,16 @@ class KPolicy:
                       else (UNTIMED_PROBE_GAP_SCALE, UNTIMED_PROBE_GAP_MIN))
         return min(PROBE_GAP_MAX, max(low, scale * max(0.0, z) ** 2))
 
-    def choose(self, cap: int) -> int:
-        """This step's k in [0, cap]."""
+    def choose(self, cap: int, ready: int = 0) -> int:
+        """This step's k in [0, cap]; ``ready``: tokens of its block already drafted ahead (a
+        timed policy then stays within them, at no Propose cost; an untimed one ignores it)."""
         if cap <= 0:
             return 0
         rates, costs = self.acceptance.rates(cap), self.cost_model()
-        k = best_k(rates, costs, 0, cap)
+        step_costs, high = costs, cap
+        if self.timed and ready > 0:  # (untimed: k must not depend on pipelining)
+            step_costs, high = costs.drafted_ahead(), min(ready, cap)
+        k = best_k(rates, step_costs, 0, high)
         self.probing = False
         if k > 0:
             self.idle, self.gap = 0, None
@@ -368,7 +397,7 @@ class KPolicy:
         if self.idle <= self.gap and not self.probe_again:
             return 0
         self.idle, self.gap, self.probing, self.probe_again = 0, None, True, False
-        return best_k(rates, costs, 1, cap)
+        return best_k(rates, step_costs, 1, high)
 
     def observe(self, step: StepRecord) -> None:
         """After a step. Timings are recorded by every policy (for ``learned``), but only a timed

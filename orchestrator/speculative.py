@@ -350,6 +350,8 @@ class SpeculativeGeneration:
             return
         # None: the draft lane closed (no replica left)
         self._ready = await self._call(self.draft, [], k, self.params.seed, ahead=True)
+        if self._ready is not None and self.k_policy is not None:
+            self.k_policy.costs.observe_ahead(len(self._ready.tokens), self._ready.model_ms / 1e3)
 
     async def _call(self, lane: Lane, block: list[int], num_draft: int, seed: int,
                     draft_distributions: Any = (), ahead: bool = False) -> Any:
@@ -512,7 +514,7 @@ class SpeculativeGeneration:
             return 0
         if not self.params.num_draft_auto or self.k_policy is None:
             return min(self.params.num_draft, remaining - 1)
-        k = self.k_policy.choose(self._auto_cap())
+        k = self.k_policy.choose(self._auto_cap(), self._ready_size())
         self.stats.final_num_draft = k
         return min(k, remaining - 1)
 
@@ -597,9 +599,12 @@ class SpeculativeGeneration:
             k_next = policy.choose(self._auto_cap())
         else:
             k_next = self.params.num_draft
-        # The Propose asks for the guess and k_next drafts: within the draft replica's --max-draft.
-        k_next = min(k_next, left - 1, *([lane.max_draft - 1] if lane.max_draft > 0 else []))
-        return 1 + k_next if k_next > 0 else 0
+        k_next = min(k_next, left - 1)
+        # The Propose asks for the guess and k_next drafts, within the draft replica's --max-draft;
+        # a block cut shorter than k_next could not be used (``_take_ready``): do not draft it.
+        if k_next <= 0 or 0 < lane.max_draft < 1 + k_next:
+            return 0
+        return 1 + k_next
 
     def _hit_chance(self, k: int) -> float:
         """The chance that a block drafted ahead is used: every one of the k drafts accepted and
@@ -635,12 +640,22 @@ class SpeculativeGeneration:
         self._ready = Proposal(tokens=tokens[1:], token_probs=list(predrafted.token_probs[1:]),
                                distributions=list(predrafted.distributions)[1:])
 
+    def _ready_size(self) -> int:
+        """Tokens of this step's block drafted ahead and still held by the draft session (0: none)."""
+        ready = self._ready
+        if ready is None or self.draft.backend is None or not self.draft.holds(ready.tokens):
+            return 0
+        return len(ready.tokens)
+
     def _take_ready(self, k: int) -> Proposal | None:
         """This step's block if it was drafted ahead (at most k of it; what is cut is wasted)."""
         ready, self._ready = self._ready, None
         if ready is None:
             return None
-        if k == 0 or self.draft.backend is None or not self.draft.holds(ready.tokens):
+        # A block shorter than k (and not ended by EOS) is not this step's: the step's Verify would
+        # score fewer drafts than it would unpipelined, and a seeded request's tokens would differ.
+        short = len(ready.tokens) < k and (not ready.tokens or ready.tokens[-1] != self.eos_id)
+        if k == 0 or short or self.draft.backend is None or not self.draft.holds(ready.tokens):
             self.stats.wasted_draft_tokens += len(ready.tokens)
             return None
         self.stats.wasted_draft_tokens += max(0, len(ready.tokens) - k)
@@ -692,6 +707,8 @@ class SpeculativeGeneration:
             caught_up=caught_up,
             verify_s=verified_at - proposed_at,
             drafted_ahead=was_ready,
+            ahead_drafted=len(predrafted.tokens) if predrafted is not None else 0,
+            ahead_model_s=predrafted.model_ms / 1e3 if predrafted is not None else 0.0,
         )
         return outcome, drafted, record
 

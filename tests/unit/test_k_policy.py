@@ -3,6 +3,7 @@ running it against the fake backends of test_loop (no MLX, no servers)."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -195,6 +196,30 @@ def test_a_block_drafted_ahead_does_not_count_as_a_free_propose() -> None:
     assert model.draft_per_token == pytest.approx(0.001, rel=0.01)
 
 
+def test_a_draft_whose_every_block_was_drafted_ahead_still_has_its_model_time_measured() -> None:
+    """A draft that nearly always agrees has every block drafted ahead: the ahead Proposes' model
+    time teaches the draft's per-token cost (not FIXED_COSTS' share, not 0); their wall time, which
+    overlaps the Verify, never teaches propose_call."""
+    ahead = StepRecord(requested=4, accepted=4, drafted=4, caught_up=0, verify_s=0.01, drafted_ahead=True,
+                       ahead_drafted=5, ahead_model_s=0.0035)
+    costs = MeasuredCosts()
+    for _ in range(20):
+        costs.observe(ahead)
+    # A failover inside a step: its ahead call's time means nothing.
+    costs.observe(StepRecord(requested=4, accepted=4, drafted=4, timed=False, verify_s=0.5, drafted_ahead=True,
+                             ahead_drafted=5, ahead_model_s=0.5))
+    model = costs.model()
+    assert model is not None
+    assert model.draft_per_token == pytest.approx(0.0007, rel=0.01)
+    assert costs.propose_call.weight == 0  # not measured: FIXED_COSTS' share stands in
+    assert model.propose_call == pytest.approx(FIXED_COSTS.propose_call * model.step_time(0))
+    # A step with its own Propose and an ahead one: propose_call from its own call only.
+    model = _costs_after((10, StepRecord(requested=3, accepted=3, drafted=3, propose_s=0.0045, propose_model_s=0.003,
+                                         caught_up=1, verify_s=0.01, ahead_drafted=4, ahead_model_s=0.004)))
+    assert model.propose_call == pytest.approx(0.0015, rel=0.01)
+    assert model.draft_per_token == pytest.approx(0.001, rel=0.01)
+
+
 def test_estimates_that_reached_zero_still_follow_the_samples() -> None:
     """The clip (4x the current value) must not pin an estimate that read 0 at 0."""
     model = _costs_after(
@@ -217,6 +242,36 @@ def test_one_stall_moves_the_costs_by_a_bounded_step() -> None:
                              caught_up=1, verify_s=0.01))
     model = costs.model()
     assert model is not None and model.propose_call < 0.0015  # clipped to 4x, then averaged in
+
+
+# -- a block drafted ahead --------------------------------------------------------------------------------
+
+
+def _policy_after(timed: bool) -> KPolicy:
+    """A policy that learned a pair at acceptance 0.8 whose Proposes cost enough to keep k near 4."""
+    policy = KPolicy(timed)
+    run(policy, SimulatedPair([0.8] * 16, CostModel(0.010, 0.0002, 0.003, 0.002), seed=0), 200, cap=8)
+    return policy
+
+
+def test_a_timed_policy_uses_a_block_drafted_ahead_in_full() -> None:
+    """Its tokens cost no Propose in this step: cutting them short would waste them."""
+    policy = _policy_after(timed=True)
+    usual = copy.deepcopy(policy).choose(8)
+    assert 0 < usual < 6
+    for ready in range(1, 7):
+        chosen = copy.deepcopy(policy)
+        assert chosen.choose(8, ready=ready) == ready
+        assert chosen.idle == 0 and not chosen.probing  # a drafting step, as probing counts them
+    assert copy.deepcopy(policy).choose(3, ready=6) == 3  # never past the cap
+
+
+def test_an_untimed_policy_ignores_a_block_drafted_ahead() -> None:
+    """Its k decides which positions are drafts, so it must not depend on pipelining."""
+    policy = _policy_after(timed=False)
+    usual = copy.deepcopy(policy).choose(8)
+    assert 0 < usual < 8  # (a block ready up to the cap would change a timed policy's choice)
+    assert [copy.deepcopy(policy).choose(8, ready=ready) for ready in range(10)] == [usual] * 10
 
 
 # -- exactness: the untimed policy -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from orchestrator.backends import ReplicaError
+from orchestrator.k_policy import COST_DECAY
 from orchestrator.speculative import GenerationParams, SpeculativeGeneration
 from specdec_core.errors import PrefixMismatch, ResourceExhausted, SessionNotFound, Unavailable
 from specdec_core.steps import Proposal, SamplingParams, StepRequest, Verdict
@@ -147,10 +148,10 @@ PROMPT = [5, 9, 4]
 
 
 def generate(replicas: list[FakeReplica], max_tokens: int = 40, k: int = 3, auto: bool = False,
-             speculative: bool = True) -> tuple[list[int], SpeculativeGeneration, FakeSource]:
+             speculative: bool = True, pipeline: bool = True) -> tuple[list[int], SpeculativeGeneration, FakeSource]:
     source = FakeSource(replicas)
     params = GenerationParams(max_tokens=max_tokens, num_draft=k, num_draft_auto=auto,
-                              sampling=SamplingParams(), seed=1, speculative=speculative)
+                              sampling=SamplingParams(), seed=1, speculative=speculative, pipeline=pipeline)
     generation = SpeculativeGeneration(source, PROMPT, params, START, EOS)
 
     async def run() -> list[int]:
@@ -251,6 +252,33 @@ def test_pipelined_start_drafts_the_first_block_while_the_target_opens(pipeline:
     assert_clean([draft, target], source)
 
 
+class DraftReportingModelTime(FakeReplica):
+    """A draft whose worker reports 0.7 ms of model time per drafted token."""
+
+    async def step(self, request: StepRequest) -> Proposal | Verdict:
+        result = await super().step(request)
+        result.model_ms = 0.7 * len(result.tokens)
+        return result
+
+
+def test_the_model_time_of_blocks_drafted_ahead_reaches_the_k_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A draft that always agrees has (nearly) every block drafted ahead, the first one during
+    the target's open included: those Proposes are what measures its cost per token. (A fixed
+    k, which feeds the policy as well: auto k on the fakes' microseconds would stop drafting.)"""
+    monkeypatch.setitem(globals(), "draft_next", target_next)  # (the fake draft looks it up here)
+    replicas = [DraftReportingModelTime("draft", "d0"), FakeReplica("target", "t0")]
+    tokens, generation, source = generate(replicas, max_tokens=25, k=3)
+    assert tokens == expected(25)
+    assert generation.stats.predraft_hits >= generation.stats.steps // 2
+    policy = generation.k_policy
+    assert policy is not None
+    assert policy.costs.draft_token.value == pytest.approx(0.0007)
+    # One sample per Propose, drafted ahead or not (a decayed count).
+    proposes = len(replicas[0].requests)
+    assert policy.costs.draft_token.weight == pytest.approx(sum(COST_DECAY**i for i in range(proposes)))
+    assert_clean(replicas, source)
+
+
 def test_k_is_capped_at_the_replicas_max_draft() -> None:
     replicas = pair()
     replicas[0].max_draft = replicas[1].max_draft = 2
@@ -258,6 +286,20 @@ def test_k_is_capped_at_the_replicas_max_draft() -> None:
     tokens, generation, _ = generate(replicas, k=8, auto=True)  # the fake raises above the cap
     assert tokens == expected()
     assert max(r.num_draft for r in replicas[0].requests) == 2
+
+
+def test_blocks_at_the_draft_replicas_max_draft_are_the_same_pipelined_or_not() -> None:
+    """k = the draft replica's --max-draft: a block drafted ahead (the guess plus k drafts) would
+    not fit one Propose, and a shorter one would change which positions the Verify scores (a
+    seeded sampled request's tokens with them). Either way every Verify scores the same blocks."""
+    blocks = {}
+    for pipeline in (True, False):
+        replicas = pair()
+        replicas[0].max_draft = replicas[1].max_draft = 3
+        tokens, _, _ = generate(replicas, k=3, pipeline=pipeline)
+        assert tokens == expected()
+        blocks[pipeline] = [r.num_draft for r in replicas[2].requests]
+    assert blocks[True] == blocks[False]
 
 
 # -- faults at every point of a step ------------------------------------------------------------------
