@@ -7,6 +7,8 @@ The same loop runs in one process on ``specdec_tools.inprocess`` backends (the b
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -22,6 +24,8 @@ from specdec_grpc.convert import (
     verify_request_to_pb,
 )
 from specdec_pb import specdec_pb2 as pb
+
+logger = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
@@ -69,16 +73,39 @@ _STEP_RPC: dict[str, tuple[str, Callable[[StepRequest], Any], Callable[[Any], Pr
 }
 
 
-class GrpcBackend:
-    """A draft or target replica over one stub (a DraftStub or TargetStub)."""
+# A reused step stream that fails with these most likely ended between steps (the connection
+# dropped, or the replica cancelled its calls on shutdown): the step is asked again on a new one.
+_ENDED_BETWEEN_STEPS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
-    def __init__(self, role: str, address: str, stub: Any, metadata: Sequence[tuple[str, str]] = ()):
+
+def _loop_time(monotonic: float) -> float:
+    """A ``time.monotonic()`` instant on the running event loop's clock."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (monotonic - time.monotonic())
+
+
+class GrpcBackend:
+    """A draft or target replica over one stub (a DraftStub or TargetStub).
+
+    Steps go over one long-lived stream per session (``ProposeStream``/``VerifyStream``): a
+    step is then one message each way on an open HTTP/2 stream, not a new call, which saves
+    ~0.3-0.6 ms per step on loopback (docs/architecture.md, "The step path"). The stream is
+    opened by the session's first step and ended by its close; any error, timeout or
+    cancellation mid-step discards it (its next answer could belong to the wrong step), and
+    the next step opens a new one. ``streams=False``, or a replica that does not know the
+    stream RPCs (UNIMPLEMENTED: an older worker), gets one unary call per step instead.
+    """
+
+    def __init__(self, role: str, address: str, stub: Any, metadata: Sequence[tuple[str, str]] = (),
+                 streams: bool = True):
         self.role = role
         self.address = address
         self.stub = stub
         self.metadata = tuple(metadata)
         self.max_draft = 0  # the replica's --max-draft once its Info is known (0: unknown)
+        self.streams = streams
         self._rpc_name, self._to_pb, self._from_pb = _STEP_RPC[role]
+        self._open_streams: dict[str, Any] = {}  # session id -> its step stream (a grpc.aio call)
 
     async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str:
         request = pb.OpenSessionRequest(prompt_ids=prompt_ids, client_tag=request_id)
@@ -87,12 +114,66 @@ class GrpcBackend:
     async def step(self, request: StepRequest) -> Proposal | Verdict:
         message = self._to_pb(request)
         timeout = None if request.deadline is None else max(0.0, request.deadline - time.monotonic())
-        response = await self._call(getattr(self.stub, self._rpc_name), message, timeout)
+        if self.streams:
+            response = await self._stream_step(request.session_id, message, timeout)
+        else:
+            response = await self._call(getattr(self.stub, self._rpc_name), message, timeout)
         result = self._from_pb(response)
         result.wire_bytes = message.ByteSize() + response.ByteSize()
         return result
 
+    async def _stream_step(self, session_id: str, message: Any, timeout: float | None) -> Any:
+        """One step on the session's stream (opened here if it has none)."""
+        call = self._open_streams.pop(session_id, None)
+        # A stream kept from an earlier step may have ended since (its replica restarted or shut
+        # down between steps): asked once more on a new stream, the step gets the replica's real
+        # answer (NOT_FOUND after a restart: the loop reopens the session there), as a unary call would.
+        reused = call is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if call is None:
+                call = getattr(self.stub, self._rpc_name + "Stream")(metadata=self.metadata)
+            try:
+                async with asyncio.timeout_at(None if deadline is None else _loop_time(deadline)):
+                    try:
+                        await call.write(message)
+                    except asyncio.InvalidStateError:  # the call had ended; its read gives the status
+                        pass
+                    response = await call.read()
+            except TimeoutError:
+                call.cancel()
+                raise ReplicaError(self.address, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                   f"no answer to {self._rpc_name} within {timeout:.3f}s") from None
+            except grpc.aio.AioRpcError as error:
+                if reused and error.code() in _ENDED_BETWEEN_STEPS:
+                    reused, call = False, None
+                    continue
+                if error.code() == grpc.StatusCode.UNIMPLEMENTED:  # an older worker: unary from now on
+                    logger.info("%s %s has no %sStream; one call per step from now on", self.role,
+                                self.address, self._rpc_name)
+                    self.streams = False
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    return await self._call(getattr(self.stub, self._rpc_name), message, left)
+                raise translate(error, self.address, self.role) from error
+            except BaseException:
+                call.cancel()  # cancelled mid-step: its answer must not be read as the next step's
+                raise
+            if response is grpc.aio.EOF:  # ended without answering (our workers answer or fail)
+                if reused:
+                    reused, call = False, None
+                    continue
+                raise ReplicaError(self.address, grpc.StatusCode.UNAVAILABLE,
+                                   f"the {self._rpc_name} stream ended without an answer")
+            self._open_streams[session_id] = call  # popped above: a step never shares it
+            return response
+
     async def close(self, session_id: str) -> None:
+        call = self._open_streams.pop(session_id, None)
+        if call is not None:  # no answer is pending on it: end it as a finished call
+            try:
+                await call.done_writing()
+            except Exception:  # noqa: BLE001 - it failed already; the session close below is what matters
+                call.cancel()
         await self.stub.CloseSession(
             pb.CloseSessionRequest(session_id=session_id), timeout=2.0, metadata=self.metadata
         )

@@ -102,6 +102,7 @@ class ReplicaPool:
         channel_factory: ChannelFactory,
         metadata: Sequence[tuple[str, str]] = (),
         health_interval_s: float = 1.0,
+        step_streams: bool = True,
     ):
         if not targets:
             raise StartupError("at least one --target address is needed")
@@ -113,7 +114,7 @@ class ReplicaPool:
                 channel = channel_factory(address)
                 stub = pb_grpc.DraftStub(channel) if role == "draft" else pb_grpc.TargetStub(channel)
                 self.replicas.append(
-                    Replica(address, role, channel, GrpcBackend(role, address, stub, self.metadata),
+                    Replica(address, role, channel, GrpcBackend(role, address, stub, self.metadata, step_streams),
                             health_pb2_grpc.HealthStub(channel))
                 )
         self._by_backend = {id(r.backend): r for r in self.replicas}

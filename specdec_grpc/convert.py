@@ -6,6 +6,8 @@ orchestrator's gRPC backends (request out, result in). No MLX is imported here.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,9 +85,17 @@ def step_from_pb(
     message: pb.ProposeRequest | pb.VerifyRequest, deadline: float | None, limits: WireLimits | None = None
 ) -> StepRequest:
     """A Propose or Verify request as the domain's StepRequest (q converted for Verify).
-    With ``limits``, oversized repeated fields are refused before they are converted."""
+    With ``limits``, oversized repeated fields are refused before they are converted.
+    ``deadline`` is the call's; the message's own ``timeout_ms`` (a step on a stream) may
+    make it earlier."""
     if limits is not None:
         limits.check_step(message)
+    timeout_ms = message.timeout_ms
+    if not (math.isfinite(timeout_ms) and timeout_ms >= 0):
+        raise InvalidArgument(f"timeout_ms must be >= 0 (0: none), got {timeout_ms}")
+    if timeout_ms > 0:
+        step_deadline = time.monotonic() + timeout_ms / 1e3
+        deadline = step_deadline if deadline is None else min(deadline, step_deadline)
     distributions = getattr(message, "draft_distributions", ())
     return StepRequest(
         session_id=message.session_id,
@@ -128,7 +138,15 @@ def _step_fields(step: StepRequest) -> dict:
         num_draft=step.num_draft,
         sampling=sampling_to_pb(step.sampling),
         seed=step.seed,
+        timeout_ms=step_timeout_ms(step),
     )
+
+
+def step_timeout_ms(step: StepRequest) -> float:
+    """What is left of the step's deadline, as the message's timeout_ms (0: no deadline)."""
+    if step.deadline is None:
+        return 0.0
+    return max(1e-3, (step.deadline - time.monotonic()) * 1e3)  # 0 would mean "none"
 
 
 def propose_request_to_pb(step: StepRequest) -> pb.ProposeRequest:

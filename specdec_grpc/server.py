@@ -117,6 +117,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
         self._deny_stream = grpc.unary_stream_rpc_method_handler(deny_stream)
 
+        async def deny_bidi(requests: object, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+            await deny(requests, context)
+            yield  # pragma: no cover - abort raised first
+
+        self._deny_bidi = grpc.stream_stream_rpc_method_handler(deny_bidi)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -130,6 +136,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if hmac.compare_digest(given_bytes, self._expected):
             return await continuation(details)
         handler = await continuation(details)
+        if handler is not None and handler.request_streaming:
+            return self._deny_bidi
         if handler is not None and handler.response_streaming:
             return self._deny_stream
         return self._deny_unary
@@ -145,7 +153,8 @@ class _Malformed:
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     """Answers a request body that is not a valid protobuf message (corrupt wire format, bad
     UTF-8 in a string) with INVALID_ARGUMENT; grpc's own answer is UNKNOWN. Wraps the
-    deserializer of every unary-request method once (handlers are cached per method)."""
+    deserializer of every method once (handlers are cached per method); on a stream of
+    requests, the first malformed one ends the call."""
 
     def __init__(self) -> None:
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -165,7 +174,7 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _tolerant(handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMethodHandler | None:
-    if handler is None or handler.request_streaming or handler.request_deserializer is None:
+    if handler is None or handler.request_deserializer is None:
         return handler
     parse = handler.request_deserializer
 
@@ -178,6 +187,23 @@ def _tolerant(handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMet
     async def refuse(request: _Malformed, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                             f"the request is not a valid {method} message: {request.error}")
+
+    if handler.request_streaming:
+        if not handler.response_streaming or not inspect.isasyncgenfunction(handler.stream_stream):
+            return handler  # none of ours: left to grpc
+        bidi = handler.stream_stream
+
+        async def stream_stream(requests, context):  # type: ignore[no-untyped-def]
+            async def checked():  # type: ignore[no-untyped-def]
+                async for request in requests:
+                    if isinstance(request, _Malformed):
+                        await refuse(request, context)
+                    yield request
+
+            async for item in bidi(checked(), context):
+                yield item
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, handler.response_serializer)
 
     if not handler.response_streaming:
         inner = handler.unary_unary

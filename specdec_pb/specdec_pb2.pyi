@@ -153,7 +153,7 @@ class Metrics(_message.Message):
     def __init__(self, sessions_opened: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., forward_passes: _Optional[int] = ..., steps: _Optional[int] = ..., response_bytes: _Optional[int] = ..., request_bytes: _Optional[int] = ..., batches: _Optional[int] = ..., batched_steps: _Optional[int] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
-    __slots__ = ("session_id", "expected_length", "rollback_to", "append_tokens", "num_draft", "sampling", "seed")
+    __slots__ = ("session_id", "expected_length", "rollback_to", "append_tokens", "num_draft", "sampling", "seed", "timeout_ms")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_LENGTH_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_TO_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,7 @@ class ProposeRequest(_message.Message):
     NUM_DRAFT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     expected_length: int
     rollback_to: int
@@ -168,7 +169,8 @@ class ProposeRequest(_message.Message):
     num_draft: int
     sampling: SamplingParams
     seed: int
-    def __init__(self, session_id: _Optional[str] = ..., expected_length: _Optional[int] = ..., rollback_to: _Optional[int] = ..., append_tokens: _Optional[_Iterable[int]] = ..., num_draft: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    timeout_ms: float
+    def __init__(self, session_id: _Optional[str] = ..., expected_length: _Optional[int] = ..., rollback_to: _Optional[int] = ..., append_tokens: _Optional[_Iterable[int]] = ..., num_draft: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., timeout_ms: _Optional[float] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
     __slots__ = ("tokens", "token_probs", "distributions", "length", "model_ms")
@@ -185,7 +187,7 @@ class ProposeResponse(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[int]] = ..., token_probs: _Optional[_Iterable[float]] = ..., distributions: _Optional[_Iterable[_Union[Distribution, _Mapping]]] = ..., length: _Optional[int] = ..., model_ms: _Optional[float] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("session_id", "expected_length", "rollback_to", "append_tokens", "num_draft", "sampling", "seed", "draft_distributions")
+    __slots__ = ("session_id", "expected_length", "rollback_to", "append_tokens", "num_draft", "sampling", "seed", "draft_distributions", "timeout_ms")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_LENGTH_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_TO_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +196,7 @@ class VerifyRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     DRAFT_DISTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     expected_length: int
     rollback_to: int
@@ -202,7 +205,8 @@ class VerifyRequest(_message.Message):
     sampling: SamplingParams
     seed: int
     draft_distributions: _containers.RepeatedCompositeFieldContainer[Distribution]
-    def __init__(self, session_id: _Optional[str] = ..., expected_length: _Optional[int] = ..., rollback_to: _Optional[int] = ..., append_tokens: _Optional[_Iterable[int]] = ..., num_draft: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., draft_distributions: _Optional[_Iterable[_Union[Distribution, _Mapping]]] = ...) -> None: ...
+    timeout_ms: float
+    def __init__(self, session_id: _Optional[str] = ..., expected_length: _Optional[int] = ..., rollback_to: _Optional[int] = ..., append_tokens: _Optional[_Iterable[int]] = ..., num_draft: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., draft_distributions: _Optional[_Iterable[_Union[Distribution, _Mapping]]] = ..., timeout_ms: _Optional[float] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("argmax", "draft_probs", "resampled", "length", "model_ms")

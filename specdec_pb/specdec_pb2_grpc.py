@@ -49,6 +49,11 @@ class DraftStub:
                 request_serializer=specdec_dot_v1_dot_specdec__pb2.ProposeRequest.SerializeToString,
                 response_deserializer=specdec_dot_v1_dot_specdec__pb2.ProposeResponse.FromString,
                 _registered_method=True)
+        self.ProposeStream = channel.stream_stream(
+                '/specdec.v1.Draft/ProposeStream',
+                request_serializer=specdec_dot_v1_dot_specdec__pb2.ProposeRequest.SerializeToString,
+                response_deserializer=specdec_dot_v1_dot_specdec__pb2.ProposeResponse.FromString,
+                _registered_method=True)
         self.Rollback = channel.unary_unary(
                 '/specdec.v1.Draft/Rollback',
                 request_serializer=specdec_dot_v1_dot_specdec__pb2.RollbackRequest.SerializeToString,
@@ -88,6 +93,15 @@ class DraftServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProposeStream(self, request_iterator, context):
+        """Propose, over one long-lived call per session: each request is answered, in order, by one
+        response, so a step costs one message each way instead of a new call. An error ends the
+        stream with the status Propose would have returned; the caller opens a new one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Rollback(self, request, context):
         """Roll a session back to a shorter length (the hot path uses Propose.rollback_to instead).
         """
@@ -119,6 +133,11 @@ def add_DraftServicer_to_server(servicer, server):
             ),
             'Propose': grpc.unary_unary_rpc_method_handler(
                     servicer.Propose,
+                    request_deserializer=specdec_dot_v1_dot_specdec__pb2.ProposeRequest.FromString,
+                    response_serializer=specdec_dot_v1_dot_specdec__pb2.ProposeResponse.SerializeToString,
+            ),
+            'ProposeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ProposeStream,
                     request_deserializer=specdec_dot_v1_dot_specdec__pb2.ProposeRequest.FromString,
                     response_serializer=specdec_dot_v1_dot_specdec__pb2.ProposeResponse.SerializeToString,
             ),
@@ -195,6 +214,33 @@ class Draft:
             request,
             target,
             '/specdec.v1.Draft/Propose',
+            specdec_dot_v1_dot_specdec__pb2.ProposeRequest.SerializeToString,
+            specdec_dot_v1_dot_specdec__pb2.ProposeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProposeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/specdec.v1.Draft/ProposeStream',
             specdec_dot_v1_dot_specdec__pb2.ProposeRequest.SerializeToString,
             specdec_dot_v1_dot_specdec__pb2.ProposeResponse.FromString,
             options,
@@ -313,6 +359,11 @@ class TargetStub:
                 request_serializer=specdec_dot_v1_dot_specdec__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=specdec_dot_v1_dot_specdec__pb2.VerifyResponse.FromString,
                 _registered_method=True)
+        self.VerifyStream = channel.stream_stream(
+                '/specdec.v1.Target/VerifyStream',
+                request_serializer=specdec_dot_v1_dot_specdec__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=specdec_dot_v1_dot_specdec__pb2.VerifyResponse.FromString,
+                _registered_method=True)
         self.Rollback = channel.unary_unary(
                 '/specdec.v1.Target/Rollback',
                 request_serializer=specdec_dot_v1_dot_specdec__pb2.RollbackRequest.SerializeToString,
@@ -352,6 +403,13 @@ class TargetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyStream(self, request_iterator, context):
+        """Verify, over one long-lived call per session (as ProposeStream).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Rollback(self, request, context):
         """Roll a session back to a shorter length (the hot path uses Verify.rollback_to instead).
         """
@@ -383,6 +441,11 @@ def add_TargetServicer_to_server(servicer, server):
             ),
             'Verify': grpc.unary_unary_rpc_method_handler(
                     servicer.Verify,
+                    request_deserializer=specdec_dot_v1_dot_specdec__pb2.VerifyRequest.FromString,
+                    response_serializer=specdec_dot_v1_dot_specdec__pb2.VerifyResponse.SerializeToString,
+            ),
+            'VerifyStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.VerifyStream,
                     request_deserializer=specdec_dot_v1_dot_specdec__pb2.VerifyRequest.FromString,
                     response_serializer=specdec_dot_v1_dot_specdec__pb2.VerifyResponse.SerializeToString,
             ),
@@ -459,6 +522,33 @@ class Target:
             request,
             target,
             '/specdec.v1.Target/Verify',
+            specdec_dot_v1_dot_specdec__pb2.VerifyRequest.SerializeToString,
+            specdec_dot_v1_dot_specdec__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/specdec.v1.Target/VerifyStream',
             specdec_dot_v1_dot_specdec__pb2.VerifyRequest.SerializeToString,
             specdec_dot_v1_dot_specdec__pb2.VerifyResponse.FromString,
             options,

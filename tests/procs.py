@@ -144,6 +144,9 @@ class _PacedStub:
 
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         method = getattr(self._stub, name)
+        if name.removesuffix("Stream") in Pacer.PACED and name.endswith("Stream"):
+            return lambda metadata=(): _PacedStream(method(metadata=metadata), self._address,
+                                                    name.removesuffix("Stream"), self._pacer)
         if name not in Pacer.PACED:
             return method
         pacer = self._pacer
@@ -156,6 +159,32 @@ class _PacedStub:
             return response
 
         return call
+
+
+class _PacedStream:
+    """A step stream (ProposeStream/VerifyStream call) whose steps are recorded and paced like
+    unary calls: each write is a call, carrying its step's timeout_ms as the timeout."""
+
+    def __init__(self, call, address: str, method: str, pacer: Pacer):  # type: ignore[no-untyped-def]
+        self._call, self._address, self._method, self._pacer = call, address, method, pacer
+
+    async def write(self, message) -> None:  # type: ignore[no-untyped-def]
+        timeout = message.timeout_ms / 1e3 if message.timeout_ms else None
+        sent = PacedCall(self._address, self._method, timeout, time.monotonic())
+        await self._call.write(message)  # a stream that had ended sends nothing: no call
+        self._pacer.calls.append(sent)
+
+    async def read(self):  # type: ignore[no-untyped-def]
+        response = await self._call.read()
+        if self._pacer.delay_s:
+            await asyncio.sleep(self._pacer.delay_s)
+        return response
+
+    async def done_writing(self) -> None:
+        await self._call.done_writing()
+
+    def cancel(self) -> bool:
+        return self._call.cancel()
 
 
 # -- the reference: the target alone, by transformers -------------------------------------------------

@@ -14,8 +14,8 @@ from specdec_tools.bench.analysis import expected_tokens, fit_alpha, speedup_bou
 pytest.importorskip("matplotlib")
 pytest.importorskip("torch")
 
-SYSTEMS = {"services-target", "services-spec", "services-serial", "inproc-target", "inproc-spec", "hf-target",
-           "hf-assisted"}
+SYSTEMS = {"services-target", "services-spec", "services-serial", "services-unary", "inproc-target", "inproc-spec",
+           "hf-target", "hf-assisted"}
 
 
 def simulated_tokens_per_pass(alpha: float, k: int, passes: int, rng: np.random.Generator) -> np.ndarray:
@@ -78,13 +78,13 @@ def test_quick_bench_writes_json_markdown_and_plot(tmp_path: Path) -> None:
                         "wire_bytes_per_step", "bound"):
                 assert cell[key] is not None, key
             assert 0.0 <= cell["alpha"] <= 1.0 and cell["wire_bytes_per_step"] > 0
-            assert cell["vs_serial"] > 0 and sum(cell["steps_per_k"]) == cell["steps"]
+            assert cell["vs_serial"] > 0 and cell["vs_unary"] > 0 and sum(cell["steps_per_k"]) == cell["steps"]
     for derived in workload["results"]["per_temperature"].values():
         assert derived["cost_ratio_c"] > 0
     # Greedy speculative output is the target's own, through the services and in process.
     exact = workload["results"]["exact_greedy"]
     assert exact["T=0 services-spec k=2"] == 1.0 and exact["T=0 inproc-spec k=2"] == 1.0
-    assert exact["T=0 services-serial k=2"] == 1.0
+    assert exact["T=0 services-serial k=2"] == 1.0 and exact["T=0 services-unary k=2"] == 1.0
     markdown = (out / "bench.md").read_text()
     assert "Machine:" in markdown and "| k |" in markdown and "skipped" in markdown
 

@@ -95,7 +95,7 @@ def orchestrator(channels: dict[str, grpc.Channel]) -> pb_grpc.OrchestratorStub:
     return pb_grpc.OrchestratorStub(channels["orchestrator"])
 
 
-def send(name: str, fn: Callable[..., object], request: object) -> object | None:
+def send(name: str, fn: Callable[..., object], request: object, allowed: set = ALLOWED) -> object | None:  # type: ignore[type-arg]
     """Send one fuzzed request; only designed codes may come back. Returns the response or None."""
     FUZZED[name] += 1
     try:
@@ -106,8 +106,23 @@ def send(name: str, fn: Callable[..., object], request: object) -> object | None
         return response
     except grpc.RpcError as error:
         OUTCOMES[name, error.code().name] += 1
-        assert error.code() in ALLOWED, f"{name} -> {error.code().name}: {error.details()}\nrequest: {request!r}"
+        assert error.code() in allowed, f"{name} -> {error.code().name}: {error.details()}\nrequest: {request!r}"
         return None
+
+
+def send_step(name: str, unary: Callable[..., object], stream: Callable[..., object], request: object,
+              over_stream: bool) -> object | None:
+    """A fuzzed step by its unary call, or as the one message of a step stream: the same codes
+    may come back, and a stream answers with exactly one message or an error. A step whose own
+    timeout_ms is under a second may also have run out of it (DEADLINE_EXCEEDED)."""
+    allowed = ALLOWED | {grpc.StatusCode.DEADLINE_EXCEEDED} if 0 < request.timeout_ms < 1000 else ALLOWED  # type: ignore[attr-defined]
+    if not over_stream:
+        return send(name, unary, request, allowed)
+    responses = send(name + "Stream", lambda r, timeout: stream(iter([r]), timeout=timeout), request, allowed)
+    if responses is None:
+        return None
+    assert len(responses) == 1, f"{name}Stream answered one step with {len(responses)} messages"
+    return responses[0]
 
 
 # -- strategies ---------------------------------------------------------------------------------------
@@ -181,7 +196,7 @@ class Fields:
 def step_case(draw, role: str) -> dict:  # type: ignore[no-untyped-def]
     """A Propose (draft) or Verify (target) on a live, closed or made-up session."""
     f = Fields(draw, ["session", "expected_length", "rollback_to", "append", "num_draft", "sampling",
-                      "distributions"])
+                      "distributions", "timeout_ms"])
     case = {
         "session": f("session", st.just("live"), st.sampled_from(["closed", "random"])),
         "made_up": draw(random_id),
@@ -191,6 +206,8 @@ def step_case(draw, role: str) -> dict:  # type: ignore[no-untyped-def]
         "append": f("append", st.lists(good_token, max_size=6), wild_tokens),
         "sampling": f("sampling", good_sampling, wild_sampling),
         "seed": draw(uint64),
+        "timeout_ms": f("timeout_ms", st.sampled_from([0.0, 30_000.0]), float32),
+        "stream": draw(st.booleans()),  # over ProposeStream/VerifyStream instead of the unary call
     }
     if role == "draft":
         case["num_draft"] = f("num_draft", st.integers(1, 8), some_int)
@@ -291,9 +308,9 @@ def fuzz_propose(draft, case: dict) -> None:  # type: ignore[no-untyped-def]
     request = pb.ProposeRequest(
         session_id=session_id, expected_length=expected_length(case, length),
         rollback_to=case["rollback_to"], append_tokens=case["append"], num_draft=case["num_draft"],
-        sampling=case["sampling"], seed=case["seed"],
+        sampling=case["sampling"], seed=case["seed"], timeout_ms=case["timeout_ms"],
     )
-    response = send("draft.Propose", draft.Propose, request)
+    response = send_step("draft.Propose", draft.Propose, draft.ProposeStream, request, case["stream"])
     if response is not None:
         assert 1 <= len(response.tokens) <= request.num_draft
         assert all(0 <= t < VOCAB for t in response.tokens)
@@ -317,8 +334,9 @@ def fuzz_verify(target, case: dict) -> None:  # type: ignore[no-untyped-def]
         session_id=session_id, expected_length=expected_length(case, length),
         rollback_to=case["rollback_to"], append_tokens=case["append"], num_draft=case["num_draft"],
         sampling=case["sampling"], seed=case["seed"], draft_distributions=case["distributions"],
+        timeout_ms=case["timeout_ms"],
     )
-    response = send("target.Verify", target.Verify, request)
+    response = send_step("target.Verify", target.Verify, target.VerifyStream, request, case["stream"])
     if response is not None:
         k = request.num_draft
         assert len(response.argmax) == k + 1
@@ -404,16 +422,22 @@ def test_fuzz_generate(rpc: str, orchestrator) -> None:  # type: ignore[no-untyp
 
 # -- random bytes as the request body of every rpc ----------------------------------------------------
 
-RPCS = [("draft", "Draft", m) for m in ("OpenSession", "Propose", "Rollback", "CloseSession", "Info")]
-RPCS += [("target", "Target", m) for m in ("OpenSession", "Verify", "Rollback", "CloseSession", "Info")]
+RPCS = [("draft", "Draft", m) for m in ("OpenSession", "Propose", "ProposeStream", "Rollback", "CloseSession",
+                                         "Info")]
+RPCS += [("target", "Target", m) for m in ("OpenSession", "Verify", "VerifyStream", "Rollback", "CloseSession",
+                                           "Info")]
 RPCS += [("orchestrator", "Orchestrator", m) for m in ("Generate", "GenerateStream", "Status")]
 
 
 def fuzz_raw_bytes(channels, stubs, name: str, service: str, method: str, body: bytes) -> None:  # type: ignore[no-untyped-def]
     channel = channels[name]
-    call = (channel.unary_stream if method == "GenerateStream" else channel.unary_unary)(
-        f"/specdec.v1.{service}/{method}")
-    response = send(f"{name}.{method}", call, body)
+    path = f"/specdec.v1.{service}/{method}"
+    if method.endswith("Stream") and method != "GenerateStream":  # a step stream: the body, then the body again
+        bidi = channel.stream_stream(path)
+        response = send(f"{name}.{method}", lambda b, timeout: bidi(iter([b, b]), timeout=timeout), body)
+    else:
+        call = (channel.unary_stream if method == "GenerateStream" else channel.unary_unary)(path)
+        response = send(f"{name}.{method}", call, body)
     if response is not None and method == "OpenSession":
         session_id = pb.OpenSessionResponse.FromString(response).session_id
         stubs[name].CloseSession(pb.CloseSessionRequest(session_id=session_id), timeout=30)

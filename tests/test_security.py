@@ -312,6 +312,8 @@ def test_workers_accept_only_the_orchestrator_with_their_token(servers, tmp_path
     with grpc.insecure_channel(draft.address) as channel:
         stub = pb_grpc.DraftStub(channel)
         rejected(lambda: stub.OpenSession(pb.OpenSessionRequest(prompt_ids=[5, 1]), timeout=5), CODE.UNAUTHENTICATED)
+        step = pb.ProposeRequest(session_id="x", expected_length=1, num_draft=1)
+        rejected(lambda: list(stub.ProposeStream(iter([step]), timeout=5)), CODE.UNAUTHENTICATED)
     for flags in ([], ["--worker-token", "wrong"]):
         with pytest.raises(StartupError, match="UNAUTHENTICATED"):
             orchestrator(draft, target, flags)

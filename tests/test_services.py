@@ -786,8 +786,8 @@ def test_reflection_lists_and_resolves_every_rpc(draft: Worker, target: Worker, 
     worker = draft if role == "draft" else target
     name = f"specdec.v1.{role.capitalize()}"
     expected = {
-        "draft": {"OpenSession", "Propose", "Rollback", "CloseSession", "Info"},
-        "target": {"OpenSession", "Verify", "Rollback", "CloseSession", "Info"},
+        "draft": {"OpenSession", "Propose", "ProposeStream", "Rollback", "CloseSession", "Info"},
+        "target": {"OpenSession", "Verify", "VerifyStream", "Rollback", "CloseSession", "Info"},
     }[role]
     with grpc.insecure_channel(worker.address) as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
