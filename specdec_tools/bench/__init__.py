@@ -6,7 +6,9 @@ Systems (all greedy at temperature 0, all sampling at temperature 1 with no top-
 - ``services-target`` (a): the target alone through the services (``speculative=false``).
 - ``services-spec`` (b): speculative decoding through the services, pipelined drafting on.
 - ``services-serial`` (b'): the same with ``pipeline=false`` (drafting only after each verdict).
-  Both use three real processes, started here as subprocesses (``python -m
+- ``services-unary`` (b''): (b) through a second orchestrator started with ``--unary-steps``: a
+  unary Propose/Verify call per step instead of one step stream per session.
+  All use three real processes (plus that second orchestrator), started here as subprocesses (``python -m
   draft_service.server``, ``target_service.server``, ``orchestrator.server`` on loopback
   ports), called with ``SpecdecClient``; (a) and (b) share them.
 - ``inproc-target`` and ``inproc-spec`` (c): the orchestrator's own ``Orchestrator.generate``

@@ -9,12 +9,14 @@ SYSTEMS = {
     "services-target": "(a) target alone, services",
     "services-spec": "(b) speculative, services (pipelined drafting)",
     "services-serial": "(b') speculative, services, drafting only after each verdict",
+    "services-unary": "(b'') speculative, services, a unary call per step instead of a stream per session",
     "inproc-target": "target alone, in-process",
     "inproc-spec": "(c) speculative, in-process",
     "hf-target": "(e) transformers target alone",
     "hf-assisted": "(d) transformers assisted",
 }
-BASELINE_OF = {"services-spec": "services-target", "services-serial": "services-target", "inproc-spec": "inproc-target", "hf-assisted": "hf-target"}
+BASELINE_OF = {"services-spec": "services-target", "services-serial": "services-target",
+               "services-unary": "services-target", "inproc-spec": "inproc-target", "hf-assisted": "hf-target"}
 
 
 @dataclass

@@ -81,14 +81,16 @@ def markdown(report: dict[str, Any]) -> str:
                 "| (b) speedup vs (a) "
                 "| (c) speedup vs in-proc target | (d) speedup vs (e) | (b) vs (d) | alpha | alpha_hat "
                 "| tokens/target pass | gRPC ms/step | gRPC CPU ms/step | wire B/step | bound "
-                "| (b') no pipelining ms/tok | (b)/(b') | (b)/(c) | ahead: drafted/step, used, wasted tok/step "
+                "| (b') no pipelining ms/tok | (b)/(b') | (b)/(c) | (b'') unary steps ms/tok | (b)/(b'') "
+                "| (b'') gRPC ms/step | ahead: drafted/step, used, wasted tok/step "
                 "| k chosen (steps at k=0,1,..) |",
-                "|---|" + "---:|" * 19,
+                "|---|" + "---:|" * 22,
             ]
             for k in s["ks"]:
                 b = cells[(temperature, "services-spec", k)]
                 c = cells[(temperature, "inproc-spec", k)]
                 d = cells.get((temperature, "hf-assisted", k), {"ms_per_token": None, "speedup": None})
+                unary = cells.get((temperature, "services-unary", k), {})
                 lines.append(
                     f"| {k} | {fmt(b['ms_per_token'], 1)} | {fmt(c['ms_per_token'], 1)} | "
                     f"{fmt(d['ms_per_token'], 1)} | {fmt(b['speedup'], 2, 'x')} | "
@@ -100,6 +102,8 @@ def markdown(report: dict[str, Any]) -> str:
                     f"{fmt(b.get('bound'), 2, 'x')} | "
                     f"{fmt(cells.get((temperature, 'services-serial', k), {}).get('ms_per_token'), 1)} | "
                     f"{fmt(b.get('vs_serial'), 2, 'x')} | {fmt(b.get('vs_inproc_serial'), 2, 'x')} | "
+                    f"{fmt(unary.get('ms_per_token'), 1)} | {fmt(b.get('vs_unary'), 2, 'x')} | "
+                    f"{fmt(unary.get('grpc_ms_per_step'))} | "
                     f"{fmt(b.get('predrafts_per_step'))}, {fmt(b.get('predraft_hit_rate'))}, "
                     f"{fmt(b.get('wasted_draft_tokens_per_step'))} | "
                     f"{' '.join(str(n) for n in b.get('steps_per_k', [])) or '-'} |"
@@ -121,7 +125,9 @@ def markdown(report: dict[str, Any]) -> str:
         "machine); bound = (1 - a^(k+1)) / ((1 - a)(k c + 1)) with a = alpha_hat (for auto, k = mean "
         "drafted per step); (b') = (b) with drafting only after each verdict; (b)/(b') and (b)/(c) = "
         "ms/token ratios (< 1: pipelined services faster than serial services / than the serial loop in "
-        "one process); ahead = blocks drafted ahead per step, the share of them used, draft tokens "
+        "one process); (b'') = (b) with a unary Propose/Verify call per step instead of one stream per "
+        "session, with its own gRPC ms/step; (b)/(b'') < 1: the streams made (b) faster; ahead = blocks "
+        "drafted ahead per step, the share of them used, draft tokens "
         "drafted ahead in vain per step; k chosen = steps of (b) at each k, over all its runs.", "",
     ]
     return "\n".join(lines)

@@ -54,9 +54,9 @@ def run_workload(workload: Workload, settings: Settings, env: dict[str, str]) ->
         runner = {cell: systems[cell.system.split("-")[0]] for cell in cells}
 
         def one(cell: Cell, prompt: int, repeat: int, max_tokens: int) -> Run:
-            serial = {"pipeline": False} if cell.system == "services-serial" else {}
+            variant = {"services-serial": {"pipeline": False}, "services-unary": {"unary_steps": True}}
             return runner[cell].generate(workload.prompts[prompt], prompt, max_tokens, cell.k,
-                                         cell.temperature, seed(repeat, prompt), **serial)
+                                         cell.temperature, seed(repeat, prompt), **variant.get(cell.system, {}))
 
         for cell in cells:  # warm-up: first calls pay for allocation and lazy set-up
             one(cell, 0, -1, min(8, workload.max_tokens))

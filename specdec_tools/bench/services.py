@@ -1,4 +1,5 @@
-"""System (a) and (b): draft, target and orchestrator as three real processes on loopback gRPC."""
+"""Systems (a), (b), (b') and (b''): draft, target and orchestrator as real processes on loopback
+gRPC ((b'') through a second orchestrator, with --unary-steps)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class Services:
         self.logs = tempfile.TemporaryDirectory(prefix="specdec-bench-")  # shown if a start fails
         self.processes: list[ServiceProcess] = []
         self.client: Any = None
+        self.unary_client: Any = None  # (b''): an orchestrator with --unary-steps
         try:
             self._start("draft", ["--model", str(draft), *model_args])
             self._start("target", ["--model", str(target), *model_args])
@@ -41,17 +43,21 @@ class Services:
             draft, target = self.processes[:2]
             for process in (draft, target):
                 process.wait_port(START_TIMEOUT_S)
-            orchestrator = self._start("orchestrator", ["--draft", draft.address, "--target", target.address])
-            orchestrator.wait_port(START_TIMEOUT_S)
+            replicas = ["--draft", draft.address, "--target", target.address]
+            orchestrator = self._start("orchestrator", replicas)
+            unary = self._start("orchestrator", [*replicas, "--unary-steps"], log_name="orchestrator-unary")
+            for process in (orchestrator, unary):
+                process.wait_port(START_TIMEOUT_S)
             self.client = SpecdecClient(orchestrator.address, timeout=600)
+            self.unary_client = SpecdecClient(unary.address, timeout=600)
         except BaseException:
             self.close()
             raise
         return self
 
-    def _start(self, role: str, args: list[str]) -> ServiceProcess:
+    def _start(self, role: str, args: list[str], log_name: str = "") -> ServiceProcess:
         process = ServiceProcess(role, [*args, "--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING"],
-                                 Path(self.logs.name) / f"{role}.log", env=self.env)
+                                 Path(self.logs.name) / f"{log_name or role}.log", env=self.env)
         self.processes.append(process)
         return process
 
@@ -93,12 +99,13 @@ class Services:
         return total
 
     def generate(self, prompt: str, index: int, max_tokens: int, k: str | None, temperature: float,
-                 seed: int, pipeline: bool = True) -> Run:
+                 seed: int, pipeline: bool = True, unary_steps: bool = False) -> Run:
         options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed, speculative=k is not None,
                        num_draft=k if k == "auto" else int(k or 1), pipeline=pipeline)
+        client = self.unary_client if unary_steps else self.client
         services_cpu, cpu = self.cpu_s(), time.process_time()
         start = time.perf_counter()
-        response = self.client.generate(prompt, **options)
+        response = client.generate(prompt, **options)
         wall = time.perf_counter() - start
         cpu = time.process_time() - cpu
         services_after = self.cpu_s()
@@ -113,8 +120,9 @@ class Services:
                    list(s.steps_per_num_draft))
 
     def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
+        for client in (self.client, self.unary_client):
+            if client is not None:
+                client.close()
         for process in reversed(self.processes):
             process.stop()
         self.logs.cleanup()
