@@ -417,6 +417,15 @@ class KPolicy:
     def learned(self) -> Learned:
         return Learned(self.costs, self.acceptance, self.idle)
 
+    def fork(self) -> KPolicy:
+        """A copy to ask "what next, if ..." without touching this one: ``choose`` and an untimed
+        ``observe`` change only the acceptance counts and the probing state, which the copy owns
+        (the costs are shared; a deep copy of everything cost ~0.1 ms per pipelined step)."""
+        forked = copy.copy(self)
+        forked.acceptance = copy.copy(self.acceptance)
+        forked.acceptance.tried, forked.acceptance.kept = list(self.acceptance.tried), list(self.acceptance.kept)
+        return forked
+
 
 class KMemory:
     """What requests learned (``KPolicy.learned``), by (draft replica, target replica, sampling):

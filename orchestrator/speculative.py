@@ -16,7 +16,6 @@ docs/architecture.md for the whole path of a token.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import secrets
 import time
@@ -594,7 +593,7 @@ class SpeculativeGeneration:
         if left <= 1 or self._hit_chance(k) < MIN_HIT_CHANCE:
             return 0
         if self.params.num_draft_auto and self.k_policy is not None:
-            policy = copy.deepcopy(self.k_policy)
+            policy = self.k_policy.fork()  # told a full acceptance (untimed: its costs stay as they are)
             policy.observe(StepRecord(requested=k, accepted=k, drafted=k, timed=False))
             k_next = policy.choose(self._auto_cap())
         else:

@@ -274,6 +274,26 @@ def test_an_untimed_policy_ignores_a_block_drafted_ahead() -> None:
     assert [copy.deepcopy(policy).choose(8, ready=ready) for ready in range(10)] == [usual] * 10
 
 
+@pytest.mark.parametrize("timed", [True, False])
+def test_a_forked_policy_answers_as_a_deep_copy_and_leaves_the_original_alone(timed: bool) -> None:
+    """``fork`` is what pipelining asks "k after a full acceptance?" of, every step: it must
+    answer exactly as a deep copy would (seeded requests depend on it) and change nothing."""
+    rng = random.Random(7)
+    policy = KPolicy(timed)
+    pair_ = SimulatedPair([0.7, 0.6, 0.5, 0.5], CostModel(0.01, 0.001, 0.001, 0.002), seed=5)
+    for step in range(120):  # through drafting, k = 0 streaks and probes
+        before = copy.deepcopy(policy)
+        k = rng.randrange(1, 6)
+        forked, deep = policy.fork(), copy.deepcopy(policy)
+        for probe in (forked, deep):
+            probe.observe(StepRecord(requested=k, accepted=k, drafted=k, timed=False))
+        assert forked.choose(8) == deep.choose(8), step
+        assert vars(policy.acceptance) == vars(before.acceptance)
+        assert (policy.idle, policy.gap, policy.probing, policy.probe_again, policy.long_shot) == (
+            before.idle, before.gap, before.probing, before.probe_again, before.long_shot)
+        run(policy, pair_, 1)
+
+
 # -- exactness: the untimed policy -----------------------------------------------------------------------
 
 
