@@ -82,7 +82,7 @@ def test_readme_commands_exist_with_their_flags() -> None:
 
 
 def test_readme_scripts_exist_and_are_executable() -> None:
-    for script in set(re.findall(r"\bscripts/[a-z_]+", README)):
+    for script in set(re.findall(r"\bscripts/[a-z_]+(?:\.py)?", README)):
         path = REPO / script
         assert path.is_file() and path.stat().st_mode & 0o111, f"{script} is missing or not executable"
 

@@ -20,10 +20,13 @@ START_TIMEOUT_S = 300.0
 class Services:
     """Draft, target and orchestrator as three processes; (a) and (b) call the orchestrator."""
 
-    def __init__(self, draft: Path, target: Path, dtype: str | None, env: dict[str, str]):
-        """Start draft and target (they load while the caller does other work; see ``connect``)."""
+    def __init__(self, draft: Path, target: Path, dtype: str | None, env: dict[str, str],
+                 unary_steps_baseline: bool = True):
+        """Start draft and target (they load while the caller does other work; see ``connect``).
+        ``unary_steps_baseline``: ``connect`` also starts the (b'') orchestrator."""
         model_args = ["--dtype", dtype] if dtype else []
         self.env = env
+        self.unary_steps_baseline = unary_steps_baseline
         self.logs = tempfile.TemporaryDirectory(prefix="specdec-bench-")  # shown if a start fails
         self.processes: list[ServiceProcess] = []
         self.client: Any = None
@@ -45,11 +48,12 @@ class Services:
                 process.wait_port(START_TIMEOUT_S)
             replicas = ["--draft", draft.address, "--target", target.address]
             orchestrator = self._start("orchestrator", replicas)
-            unary = self._start("orchestrator", [*replicas, "--unary-steps"], log_name="orchestrator-unary")
-            for process in (orchestrator, unary):
-                process.wait_port(START_TIMEOUT_S)
+            orchestrator.wait_port(START_TIMEOUT_S)
             self.client = SpecdecClient(orchestrator.address, timeout=600)
-            self.unary_client = SpecdecClient(unary.address, timeout=600)
+            if self.unary_steps_baseline:
+                unary = self._start("orchestrator", [*replicas, "--unary-steps"], log_name="orchestrator-unary")
+                unary.wait_port(START_TIMEOUT_S)
+                self.unary_client = SpecdecClient(unary.address, timeout=600)
         except BaseException:
             self.close()
             raise

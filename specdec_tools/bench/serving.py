@@ -95,12 +95,12 @@ class ServingServices(Services):
         # twice the clients: a finished request's sessions and slot are freed just after its last message
         self.room = str(max(64, 2 * most_clients))
         self.worker_flags = worker_flags
-        super().__init__(workload.draft, workload.target, dtype, env)
+        super().__init__(workload.draft, workload.target, dtype, env, unary_steps_baseline=False)
 
-    def _start(self, role: str, args: list[str]) -> ServiceProcess:
+    def _start(self, role: str, args: list[str], log_name: str = "") -> ServiceProcess:
         if role == "orchestrator":
-            return super()._start(role, [*args, "--max-generations", self.room])
-        return super()._start(role, [*args, "--max-sessions", self.room, *self.worker_flags])
+            return super()._start(role, [*args, "--max-generations", self.room], log_name)
+        return super()._start(role, [*args, "--max-sessions", self.room, *self.worker_flags], log_name)
 
     def address(self, role: str) -> str:
         return next(p.address for p in self.processes if p.role == role)
