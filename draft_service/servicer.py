@@ -21,7 +21,7 @@ class DraftServicer(SessionServicer, pb_grpc.DraftServicer):
     @grpc_stream_method
     async def ProposeStream(self, requests: AsyncIterator[pb.ProposeRequest],
                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProposeResponse]:
-        async for request in requests:
+        async for request in self.step_streams.requests(requests):
             yield await self._propose(request, deadline_of(context))
 
     async def _propose(self, request: pb.ProposeRequest, deadline: float | None) -> pb.ProposeResponse:

@@ -33,6 +33,7 @@ class Backend(Protocol):
 
     address: str
     max_draft: int  # the largest k the replica takes; 0 if unknown
+    draft_method: str  # how a draft replica drafts (Info.draft_method); "" for a target or unknown
 
     async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str: ...
     async def step(self, request: StepRequest) -> Any: ...  # Proposal (draft) or Verdict (target)
@@ -89,8 +90,8 @@ class GrpcBackend:
 
     Steps go over one long-lived stream per session (``ProposeStream``/``VerifyStream``): a
     step is then one message each way on an open HTTP/2 stream, not a new call, which saves
-    ~0.3-0.6 ms per step on loopback (docs/architecture.md, "The step path"). The stream is
-    opened by the session's first step and ended by its close; any error, timeout or
+    ~0.3-0.6 ms per step on loopback (docs/architecture.md, "Step streams"). The stream is
+    opened by the session's first step and cancelled by its close; any error, timeout or
     cancellation mid-step discards it (its next answer could belong to the wrong step), and
     the next step opens a new one. ``streams=False``, or a replica that does not know the
     stream RPCs (UNIMPLEMENTED: an older worker), gets one unary call per step instead.
@@ -103,6 +104,7 @@ class GrpcBackend:
         self.stub = stub
         self.metadata = tuple(metadata)
         self.max_draft = 0  # the replica's --max-draft once its Info is known (0: unknown)
+        self.draft_method = ""  # a draft's Info.draft_method: "model", "ngram", "hybrid" ("": unknown)
         self.streams = streams
         self._rpc_name, self._to_pb, self._from_pb = _STEP_RPC[role]
         self._open_streams: dict[str, Any] = {}  # session id -> its step stream (a grpc.aio call)
@@ -124,7 +126,7 @@ class GrpcBackend:
 
     async def _stream_step(self, session_id: str, message: Any, timeout: float | None) -> Any:
         """One step on the session's stream (opened here if it has none)."""
-        call = self._open_streams.pop(session_id, None)
+        call = self._open_streams.get(session_id)
         # A stream kept from an earlier step may have ended since (its replica restarted or shut
         # down between steps): asked once more on a new stream, the step gets the replica's real
         # answer (NOT_FOUND after a restart: the loop reopens the session there), as a unary call would.
@@ -132,20 +134,27 @@ class GrpcBackend:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if call is None:
-                call = getattr(self.stub, self._rpc_name + "Stream")(metadata=self.metadata)
+                call = self._open_streams[session_id] = getattr(self.stub, self._rpc_name + "Stream")(
+                    metadata=self.metadata)
+            if deadline is not None:  # what is left of it, also when the step is asked again
+                message.timeout_ms = max(1e-3, (deadline - time.monotonic()) * 1e3)
+            sent = False
             try:
                 async with asyncio.timeout_at(None if deadline is None else _loop_time(deadline)):
                     try:
                         await call.write(message)
+                        sent = True
                     except asyncio.InvalidStateError:  # the call had ended; its read gives the status
                         pass
                     response = await call.read()
             except TimeoutError:
-                call.cancel()
+                self._drop(session_id, call)
                 raise ReplicaError(self.address, grpc.StatusCode.DEADLINE_EXCEEDED,
                                    f"no answer to {self._rpc_name} within {timeout:.3f}s") from None
             except grpc.aio.AioRpcError as error:
-                if reused and error.code() in _ENDED_BETWEEN_STEPS:
+                self._drop(session_id, call)
+                # Unsent (the call had failed before this step), or the stream ended under it.
+                if reused and (not sent or error.code() in _ENDED_BETWEEN_STEPS):
                     reused, call = False, None
                     continue
                 if error.code() == grpc.StatusCode.UNIMPLEMENTED:  # an older worker: unary from now on
@@ -156,24 +165,29 @@ class GrpcBackend:
                     return await self._call(getattr(self.stub, self._rpc_name), message, left)
                 raise translate(error, self.address, self.role) from error
             except BaseException:
-                call.cancel()  # cancelled mid-step: its answer must not be read as the next step's
+                self._drop(session_id, call)  # cancelled mid-step: its answer must not be read as the next step's
                 raise
             if response is grpc.aio.EOF:  # ended without answering (our workers answer or fail)
+                self._drop(session_id, call)
                 if reused:
                     reused, call = False, None
                     continue
                 raise ReplicaError(self.address, grpc.StatusCode.UNAVAILABLE,
                                    f"the {self._rpc_name} stream ended without an answer")
-            self._open_streams[session_id] = call  # popped above: a step never shares it
+            if self._open_streams.get(session_id) is not call:  # the session was closed meanwhile
+                call.cancel()
             return response
+
+    def _drop(self, session_id: str, call: Any) -> None:
+        """Forget and cancel a step stream that can serve no further step."""
+        if self._open_streams.get(session_id) is call:
+            del self._open_streams[session_id]
+        call.cancel()
 
     async def close(self, session_id: str) -> None:
         call = self._open_streams.pop(session_id, None)
-        if call is not None:  # no answer is pending on it: end it as a finished call
-            try:
-                await call.done_writing()
-            except Exception:  # noqa: BLE001 - it failed already; the session close below is what matters
-                call.cancel()
+        if call is not None:  # a step still running on it fails; the session is going anyway
+            call.cancel()
         await self.stub.CloseSession(
             pb.CloseSessionRequest(session_id=session_id), timeout=2.0, metadata=self.metadata
         )

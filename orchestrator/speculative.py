@@ -261,6 +261,7 @@ class SpeculativeGeneration:
         # Pipelining: the next block, drafted while the target verified the last one, when the
         # verdict made it valid (the draft session holds the committed tokens, then it).
         self._ready: Proposal | None = None
+        self._ready_asked = 0  # how many tokens the Propose that drafted ``_ready`` asked for
         self._first_k: int | None = None  # the first step's k, when chosen during the opens
 
     # -- timing -------------------------------------------------------------------------------
@@ -349,6 +350,7 @@ class SpeculativeGeneration:
             return
         # None: the draft lane closed (no replica left)
         self._ready = await self._call(self.draft, [], k, self.params.seed, ahead=True)
+        self._ready_asked = k
         if self._ready is not None and self.k_policy is not None:
             self.k_policy.costs.observe_ahead(len(self._ready.tokens), self._ready.model_ms / 1e3)
 
@@ -592,6 +594,11 @@ class SpeculativeGeneration:
         left = remaining - len(drafted) - 1  # tokens still to generate after a full acceptance
         if left <= 1 or self._hit_chance(k) < MIN_HIT_CHANCE:
             return 0
+        if not self.params.timed_k and getattr(lane.backend, "draft_method", "model") not in ("", "model"):
+            # An n-gram lookup (alone or in a hybrid) depends on where its Propose starts: the
+            # tokens after the guess need not be what a Propose after the committed guess gives,
+            # and a seeded request's tokens must not depend on pipelining.
+            return 0
         if self.params.num_draft_auto and self.k_policy is not None:
             policy = self.k_policy.fork()  # told a full acceptance (untimed: its costs stay as they are)
             policy.observe(StepRecord(requested=k, accepted=k, drafted=k, timed=False))
@@ -599,11 +606,13 @@ class SpeculativeGeneration:
         else:
             k_next = self.params.num_draft
         k_next = min(k_next, left - 1)
-        # The Propose asks for the guess and k_next drafts, within the draft replica's --max-draft;
-        # a block cut shorter than k_next could not be used (``_take_ready``): do not draft it.
-        if k_next <= 0 or 0 < lane.max_draft < 1 + k_next:
-            return 0
-        return 1 + k_next
+        # The Propose asks for the guess and k_next drafts, within the draft replica's --max-draft.
+        # An untimed request could not use a block cut shorter than k_next (``_take_ready``).
+        if 0 < lane.max_draft < 1 + k_next:
+            if not self.params.timed_k:
+                return 0
+            k_next = lane.max_draft - 1
+        return 1 + k_next if k_next > 0 else 0
 
     def _hit_chance(self, k: int) -> float:
         """The chance that a block drafted ahead is used: every one of the k drafts accepted and
@@ -623,7 +632,8 @@ class SpeculativeGeneration:
             self.stats.predrafts += 1
         return result
 
-    def _keep_predraft(self, predrafted: Proposal | None, drafted: list[int], outcome: StepOutcome) -> None:
+    def _keep_predraft(self, predrafted: Proposal | None, asked: int, drafted: list[int],
+                       outcome: StepOutcome) -> None:
         """A block drafted ahead is the next block when every draft was accepted and the
         target's token after them is the one the draft guessed; otherwise it is wasted (the
         next call rolls the draft session back, like any rejected draft)."""
@@ -638,6 +648,7 @@ class SpeculativeGeneration:
         self.stats.predraft_hits += 1
         self._ready = Proposal(tokens=tokens[1:], token_probs=list(predrafted.token_probs[1:]),
                                distributions=list(predrafted.distributions)[1:])
+        self._ready_asked = asked - 1  # (the first token asked for was the guess)
 
     def _ready_size(self) -> int:
         """Tokens of this step's block drafted ahead and still held by the draft session (0: none)."""
@@ -651,9 +662,11 @@ class SpeculativeGeneration:
         ready, self._ready = self._ready, None
         if ready is None:
             return None
-        # A block shorter than k (and not ended by EOS) is not this step's: the step's Verify would
-        # score fewer drafts than it would unpipelined, and a seeded request's tokens would differ.
-        short = len(ready.tokens) < k and (not ready.tokens or ready.tokens[-1] != self.eos_id)
+        # An untimed (seeded, sampled) request cannot use a block drafted ahead for fewer than the k
+        # it chose: its Verify would score fewer drafts than unpipelined, so its tokens would differ.
+        # (A block that came back shorter than asked, at EOS or an n-gram's end, is what a Propose
+        # of k gives too. A timed request's k is its choice: it may take a shorter block.)
+        short = not self.params.timed_k and self._ready_asked < k
         if k == 0 or short or self.draft.backend is None or not self.draft.holds(ready.tokens):
             self.stats.wasted_draft_tokens += len(ready.tokens)
             return None
@@ -695,7 +708,7 @@ class SpeculativeGeneration:
             outcome = accept_sampled(
                 drafted, draft_probs, verdict.draft_probs, verdict.resampled, uniforms, self.params.delta
             )
-        self._keep_predraft(predrafted, drafted, outcome)
+        self._keep_predraft(predrafted, ahead, drafted, outcome)
         record = StepRecord(
             requested=k if proposal is not None else 0,  # a draft lane that closed asked for nothing
             accepted=outcome.accepted,

@@ -80,6 +80,7 @@ class SessionHost:
         # Called on the event loop after every step that reached the model thread (metrics).
         self.step_listeners: list[Callable[[StepTiming], None]] = []
         self.draining = False
+        self.drain_listeners: list[Callable[[], None]] = []  # told once, when draining starts
         self.broken: SpecdecError | None = None  # set by abort_steps: every call fails with it
         # One thread: MLX work is serialised, and the asyncio loop stays free.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{role}-mlx")
@@ -120,6 +121,8 @@ class SessionHost:
     async def drain(self) -> None:
         """Refuse new work (UNAVAILABLE) from now on; calls already running finish."""
         self.draining = True
+        for listener in self.drain_listeners:
+            listener()
 
     async def _expire_loop(self) -> None:
         period = max(0.05, min(5.0, self.limits.session_ttl_s / 4))

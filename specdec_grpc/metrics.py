@@ -223,7 +223,8 @@ class WorkerMetrics:
 
     def refused(self, method: str, code: grpc.StatusCode) -> None:
         """``SessionServicer.on_error`` (called by ``specdec_grpc.status.grpc_method``)."""
-        self.rejected.labels(self.host.role, method, code.name).inc()
+        # A step refused on a ProposeStream/VerifyStream counts as its step, as on the unary call.
+        self.rejected.labels(self.host.role, method.removesuffix("Stream"), code.name).inc()
 
 
 class _HostCollector(Collector):

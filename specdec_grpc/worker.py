@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -236,6 +236,57 @@ def _build_engine(config: WorkerConfig) -> tuple[Any, Path]:
     return engine, loaded.path
 
 
+@dataclass(frozen=True)
+class _Raised:
+    error: Exception
+
+
+class StepStreams:
+    """The requests of every open step stream (ProposeStream/VerifyStream), which ``end_all``
+    can end between steps: a draining worker must not wait its whole grace period for streams
+    whose sessions are idle (a draft at k = 0 may not step for a minute). A stream ended so
+    finishes OK; its orchestrator asks the next step again on a new call, which the draining
+    worker refuses (UNAVAILABLE), and fails over."""
+
+    _END = object()
+
+    def __init__(self) -> None:
+        self._queues: set[asyncio.Queue[Any]] = set()
+        self.ended = False
+
+    async def requests(self, incoming: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """The stream's requests, until the caller ends it or ``end_all`` does."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def pump() -> None:  # reads in its own task, so that a waiting handler can be woken
+            try:
+                async for request in incoming:
+                    queue.put_nowait(request)
+            except Exception as error:  # noqa: BLE001 - e.g. a malformed request's abort: the handler's to raise
+                queue.put_nowait(_Raised(error))
+            finally:
+                queue.put_nowait(self._END)
+
+        pumping = asyncio.ensure_future(pump())
+        self._queues.add(queue)
+        try:
+            while not self.ended:
+                request = await queue.get()
+                if request is self._END:
+                    break
+                if isinstance(request, _Raised):
+                    raise request.error
+                yield request
+        finally:
+            self._queues.discard(queue)
+            pumping.cancel()
+
+    def end_all(self) -> None:
+        self.ended = True
+        for queue in self._queues:
+            queue.put_nowait(self._END)
+
+
 class SessionServicer:
     """The RPCs draft and target share. Subclasses add Propose or Verify."""
 
@@ -244,6 +295,8 @@ class SessionServicer:
 
     def __init__(self, host: SessionHost):
         self.host = host
+        self.step_streams = StepStreams()
+        host.drain_listeners.append(self.step_streams.end_all)
         limits = host.limits
         self.wire_limits = WireLimits(limits.max_prompt_tokens, limits.max_decoder_tokens, limits.max_draft,
                                       host.engine.vocab_size)

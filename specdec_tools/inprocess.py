@@ -19,6 +19,7 @@ class LocalBackend:
         self.host = host
         self.address = address
         self.max_draft = host.limits.max_draft
+        self.draft_method = host.engine.method if host.role == "draft" else ""
 
     async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str:
         return (await self.host.open(prompt_ids, request_id)).id

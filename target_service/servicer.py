@@ -21,7 +21,7 @@ class TargetServicer(SessionServicer, pb_grpc.TargetServicer):
     @grpc_stream_method
     async def VerifyStream(self, requests: AsyncIterator[pb.VerifyRequest],
                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.VerifyResponse]:
-        async for request in requests:
+        async for request in self.step_streams.requests(requests):
             yield await self._verify(request, deadline_of(context))
 
     async def _verify(self, request: pb.VerifyRequest, deadline: float | None) -> pb.VerifyResponse:

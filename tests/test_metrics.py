@@ -193,12 +193,15 @@ def test_worker_metrics_agree_with_info_and_the_requests(cluster, served) -> Non
                                                                     num_draft=1), timeout=10)),
                  ("OpenSession", lambda: stub.OpenSession(pb.OpenSessionRequest(prompt_ids=[10**6]), timeout=10)),
                  ("Propose", lambda: stub.Propose(pb.ProposeRequest(session_id="gone", expected_length=1,
-                                                                    num_draft=1), timeout=10))]
+                                                                    num_draft=1), timeout=10)),
+                 # a step on a stream counts as the step it is
+                 ("Propose", lambda: list(stub.ProposeStream(iter([pb.ProposeRequest(
+                     session_id="gone", expected_length=1, num_draft=1)]), timeout=10)))]
         for method, call in calls:
             with pytest.raises(grpc.RpcError) as caught:
                 call()
             got[method, caught.value.code().name] += 1
-    assert got == {("Propose", "NOT_FOUND"): 2, ("OpenSession", "INVALID_ARGUMENT"): 1}
+    assert got == {("Propose", "NOT_FOUND"): 3, ("OpenSession", "INVALID_ARGUMENT"): 1}
     rejected = Scrape(draft.running.metrics_port).samples["specdec_worker_rejected_requests_total"]
     assert {(dict(k)["method"], dict(k)["code"]): v for k, v in rejected.items()} == got
 

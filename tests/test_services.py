@@ -771,6 +771,29 @@ def test_health_is_serving(draft: Worker, target: Worker, role: str) -> None:
         assert raised.value.code() == CODE.NOT_FOUND
 
 
+def test_a_draining_worker_ends_idle_step_streams_instead_of_waiting_out_its_grace(
+        spare_worker: Callable[..., Worker]) -> None:
+    """A step stream whose session is idle (a draft at k = 0) holds no work: SIGTERM's drain ends
+    it at once, with OK, rather than after the whole grace period."""
+    import queue as queues
+
+    worker = spare_worker("draft")
+    grace = 20.0
+    with grpc.insecure_channel(worker.address) as channel:
+        stub = pb_grpc.DraftStub(channel)
+        session = open_session(stub)
+        outgoing: queues.Queue[pb.ProposeRequest | None] = queues.Queue()
+        responses = stub.ProposeStream(iter(outgoing.get, None))
+        outgoing.put(pb.ProposeRequest(session_id=session, expected_length=1, num_draft=2))
+        assert len(next(responses).tokens) == 2
+        started = time.monotonic()
+        worker.loop.call(shutdown(worker.running, grace, worker.host.drain))
+        took = time.monotonic() - started
+        assert list(responses) == []  # the stream ended OK, with no answer pending
+        outgoing.put(None)
+    assert took < grace / 4, f"shutdown waited {took:.1f} s for an idle stream"
+
+
 def test_health_goes_not_serving_on_drain(spare_worker: Callable[..., Worker]) -> None:
     worker = spare_worker("target")
     with grpc.insecure_channel(worker.address) as channel:

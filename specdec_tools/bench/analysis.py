@@ -134,7 +134,7 @@ def derive(cells: dict[Cell, dict[str, Any]], temperatures: list[float], ks: lis
             if ran("services-unary", k):  # < 1: step streams made the services faster
                 unary = get("services-unary", k)
                 b["vs_unary"] = b["ms_per_token"] / unary["ms_per_token"]
-                if b["loop_ms_per_step"] is not None and c["loop_ms_per_step"] is not None:
+                if unary["loop_ms_per_step"] is not None and c["loop_ms_per_step"] is not None:
                     unary["grpc_ms_per_step"] = unary["loop_ms_per_step"] - c["loop_ms_per_step"]
             for cell in (b, c):
                 drafted, tpp = cell["drafted_per_step"], cell["tokens_per_target_pass"]

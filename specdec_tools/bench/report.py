@@ -60,7 +60,8 @@ def markdown(report: dict[str, Any]) -> str:
                   f"draft `{workload['draft']}`, target `{workload['target']}`, max_tokens "
                   f"{workload['max_tokens']}. An empty gRPC call (health Check) from the bench to the target "
                   f"service: p50 {fmt(floor['wall_ms_p50'])} ms wall, {fmt(floor['cpu_ms'])} ms CPU (both "
-                  "processes); a speculative step makes two calls (Propose, Verify).", ""]
+                  "processes); a speculative step sends a Propose and a Verify (messages on the sessions' step streams; "
+                  "(b''): two unary calls).", ""]
         skipped_systems = workload["results"].get("skipped_systems") or {}
         for reason in dict.fromkeys(skipped_systems.values()):
             systems = ", ".join(SYSTEMS[name] for name, why in skipped_systems.items() if why == reason)

@@ -57,6 +57,7 @@ class FakeReplica:
     address: str
     faults: list[Fault] = field(default_factory=list)
     max_draft: int = 0
+    draft_method: str = "model"
     sessions: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)  # id -> (prompt, tokens)
     calls: dict[str, int] = field(default_factory=lambda: {"open": 0, "step": 0})
     opened: int = 0
@@ -148,10 +149,12 @@ PROMPT = [5, 9, 4]
 
 
 def generate(replicas: list[FakeReplica], max_tokens: int = 40, k: int = 3, auto: bool = False,
-             speculative: bool = True, pipeline: bool = True) -> tuple[list[int], SpeculativeGeneration, FakeSource]:
+             speculative: bool = True, pipeline: bool = True,
+             **params_: object) -> tuple[list[int], SpeculativeGeneration, FakeSource]:
     source = FakeSource(replicas)
     params = GenerationParams(max_tokens=max_tokens, num_draft=k, num_draft_auto=auto,
-                              sampling=SamplingParams(), seed=1, speculative=speculative, pipeline=pipeline)
+                              sampling=SamplingParams(), seed=1, speculative=speculative, pipeline=pipeline,
+                              **params_)  # type: ignore[arg-type]
     generation = SpeculativeGeneration(source, PROMPT, params, START, EOS)
 
     async def run() -> list[int]:
@@ -288,18 +291,48 @@ def test_k_is_capped_at_the_replicas_max_draft() -> None:
     assert max(r.num_draft for r in replicas[0].requests) == 2
 
 
-def test_blocks_at_the_draft_replicas_max_draft_are_the_same_pipelined_or_not() -> None:
-    """k = the draft replica's --max-draft: a block drafted ahead (the guess plus k drafts) would
-    not fit one Propose, and a shorter one would change which positions the Verify scores (a
-    seeded sampled request's tokens with them). Either way every Verify scores the same blocks."""
-    blocks = {}
+@pytest.mark.parametrize("auto", [False, True])
+def test_an_untimed_request_at_the_draft_replicas_max_draft_scores_the_same_blocks_pipelined_or_not(
+        auto: bool) -> None:
+    """k = the draft replica's --max-draft: a block drafted ahead (the guess plus k drafts) does
+    not fit one Propose, and a shorter one would change which positions the Verify scores, so a
+    seeded request with a random output (here greedy with delta > 0: untimed, like sampling)
+    would get other tokens pipelined. Every Verify must score the same blocks either way."""
+    cap = 2 if auto else 3  # (auto reaches 2 on this pair)
+    blocks, outputs = {}, {}
     for pipeline in (True, False):
         replicas = pair()
-        replicas[0].max_draft = replicas[1].max_draft = 3
-        tokens, _, _ = generate(replicas, k=3, pipeline=pipeline)
-        assert tokens == expected()
+        replicas[0].max_draft = replicas[1].max_draft = cap
+        outputs[pipeline], generation, _ = generate(replicas, k=cap, auto=auto, pipeline=pipeline, seeded=True,
+                                                    delta=0.3)
+        assert not generation.params.timed_k
         blocks[pipeline] = [r.num_draft for r in replicas[2].requests]
-    assert blocks[True] == blocks[False]
+    assert max(blocks[True]) == cap
+    assert blocks[True] == blocks[False] and outputs[True] == outputs[False]
+
+
+@pytest.mark.parametrize("method", ["model", "ngram", "hybrid"])
+def test_a_seeded_request_drafts_ahead_only_with_a_model_draft(method: str) -> None:
+    """An n-gram lookup depends on where its Propose starts, so a block it drafted ahead need not
+    be the block a Propose after the committed guess would give: a seeded request with a random
+    output (untimed) must not use one. A greedy request's output never depends on its blocks."""
+    drafted_ahead = {}
+    for seeded in (True, False):
+        replicas = pair()
+        replicas[0].draft_method = replicas[1].draft_method = method
+        extra = {"seeded": True, "delta": 0.3} if seeded else {}
+        _, generation, _ = generate(replicas, k=3, **extra)
+        drafted_ahead[seeded] = generation.stats.predrafts
+    assert drafted_ahead[False] > 0
+    assert (drafted_ahead[True] > 0) == (method == "model")
+
+
+def test_a_timed_request_at_the_draft_replicas_max_draft_still_drafts_ahead() -> None:
+    """A greedy request's output never depends on its blocks: it still drafts ahead what fits."""
+    replicas = pair()
+    replicas[0].max_draft = replicas[1].max_draft = 3
+    tokens, generation, _ = generate(replicas, k=3)
+    assert tokens == expected() and generation.stats.predrafts > 0
 
 
 # -- faults at every point of a step ------------------------------------------------------------------
