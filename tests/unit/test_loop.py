@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from orchestrator.backends import ReplicaError
-from orchestrator.k_policy import COST_DECAY
+from orchestrator.k_policy import COST_DECAY, CostModel, KPolicy, MeasuredCosts
 from orchestrator.speculative import GenerationParams, SpeculativeGeneration
 from specdec_core.errors import PrefixMismatch, ResourceExhausted, SessionNotFound, Unavailable
 from specdec_core.steps import Proposal, SamplingParams, StepRequest, Verdict
@@ -280,6 +280,34 @@ def test_the_model_time_of_blocks_drafted_ahead_reaches_the_k_policy(monkeypatch
     proposes = len(replicas[0].requests)
     assert policy.costs.draft_token.weight == pytest.approx(sum(COST_DECAY**i for i in range(proposes)))
     assert_clean(replicas, source)
+
+
+def test_a_timed_request_verifies_the_whole_block_drafted_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With n tokens drafted ahead, a timed policy is asked with ready = n and chooses k = n, and
+    the step's Verify scores that block. Drafting pays here, so unaware of the ready block the
+    policy would choose its cap, the draft replica's --max-draft (3), past the blocks drafted
+    ahead (2: the guess takes the third slot of the ahead Propose)."""
+    costs = CostModel(overhead=1.0, verify_per_token=0.02, propose_call=0.1, draft_per_token=0.05)
+    monkeypatch.setattr(MeasuredCosts, "model", lambda self: costs)
+    asked: list[tuple[int, int, int]] = []  # (ready, cap, chosen)
+    choose = KPolicy.choose
+
+    def recording(self: KPolicy, cap: int, ready: int = 0) -> int:
+        k = choose(self, cap, ready)
+        asked.append((ready, cap, k))
+        return k
+
+    monkeypatch.setattr(KPolicy, "choose", recording)
+    monkeypatch.setitem(globals(), "draft_next", target_next)  # a draft that always agrees
+    replicas = pair()
+    replicas[0].max_draft = replicas[1].max_draft = 3
+    tokens, generation, _ = generate(replicas, max_tokens=40, k=3, auto=True)
+    assert tokens == expected(40) and generation.k_policy is not None and generation.k_policy.timed
+    assert max(k for _, _, k in asked) == 3  # its choice without a ready block
+    with_ready = [(ready, k) for ready, _, k in asked if ready > 0]
+    assert len(with_ready) >= 3 and all(k == ready == 2 for ready, k in with_ready), asked
+    blocks = [r.num_draft for r in replicas[2].requests + replicas[3].requests]
+    assert all(ready in blocks for ready, _ in with_ready)
 
 
 def test_k_is_capped_at_the_replicas_max_draft() -> None:
