@@ -79,6 +79,11 @@ _STEP_RPC: dict[str, tuple[str, Callable[[StepRequest], Any], Callable[[Any], Pr
 _ENDED_BETWEEN_STEPS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
+def _left(deadline: float | None) -> float | None:
+    """Seconds from now to a ``time.monotonic()`` deadline (None: none), as a call's timeout."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def _loop_time(monotonic: float) -> float:
     """A ``time.monotonic()`` instant on the running event loop's clock."""
     loop = asyncio.get_running_loop()
@@ -115,28 +120,27 @@ class GrpcBackend:
 
     async def step(self, request: StepRequest) -> Proposal | Verdict:
         message = self._to_pb(request)
-        timeout = None if request.deadline is None else max(0.0, request.deadline - time.monotonic())
         if self.streams:
-            response = await self._stream_step(request.session_id, message, timeout)
+            response = await self._stream_step(request.session_id, message, request.deadline)
         else:
-            response = await self._call(getattr(self.stub, self._rpc_name), message, timeout)
+            response = await self._call(getattr(self.stub, self._rpc_name), message, _left(request.deadline))
         result = self._from_pb(response)
         result.wire_bytes = message.ByteSize() + response.ByteSize()
         return result
 
-    async def _stream_step(self, session_id: str, message: Any, timeout: float | None) -> Any:
-        """One step on the session's stream (opened here if it has none)."""
+    async def _stream_step(self, session_id: str, message: Any, deadline: float | None) -> Any:
+        """One step on the session's stream (opened here if it has none), by ``deadline``
+        (``time.monotonic()``; None: none)."""
         call = self._open_streams.get(session_id)
         # A stream kept from an earlier step may have ended since (its replica restarted or shut
         # down between steps): asked once more on a new stream, the step gets the replica's real
         # answer (NOT_FOUND after a restart: the loop reopens the session there), as a unary call would.
         reused = call is not None
-        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if call is None:
                 call = self._open_streams[session_id] = getattr(self.stub, self._rpc_name + "Stream")(
                     metadata=self.metadata)
-            if deadline is not None:  # what is left of it, also when the step is asked again
+            if deadline is not None:  # what is left of it, also when the step is asked again (0: none)
                 message.timeout_ms = max(1e-3, (deadline - time.monotonic()) * 1e3)
             sent = False
             try:
@@ -150,7 +154,7 @@ class GrpcBackend:
             except TimeoutError:
                 self._drop(session_id, call)
                 raise ReplicaError(self.address, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                   f"no answer to {self._rpc_name} within {timeout:.3f}s") from None
+                                   f"no answer to {self._rpc_name} by its deadline") from None
             except grpc.aio.AioRpcError as error:
                 self._drop(session_id, call)
                 # Unsent (the call had failed before this step), or the stream ended under it.
@@ -161,8 +165,7 @@ class GrpcBackend:
                     logger.info("%s %s has no %sStream; one call per step from now on", self.role,
                                 self.address, self._rpc_name)
                     self.streams = False
-                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    return await self._call(getattr(self.stub, self._rpc_name), message, left)
+                    return await self._call(getattr(self.stub, self._rpc_name), message, _left(deadline))
                 raise translate(error, self.address, self.role) from error
             except BaseException:
                 self._drop(session_id, call)  # cancelled mid-step: its answer must not be read as the next step's

@@ -262,7 +262,6 @@ class SpeculativeGeneration:
         # Pipelining: the next block, drafted while the target verified the last one, when the
         # verdict made it valid (the draft session holds the committed tokens, then it).
         self._ready: Proposal | None = None
-        self._ready_asked = 0  # how many tokens the Propose that drafted ``_ready`` asked for
         self._first_k: int | None = None  # the first step's k, when chosen during the opens
 
     # -- timing -------------------------------------------------------------------------------
@@ -351,7 +350,6 @@ class SpeculativeGeneration:
             return
         # None: the draft lane closed (no replica left)
         self._ready = await self._call(self.draft, [], k, self.params.seed, ahead=True)
-        self._ready_asked = k
         if self._ready is not None and self.k_policy is not None:
             self.k_policy.costs.observe_ahead(len(self._ready.tokens), self._ready.model_ms / 1e3)
 
@@ -608,7 +606,9 @@ class SpeculativeGeneration:
             k_next = self.params.num_draft
         k_next = min(k_next, left - 1)
         # The Propose asks for the guess and k_next drafts, within the draft replica's --max-draft.
-        # An untimed request could not use a block cut shorter than k_next (``_take_ready``).
+        # An untimed request must not take a block cut shorter than k_next: its Verify would
+        # score fewer drafts than unpipelined, so its tokens would differ. A timed one may (its
+        # k policy then stays within the block).
         if 0 < lane.max_draft < 1 + k_next:
             if not self.params.timed_k:
                 return 0
@@ -633,8 +633,7 @@ class SpeculativeGeneration:
             self.stats.predrafts += 1
         return result
 
-    def _keep_predraft(self, predrafted: Proposal | None, asked: int, drafted: list[int],
-                       outcome: StepOutcome) -> None:
+    def _keep_predraft(self, predrafted: Proposal | None, drafted: list[int], outcome: StepOutcome) -> None:
         """A block drafted ahead is the next block when every draft was accepted and the
         target's token after them is the one the draft guessed; otherwise it is wasted (the
         next call rolls the draft session back, like any rejected draft)."""
@@ -649,26 +648,25 @@ class SpeculativeGeneration:
         self.stats.predraft_hits += 1
         self._ready = Proposal(tokens=tokens[1:], token_probs=list(predrafted.token_probs[1:]),
                                distributions=list(predrafted.distributions)[1:])
-        self._ready_asked = asked - 1  # (the first token asked for was the guess)
+
+    def _ready_held(self) -> bool:
+        """Is there a block drafted ahead, still held by the draft session after the committed tokens?"""
+        ready = self._ready
+        return ready is not None and self.draft.backend is not None and self.draft.holds(ready.tokens)
 
     def _ready_size(self) -> int:
         """Tokens of this step's block drafted ahead and still held by the draft session (0: none)."""
-        ready = self._ready
-        if ready is None or self.draft.backend is None or not self.draft.holds(ready.tokens):
-            return 0
-        return len(ready.tokens)
+        return len(self._ready.tokens) if self._ready is not None and self._ready_held() else 0
 
     def _take_ready(self, k: int) -> Proposal | None:
         """This step's block if it was drafted ahead (at most k of it; what is cut is wasted)."""
+        held = self._ready_held()
         ready, self._ready = self._ready, None
         if ready is None:
             return None
-        # An untimed (seeded, sampled) request cannot use a block drafted ahead for fewer than the k
-        # it chose: its Verify would score fewer drafts than unpipelined, so its tokens would differ.
-        # (A block that came back shorter than asked, at EOS or an n-gram's end, is what a Propose
-        # of k gives too. A timed request's k is its choice: it may take a shorter block.)
-        short = not self.params.timed_k and self._ready_asked < k
-        if k == 0 or short or self.draft.backend is None or not self.draft.holds(ready.tokens):
+        # (An untimed request's k is the k its block was drafted ahead for, never more:
+        # ``_predraft_size`` drafts nothing ahead that it could not use whole.)
+        if k == 0 or not held:
             self.stats.wasted_draft_tokens += len(ready.tokens)
             return None
         self.stats.wasted_draft_tokens += max(0, len(ready.tokens) - k)
@@ -709,7 +707,7 @@ class SpeculativeGeneration:
             outcome = accept_sampled(
                 drafted, draft_probs, verdict.draft_probs, verdict.resampled, uniforms, self.params.delta
             )
-        self._keep_predraft(predrafted, ahead, drafted, outcome)
+        self._keep_predraft(predrafted, drafted, outcome)
         record = StepRecord(
             requested=k if proposal is not None else 0,  # a draft lane that closed asked for nothing
             accepted=outcome.accepted,

@@ -138,15 +138,7 @@ def _step_fields(step: StepRequest) -> dict:
         num_draft=step.num_draft,
         sampling=sampling_to_pb(step.sampling),
         seed=step.seed,
-        timeout_ms=step_timeout_ms(step),
     )
-
-
-def step_timeout_ms(step: StepRequest) -> float:
-    """What is left of the step's deadline, as the message's timeout_ms (0: no deadline)."""
-    if step.deadline is None:
-        return 0.0
-    return max(1e-3, (step.deadline - time.monotonic()) * 1e3)  # 0 would mean "none"
 
 
 def propose_request_to_pb(step: StepRequest) -> pb.ProposeRequest:

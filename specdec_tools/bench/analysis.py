@@ -121,21 +121,21 @@ def derive(cells: dict[Cell, dict[str, Any]], temperatures: list[float], ks: lis
         for k in ks:
             b, c = get("services-spec", k), get("inproc-spec", k)
             d = get("hf-assisted", k) if ran("hf-assisted", k) else None
-            for key, name in (("loop_ms_per_step", "grpc_ms_per_step"),
-                              ("wall_ms_per_step", "grpc_wall_ms_per_step"),
-                              ("cpu_ms_per_step", "grpc_cpu_ms_per_step"),
-                              ("draft_ms_per_step", "grpc_propose_ms_per_step"),
-                              ("verify_ms_per_step", "grpc_verify_ms_per_step")):
-                b[name] = b[key] - c[key] if b[key] is not None and c[key] is not None else None
+            unary = get("services-unary", k) if ran("services-unary", k) else None
+            for services in (b, unary) if unary is not None else (b,):  # what gRPC adds over (c)
+                for key, name in (("loop_ms_per_step", "grpc_ms_per_step"),
+                                  ("wall_ms_per_step", "grpc_wall_ms_per_step"),
+                                  ("cpu_ms_per_step", "grpc_cpu_ms_per_step"),
+                                  ("draft_ms_per_step", "grpc_propose_ms_per_step"),
+                                  ("verify_ms_per_step", "grpc_verify_ms_per_step")):
+                    services[name] = (services[key] - c[key] if services[key] is not None and c[key] is not None
+                                      else None)
             b["vs_hf_assisted"] = d["ms_per_token"] / b["ms_per_token"] if d is not None else None
             if ran("services-serial", k):  # < 1: pipelining made the services faster
                 b["vs_serial"] = b["ms_per_token"] / get("services-serial", k)["ms_per_token"]
                 b["vs_inproc_serial"] = b["ms_per_token"] / c["ms_per_token"]
-            if ran("services-unary", k):  # < 1: step streams made the services faster
-                unary = get("services-unary", k)
+            if unary is not None:  # < 1: step streams made the services faster
                 b["vs_unary"] = b["ms_per_token"] / unary["ms_per_token"]
-                if unary["loop_ms_per_step"] is not None and c["loop_ms_per_step"] is not None:
-                    unary["grpc_ms_per_step"] = unary["loop_ms_per_step"] - c["loop_ms_per_step"]
             for cell in (b, c):
                 drafted, tpp = cell["drafted_per_step"], cell["tokens_per_target_pass"]
                 if drafted and tpp and ratio is not None:
