@@ -15,7 +15,7 @@ from .machine import limit_threads, machine, machine_line
 from .report import markdown, plot, workload_entry, write_outputs
 from .runner import run_workload
 from .serving import FULL_REQUESTS, QUICK_REQUESTS, serving_main, serving_settings
-from .workloads import CUSTOM_MAX_TOKENS, DEMO_DIR, WORKLOADS, CustomPair, load_workloads
+from .workloads import CUSTOM_MAX_TOKENS, DEMO_DIR, T5_PAIR_DIR, WORKLOADS, CustomPair, load_workloads
 
 FULL_KS = ("1", "2", "3", "5", "8", "auto")
 QUICK_KS = ("1", "3", "auto")
@@ -61,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dtype MLX loads both models in (transformers always runs float32)")
     parser.add_argument("--pair-dir", type=Path,
                         help="where the synthetic pair is cached (default OUT/synthetic-pair)")
-    parser.add_argument("--tiny", action="store_true", help="a tiny synthetic pair (for smoke tests)")
+    parser.add_argument("--t5-pair-dir", type=Path, default=T5_PAIR_DIR,
+                        help="where the T5-shaped pair (workloads t5, t5-agree, t5-lowaccept) is cached: ~3 GB "
+                             f"per agreement level (default {T5_PAIR_DIR})")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny synthetic and T5-shaped pairs (for smoke tests)")
     parser.add_argument("--models-dir", type=Path, default=DEMO_DIR,
                         help="where demo-draft and demo-target live (default: the repository's models/)")
     parser.add_argument("--log-level", default="INFO")
@@ -142,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("%s", machine_line(info))
     started = time.perf_counter()
     pair_dir = args.pair_dir or out / ("synthetic-pair-tiny" if args.tiny else "synthetic-pair")
-    workloads, skipped = load_workloads(names, settings, pair_dir, args.tiny, args.models_dir, custom)
+    workloads, skipped = load_workloads(names, settings, pair_dir, args.tiny, args.models_dir, custom,
+                                        args.t5_pair_dir)
     if args.drafting:
         from .drafting import drafting_main
 

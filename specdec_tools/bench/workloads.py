@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PROMPTS_FILE = Path(__file__).with_name("prompts.json")
 DEMO_DIR = REPO_ROOT / "models"
 CUSTOM_MAX_TOKENS = 64  # the custom workload's max_tokens unless --max-tokens (the services' default)
-WORKLOADS = ("synthetic", "demo", "custom", "copy", "lowaccept")
+WORKLOADS = ("synthetic", "demo", "custom", "copy", "lowaccept", "t5", "t5-agree", "t5-lowaccept")
+T5_WORKLOADS = ("t5", "t5-agree", "t5-lowaccept")
+# The T5-shaped pair is GBs (a 2.9 GB target per agreement level): cached outside the repository.
+T5_PAIR_DIR = Path(tempfile.gettempdir()) / "specdec-t5-pair"
 
 logger = logging.getLogger("specdec.bench")
 
@@ -101,7 +105,8 @@ def custom_workload(pair: CustomPair, settings: Settings) -> Workload:
 
 
 def load_workloads(names: list[str], settings: Settings, pair_dir: Path, tiny: bool,
-                   demo_dir: Path, custom: CustomPair | None = None) -> tuple[list[Workload], dict[str, str]]:
+                   demo_dir: Path, custom: CustomPair | None = None,
+                   t5_pair_dir: Path = T5_PAIR_DIR) -> tuple[list[Workload], dict[str, str]]:
     """The named workloads, and why any were skipped (the demo pair when it is not trained)."""
     spec = json.loads(PROMPTS_FILE.read_text())
     workloads, skipped = [], {}
@@ -133,6 +138,8 @@ def load_workloads(names: list[str], settings: Settings, pair_dir: Path, tiny: b
             workloads.append(Workload(name, draft, target, prompts, max_tokens, about))
         elif name == "copy":
             workloads.append(copy_workload(prompts, max_tokens, pair_dir.with_name("copy-pair"), tiny))
+        elif name in T5_WORKLOADS:
+            workloads.append(t5_workload(name, prompts, max_tokens, t5_pair_dir, tiny))
         else:
             raise SystemExit(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
     return workloads, skipped
@@ -168,3 +175,21 @@ def copy_workload(prompts: list[str], max_tokens: int, pair_dir: Path, tiny: boo
              f"pairs ({1 + recipe.target_extra_layers} decoder layers), a 1-layer draft that knows "
              f"{recipe.draft_known_edits:.0%} of the swaps")
     return Workload("copy", pair.draft, pair.target, prompts, max_tokens, about)
+
+
+def t5_workload(name: str, prompts: list[str], max_tokens: int, pair_dir: Path, tiny: bool) -> Workload:
+    """The T5-shaped pair (``specdec_tools.t5_pair``) at the workload's agreement level, built once
+    per level and cached (``--tiny``: the same construction at toy widths, in ``<dir>-tiny``)."""
+    from specdec_tools.t5_pair import GAINS, T5PairRecipe, build_t5_pair
+
+    recipe = T5PairRecipe(gain=GAINS[name])
+    if tiny:
+        recipe, pair_dir = recipe.scaled_down(), pair_dir.with_name(f"{pair_dir.name}-tiny")
+    logger.info("%s: building or reusing the T5-shaped pair in %s (minutes and ~3 GB the first time)",
+                name, pair_dir)
+    pair = build_t5_pair(pair_dir, recipe)
+    d, t = recipe.draft, recipe.target
+    about = (f"T5-shaped pair: draft d_model {d['d_model']}, {d['layers']}+{d['layers']} layers; target d_model "
+             f"{t['d_model']}, {t['layers']}+{t['layers']} layers, embedding the draft (extra parts x{recipe.gain:g}); "
+             f"vocabulary {recipe.vocab}")
+    return Workload(name, pair.draft, pair.target, prompts, max_tokens, about)
