@@ -215,6 +215,9 @@ def _save(out: Path, weights: dict[str, np.ndarray], shape: dict[str, int], voca
                       tie_word_embeddings=False, scale_decoder_outputs=False, dropout_rate=0.0, decoder_start_token_id=0,
                       pad_token_id=0, eos_token_id=1)
     config.save_pretrained(out)
+    # T5Config ties a relu model's head whatever it is told; the file must say the head is its own
+    saved = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(saved | {"tie_word_embeddings": False}, indent=2) + "\n")
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     load_tokenizer(tokenizer_dir).save_pretrained(out)
 

@@ -67,6 +67,7 @@ class Settings:
     max_tokens: int | None
     threads: int
     dtype: str | None
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS))  # --systems: which to run
 
 
 def cells_for(settings: Settings, systems: set[str] | None = None) -> list[Cell]:
@@ -75,7 +76,7 @@ def cells_for(settings: Settings, systems: set[str] | None = None) -> list[Cell]
     cells = []
     for temperature in settings.temperatures:
         for system in SYSTEMS:
-            if systems is not None and system not in systems:
+            if system not in settings.systems or (systems is not None and system not in systems):
                 continue
             for k in (settings.ks if system in BASELINE_OF else [None]):
                 cells.append(Cell(temperature, system, k))

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .cells import SYSTEMS, Settings
+from .cells import BASELINE_OF, SYSTEMS, Settings
 from .machine import limit_threads, machine, machine_line
 from .report import markdown, plot, workload_entry, write_outputs
 from .runner import run_workload
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"generating up to --max-tokens (default {CUSTOM_MAX_TOKENS}; quick 24)")
     parser.add_argument("--ks", help=f"comma-separated k values and/or auto (default {','.join(FULL_KS)}; "
                                      "with --concurrency one k, default auto)")
+    parser.add_argument("--systems",
+                        help=f"comma-separated systems to run (default all: {', '.join(SYSTEMS)}); a "
+                             "speculative system's baseline is added when missing")
     parser.add_argument("--temperatures", help="comma-separated temperatures (default 0,1; with --concurrency 0)")
     parser.add_argument("--prompts", type=int, help="prompts per workload (default 8; quick 2, but 8 with "
                                                     "--concurrency)")
@@ -87,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --concurrency: extra flags for draft and target, e.g. "
                              "\"--max-batch 8 --batch-wait-ms 2\"")
     return parser
+
+
+def chosen_systems(flag: str | None) -> list[str]:
+    """``--systems``, checked, with the baseline of every speculative system chosen (the speedups need it)."""
+    if not flag:
+        return list(SYSTEMS)
+    chosen = [name.strip() for name in flag.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in SYSTEMS]
+    if unknown:
+        raise SystemExit(f"--systems: unknown system {unknown[0]!r}; choose from {', '.join(SYSTEMS)}")
+    wanted = set(chosen) | {BASELINE_OF[name] for name in chosen if name in BASELINE_OF}
+    return [name for name in SYSTEMS if name in wanted]
 
 
 def workload_names(args: argparse.Namespace) -> tuple[list[str], CustomPair | None]:
@@ -134,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         max_tokens=args.max_tokens or preset.get("max_tokens"),
         threads=args.threads,
         dtype=None if args.dtype == "as-stored" else args.dtype,
+        systems=chosen_systems(args.systems),
     )
     for k in settings.ks:
         if k != "auto" and not (k.isdigit() and 1 <= int(k) <= 16):

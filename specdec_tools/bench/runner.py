@@ -38,7 +38,8 @@ def run_workload(workload: Workload, settings: Settings, env: dict[str, str]) ->
     systems: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     try:
-        systems["services"] = Services(workload.draft, workload.target, settings.dtype, env)
+        systems["services"] = Services(workload.draft, workload.target, settings.dtype, env,
+                                          unary_steps_baseline="services-unary" in settings.systems)
         systems["inproc"] = InProcess(workload.draft, workload.target, settings.dtype)
         hf, reason = start_hugging_face(workload)
         if hf is not None:
