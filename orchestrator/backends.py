@@ -2,7 +2,7 @@
 
 The loop (``speculative.py``) sees only the ``Backend`` interface: open a session, run one
 step (``StepRequest`` in; ``Proposal`` from a draft, ``Verdict`` from a target), close it.
-The same loop runs in one process on ``specdec_tools.inprocess`` backends (the benchmark).
+The same loop runs in one process on ``specdec_tools.local_backends`` backends (the benchmark).
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Every service keeps its metrics in a registry of its own (never prometheus_client's global one:
 tests run several services in one process) and serves it with prometheus_client's HTTP server
-on the host the gRPC server binds. All names start with ``specdec_``; the README's Monitoring
-section lists every metric.
+on the host the gRPC server binds. All names start with ``specdec_``; docs/monitoring.md lists
+every metric (tests/test_metrics.py checks it against what the services serve).
 
 - ``OrchestratorMetrics``: requests by outcome and status code, and the counters of the
   requests' own stats (``orchestrator.speculative.Stats``), updated once per request when it

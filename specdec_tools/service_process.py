@@ -7,8 +7,8 @@ a line ``specdec-<role> metrics on HOST:PORT`` comes before it (``metrics_port``
 to a log file rather than a pipe: a pipe nobody drains fills up and stalls the service, and a
 file can still be shown when a start fails.
 
-``scripts/up`` (``specdec_tools.cluster``), ``specdec-bench``, ``scripts/service_timing.py``
-and the tests' ``procs`` all start their services through ``ServiceProcess``.
+``scripts/up`` (``specdec_tools.cluster``), ``specdec-bench`` and the tests' ``procs`` all start
+their services through ``ServiceProcess``.
 """
 
 from __future__ import annotations

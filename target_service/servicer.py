@@ -1,36 +1,15 @@
-"""Target RPCs: the shared session lifecycle plus Verify."""
+"""Target RPCs: the shared session RPCs plus Verify (and VerifyStream), the target's step."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import grpc
-
-from specdec_grpc.convert import step_from_pb, verdict_to_pb
-from specdec_grpc.status import deadline_of, grpc_method, grpc_stream_method
-from specdec_grpc.worker import SessionServicer
-from specdec_pb import specdec_pb2 as pb
+from specdec_core.session_host import SessionHost
+from specdec_grpc.convert import verdict_to_pb
+from specdec_grpc.step_servicer import StepRpc, step_servicer
 from specdec_pb import specdec_pb2_grpc as pb_grpc
 
+VERIFY = StepRpc(name="Verify", service="Target", host_step=SessionHost.verify, to_pb=verdict_to_pb,
+                 generated_base=pb_grpc.TargetServicer, add_to_server=pb_grpc.add_TargetServicer_to_server)
 
-class TargetServicer(SessionServicer, pb_grpc.TargetServicer):
-    @grpc_method
-    async def Verify(self, request: pb.VerifyRequest, context: grpc.aio.ServicerContext) -> pb.VerifyResponse:
-        return await self._verify(request, deadline_of(context))
-
-    @grpc_stream_method
-    async def VerifyStream(self, requests: AsyncIterator[pb.VerifyRequest],
-                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.VerifyResponse]:
-        async for request in self.step_streams.requests(requests):
-            yield await self._verify(request, deadline_of(context))
-
-    async def _verify(self, request: pb.VerifyRequest, deadline: float | None) -> pb.VerifyResponse:
-        verdict = await self.host.verify(step_from_pb(request, deadline, self.wire_limits))
-        return self.counted(request, verdict_to_pb(verdict))
-
-
-def add_to_server(servicer: SessionServicer, server: grpc.aio.Server) -> None:
-    pb_grpc.add_TargetServicer_to_server(servicer, server)
-
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Target"].full_name
+TargetServicer = step_servicer(VERIFY)
+add_to_server = VERIFY.add_to_server
+SERVICE_NAME = VERIFY.service_name

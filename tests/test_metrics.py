@@ -9,6 +9,7 @@ step counts the steps the orchestrator's requests made.
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 from collections import Counter
@@ -204,6 +205,20 @@ def test_worker_metrics_agree_with_info_and_the_requests(cluster, served) -> Non
     assert got == {("Propose", "NOT_FOUND"): 3, ("OpenSession", "INVALID_ARGUMENT"): 1}
     rejected = Scrape(draft.running.metrics_port).samples["specdec_worker_rejected_requests_total"]
     assert {(dict(k)["method"], dict(k)["code"]): v for k, v in rejected.items()} == got
+
+
+def test_the_monitoring_table_lists_every_metric_the_services_export(cluster) -> None:
+    """docs/monitoring.md's table names exactly the metric families the three services serve."""
+    _, draft, target, orch = cluster
+    served = set()
+    for service in (orch, draft, target):
+        with urllib.request.urlopen(f"http://127.0.0.1:{service.running.metrics_port}/metrics", timeout=10) as reply:
+            served |= {f.name for f in text_string_to_metric_families(reply.read().decode())}
+    table = (Path(__file__).resolve().parent.parent / "docs" / "monitoring.md").read_text()
+    documented = {name.removesuffix("_total") for line in table.splitlines() if line.startswith("| `specdec_")
+                  for name in re.findall(r"`(specdec_[a-z0-9_]+)`", line.split("|")[1])}
+    # prometheus_client's own ``_created`` series, which the page mentions once, are left out
+    assert documented == {name for name in served if name.startswith("specdec_") and not name.endswith("_created")}
 
 
 def test_failovers_by_role_and_a_failed_requests_code(loop: LoopThread, draft_dir: Path, target_dir: Path) -> None:

@@ -1,7 +1,9 @@
-"""The README is the front door: every command it shows exists, with every flag it uses.
+"""The README and the docs/ pages: every command they show exists, with every flag it uses,
+and every link they make lands.
 
-Commands are read from the README's bash blocks and its option tables, and checked against
-the real argument parsers (``--help`` of each console script and script).
+Commands are read from the pages' bash blocks and option tables, and checked against the real
+argument parsers (``--help`` of each console script and script); links against the files and
+headings they point to.
 """
 
 from __future__ import annotations
@@ -21,7 +23,19 @@ from specdec_grpc import worker
 from specdec_tools import bench, cluster, convert, train_demo
 
 REPO = Path(__file__).resolve().parent.parent
-README = (REPO / "README.md").read_text()
+PAGES = {path.relative_to(REPO).as_posix(): path.read_text()
+         for path in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]}
+README = PAGES["README.md"]
+README_MAX_LINES = 250  # the front door stays readable in five minutes; the rest lives in docs/
+
+
+def _section(page: str, heading: str) -> str:
+    """The text under ``heading`` (a whole heading line) up to the next heading of its level."""
+    text = PAGES[page]
+    level = heading.split(" ", 1)[0]
+    assert f"\n{heading}\n" in f"\n{text}", f"{page} has no heading {heading!r}"
+    body = f"\n{text}".split(f"\n{heading}\n", 1)[1]
+    return re.split(rf"\n{level} ", body, maxsplit=1)[0]
 
 
 def _help(main: Callable[[list[str]], object], argv: list[str]) -> str:
@@ -47,7 +61,7 @@ HELP: dict[str, Callable[[], str]] = {
 
 
 def _bash_commands() -> list[str]:
-    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    blocks = [block for text in PAGES.values() for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S)]
     text = "\n".join(blocks).replace("\\\n", " ")
     commands = []
     for line in text.splitlines():
@@ -66,29 +80,33 @@ def _command_key(words: list[str]) -> str | None:
     return name if name in HELP else None
 
 
-def test_readme_commands_exist_with_their_flags() -> None:
+def test_readme_is_short() -> None:
+    assert len(README.splitlines()) <= README_MAX_LINES
+
+
+def test_commands_exist_with_their_flags() -> None:
     checked = 0
     for command in _bash_commands():
         words = shlex.split(command)
         key = _command_key(words)
         if key is None:
             continue
-        assert key in HELP, f"README runs {key!r}, which is not a command we ship"
+        assert key in HELP, f"the docs run {key!r}, which is not a command we ship"
         help_text = HELP[key]()
         for flag in (w.split("=")[0] for w in words if w.startswith("--")):
-            assert flag in help_text, f"README uses {flag} with {key}, which does not accept it"
+            assert flag in help_text, f"the docs use {flag} with {key}, which does not accept it"
         checked += 1
-    assert checked >= 10
+    assert checked >= 20
 
 
-def test_readme_scripts_exist_and_are_executable() -> None:
-    for script in set(re.findall(r"\bscripts/[a-z_]+(?:\.py)?", README)):
+def test_scripts_exist_and_are_executable() -> None:
+    for script in {s for text in PAGES.values() for s in re.findall(r"\bscripts/[a-z_]+(?:\.py)?", text)}:
         path = REPO / script
         assert path.is_file() and path.stat().st_mode & 0o111, f"{script} is missing or not executable"
 
 
 def test_client_option_table_matches_the_cli() -> None:
-    section = README.split("## The client", 1)[1].split("\n## ", 1)[0]
+    section = _section("docs/client.md", "## Options of `specdec generate`")
     help_text = HELP["specdec generate"]()
     flags = set(re.findall(r"`(--[a-z-]+)", section))
     assert len(flags) >= 12
@@ -96,8 +114,17 @@ def test_client_option_table_matches_the_cli() -> None:
         assert flag in help_text, f"the client table lists {flag}, which specdec generate lacks"
 
 
+def test_drafting_flags_table_matches_specdec_draft() -> None:
+    section = _section("docs/drafting.md", "# Drafting without a model")
+    help_text = HELP["specdec-draft"]()
+    flags = set(re.findall(r"^\| `(--[a-z-]+)", section, flags=re.M)) | set(re.findall(r", `(--[a-z-]+)", section))
+    assert len(flags) >= 4
+    for flag in flags:
+        assert flag in help_text, f"the drafting table lists {flag}, which specdec-draft lacks"
+
+
 def test_limits_table_flags_exist() -> None:
-    section = README.split("## Limits and flags", 1)[1].split("\n## ", 1)[0]
+    section = _section("docs/configuration.md", "## Limits and flags")
     helps = {"orchestrator": HELP["specdec-orchestrator"](), "draft, target": HELP["specdec-draft"](),
              "all": HELP["specdec-orchestrator"]() + HELP["specdec-target"]()}
     rows = 0
@@ -106,7 +133,7 @@ def test_limits_table_flags_exist() -> None:
         if len(cells) < 2 or cells[0] not in helps:
             continue
         for flag in re.findall(r"`(--[a-z-]+)`", cells[1]):
-            assert flag in helps[cells[0]], f"{flag} ({cells[0]}) is in the README but not a flag"
+            assert flag in helps[cells[0]], f"{flag} ({cells[0]}) is in the limits table but not a flag"
         rows += 1
     assert rows >= 8
 
@@ -114,7 +141,34 @@ def test_limits_table_flags_exist() -> None:
 def test_rpc_table_matches_the_protos() -> None:
     from specdec_pb import specdec_pb2
 
-    section = README.split("## The protocol", 1)[1].split("Errors (", 1)[0]
+    section = _section("docs/protocol.md", "## Services and RPCs")
     listed = set(re.findall(r"^\| [A-Za-z, ]+ \| `([A-Za-z]+)` \|", section, flags=re.M))
     declared = {m.name for s in specdec_pb2.DESCRIPTOR.services_by_name.values() for m in s.methods}
     assert listed == declared
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's id for a heading: lower case, punctuation but - and _ dropped, spaces as -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _prose(text: str) -> str:
+    return re.sub(r"```.*?```", "", text, flags=re.S)  # code blocks hold no links or headings
+
+
+def test_links_land_on_files_and_headings() -> None:
+    checked = 0
+    for page, text in PAGES.items():
+        here = (REPO / page).parent
+        for target in re.findall(r"\]\(([^)\s]+)\)", _prose(text)):
+            if re.match(r"[a-z]+:", target):
+                continue  # http(s) and other schemes: not checked offline
+            path, _, anchor = target.partition("#")
+            file = (here / path).resolve() if path else REPO / page
+            assert file.exists(), f"{page} links to {target}, which does not exist"
+            if anchor:
+                assert file.suffix == ".md", f"{page} links to an anchor in {target}"
+                headings = re.findall(r"^#+ (.+)$", _prose(file.read_text()), flags=re.M)
+                assert anchor in {_anchor(h) for h in headings}, f"{page} links to {target}: no such heading"
+            checked += 1
+    assert checked >= 40

@@ -24,6 +24,7 @@ import mlx.core as mx  # conftest imported specdec_core (OpenBLAS) before this
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from ring import fail_ring_start, skip_without_ring_backend
 from tp_rank import run_greedy
 
 from specdec_core.checkpoint import load_model, save_model
@@ -80,8 +81,8 @@ def _port_pair() -> int:
 
 def _launch(out: Path, checkpoints: list[Path]) -> str:
     launcher = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or shutil.which("mlx.launch")
-    if launcher is None:
-        pytest.skip("mlx.launch is not installed beside this Python or on PATH")
+    if launcher is None:  # installed with every MLX that has the ring backend
+        pytest.fail("mlx.launch is not installed beside this Python or on PATH")
     command = [launcher, "--backend", "ring", "-n", str(RANKS), "--starting-port", str(_port_pair()),
                sys.executable, str(RANK_SCRIPT), str(out), *map(str, checkpoints)]
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")  # two ranks on two shared cores
@@ -98,13 +99,12 @@ def _launch(out: Path, checkpoints: list[Path]) -> str:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory, t5_v10_dir: Path, t5_v11_dir: Path):
     """Per family: (the unsharded model's run, the two ranks' runs, the unsharded model)."""
-    if not mx.distributed.is_available():
-        pytest.skip("this MLX build has no distributed backend")
+    skip_without_ring_backend()  # a ring that is available but does not start fails (tests/ring.py)
     out = tmp_path_factory.mktemp("tp")
     checkpoints = [t5_v10_dir, t5_v11_dir]
     output = _launch(out, checkpoints)  # mlx.launch exits 0 even when a rank failed
     if not all((out / f"ring-ok-{rank}").is_file() for rank in range(RANKS)):
-        pytest.skip(f"the MLX ring backend did not start here:\n{output[-3000:]}")
+        fail_ring_start(output[-3000:])
     results = {}
     for i, checkpoint in enumerate(checkpoints):
         files = [out / f"{i}-{rank}.npz" for rank in range(RANKS)]

@@ -12,7 +12,7 @@ Systems (all greedy at temperature 0, all sampling at temperature 1 with no top-
   draft_service.server``, ``target_service.server``, ``orchestrator.server`` on loopback
   ports), called with ``SpecdecClient``; (a) and (b) share them.
 - ``inproc-target`` and ``inproc-spec`` (c): the orchestrator's own ``Orchestrator.generate``
-  (tokenize, ``SpeculativeGeneration``, detokenize) over ``specdec_tools.inprocess`` backends on two
+  (tokenize, ``SpeculativeGeneration``, detokenize) over ``specdec_tools.local_backends`` backends on two
   ``SessionHost``s in this process: the same work with no gRPC and no process hops, serial
   (``pipeline=false``): the single-process loop that the pipelined services must beat.
 - ``hf-target`` (e) and ``hf-assisted`` (d): transformers' PyTorch ``generate`` on CPU, the

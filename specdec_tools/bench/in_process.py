@@ -31,7 +31,7 @@ class InProcess:
 
         self.draft_host, self.target_host = self.loop.call(start())
         args = self.target_host.engine.args
-        from specdec_tools.inprocess import LocalSource
+        from specdec_tools.local_backends import LocalSource
 
         source = LocalSource(self.draft_host, self.target_host)
         self.orchestrator = Orchestrator(source, load_tokenizer(target), args.decoder_start_token_id,

@@ -1,4 +1,5 @@
-"""TextStream: streamed text deltas, joined, equal the final decode (no MLX, no servers).
+"""TextStream: streamed text deltas, joined, equal the final decode (no MLX, no servers; outside
+tests/unit because transformers' tokenizers import torch).
 
 Three real tokenizers decode the same sentencepiece model (trained here with byte fallback):
 transformers' TokenizersBackend (HF ByteFallback + Fuse + Strip decoders: an invalid run of byte

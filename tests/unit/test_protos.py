@@ -19,7 +19,7 @@ from google.protobuf.descriptor import Descriptor
 
 from specdec_pb import specdec_pb2 as pb
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROTO = ROOT / "protos" / "specdec" / "v1" / "specdec.proto"
 FIELD = re.compile(r"^\s*(optional\s+|repeated\s+)?[A-Za-z_][\w.]*\s+\w+\s*=\s*\d+\s*(\[.*\])?\s*;")
 RPC = re.compile(r"^\s*rpc\s+(\w+)\s*\(")
