@@ -332,6 +332,7 @@ class SessionHost:
     async def close(self, session_id: str) -> bool:
         session = self.store.pop(session_id)
         if session is not None:
+            self._scheduler.forget(session.state)
             logger.info("%s req=%s session %s closed", self.role, session.tag, session_id[:8])
         return session is not None
 

@@ -8,6 +8,13 @@ up or whose deadline passed, and runs the rest through the engine's ``propose_ba
 batch runs form the next batch: nobody waits for a batch to fill unless ``batch_wait_ms`` says
 so. Isolation: every step is checked alone before the batch runs, and if the batched pass
 fails, each step is restored and rerun alone, so a failure stays with the step that caused it.
+
+Gathering: sessions answered together tend to come back together (each through its own
+orchestrator turn), but not at once. Taking only those that are back when the thread gets free
+splits them into cohorts that then alternate on the model thread for good (8 clients of the
+target alone ran batches of 4: every pass paid for reading the weights with half the rows). So
+a batch whose previous batch's sessions are still on their way waits for them, while they
+usually come back within a small share of a pass (``Gathering``).
 """
 
 from __future__ import annotations
@@ -59,6 +66,45 @@ class QueuedStep:
             restore(self.state, tokens)
 
 
+# Wait for the last batch's sessions only while they come back within this share of a pass: a
+# separate pass for the stragglers would cost a whole pass (the weights read again), so waiting a
+# quarter of one for them pays; a session that takes longer (a draft's session, back only after
+# the target's Verify) is not waited for.
+GATHER_SHARE = 0.25
+TURNAROUND_DECAY = 0.8  # of the mean time from a session's answer to its next step (follows load)
+
+
+class Gathering:
+    """What one kind of step (propose or verify) needs to gather batches: the sessions of its last
+    batch, when each was answered, how long sessions take to come back, and what a pass costs."""
+
+    def __init__(self) -> None:
+        self.answered: dict[int, float] = {}  # id(state) of the last batch -> when it was answered
+        self.turnaround_s: float | None = None  # decayed mean, answer -> the session's next step
+        self.pass_s = 0.0  # the last batch's pass
+
+    def arrived(self, state: DecoderState | None, now: float) -> None:
+        answered = self.answered.pop(id(state), None)
+        if answered is not None:
+            seen = now - answered
+            self.turnaround_s = seen if self.turnaround_s is None else (
+                TURNAROUND_DECAY * self.turnaround_s + (1 - TURNAROUND_DECAY) * seen)
+
+    def ran(self, batch: list[QueuedStep], pass_s: float, finished: float) -> None:
+        self.answered = {id(step.state): finished for step in batch}
+        self.pass_s = pass_s
+
+    def wait_until(self, waiting: int, max_batch: int) -> float | None:
+        """Until when a batch of ``waiting`` steps should wait for the last batch's sessions to come
+        back, or None: it should not (none missing, room for none, or they come back too slowly)."""
+        if not self.answered or waiting >= max_batch or self.turnaround_s is None:
+            return None
+        bound = GATHER_SHARE * self.pass_s
+        if self.turnaround_s > bound:
+            return None
+        return min(self.answered.values()) + bound
+
+
 class StepScheduler:
     """Forms batches of waiting steps and runs them on the model thread."""
 
@@ -73,11 +119,14 @@ class StepScheduler:
         self._waiting: deque[QueuedStep] = deque()
         self._running: list[QueuedStep] = []  # the batch on the model thread now
         self._arrived = threading.Condition()
+        self._gathering = {"propose": Gathering(), "verify": Gathering()}
 
     def submit(self, step: QueuedStep) -> Any:
         """Queue a step; returns an asyncio future of its result (call on the event loop)."""
         self._count_job(step.future)
         with self._arrived:
+            if step.kind in self._gathering:
+                self._gathering[step.kind].arrived(step.state, step.arrived)
             self._waiting.append(step)
             self._arrived.notify()
         self._run_on_model_thread(self._run_next)
@@ -101,12 +150,35 @@ class StepScheduler:
                     self._arrived.wait(left)
                 if not self._drop_cancelled():
                     return []
+            self._gather()
+            if not self._drop_cancelled():
+                return []
             kind = self._waiting[0].kind
             batch = [step for step in self._waiting if step.kind == kind][: self.max_batch]
             for step in batch:
                 self._waiting.remove(step)
         # A step whose caller gives up from now on finishes with its batch and is undone after.
         return [step for step in batch if _claim(step.future)]
+
+    def _gather(self) -> None:
+        """Hold the next batch while the last batch of its kind still has sessions on their way
+        back that usually come back soon (``Gathering``); called holding ``_arrived``."""
+        kind = self._waiting[0].kind
+        if self.max_batch == 1 or kind not in self._gathering:
+            return
+        gathering = self._gathering[kind]
+        while True:
+            same = sum(step.kind == kind for step in self._waiting)
+            until = gathering.wait_until(same, self.max_batch)
+            if until is None or (left := until - time.perf_counter()) <= 0:
+                return
+            self._arrived.wait(left)
+
+    def forget(self, state: DecoderState) -> None:
+        """A closed session will not come back: no batch waits for it."""
+        with self._arrived:
+            for gathering in self._gathering.values():
+                gathering.answered.pop(id(state), None)
 
     def _drop_cancelled(self) -> int:
         """Forget waiting steps that already have an answer: their caller gave up (and restores
@@ -149,6 +221,8 @@ class StepScheduler:
         if batch[0].kind != "open":  # Info's batch counters are about Propose/Verify steps
             self.metrics.batches += 1
             self.metrics.batched_steps += len(ready)
+            with self._arrived:
+                self._gathering[batch[0].kind].ran(batch, finished - started, finished)
         for step, result in zip(ready, results, strict=True):
             step.started, step.finished, step.batch_size = started, finished, len(ready)
             if isinstance(result, BaseException):
