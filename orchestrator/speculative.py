@@ -213,8 +213,10 @@ class Lane:
 
     @property
     def max_draft(self) -> int:
-        """The largest k this lane's replica takes (its --max-draft; 0: unknown, no cap)."""
-        return getattr(self.backend, "max_draft", 0) or 0
+        """The largest k this lane's replica takes (its --max-draft; 0: unknown, no cap). The
+        pool knows it from the replica's Info, so it holds from the moment the replica is chosen,
+        while its session is still opening (pipelined, the first k is chosen then)."""
+        return getattr(self.backend or self.opening, "max_draft", 0) or 0
 
     def request(self, block: list[int], num_draft: int, sampling: SamplingParams, seed: int,
                 deadline: float | None, draft_distributions: Any = ()) -> StepRequest:
@@ -509,6 +511,8 @@ class SpeculativeGeneration:
         replica's --max-draft); never drafting past max_tokens (a step yields up to k+1 tokens)."""
         if self._first_k is not None:  # chosen while the target opened (its block is drafted)
             k, self._first_k = self._first_k, None
+            if self.params.num_draft_auto and self.draft.backend is not None:
+                k = min(k, self._auto_cap())  # the target's open failed over to a replica with a lower cap
             return k
         if self.draft.backend is None:  # no draft left: the target alone
             return 0

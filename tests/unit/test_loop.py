@@ -319,6 +319,33 @@ def test_k_is_capped_at_the_replicas_max_draft() -> None:
     assert max(r.num_draft for r in replicas[0].requests) == 2
 
 
+@pytest.mark.parametrize("seeded", [False, True])
+def test_auto_k_respects_the_max_draft_of_a_target_still_opening(seeded: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pipelined, the first k is chosen while the target's session is still opening: the cap of
+    that replica (known from its Info when the pool hands it out) must bound it too. The fake
+    target raises above its --max-draft; the draft's --max-draft is left at its default, and the
+    policy drafts all it may (as one that learned a good pair from earlier requests does)."""
+    monkeypatch.setattr(KPolicy, "choose", lambda self, cap, ready=0: cap)
+    draft, target = FakeReplica("draft", "d0"), SlowOpeningTarget("target", "t0", max_draft=3)
+    target.draft = draft
+    source = FakeSource([draft, target])
+    params = GenerationParams(max_tokens=40, num_draft=8, num_draft_auto=True, sampling=SamplingParams(), seed=1,
+                              seeded=seeded, delta=0.3 if seeded else 0.0)
+    generation = SpeculativeGeneration(source, PROMPT, params, START, EOS)
+
+    async def run() -> list[int]:
+        return [t async for event in generation.run() for t in event.tokens]
+
+    tokens = asyncio.run(run())
+    assert target.overlapped  # the first block was drafted while the target opened
+    assert draft.requests[0].num_draft <= 3  # the first block: at most the target's cap
+    assert max(r.num_draft for r in target.requests) <= 3
+    if not seeded:
+        assert tokens == expected()
+    assert_clean([draft, target], source)
+
+
 @pytest.mark.parametrize("auto", [False, True])
 def test_an_untimed_request_at_the_draft_replicas_max_draft_scores_the_same_blocks_pipelined_or_not(
         auto: bool) -> None:
