@@ -236,55 +236,51 @@ def _build_engine(config: WorkerConfig) -> tuple[Any, Path]:
     return engine, loaded.path
 
 
-@dataclass(frozen=True)
-class _Raised:
-    error: Exception
-
-
 class StepStreams:
     """The requests of every open step stream (ProposeStream/VerifyStream), which ``end_all``
     can end between steps: a draining worker must not wait its whole grace period for streams
     whose sessions are idle (a draft at k = 0 may not step for a minute). A stream ended so
     finishes OK; its orchestrator asks the next step again on a new call, which the draining
-    worker refuses (UNAVAILABLE), and fails over."""
+    worker refuses (UNAVAILABLE), and fails over.
 
-    _END = object()
+    The next message is read only once the last one is answered (the handler asks for it), so a
+    client that sends faster than the model answers is held back by gRPC's flow control instead
+    of filling the worker's memory."""
 
     def __init__(self) -> None:
-        self._queues: set[asyncio.Queue[Any]] = set()
+        self._ends: set[asyncio.Future[None]] = set()
         self.ended = False
 
     async def requests(self, incoming: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """The stream's requests, until the caller ends it or ``end_all`` does."""
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-
-        async def pump() -> None:  # reads in its own task, so that a waiting handler can be woken
-            try:
-                async for request in incoming:
-                    queue.put_nowait(request)
-            except Exception as error:  # noqa: BLE001 - e.g. a malformed request's abort: the handler's to raise
-                queue.put_nowait(_Raised(error))
-            finally:
-                queue.put_nowait(self._END)
-
-        pumping = asyncio.ensure_future(pump())
-        self._queues.add(queue)
+        messages = aiter(incoming)
+        end: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ends.add(end)
         try:
             while not self.ended:
-                request = await queue.get()
-                if request is self._END:
+                # The read runs in its own task, so that ``end_all`` can wake a handler waiting on it.
+                reading = asyncio.ensure_future(anext(messages))
+                try:
+                    await asyncio.wait((reading, end), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not reading.done():
+                        reading.cancel()
+                if not reading.done() or reading.cancelled():
+                    break  # ended between steps
+                try:
+                    request = reading.result()  # raises e.g. a malformed request's abort: the handler's to raise
+                except StopAsyncIteration:
                     break
-                if isinstance(request, _Raised):
-                    raise request.error
                 yield request
         finally:
-            self._queues.discard(queue)
-            pumping.cancel()
+            self._ends.discard(end)
+            end.cancel()
 
     def end_all(self) -> None:
         self.ended = True
-        for queue in self._queues:
-            queue.put_nowait(self._END)
+        for end in self._ends:
+            if not end.done():
+                end.set_result(None)
 
 
 class SessionServicer:

@@ -171,3 +171,59 @@ def test_a_replica_without_step_streams_gets_unary_calls() -> None:
         await server.stop(None)
 
     run(test)
+
+
+# -- the worker's side: StepStreams ------------------------------------------------------------------
+
+
+def test_a_worker_reads_a_stream_no_further_than_the_step_it_answers() -> None:
+    """A client that sends step after step while the model is busy must be pushed back by gRPC's
+    flow control: the worker reads the next message only when the last one is answered, so at
+    most one is read ahead of the step being answered (no unbounded queue in the worker)."""
+    from specdec_grpc.worker import StepStreams
+
+    async def test() -> None:
+        read = 0
+
+        async def fast_client() -> AsyncIterator[int]:
+            nonlocal read
+            for i in range(1000):
+                read += 1
+                yield i
+                await asyncio.sleep(0)
+
+        answered = 0
+        async for _ in StepStreams().requests(fast_client()):
+            await asyncio.sleep(0.005)  # the model is busy with this step
+            answered += 1
+            assert read - answered <= 1, f"{read - answered} messages read ahead of the answered step"
+            if answered == 20:
+                break
+
+    run(test)
+
+
+def test_ending_every_stream_wakes_one_waiting_for_its_next_step() -> None:
+    from specdec_grpc.worker import StepStreams
+
+    async def test() -> None:
+        streams = StepStreams()
+
+        async def idle_client() -> AsyncIterator[int]:
+            yield 1
+            await asyncio.sleep(60)  # an idle session: no next step for a minute
+            yield 2
+
+        got: list[int] = []
+
+        async def handler() -> None:
+            async for request in streams.requests(idle_client()):
+                got.append(request)
+
+        handling = asyncio.ensure_future(handler())
+        await asyncio.sleep(0.05)
+        streams.end_all()
+        await asyncio.wait_for(handling, 1)
+        assert got == [1]
+
+    run(test)
