@@ -22,6 +22,7 @@ from specdec_grpc.server import (
     announce,
     configure_logging,
     create_server,
+    read_token,
     serve_until_signal,
 )
 from specdec_pb import specdec_pb2_grpc as pb_grpc
@@ -101,9 +102,7 @@ class OrchestratorConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> OrchestratorConfig:
         """The config from parsed flags; inconsistent flags exit 2 with a message, like argparse."""
-        token = args.worker_token
-        if args.worker_token_file:
-            token = Path(args.worker_token_file).read_text().strip()
+        token = read_token(args.worker_token, args.worker_token_file, "--worker-token")
         try:
             workers = WorkerCredentials(args.worker_tls_ca, args.worker_tls_cert, args.worker_tls_key, token)
         except StartupError as error:
