@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,10 @@ M = TypeVar("M", bound=Message)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODELS = {"draft": REPO_ROOT / "models" / "demo-draft", "target": REPO_ROOT / "models" / "demo-target"}
 DEFAULT_PORTS = {"draft": 50061, "target": 50071}
+# A tensor-parallel rank 0 with no pass for this long pings its peers (a dead one is noticed
+# while idle), and gives them this long to answer.
+IDLE_PING_S = 1.0
+PING_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -523,10 +528,18 @@ class TensorParallel:
         host.on_wedged = on_wedged
 
         async def watch() -> None:
+            heard, quiet_since = mirror.messages, time.monotonic()
             while mirror.broken is None:
                 for rank, follower in enumerate(self.followers, start=1):
                     if follower.poll() is not None:
                         mirror.fail(f"rank {rank} (pid {follower.pid}) exited with code {follower.returncode}")
+                # Ranks mlx.launch started are no children of this process: while no pass tells,
+                # an empty broadcast now and then does (a dead peer fails it, or it hangs).
+                if mirror.messages != heard:
+                    heard, quiet_since = mirror.messages, time.monotonic()
+                elif time.monotonic() - quiet_since >= IDLE_PING_S and host.idle and mirror.broken is None:
+                    await self._ping(host)
+                    heard, quiet_since = mirror.messages, time.monotonic()
                 await asyncio.sleep(0.1)
             await running.set_wedged(True)
             # A pass in flight may block in a collective with the dead rank for good: answer its
@@ -535,6 +548,15 @@ class TensorParallel:
                                          "replica"))
 
         return asyncio.get_running_loop().create_task(watch())
+
+    async def _ping(self, host: SessionHost) -> None:
+        """One empty broadcast on the model thread; a failure or no answer breaks the group."""
+        try:
+            await asyncio.wait_for(host.run_on_model_thread(host.engine.ping), PING_TIMEOUT_S)
+        except TimeoutError:
+            self.mirror.fail(f"the other ranks did not answer a ping within {PING_TIMEOUT_S:g} s")
+        except Exception:  # noqa: BLE001 - the broadcast failed: the mirror is marked broken already
+            pass
 
     def stop_followers(self) -> None:
         """After rank 0 stopped serving: its followers have nothing left to do."""
