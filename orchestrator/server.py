@@ -22,6 +22,7 @@ from specdec_grpc.server import (
     announce,
     configure_logging,
     create_server,
+    is_loopback,
     read_token,
     serve_until_signal,
 )
@@ -78,6 +79,12 @@ class WorkerCredentials:
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def cleartext_token_to(self, addresses: list[str]) -> list[str]:
+        """The worker addresses off loopback that the token would reach without TLS."""
+        if not self.token or self.ca or self.cert:
+            return []
+        return [a for a in addresses if not is_loopback(a.rsplit(":", 1)[0])]
 
 
 @dataclass
@@ -204,6 +211,11 @@ def resolve_tokenizer(config: OrchestratorConfig, pool: ReplicaPool):  # type: i
 
 
 async def start_orchestrator(config: OrchestratorConfig) -> tuple[RunningServer, ReplicaPool, Orchestrator]:
+    exposed = config.workers.cleartext_token_to([*config.drafts, *config.targets])
+    if exposed:
+        logger.warning("the worker token goes in cleartext to %s (no --worker-tls-ca): anyone on the network "
+                       "path can read it and call those workers; serve them over TLS (--tls-cert/--tls-key) "
+                       "and pass --worker-tls-ca", ", ".join(exposed))
     pool = ReplicaPool(
         config.drafts, config.targets,
         lambda address: config.workers.channel(address, config.max_message_mb),

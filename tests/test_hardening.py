@@ -408,3 +408,23 @@ def test_a_worker_with_an_empty_token_file_exits_non_zero_naming_the_file(tmp_pa
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert str(token_file) in done.stderr and "authentication off" in done.stderr
+
+
+def test_a_worker_token_sent_in_cleartext_off_loopback_warns(loop: LoopThread, caplog: pytest.LogCaptureFixture
+                                                            ) -> None:
+    from orchestrator.server import start_orchestrator
+
+    def warnings_for(targets: list[str], **workers: Any) -> list[str]:
+        caplog.clear()
+        config = OrchestratorConfig(drafts=[], targets=targets, connect_timeout_s=0.2,
+                                    workers=WorkerCredentials(**workers))
+        with pytest.raises(Exception):  # noqa: B017, PT011 - nothing serves there; only the warning matters
+            loop.call(start_orchestrator(config))
+        return [r.getMessage() for r in caplog.records if "cleartext" in r.getMessage()]
+
+    caplog.set_level(logging.WARNING, logger="orchestrator.server")
+    found = warnings_for(["10.255.255.1:50071", "127.0.0.1:1"], token="s3cret")
+    assert len(found) == 1 and "10.255.255.1:50071" in found[0] and "127.0.0.1:1" not in found[0]
+    assert not warnings_for(["127.0.0.1:1", "localhost:2", "[::1]:3"], token="s3cret")
+    assert not warnings_for(["10.255.255.1:50071"])  # no token: nothing to leak
+    assert not warnings_for(["10.255.255.1:50071"], token="s3cret", ca="ca.pem")  # TLS
