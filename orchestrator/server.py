@@ -248,7 +248,8 @@ async def start_orchestrator(config: OrchestratorConfig) -> tuple[RunningServer,
         orchestrator.metrics = metrics
         metrics.watch(orchestrator)
         running.metrics = serve_metrics(metrics.registry, config.host, config.metrics_port,
-                                        config.security.cert, config.security.key)
+                                        config.security.cert, config.security.key,
+                                        config.security.client_ca)
     return running, pool, orchestrator
 
 

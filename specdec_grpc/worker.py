@@ -409,7 +409,8 @@ async def start_worker(
         metrics = WorkerMetrics(host)
         servicer.on_error = metrics.refused
         running.metrics = serve_metrics(metrics.registry, config.host, config.metrics_port,
-                                        config.security.cert, config.security.key)
+                                        config.security.cert, config.security.key,
+                                        config.security.client_ca)
     return running, host
 
 
