@@ -447,6 +447,21 @@ def run_worker(
             ranks.stop_followers()
 
 
+def follower_argv(argv: list[str]) -> list[str]:
+    """Rank 0's flags for the followers it starts, without ``--auth-token``: they serve no RPC,
+    and a command line shows in ``ps`` to every user of the host."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--auth-token":
+            skip = True  # and its value
+        elif not arg.startswith("--auth-token="):
+            kept.append(arg)
+    return kept
+
+
 class TensorParallel:
     """A target split over the ranks of a ring (``specdec_core.rank_mirror``): rank 0 serves with
     a ``MirroredEngine``, every other rank follows it and serves nothing."""
@@ -471,7 +486,7 @@ class TensorParallel:
         followers = []
         if not rank_mirror.launched():
             followers = rank_mirror.launch_local_followers(
-                wanted or 1, [sys.executable, "-m", f"{config.role}_service.server", *argv])
+                wanted or 1, [sys.executable, "-m", f"{config.role}_service.server", *follower_argv(argv)])
         try:
             group = rank_mirror.join()
         except Exception:

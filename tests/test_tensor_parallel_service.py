@@ -264,3 +264,32 @@ def test_a_rank_that_dies_while_idle_turns_health_not_serving(tmp_path: Path, ta
     finally:
         for rank in ranks:
             _kill_group(rank)
+
+
+def test_followers_do_not_get_the_token_on_their_command_line(tmp_path: Path, target_dir: Path) -> None:
+    """``--tensor-parallel 2 --auth-token T``: the follower rank 0 starts serves no RPC and needs
+    no token, so ``ps`` (its /proc cmdline) must not show it; rank 0 still demands it."""
+    if not mx.distributed.is_available():
+        pytest.skip("this MLX build has no distributed backend")
+    secret = "tp-rank-token-s3cret"
+    tp = ServiceProcess("target", ["--model", str(target_dir), "--port", "0", "--log-level", "INFO",
+                                   "--tensor-parallel", str(RANKS), "--auth-token", secret],
+                        tmp_path / "tp.log", env=dict(os.environ, OPENBLAS_NUM_THREADS="1"), new_session=True)
+    try:
+        try:
+            tp.wait_port(START_TIMEOUT_S)
+        except RuntimeError as error:
+            if "joined the ring" not in tp.log.read_text(errors="replace"):
+                pytest.skip(f"the MLX ring backend did not start here: {error}")
+            raise
+        found = re.search(r"follower rank\(s\) \(pids (\d+)\)", tp.log.read_text())
+        assert found, "rank 0 did not log its follower's pid"
+        cmdline = Path(f"/proc/{found.group(1)}/cmdline").read_bytes().split(b"\0")
+        assert b"--tensor-parallel" in cmdline and not any(secret.encode() in arg for arg in cmdline)
+        assert secret.encode() in Path(f"/proc/{tp.pid}/cmdline").read_bytes()  # (the test sees cmdlines)
+        with pytest.raises(grpc.RpcError) as info:
+            tp.info()
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert tp.info(metadata=[("authorization", f"Bearer {secret}")]).tensor_parallel == RANKS
+    finally:
+        _kill_group(tp)
