@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 
 from specdec_core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from specdec_core.sampling import ACCEPT_STREAM, position_uniforms
+from specdec_core.sampling import ACCEPT_STREAM, position_uniforms, token_probability
 from specdec_core.steps import Proposal, SamplingParams, StepRequest, Verdict
 
 from .acceptance import StepOutcome, accept_greedy, accept_sampled
@@ -707,7 +707,7 @@ class SpeculativeGeneration:
         if sampling.greedy:
             outcome = accept_greedy(drafted, verdict.argmax, uniforms, self.params.delta)
         else:
-            draft_probs = proposal.token_probs if proposal is not None else []
+            draft_probs = draft_token_probs(proposal) if proposal is not None else []
             outcome = accept_sampled(
                 drafted, draft_probs, verdict.draft_probs, verdict.resampled, uniforms, self.params.delta
             )
@@ -743,6 +743,23 @@ async def _all(*calls: Any) -> list[Any]:
 
 # Codes that mean the replica lost our session, not that it is down.
 SESSION_LOST = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED})
+
+
+def draft_token_probs(proposal: Proposal) -> list[float]:
+    """q(d) of each draft token for acceptance, computed from the q forwarded to the target (float64,
+    normalised as the target normalises it for the residual), not the float32 ``token_probs``:
+    acceptance and the residual then use one q. ``token_probs`` only where no q came (greedy)."""
+    distributions = list(proposal.distributions)
+    if len(distributions) != len(proposal.tokens):
+        return list(proposal.token_probs)
+    probs = []
+    for distribution, token in zip(distributions, proposal.tokens, strict=True):
+        if hasattr(distribution, "probs_f16"):  # the wire message, forwarded untouched
+            weights = np.frombuffer(distribution.probs_f16, dtype="<f2")
+        else:  # a Distribution (in-process backends)
+            weights = np.asarray(distribution.probs)
+        probs.append(token_probability(np.asarray(distribution.token_ids), weights, token))
+    return probs
 
 
 def check_reply(role: str, request: StepRequest, result: Any, address: str) -> None:
