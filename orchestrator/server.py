@@ -22,6 +22,8 @@ from specdec_grpc.server import (
     announce,
     configure_logging,
     create_server,
+    is_loopback,
+    read_token,
     serve_until_signal,
 )
 from specdec_pb import specdec_pb2_grpc as pb_grpc
@@ -78,6 +80,12 @@ class WorkerCredentials:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
+    def cleartext_token_to(self, addresses: list[str]) -> list[str]:
+        """The worker addresses off loopback that the token would reach without TLS."""
+        if not self.token or self.ca or self.cert:
+            return []
+        return [a for a in addresses if not is_loopback(a.rsplit(":", 1)[0])]
+
 
 @dataclass
 class OrchestratorConfig:
@@ -101,9 +109,7 @@ class OrchestratorConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> OrchestratorConfig:
         """The config from parsed flags; inconsistent flags exit 2 with a message, like argparse."""
-        token = args.worker_token
-        if args.worker_token_file:
-            token = Path(args.worker_token_file).read_text().strip()
+        token = read_token(args.worker_token, args.worker_token_file, "--worker-token")
         try:
             workers = WorkerCredentials(args.worker_tls_ca, args.worker_tls_cert, args.worker_tls_key, token)
         except StartupError as error:
@@ -205,6 +211,11 @@ def resolve_tokenizer(config: OrchestratorConfig, pool: ReplicaPool):  # type: i
 
 
 async def start_orchestrator(config: OrchestratorConfig) -> tuple[RunningServer, ReplicaPool, Orchestrator]:
+    exposed = config.workers.cleartext_token_to([*config.drafts, *config.targets])
+    if exposed:
+        logger.warning("the worker token goes in cleartext to %s (no --worker-tls-ca): anyone on the network "
+                       "path can read it and call those workers; serve them over TLS (--tls-cert/--tls-key) "
+                       "and pass --worker-tls-ca", ", ".join(exposed))
     pool = ReplicaPool(
         config.drafts, config.targets,
         lambda address: config.workers.channel(address, config.max_message_mb),
@@ -237,7 +248,8 @@ async def start_orchestrator(config: OrchestratorConfig) -> tuple[RunningServer,
         orchestrator.metrics = metrics
         metrics.watch(orchestrator)
         running.metrics = serve_metrics(metrics.registry, config.host, config.metrics_port,
-                                        config.security.cert, config.security.key)
+                                        config.security.cert, config.security.key,
+                                        config.security.client_ca)
     return running, pool, orchestrator
 
 

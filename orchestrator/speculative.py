@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 
 from specdec_core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from specdec_core.sampling import ACCEPT_STREAM, position_uniforms
+from specdec_core.sampling import ACCEPT_STREAM, position_uniforms, token_probability
 from specdec_core.steps import Proposal, SamplingParams, StepRequest, Verdict
 
 from .acceptance import StepOutcome, accept_greedy, accept_sampled
@@ -213,8 +213,10 @@ class Lane:
 
     @property
     def max_draft(self) -> int:
-        """The largest k this lane's replica takes (its --max-draft; 0: unknown, no cap)."""
-        return getattr(self.backend, "max_draft", 0) or 0
+        """The largest k this lane's replica takes (its --max-draft; 0: unknown, no cap). The
+        pool knows it from the replica's Info, so it holds from the moment the replica is chosen,
+        while its session is still opening (pipelined, the first k is chosen then)."""
+        return getattr(self.backend or self.opening, "max_draft", 0) or 0
 
     def request(self, block: list[int], num_draft: int, sampling: SamplingParams, seed: int,
                 deadline: float | None, draft_distributions: Any = ()) -> StepRequest:
@@ -509,6 +511,8 @@ class SpeculativeGeneration:
         replica's --max-draft); never drafting past max_tokens (a step yields up to k+1 tokens)."""
         if self._first_k is not None:  # chosen while the target opened (its block is drafted)
             k, self._first_k = self._first_k, None
+            if self.params.num_draft_auto and self.draft.backend is not None:
+                k = min(k, self._auto_cap())  # the target's open failed over to a replica with a lower cap
             return k
         if self.draft.backend is None:  # no draft left: the target alone
             return 0
@@ -703,7 +707,7 @@ class SpeculativeGeneration:
         if sampling.greedy:
             outcome = accept_greedy(drafted, verdict.argmax, uniforms, self.params.delta)
         else:
-            draft_probs = proposal.token_probs if proposal is not None else []
+            draft_probs = draft_token_probs(proposal) if proposal is not None else []
             outcome = accept_sampled(
                 drafted, draft_probs, verdict.draft_probs, verdict.resampled, uniforms, self.params.delta
             )
@@ -739,6 +743,23 @@ async def _all(*calls: Any) -> list[Any]:
 
 # Codes that mean the replica lost our session, not that it is down.
 SESSION_LOST = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED})
+
+
+def draft_token_probs(proposal: Proposal) -> list[float]:
+    """q(d) of each draft token for acceptance, computed from the q forwarded to the target (float64,
+    normalised as the target normalises it for the residual), not the float32 ``token_probs``:
+    acceptance and the residual then use one q. ``token_probs`` only where no q came (greedy)."""
+    distributions = list(proposal.distributions)
+    if len(distributions) != len(proposal.tokens):
+        return list(proposal.token_probs)
+    probs = []
+    for distribution, token in zip(distributions, proposal.tokens, strict=True):
+        if hasattr(distribution, "probs_f16"):  # the wire message, forwarded untouched
+            weights = np.frombuffer(distribution.probs_f16, dtype="<f2")
+        else:  # a Distribution (in-process backends)
+            weights = np.asarray(distribution.probs)
+        probs.append(token_probability(np.asarray(distribution.token_ids), weights, token))
+    return probs
 
 
 def check_reply(role: str, request: StepRequest, result: Any, address: str) -> None:

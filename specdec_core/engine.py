@@ -146,11 +146,14 @@ class ModelEngine(RequestChecks):
             )
         if num_draft > self.max_draft:
             raise InvalidArgument(f"num_draft {num_draft} exceeds this service's limit {self.max_draft}")
-        if not params.greedy and len(draft_distributions) != num_draft:
-            raise InvalidArgument(
-                f"sampling needs the draft's distribution for each of the {num_draft} draft "
-                f"tokens, got {len(draft_distributions)}"
-            )
+        if not params.greedy:
+            if len(draft_distributions) != num_draft:
+                raise InvalidArgument(
+                    f"sampling needs the draft's distribution for each of the {num_draft} draft "
+                    f"tokens, got {len(draft_distributions)}"
+                )
+            for distribution in draft_distributions:  # lengths, ids, values: not after the pass
+                distribution.check(self.vocab_size)
 
     def verify(
         self,

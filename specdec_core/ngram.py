@@ -26,7 +26,7 @@ from .errors import InvalidArgument
 from .request_checks import RequestChecks
 from .steps import Distribution, Proposal, SamplingParams, Verdict
 
-MAX_NGRAM = 64  # the longest n-gram an index may use (each size costs one table entry per position)
+MAX_NGRAM = 64  # the longest n-gram a lookup may use (each size costs a vectorised pass per lookup)
 
 
 def check_ngram_sizes(ngram_min: int, ngram_max: int) -> None:
@@ -47,16 +47,21 @@ class Match:
 
 
 class NgramIndex:
-    """A session's prompt ids and output tokens, indexed by every n-gram of sizes
-    ``ngram_min..ngram_max`` that lies within one of the two (none spans the boundary: the
+    """A session's prompt ids and output tokens, searched for n-grams of sizes
+    ``ngram_min..ngram_max`` that lie within one of the two (none spans the boundary: the
     output is not a continuation of the prompt's text).
 
     ``lookup(k)`` takes the output's last n tokens for n from ``ngram_max`` down to
     ``ngram_min`` (longest first) and returns what followed their most recent earlier
     occurrence, up to k tokens: in the prompt it stops at the prompt's end; in the output it
     may run into the tokens it proposes (an overlapping copy, as LZ77 does), so a repeating
-    output is continued. Appending and truncating the output are O(sizes) per token, so a
-    rollback costs what it drops.
+    output is continued.
+
+    No table: the ids sit in one int32 array (4 bytes a position), and a lookup scans it with
+    numpy (one comparison over the positions, then one per matched token among the few
+    candidates: tens of microseconds for thousands of positions). A table of every n-gram cost
+    about 0.8 KB a position at ``ngram_max`` 4 and 4 KB at 16. Appending is a copy into the
+    array; a rollback moves its length back.
     """
 
     def __init__(self, prompt: Sequence[int], ngram_min: int = 1, ngram_max: int = 4):
@@ -64,58 +69,50 @@ class NgramIndex:
         self.ngram_min = ngram_min
         self.ngram_max = ngram_max
         self.prompt_length = len(prompt)
-        self._seq: list[int] = []  # prompt, then output
-        # n-gram -> end indices of its occurrences in _seq, ascending (the last is the most recent)
-        self._ends: dict[tuple[int, ...], list[int]] = {}
-        for token in prompt:
-            self._push(token, segment_start=0)
+        self._ids = np.zeros(max(64, 2 * len(prompt)), np.int32)  # prompt, then output; grown by doubling
+        self._length = 0
+        self._put(prompt)
 
     # -- contents ------------------------------------------------------------------------------
     @property
     def output(self) -> list[int]:
-        return self._seq[self.prompt_length :]
+        return self._ids[self.prompt_length : self._length].tolist()
 
     @property
     def positions(self) -> int:
-        """Token positions indexed: prompt plus output."""
-        return len(self._seq)
+        """Token positions held: prompt plus output."""
+        return self._length
 
-    def _push(self, token: int, segment_start: int) -> None:
-        self._seq.append(token)
-        end = len(self._seq) - 1
-        for n in range(self.ngram_min, self.ngram_max + 1):
-            if end - n + 1 < segment_start:
-                break
-            self._ends.setdefault(tuple(self._seq[end - n + 1 : end + 1]), []).append(end)
+    @property
+    def nbytes(self) -> int:
+        """Memory the index holds (its array, spare room included)."""
+        return self._ids.nbytes
+
+    def _put(self, tokens: Sequence[int]) -> None:
+        need = self._length + len(tokens)
+        if need > len(self._ids):
+            grown = np.zeros(max(need, 2 * len(self._ids)), np.int32)
+            grown[: self._length] = self._ids[: self._length]
+            self._ids = grown
+        self._ids[self._length : need] = tokens
+        self._length = need
 
     def extend(self, tokens: Iterable[int]) -> None:
         """Append output tokens."""
-        for token in tokens:
-            self._push(token, segment_start=self.prompt_length)
+        self._put(list(tokens))
 
     def truncate(self, output_length: int) -> None:
         """Keep the first ``output_length`` output tokens (a rollback)."""
-        if not 0 <= output_length <= len(self._seq) - self.prompt_length:
+        if not 0 <= output_length <= self._length - self.prompt_length:
             raise InvalidArgument(
                 f"cannot keep {output_length} output tokens: the index holds "
-                f"{len(self._seq) - self.prompt_length}"
+                f"{self._length - self.prompt_length}"
             )
-        keep = self.prompt_length + output_length
-        while len(self._seq) > keep:
-            end = len(self._seq) - 1
-            for n in range(self.ngram_min, self.ngram_max + 1):
-                if end - n + 1 < self.prompt_length:
-                    break
-                key = tuple(self._seq[end - n + 1 : end + 1])
-                ends = self._ends[key]
-                ends.pop()  # ``end`` is the most recent occurrence of every n-gram ending there
-                if not ends:
-                    del self._ends[key]
-            self._seq.pop()
+        self._length = self.prompt_length + output_length
 
     def sync(self, output: Sequence[int]) -> None:
         """Make the indexed output equal ``output``: truncate to the common prefix, append the rest."""
-        mine = self._seq[self.prompt_length :]
+        mine = self._ids[self.prompt_length : self._length].tolist()
         if len(mine) <= len(output) and mine == list(output[: len(mine)]):
             common = len(mine)  # the usual case: the session only grew
         else:
@@ -131,28 +128,37 @@ class NgramIndex:
     def lookup(self, k: int) -> Match | None:
         """The longest match of the output's last tokens at its most recent occurrence that has a
         continuation, and up to ``k`` tokens of that continuation; None if nothing matches."""
-        if k < 1:
+        top = min(self.ngram_max, self._length - self.prompt_length)
+        if k < 1 or top < self.ngram_min:
             return None
-        output_length = len(self._seq) - self.prompt_length
-        last = len(self._seq) - 1
-        for n in range(min(self.ngram_max, output_length), self.ngram_min - 1, -1):
-            ends = self._ends.get(tuple(self._seq[last - n + 1 :]))
-            if not ends:
-                continue
-            for end in reversed(ends):
-                # The suffix itself is no match, and nothing follows the prompt's last token.
-                if end == last or end == self.prompt_length - 1:
-                    continue
+        seq, last, prompt_length = self._ids[: self._length], self._length - 1, self.prompt_length
+        # Candidate ends: earlier positions holding the last token, none the prompt's last token
+        # (nothing follows it); then how many tokens back each agrees with the suffix, within its
+        # own segment.
+        ends = np.flatnonzero(seq[:last] == seq[last])
+        ends = ends[ends != prompt_length - 1]
+        starts = np.where(ends < prompt_length, 0, prompt_length)  # each candidate's segment
+        matched = np.ones(len(ends), np.int64)
+        for back in range(1, top):
+            going = (matched == back) & (ends - back >= starts)
+            going[going] = seq[ends[going] - back] == seq[last - back]
+            if not going.any():
+                break
+            matched[going] += 1
+        for n in range(top, self.ngram_min - 1, -1):
+            found = ends[matched >= n]
+            if len(found):
+                end = int(found[-1])  # (ascending: the last is the most recent)
                 return Match(n, end, self._continuation(end, k))
         return None
 
     def _continuation(self, end: int, k: int) -> list[int]:
         if end < self.prompt_length:
-            return self._seq[end + 1 : min(end + 1 + k, self.prompt_length)]
-        tokens: list[int] = []
-        for j in range(k):  # an overlapping copy: past the end, it copies what it proposed
-            i = end + 1 + j
-            tokens.append(self._seq[i] if i < len(self._seq) else tokens[i - len(self._seq)])
+            return self._ids[end + 1 : min(end + 1 + k, self.prompt_length)].tolist()
+        after = self._ids[end + 1 : self._length].tolist()
+        tokens = after[:k]
+        while len(tokens) < k:  # an overlapping copy: past the end, it copies what it proposed
+            tokens.append(tokens[len(tokens) - len(after)])
         return tokens
 
     def propose(self, k: int) -> list[int]:
@@ -187,7 +193,7 @@ class IndexPositions:
     rollback has no K/V to drop). What the session counts against the worker's budget
     (``--max-cached-tokens``) are the positions it indexes: the prompt (``encoder_length``) and
     the decoder tokens in the store's chunks (``capacity``), exactly as a model session of the
-    same lengths counts them. That overstates its bytes (a few tens per position, not K/V) but
+    same lengths counts them. That overstates its bytes (~50 per position, not K/V) but
     keeps the store's reservation and growth checks exact, and the budget still bounds the
     index's memory; raise --max-cached-tokens on an n-gram worker to hold more sessions."""
 

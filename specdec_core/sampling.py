@@ -75,6 +75,16 @@ def normalised(weights: np.ndarray) -> np.ndarray:
     return w / w.sum()
 
 
+def token_probability(token_ids: np.ndarray, weights: np.ndarray, token: int) -> float:
+    """q(token) from a wire q (float16 ``weights``, dense when ``token_ids`` is empty), normalised
+    exactly as the target normalises it for the residual (so acceptance uses the same q)."""
+    q = normalised(weights)
+    if len(token_ids) == 0:
+        return float(q[token]) if 0 <= token < len(q) else 0.0
+    found = np.flatnonzero(token_ids == token)
+    return float(q[found[-1]]) if len(found) else 0.0  # (the last, as ``Distribution.to_dense`` keeps it)
+
+
 def draw_draft(probs: np.ndarray, uniform: float) -> tuple[int, float, np.ndarray]:
     """The draft's choice at one position: (token, q(token), the wire q it was drawn from)."""
     q = wire_q(probs)

@@ -158,6 +158,19 @@ class SessionHost:
         with self._jobs_lock:
             return time.monotonic() - self._progress_at if self._jobs_pending else 0.0
 
+    @property
+    def idle(self) -> bool:
+        """No step or encode is queued or running on the model thread."""
+        with self._jobs_lock:
+            return self._jobs_pending == 0
+
+    async def run_on_model_thread(self, work: Callable[[], Any]) -> Any:
+        """Run ``work`` on the model thread, ordered with the steps (e.g. a tensor-parallel
+        ping, whose collectives must not overlap a pass); the watchdog counts it like a step."""
+        job = self._executor.submit(work)
+        self._count_job(job)
+        return await asyncio.wrap_future(job)
+
     def _count_job(self, job: Future[Any]) -> None:
         """Count a job (a step or an encode) for the watchdog until it is done or cancelled."""
         with self._jobs_lock:

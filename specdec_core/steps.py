@@ -53,17 +53,36 @@ class Distribution:
             return cls(support.astype(np.int32), probs[support])
         return cls(np.zeros(0, np.int32), probs)
 
-    def to_dense(self, vocab_size: int) -> np.ndarray:
+    def check(self, vocab_size: int) -> None:
+        """Refuse what ``to_dense`` or a draw could not use (InvalidArgument): a worker checks every
+        distribution of a Verify before its batch runs, so a bad one fails alone."""
         if len(self.token_ids) == 0:
             if len(self.probs) != vocab_size:
                 raise InvalidArgument(
                     f"a dense draft distribution needs {vocab_size} probabilities, got {len(self.probs)}"
                 )
+        else:
+            if len(self.token_ids) != len(self.probs):
+                raise InvalidArgument(
+                    f"a draft distribution needs one probability per token id, got {len(self.token_ids)} ids "
+                    f"and {len(self.probs)} probabilities"
+                )
+            if len(self.token_ids) > vocab_size:
+                raise InvalidArgument(f"a draft distribution has more entries than the vocabulary ({vocab_size})")
+            if self.token_ids.min() < 0 or self.token_ids.max() >= vocab_size:
+                raise InvalidArgument(
+                    f"a draft distribution names a token id outside the vocabulary [0, {vocab_size})"
+                )
+        probs = np.asarray(self.probs, np.float32)
+        if not np.all(np.isfinite(probs)) or np.any(probs < 0):
+            raise InvalidArgument("a draft distribution holds negative or non-finite probabilities")
+        if not probs.sum() > 0:
+            raise InvalidArgument("a draft distribution has no probability mass (all weights are zero)")
+
+    def to_dense(self, vocab_size: int) -> np.ndarray:
+        self.check(vocab_size)
+        if len(self.token_ids) == 0:
             return self.probs.astype(np.float32)
-        if len(self.token_ids) != len(self.probs):
-            raise InvalidArgument("a draft distribution needs one probability per token id")
-        if self.token_ids.min() < 0 or self.token_ids.max() >= vocab_size:
-            raise InvalidArgument("a draft distribution names a token id outside the vocabulary")
         dense = np.zeros(vocab_size, np.float32)
         dense[self.token_ids] = self.probs
         return dense

@@ -60,10 +60,14 @@ class MetricsEndpoint:
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int, certfile: str | None = None,
-                  keyfile: str | None = None) -> MetricsEndpoint:
-    """Serve ``registry`` over HTTP (HTTPS with a certificate) on host:port; port 0 picks a free one."""
+                  keyfile: str | None = None, client_cafile: str | None = None) -> MetricsEndpoint:
+    """Serve ``registry`` over HTTP (HTTPS with a certificate) on host:port; port 0 picks a free one.
+    With ``client_cafile`` (the service's --tls-client-ca) a scraper must present a certificate
+    that CA signed, as gRPC clients must (mutual TLS)."""
+    tls = {"client_cafile": client_cafile, "client_auth_required": True} if certfile and client_cafile else {}
     try:
-        server, _ = start_http_server(port, addr=host, registry=registry, certfile=certfile, keyfile=keyfile)
+        server, _ = start_http_server(port, addr=host, registry=registry, certfile=certfile, keyfile=keyfile,
+                                      **tls)
     except OSError as error:
         raise SystemExit(f"cannot bind the metrics port {host}:{port}: {error}") from error
     endpoint = MetricsEndpoint(host, server.server_port, server)

@@ -49,9 +49,7 @@ class Security:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Security:
-        token = args.auth_token
-        if args.auth_token_file:
-            token = Path(args.auth_token_file).read_text().strip()
+        token = read_token(args.auth_token, args.auth_token_file, "--auth-token")
         return cls(args.tls_cert, args.tls_key, args.tls_client_ca, token)
 
     def credentials(self) -> grpc.ServerCredentials | None:
@@ -64,6 +62,25 @@ class Security:
         pair = (Path(self.key).read_bytes(), Path(self.cert).read_bytes())
         ca = Path(self.client_ca).read_bytes() if self.client_ca else None
         return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def read_token(value: str | None, file: str | None, flag: str) -> str | None:
+    """The bearer token of ``flag`` (e.g. "--auth-token") or of its ``-file`` form (the file wins,
+    surrounding whitespace stripped); None when neither is given. A token given but empty would
+    turn authentication off without a word, so it stops the service (SystemExit, a message)."""
+    if file:
+        try:
+            token = Path(file).read_text().strip()
+        except OSError as error:
+            raise SystemExit(f"error: {flag}-file {file}: cannot read it ({error.strerror})") from None
+        if not token:
+            raise SystemExit(f"error: {flag}-file {file} holds no token (it is empty or whitespace only); "
+                             "refusing to start with authentication off: write the token into it, or drop the flag")
+        return token
+    if value is not None and not value.strip():
+        raise SystemExit(f"error: {flag} is empty; refusing to start with authentication off: "
+                         "give a token, or drop the flag")
+    return value
 
 
 def add_server_arguments(

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,10 @@ M = TypeVar("M", bound=Message)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODELS = {"draft": REPO_ROOT / "models" / "demo-draft", "target": REPO_ROOT / "models" / "demo-target"}
 DEFAULT_PORTS = {"draft": 50061, "target": 50071}
+# A tensor-parallel rank 0 with no pass for this long pings its peers (a dead one is noticed
+# while idle), and gives them this long to answer.
+IDLE_PING_S = 1.0
+PING_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -236,55 +241,51 @@ def _build_engine(config: WorkerConfig) -> tuple[Any, Path]:
     return engine, loaded.path
 
 
-@dataclass(frozen=True)
-class _Raised:
-    error: Exception
-
-
 class StepStreams:
     """The requests of every open step stream (ProposeStream/VerifyStream), which ``end_all``
     can end between steps: a draining worker must not wait its whole grace period for streams
     whose sessions are idle (a draft at k = 0 may not step for a minute). A stream ended so
     finishes OK; its orchestrator asks the next step again on a new call, which the draining
-    worker refuses (UNAVAILABLE), and fails over."""
+    worker refuses (UNAVAILABLE), and fails over.
 
-    _END = object()
+    The next message is read only once the last one is answered (the handler asks for it), so a
+    client that sends faster than the model answers is held back by gRPC's flow control instead
+    of filling the worker's memory."""
 
     def __init__(self) -> None:
-        self._queues: set[asyncio.Queue[Any]] = set()
+        self._ends: set[asyncio.Future[None]] = set()
         self.ended = False
 
     async def requests(self, incoming: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """The stream's requests, until the caller ends it or ``end_all`` does."""
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-
-        async def pump() -> None:  # reads in its own task, so that a waiting handler can be woken
-            try:
-                async for request in incoming:
-                    queue.put_nowait(request)
-            except Exception as error:  # noqa: BLE001 - e.g. a malformed request's abort: the handler's to raise
-                queue.put_nowait(_Raised(error))
-            finally:
-                queue.put_nowait(self._END)
-
-        pumping = asyncio.ensure_future(pump())
-        self._queues.add(queue)
+        messages = aiter(incoming)
+        end: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ends.add(end)
         try:
             while not self.ended:
-                request = await queue.get()
-                if request is self._END:
+                # The read runs in its own task, so that ``end_all`` can wake a handler waiting on it.
+                reading = asyncio.ensure_future(anext(messages))
+                try:
+                    await asyncio.wait((reading, end), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not reading.done():
+                        reading.cancel()
+                if not reading.done() or reading.cancelled():
+                    break  # ended between steps
+                try:
+                    request = reading.result()  # raises e.g. a malformed request's abort: the handler's to raise
+                except StopAsyncIteration:
                     break
-                if isinstance(request, _Raised):
-                    raise request.error
                 yield request
         finally:
-            self._queues.discard(queue)
-            pumping.cancel()
+            self._ends.discard(end)
+            end.cancel()
 
     def end_all(self) -> None:
         self.ended = True
-        for queue in self._queues:
-            queue.put_nowait(self._END)
+        for end in self._ends:
+            if not end.done():
+                end.set_result(None)
 
 
 class SessionServicer:
@@ -408,7 +409,8 @@ async def start_worker(
         metrics = WorkerMetrics(host)
         servicer.on_error = metrics.refused
         running.metrics = serve_metrics(metrics.registry, config.host, config.metrics_port,
-                                        config.security.cert, config.security.key)
+                                        config.security.cert, config.security.key,
+                                        config.security.client_ca)
     return running, host
 
 
@@ -445,6 +447,21 @@ def run_worker(
             ranks.stop_followers()
 
 
+def follower_argv(argv: list[str]) -> list[str]:
+    """Rank 0's flags for the followers it starts, without ``--auth-token``: they serve no RPC,
+    and a command line shows in ``ps`` to every user of the host."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--auth-token":
+            skip = True  # and its value
+        elif not arg.startswith("--auth-token="):
+            kept.append(arg)
+    return kept
+
+
 class TensorParallel:
     """A target split over the ranks of a ring (``specdec_core.rank_mirror``): rank 0 serves with
     a ``MirroredEngine``, every other rank follows it and serves nothing."""
@@ -469,7 +486,7 @@ class TensorParallel:
         followers = []
         if not rank_mirror.launched():
             followers = rank_mirror.launch_local_followers(
-                wanted or 1, [sys.executable, "-m", f"{config.role}_service.server", *argv])
+                wanted or 1, [sys.executable, "-m", f"{config.role}_service.server", *follower_argv(argv)])
         try:
             group = rank_mirror.join()
         except Exception:
@@ -527,10 +544,18 @@ class TensorParallel:
         host.on_wedged = on_wedged
 
         async def watch() -> None:
+            heard, quiet_since = mirror.messages, time.monotonic()
             while mirror.broken is None:
                 for rank, follower in enumerate(self.followers, start=1):
                     if follower.poll() is not None:
                         mirror.fail(f"rank {rank} (pid {follower.pid}) exited with code {follower.returncode}")
+                # Ranks mlx.launch started are no children of this process: while no pass tells,
+                # an empty broadcast now and then does (a dead peer fails it, or it hangs).
+                if mirror.messages != heard:
+                    heard, quiet_since = mirror.messages, time.monotonic()
+                elif time.monotonic() - quiet_since >= IDLE_PING_S and host.idle and mirror.broken is None:
+                    await self._ping(host)
+                    heard, quiet_since = mirror.messages, time.monotonic()
                 await asyncio.sleep(0.1)
             await running.set_wedged(True)
             # A pass in flight may block in a collective with the dead rank for good: answer its
@@ -539,6 +564,15 @@ class TensorParallel:
                                          "replica"))
 
         return asyncio.get_running_loop().create_task(watch())
+
+    async def _ping(self, host: SessionHost) -> None:
+        """One empty broadcast on the model thread; a failure or no answer breaks the group."""
+        try:
+            await asyncio.wait_for(host.run_on_model_thread(host.engine.ping), PING_TIMEOUT_S)
+        except TimeoutError:
+            self.mirror.fail(f"the other ranks did not answer a ping within {PING_TIMEOUT_S:g} s")
+        except Exception:  # noqa: BLE001 - the broadcast failed: the mirror is marked broken already
+            pass
 
     def stop_followers(self) -> None:
         """After rank 0 stopped serving: its followers have nothing left to do."""

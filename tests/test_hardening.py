@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -363,3 +365,66 @@ def test_a_lone_worker_tls_key_or_cert_is_refused(flag: str, missing: str, capsy
     both = orchestrator_parser().parse_args(["--target", "127.0.0.1:1", "--worker-tls-ca", "ca.pem",
                                              "--worker-tls-cert", "c.pem", "--worker-tls-key", "k.pem"])
     assert OrchestratorConfig.from_args(both).workers == WorkerCredentials("ca.pem", "c.pem", "k.pem", None)
+
+
+# -- an empty token never turns authentication off ------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", ["", "\n", "  \t\n"])
+@pytest.mark.parametrize("service", ["draft", "target", "orchestrator", "orchestrator-to-workers"])
+def test_an_empty_token_file_refuses_to_start(service: str, content: str, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(content)
+    if service in ("draft", "target"):
+        args = worker_parser(service).parse_args(["--auth-token-file", str(token_file)])
+        start = lambda: WorkerConfig.from_args(service, args)  # noqa: E731
+    else:
+        flag = "--auth-token-file" if service == "orchestrator" else "--worker-token-file"
+        args = orchestrator_parser().parse_args(["--target", "127.0.0.1:1", flag, str(token_file)])
+        start = lambda: OrchestratorConfig.from_args(args)  # noqa: E731
+    with pytest.raises(SystemExit) as info:
+        start()
+    assert info.value.code not in (0, None)
+    assert str(token_file) in str(info.value.code) and "no token" in str(info.value.code)
+
+
+@pytest.mark.parametrize("flag", ["--auth-token", "--worker-token"])
+def test_an_empty_token_flag_refuses_to_start(flag: str) -> None:
+    args = orchestrator_parser().parse_args(["--target", "127.0.0.1:1", flag, " "])
+    with pytest.raises(SystemExit) as info:
+        OrchestratorConfig.from_args(args)
+    assert f"{flag} is empty" in str(info.value.code)
+    given = orchestrator_parser().parse_args(["--target", "127.0.0.1:1", flag, "s3cret"])
+    config = OrchestratorConfig.from_args(given)
+    assert "s3cret" in (config.security.token, config.workers.token)
+
+
+def test_a_worker_with_an_empty_token_file_exits_non_zero_naming_the_file(tmp_path: Path) -> None:
+    """The entry point itself: a non-zero exit and the message on stderr, before any model loads."""
+    token_file = tmp_path / "token"
+    token_file.write_text("\n")
+    done = subprocess.run([sys.executable, "-c", "from target_service.server import main; main()",
+                           "--port", "0", "--auth-token-file", str(token_file)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert str(token_file) in done.stderr and "authentication off" in done.stderr
+
+
+def test_a_worker_token_sent_in_cleartext_off_loopback_warns(loop: LoopThread, caplog: pytest.LogCaptureFixture
+                                                            ) -> None:
+    from orchestrator.server import start_orchestrator
+
+    def warnings_for(targets: list[str], **workers: Any) -> list[str]:
+        caplog.clear()
+        config = OrchestratorConfig(drafts=[], targets=targets, connect_timeout_s=0.2,
+                                    workers=WorkerCredentials(**workers))
+        with pytest.raises(Exception):  # noqa: B017, PT011 - nothing serves there; only the warning matters
+            loop.call(start_orchestrator(config))
+        return [r.getMessage() for r in caplog.records if "cleartext" in r.getMessage()]
+
+    caplog.set_level(logging.WARNING, logger="orchestrator.server")
+    found = warnings_for(["10.255.255.1:50071", "127.0.0.1:1"], token="s3cret")
+    assert len(found) == 1 and "10.255.255.1:50071" in found[0] and "127.0.0.1:1" not in found[0]
+    assert not warnings_for(["127.0.0.1:1", "localhost:2", "[::1]:3"], token="s3cret")
+    assert not warnings_for(["10.255.255.1:50071"])  # no token: nothing to leak
+    assert not warnings_for(["10.255.255.1:50071"], token="s3cret", ca="ca.pem")  # TLS

@@ -352,3 +352,32 @@ def test_session_ids_are_unguessable(loop: LoopThread, near_draft_dir: Path) -> 
     symbols = Counter("".join(ids))
     expected = sum(symbols.values()) / 64
     assert len(symbols) == 64 and max(symbols.values()) < 1.5 * expected and min(symbols.values()) > 0.5 * expected
+
+
+def _scrape(port: int, pki: Pki, cert: Path | None = None, key: Path | None = None) -> str:
+    import ssl
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key))
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", context=context, timeout=10) as response:
+        return response.read().decode()
+
+
+def test_metrics_under_mutual_tls_need_a_client_certificate(loop: LoopThread, draft_dir: Path, pki: Pki) -> None:
+    """A worker with --tls-client-ca: its /metrics, like its gRPC port, answers only a client
+    whose certificate the CA signed."""
+    flags = ["--model", str(draft_dir), "--port", "0", "--tls-cert", str(pki.server_cert), "--tls-key",
+             str(pki.server_key), "--tls-client-ca", str(pki.ca)]
+    args = worker_parser("draft").parse_args(flags)
+    worker = start_worker_in(loop, "draft", draft_dir, security=Security.from_args(args), metrics_port=0)
+    try:
+        port = worker.running.metrics_port
+        assert port is not None
+        assert "specdec_" in _scrape(port, pki, pki.client_cert, pki.client_key)
+        for cert, key in ((None, None), (pki.rogue_cert, pki.rogue_key)):
+            with pytest.raises(OSError):  # the TLS handshake is refused (ssl.SSLError / URLError)
+                _scrape(port, pki, cert, key)
+    finally:
+        worker.stop()

@@ -13,6 +13,7 @@ The tests skip only where MLX has no ring backend; one that does not start fails
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -227,3 +228,67 @@ def test_killed_rank_fails_over_and_reports_not_serving(services: Services, refe
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "tensor-parallel" in info.value.details()
     finally:
         orch.stop()
+
+
+def test_a_rank_that_dies_while_idle_turns_health_not_serving(tmp_path: Path, target_dir: Path) -> None:
+    """Ranks started as ``mlx.launch`` starts them (each its own process with MLX_RANK and
+    MLX_HOSTFILE; rank 0 is no parent of rank 1, so it cannot watch its pid). With no traffic at
+    all, kill -9 of rank 1 must still turn rank 0's health NOT_SERVING (its idle pings fail)."""
+    if not mx.distributed.is_available():
+        pytest.skip("this MLX build has no distributed backend")
+    from specdec_core.rank_mirror import adjacent_free_ports
+
+    port = adjacent_free_ports(RANKS)
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port + rank}"] for rank in range(RANKS)]))
+    args = ["--model", str(target_dir), "--port", "0", "--log-level", "INFO", "--watchdog-s", "0"]
+    ranks = [ServiceProcess("target", args, tmp_path / f"rank-{rank}.log", new_session=True,
+                            env=dict(os.environ, OPENBLAS_NUM_THREADS="1", MLX_RANK=str(rank),
+                                     MLX_HOSTFILE=str(hostfile)))
+             for rank in range(RANKS)]
+    try:
+        try:
+            ranks[0].wait_port(START_TIMEOUT_S)
+        except RuntimeError as error:
+            if "joined the ring" not in ranks[0].log.read_text(errors="replace"):
+                pytest.skip(f"the MLX ring backend did not start here: {error}")
+            raise
+        assert ranks[0].info().tensor_parallel == RANKS
+        time.sleep(1.5)  # idle pings to a live rank keep it serving
+        assert _health(ranks[0].address) == health_pb2.HealthCheckResponse.SERVING
+        os.kill(ranks[1].pid, signal.SIGKILL)
+        wait_until(lambda: _health(ranks[0].address) == health_pb2.HealthCheckResponse.NOT_SERVING, 15,
+                   what="rank 0 NOT_SERVING after rank 1 died while idle")
+        assert ranks[0].alive()
+    finally:
+        for rank in ranks:
+            _kill_group(rank)
+
+
+def test_followers_do_not_get_the_token_on_their_command_line(tmp_path: Path, target_dir: Path) -> None:
+    """``--tensor-parallel 2 --auth-token T``: the follower rank 0 starts serves no RPC and needs
+    no token, so ``ps`` (its /proc cmdline) must not show it; rank 0 still demands it."""
+    if not mx.distributed.is_available():
+        pytest.skip("this MLX build has no distributed backend")
+    secret = "tp-rank-token-s3cret"
+    tp = ServiceProcess("target", ["--model", str(target_dir), "--port", "0", "--log-level", "INFO",
+                                   "--tensor-parallel", str(RANKS), "--auth-token", secret],
+                        tmp_path / "tp.log", env=dict(os.environ, OPENBLAS_NUM_THREADS="1"), new_session=True)
+    try:
+        try:
+            tp.wait_port(START_TIMEOUT_S)
+        except RuntimeError as error:
+            if "joined the ring" not in tp.log.read_text(errors="replace"):
+                pytest.skip(f"the MLX ring backend did not start here: {error}")
+            raise
+        found = re.search(r"follower rank\(s\) \(pids (\d+)\)", tp.log.read_text())
+        assert found, "rank 0 did not log its follower's pid"
+        cmdline = Path(f"/proc/{found.group(1)}/cmdline").read_bytes().split(b"\0")
+        assert b"--tensor-parallel" in cmdline and not any(secret.encode() in arg for arg in cmdline)
+        assert secret.encode() in Path(f"/proc/{tp.pid}/cmdline").read_bytes()  # (the test sees cmdlines)
+        with pytest.raises(grpc.RpcError) as info:
+            tp.info()
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert tp.info(metadata=[("authorization", f"Bearer {secret}")]).tensor_parallel == RANKS
+    finally:
+        _kill_group(tp)

@@ -8,13 +8,14 @@ import asyncio
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 import pytest
 
 from orchestrator.backends import ReplicaError
 from orchestrator.k_policy import COST_DECAY, CostModel, KPolicy, MeasuredCosts
 from orchestrator.speculative import GenerationParams, SpeculativeGeneration
 from specdec_core.errors import PrefixMismatch, ResourceExhausted, SessionNotFound, Unavailable
-from specdec_core.steps import Proposal, SamplingParams, StepRequest, Verdict
+from specdec_core.steps import Distribution, Proposal, SamplingParams, StepRequest, Verdict
 
 START, EOS, VOCAB = 0, 1, 11
 
@@ -149,11 +150,12 @@ PROMPT = [5, 9, 4]
 
 
 def generate(replicas: list[FakeReplica], max_tokens: int = 40, k: int = 3, auto: bool = False,
-             speculative: bool = True, pipeline: bool = True,
+             speculative: bool = True, pipeline: bool = True, sampling: SamplingParams | None = None,
              **params_: object) -> tuple[list[int], SpeculativeGeneration, FakeSource]:
     source = FakeSource(replicas)
     params = GenerationParams(max_tokens=max_tokens, num_draft=k, num_draft_auto=auto,
-                              sampling=SamplingParams(), seed=1, speculative=speculative, pipeline=pipeline,
+                              sampling=sampling or SamplingParams(), seed=1, speculative=speculative,
+                              pipeline=pipeline,
                               **params_)  # type: ignore[arg-type]
     generation = SpeculativeGeneration(source, PROMPT, params, START, EOS)
 
@@ -319,6 +321,33 @@ def test_k_is_capped_at_the_replicas_max_draft() -> None:
     assert max(r.num_draft for r in replicas[0].requests) == 2
 
 
+@pytest.mark.parametrize("seeded", [False, True])
+def test_auto_k_respects_the_max_draft_of_a_target_still_opening(seeded: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pipelined, the first k is chosen while the target's session is still opening: the cap of
+    that replica (known from its Info when the pool hands it out) must bound it too. The fake
+    target raises above its --max-draft; the draft's --max-draft is left at its default, and the
+    policy drafts all it may (as one that learned a good pair from earlier requests does)."""
+    monkeypatch.setattr(KPolicy, "choose", lambda self, cap, ready=0: cap)
+    draft, target = FakeReplica("draft", "d0"), SlowOpeningTarget("target", "t0", max_draft=3)
+    target.draft = draft
+    source = FakeSource([draft, target])
+    params = GenerationParams(max_tokens=40, num_draft=8, num_draft_auto=True, sampling=SamplingParams(), seed=1,
+                              seeded=seeded, delta=0.3 if seeded else 0.0)
+    generation = SpeculativeGeneration(source, PROMPT, params, START, EOS)
+
+    async def run() -> list[int]:
+        return [t async for event in generation.run() for t in event.tokens]
+
+    tokens = asyncio.run(run())
+    assert target.overlapped  # the first block was drafted while the target opened
+    assert draft.requests[0].num_draft <= 3  # the first block: at most the target's cap
+    assert max(r.num_draft for r in target.requests) <= 3
+    if not seeded:
+        assert tokens == expected()
+    assert_clean([draft, target], source)
+
+
 @pytest.mark.parametrize("auto", [False, True])
 def test_an_untimed_request_at_the_draft_replicas_max_draft_scores_the_same_blocks_pipelined_or_not(
         auto: bool) -> None:
@@ -418,3 +447,55 @@ def test_every_target_full_is_resource_exhausted() -> None:
     with pytest.raises(ResourceExhausted):
         generate(replicas)
     assert not replicas[0].sessions
+
+
+# -- q(d) for acceptance comes from the q the target gets ---------------------------------------------
+
+
+class SampledDraft(FakeReplica):
+    """A sampling draft whose float32 ``token_probs`` field disagrees with the q it sends (a
+    point mass on each token, q(d) = 1): acceptance must use the q, as the target's residual does."""
+
+    async def step(self, request: StepRequest) -> Proposal | Verdict:
+        result = await super().step(request)
+        result.token_probs = [0.001] * len(result.tokens)
+        result.distributions = [Distribution(np.array([t], np.int32), np.array([1.0], np.float16))
+                                for t in result.tokens]
+        return result
+
+
+class SampledTarget(FakeReplica):
+    """p(d) = 0.001 for every draft token; its residual and bonus draws are its greedy tokens."""
+
+    async def step(self, request: StepRequest) -> Proposal | Verdict:
+        verdict = await super().step(request)
+        verdict.draft_probs = [0.001] * request.num_draft
+        verdict.resampled = list(verdict.argmax)
+        return verdict
+
+
+def test_acceptance_uses_q_from_the_forwarded_distribution() -> None:
+    """p(d)/q(d) = 0.001 with the q the target gets (keep a draft 1 time in 1000); with the float32
+    field it would be 1 (keep every draft)."""
+    replicas = [SampledDraft("draft", "d0"), SampledTarget("target", "t0")]
+    tokens, generation, source = generate(replicas, k=3, sampling=SamplingParams(temperature=1.0), seeded=True)
+    stats = generation.stats
+    assert stats.proposed >= 20 and stats.accepted <= 2, (stats.proposed, stats.accepted)
+    assert_clean(replicas, source)
+
+
+def test_q_of_a_draft_token_from_dense_sparse_and_point_mass_wire_q() -> None:
+    from orchestrator.speculative import draft_token_probs
+    from specdec_grpc.convert import distribution_to_pb
+
+    weights = np.array([0.1, 0.2, 0.3, 0.4], np.float16)
+    dense = Distribution(np.zeros(0, np.int32), weights)
+    sparse = Distribution(np.array([2, 7, 9], np.int32), np.array([0.25, 0.5, 0.25], np.float16))
+    point = Distribution(np.array([5], np.int32), np.array([1.0], np.float16))
+    for wrap in (lambda d: d, distribution_to_pb):  # in-process, and as the wire message
+        proposal = Proposal([3, 7, 5, 4], [0.0] * 4, [wrap(dense), wrap(sparse), wrap(point), wrap(sparse)])
+        q = draft_token_probs(proposal)
+        expected_dense = float(weights.astype(np.float64)[3] / weights.astype(np.float64).sum())
+        assert q == [expected_dense, 0.5, 1.0, 0.0]
+    greedy = Proposal([3, 4], [1.0, 1.0], [])
+    assert draft_token_probs(greedy) == [1.0, 1.0]

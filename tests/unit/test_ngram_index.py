@@ -143,7 +143,7 @@ def test_matches_the_brute_force_rule_through_appends_and_rollbacks(prompt, step
         assert index.propose(k) == brute_force(prompt, output, k, low, high)
         fresh = NgramIndex(prompt, low, high)
         fresh.extend(output)
-        assert fresh._ends == index._ends  # rollbacks leave no stale entries
+        assert fresh.positions == index.positions and fresh.lookup(k) == index.lookup(k)  # no stale state
 
 
 # -- the engine ---------------------------------------------------------------------------------
@@ -208,3 +208,25 @@ def test_the_ngram_module_needs_no_mlx() -> None:
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("ngram_max", [4, 16])
+def test_the_index_costs_a_few_bytes_per_position(ngram_max: int) -> None:
+    """README: an n-gram session costs a few bytes per token. The index itself holds its ids in
+    one int32 array (4 bytes a position, up to 2x spare room): measured by what building it
+    allocates, with ids that rarely repeat (the worst case for a table of n-grams)."""
+    import random
+    import tracemalloc
+
+    rng = random.Random(0)
+    prompt = [rng.randrange(300, 32000) for _ in range(3000)]
+    output = [rng.randrange(300, 32000) for _ in range(3000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        index = NgramIndex(prompt, 1, ngram_max)
+        index.extend(output)
+        per_position = (tracemalloc.get_traced_memory()[0] - before) / index.positions
+    finally:
+        tracemalloc.stop()
+    assert per_position <= 16, f"{per_position:.0f} bytes per position"

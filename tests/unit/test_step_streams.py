@@ -171,3 +171,107 @@ def test_a_replica_without_step_streams_gets_unary_calls() -> None:
         await server.stop(None)
 
     run(test)
+
+
+# -- the worker's side: StepStreams ------------------------------------------------------------------
+
+
+def test_a_worker_reads_a_stream_no_further_than_the_step_it_answers() -> None:
+    """A client that sends step after step while the model is busy must be pushed back by gRPC's
+    flow control: the worker reads the next message only when the last one is answered, so at
+    most one is read ahead of the step being answered (no unbounded queue in the worker)."""
+    from specdec_grpc.worker import StepStreams
+
+    async def test() -> None:
+        read = 0
+
+        async def fast_client() -> AsyncIterator[int]:
+            nonlocal read
+            for i in range(1000):
+                read += 1
+                yield i
+                await asyncio.sleep(0)
+
+        answered = 0
+        async for _ in StepStreams().requests(fast_client()):
+            await asyncio.sleep(0.005)  # the model is busy with this step
+            answered += 1
+            assert read - answered <= 1, f"{read - answered} messages read ahead of the answered step"
+            if answered == 20:
+                break
+
+    run(test)
+
+
+def test_ending_every_stream_wakes_one_waiting_for_its_next_step() -> None:
+    from specdec_grpc.worker import StepStreams
+
+    async def test() -> None:
+        streams = StepStreams()
+
+        async def idle_client() -> AsyncIterator[int]:
+            yield 1
+            await asyncio.sleep(60)  # an idle session: no next step for a minute
+            yield 2
+
+        got: list[int] = []
+
+        async def handler() -> None:
+            async for request in streams.requests(idle_client()):
+                got.append(request)
+
+        handling = asyncio.ensure_future(handler())
+        await asyncio.sleep(0.05)
+        streams.end_all()
+        await asyncio.wait_for(handling, 1)
+        assert got == [1]
+
+    run(test)
+
+
+class BusyDraft(pb_grpc.DraftServicer):
+    """A ProposeStream behind ``StepStreams`` whose model is busy 5 ms a step; counts what it has
+    read of the stream and the most it ever read ahead of the step it answers."""
+
+    def __init__(self) -> None:
+        from specdec_grpc.worker import StepStreams
+
+        self.streams = StepStreams()
+        self.read = self.answered = self.most_ahead = 0
+
+    async def ProposeStream(self, requests: AsyncIterator[pb.ProposeRequest],
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProposeResponse]:
+        async def counted() -> AsyncIterator[pb.ProposeRequest]:
+            async for request in requests:
+                self.read += 1
+                yield request
+
+        async for request in self.streams.requests(counted()):
+            await asyncio.sleep(0.005)  # the model thread is busy
+            self.most_ahead = max(self.most_ahead, self.read - self.answered)
+            self.answered += 1
+            yield pb.ProposeResponse(tokens=[1], token_probs=[1.0], length=request.expected_length + 1)
+
+
+def test_over_grpc_a_client_sending_faster_than_the_worker_answers_is_held_back() -> None:
+    """200 x 4 KB steps sent at once on one stream: the worker has read at most the step it is
+    answering plus one (the rest wait in gRPC's flow-control window, not in the worker)."""
+
+    async def test() -> None:
+        servicer = BusyDraft()
+        server = grpc.aio.server()
+        pb_grpc.add_DraftServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        padding = list(range(1000))  # ~4 KB of varints per message
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = pb_grpc.DraftStub(channel).ProposeStream()
+            for i in range(200):
+                await call.write(pb.ProposeRequest(session_id="s", expected_length=i + 1, append_tokens=padding))
+            await call.done_writing()
+            answers = [answer async for answer in call]
+        assert len(answers) == 200 and servicer.answered == 200
+        assert servicer.most_ahead <= 2, servicer.most_ahead
+        await server.stop(None)
+
+    run(test)
