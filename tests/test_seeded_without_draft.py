@@ -3,7 +3,7 @@
 same seed and the same steps at which no draft was available; with no draft at all, exactly the
 tokens of the target alone (``speculative=false``) with that seed, alone or batched.
 
-In-process hosts (``specdec_tools/inprocess.py``) on the tiny pair; a draft that "dies" fails
+In-process hosts (``specdec_tools/local_backends.py``) on the tiny pair; a draft that "dies" fails
 every call from a given Propose on, as a replica that went down would.
 """
 
@@ -22,7 +22,7 @@ from specdec_core.checkpoint import load_model
 from specdec_core.engine import ModelEngine
 from specdec_core.session_host import HostLimits, SessionHost
 from specdec_core.steps import SamplingParams
-from specdec_tools.inprocess import LocalBackend
+from specdec_tools.local_backends import LocalBackend
 
 PROMPT = [37, 12, 99, 250, 8, 41, 1]
 SAMPLED = SamplingParams(temperature=1.0)

@@ -234,8 +234,7 @@ def test_a_rank_that_dies_while_idle_turns_health_not_serving(tmp_path: Path, ta
     """Ranks started as ``mlx.launch`` starts them (each its own process with MLX_RANK and
     MLX_HOSTFILE; rank 0 is no parent of rank 1, so it cannot watch its pid). With no traffic at
     all, kill -9 of rank 1 must still turn rank 0's health NOT_SERVING (its idle pings fail)."""
-    if not mx.distributed.is_available():
-        pytest.skip("this MLX build has no distributed backend")
+    skip_without_ring_backend()
     from specdec_core.rank_mirror import adjacent_free_ports
 
     port = adjacent_free_ports(RANKS)
@@ -268,8 +267,7 @@ def test_a_rank_that_dies_while_idle_turns_health_not_serving(tmp_path: Path, ta
 def test_followers_do_not_get_the_token_on_their_command_line(tmp_path: Path, target_dir: Path) -> None:
     """``--tensor-parallel 2 --auth-token T``: the follower rank 0 starts serves no RPC and needs
     no token, so ``ps`` (its /proc cmdline) must not show it; rank 0 still demands it."""
-    if not mx.distributed.is_available():
-        pytest.skip("this MLX build has no distributed backend")
+    skip_without_ring_backend()
     secret = "tp-rank-token-s3cret"
     tp = ServiceProcess("target", ["--model", str(target_dir), "--port", "0", "--log-level", "INFO",
                                    "--tensor-parallel", str(RANKS), "--auth-token", secret],

@@ -180,7 +180,7 @@ def test_a_worker_reads_a_stream_no_further_than_the_step_it_answers() -> None:
     """A client that sends step after step while the model is busy must be pushed back by gRPC's
     flow control: the worker reads the next message only when the last one is answered, so at
     most one is read ahead of the step being answered (no unbounded queue in the worker)."""
-    from specdec_grpc.worker import StepStreams
+    from specdec_grpc.step_streams import StepStreams
 
     async def test() -> None:
         read = 0
@@ -204,7 +204,7 @@ def test_a_worker_reads_a_stream_no_further_than_the_step_it_answers() -> None:
 
 
 def test_ending_every_stream_wakes_one_waiting_for_its_next_step() -> None:
-    from specdec_grpc.worker import StepStreams
+    from specdec_grpc.step_streams import StepStreams
 
     async def test() -> None:
         streams = StepStreams()
@@ -234,7 +234,7 @@ class BusyDraft(pb_grpc.DraftServicer):
     read of the stream and the most it ever read ahead of the step it answers."""
 
     def __init__(self) -> None:
-        from specdec_grpc.worker import StepStreams
+        from specdec_grpc.step_streams import StepStreams
 
         self.streams = StepStreams()
         self.read = self.answered = self.most_ahead = 0
