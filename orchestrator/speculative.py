@@ -85,11 +85,9 @@ class GenerationParams:
 class Stats:
     proposed: int = 0
     accepted: int = 0
-    target_passes: int = 0
     draft_passes: int = 0
-    steps: int = 0
+    steps: int = 0  # one target pass each
     target_tokens: int = 0
-    tokens: int = 0
     draft_s: float = 0.0
     verify_s: float = 0.0
     total_s: float = 0.0
@@ -107,10 +105,17 @@ class Stats:
     predrafts: int = 0  # blocks drafted ahead while the target verified (pipelining)
     predraft_hits: int = 0  # ... used as the next block
     wasted_draft_tokens: int = 0  # tokens drafted ahead and not used
-    ahead_s: float = 0.0  # time in drafting-ahead calls (overlapping verify_s)
     draft_model_s: float = 0.0  # what the workers reported as model time (the rest is wire)
     target_model_s: float = 0.0
     time_to_first_token_s: float = 0.0  # set by the caller that saw the request arrive
+
+    @property
+    def target_passes(self) -> int:
+        return self.steps  # every step is one target pass (its Verify)
+
+    @property
+    def tokens(self) -> int:
+        return self.accepted + self.target_tokens  # kept drafts plus the target's own token per step
 
     def count_block(self, proposed: int, accepted: int) -> None:
         """Per-position counts of one step: positions 1..proposed drafted, 1..accepted kept."""
@@ -399,22 +404,22 @@ class SpeculativeGeneration:
                 await self._open(lane, [error])
                 continue
             finally:
-                if ahead:  # overlaps the Verify: not counted in draft_ms (stats add up to the total)
-                    self.stats.ahead_s += time.perf_counter() - started
-                elif lane.role == "draft":
-                    self.stats.draft_s += time.perf_counter() - started
-                else:
-                    self.stats.verify_s += time.perf_counter() - started
+                # drafting ahead overlaps the Verify: not counted in draft_ms (the stats add up to the total)
+                if not ahead:
+                    elapsed = time.perf_counter() - started
+                    if lane.role == "draft":
+                        self.stats.draft_s += elapsed
+                    else:
+                        self.stats.verify_s += elapsed
             lane.record(result.length, block + result.tokens if lane.role == "draft" else block)
             self.stats.wire_bytes += result.wire_bytes
             if lane.role == "draft":  # every Propose, drafted ahead or not: one pass per token
                 self.stats.draft_passes += len(result.tokens)
-            if ahead:
-                pass  # its model time overlaps the Verify, like its wall time (ahead_s)
-            elif lane.role == "draft":
-                self.stats.draft_model_s += result.model_ms / 1e3
-            else:
-                self.stats.target_model_s += result.model_ms / 1e3
+            if not ahead:  # its model time overlaps the Verify, like its wall time
+                if lane.role == "draft":
+                    self.stats.draft_model_s += result.model_ms / 1e3
+                else:
+                    self.stats.target_model_s += result.model_ms / 1e3
             return result
         return None
 
@@ -550,7 +555,6 @@ class SpeculativeGeneration:
                 self.stats.count_num_draft(record.requested)
                 emitted = outcome.emitted(drafted)
                 self.stats.steps += 1
-                self.stats.target_passes += 1
                 self.stats.proposed += len(drafted)
                 finish = None
                 if self.eos_id in emitted:
@@ -561,7 +565,6 @@ class SpeculativeGeneration:
                 self.stats.accepted += kept
                 self.stats.count_block(len(drafted), kept)
                 self.stats.target_tokens += int(len(emitted) > kept)
-                self.stats.tokens += len(emitted)
                 produced += len(emitted)
                 self.decoded.extend(emitted)  # the lanes see it: their synced prefix follows
                 if finish is None and produced >= self.params.max_tokens:
