@@ -98,8 +98,8 @@ class GrpcBackend:
     ~0.3-0.6 ms per step on loopback (docs/architecture.md, "Step streams"). The stream is
     opened by the session's first step and cancelled by its close; any error, timeout or
     cancellation mid-step discards it (its next answer could belong to the wrong step), and
-    the next step opens a new one. ``streams=False``, or a replica that does not know the
-    stream RPCs (UNIMPLEMENTED: an older worker), gets one unary call per step instead.
+    the next step opens a new one. ``streams=False`` (``--unary-steps``) makes one unary call
+    per step instead.
     """
 
     def __init__(self, role: str, address: str, stub: Any, metadata: Sequence[tuple[str, str]] = (),
@@ -161,11 +161,6 @@ class GrpcBackend:
                 if reused and (not sent or error.code() in _ENDED_BETWEEN_STEPS):
                     reused, call = False, None
                     continue
-                if error.code() == grpc.StatusCode.UNIMPLEMENTED:  # an older worker: unary from now on
-                    logger.info("%s %s has no %sStream; one call per step from now on", self.role,
-                                self.address, self._rpc_name)
-                    self.streams = False
-                    return await self._call(getattr(self.stub, self._rpc_name), message, _left(deadline))
                 raise translate(error, self.address, self.role) from error
             except BaseException:
                 self._drop(session_id, call)  # cancelled mid-step: its answer must not be read as the next step's

@@ -161,13 +161,15 @@ def test_a_cancelled_step_discards_its_stream() -> None:
     run(test)
 
 
-def test_a_replica_without_step_streams_gets_unary_calls() -> None:
+def test_a_replica_without_step_streams_fails_the_step_as_a_replica_error() -> None:
+    """Every specdec worker serves the stream RPCs; one that does not (UNIMPLEMENTED) is a replica
+    that cannot serve this orchestrator: the step fails over like any replica failure."""
     async def test() -> None:
         servicer = ScriptedDraft(streams=False)
         server, backend = await serving(servicer)
-        assert (await backend.step(step("a"))).tokens == [1]
-        assert (await backend.step(step("a", length=2))).tokens == [2]
-        assert not backend.streams and servicer.unary_steps == 2
+        with pytest.raises(ReplicaError) as failed:
+            await backend.step(step("a"))
+        assert failed.value.code == grpc.StatusCode.UNIMPLEMENTED and servicer.unary_steps == 0
         await server.stop(None)
 
     run(test)
