@@ -136,12 +136,19 @@ def derive(cells: dict[Cell, dict[str, Any]], temperatures: list[float], ks: lis
                 b["vs_inproc_serial"] = b["ms_per_token"] / c["ms_per_token"]
             if unary is not None:  # < 1: step streams made the services faster
                 b["vs_unary"] = b["ms_per_token"] / unary["ms_per_token"]
+            # what a Verify of k+1 positions costs, in one-token target passes (in process)
+            block = c["target_ms_per_pass"] / target_ms if c["target_ms_per_pass"] and target_ms else None
             for cell in (b, c):
                 drafted, tpp = cell["drafted_per_step"], cell["tokens_per_target_pass"]
                 if drafted and tpp and ratio is not None:
                     cell["alpha_hat"] = fit_alpha(tpp, drafted)
                     cell["bound"] = speedup_bound(cell["alpha_hat"], drafted, ratio)
                     cell["bound_rate"] = speedup_bound(cell["alpha"] or 0.0, drafted, ratio)
+                if tpp and block is not None and ratio is not None:
+                    # the cost model's speedup from measured parts: tokens per step over a step's
+                    # cost (k draft tokens at c, one block at its measured cost), in target passes
+                    cell["block_cost"] = block
+                    cell["predicted"] = tpp / ((drafted or 0.0) * ratio + block)
     return per_temperature
 
 

@@ -81,11 +81,11 @@ def markdown(report: dict[str, Any]) -> str:
                 "| k | (b) services ms/tok | (c) in-proc ms/tok | (d) HF assisted ms/tok "
                 "| (b) speedup vs (a) "
                 "| (c) speedup vs in-proc target | (d) speedup vs (e) | (b) vs (d) | alpha | alpha_hat "
-                "| tokens/target pass | gRPC ms/step | gRPC CPU ms/step | wire B/step | bound "
+                "| tokens/target pass | gRPC ms/step | gRPC CPU ms/step | wire B/step | bound | block cost | predicted "
                 "| (b') no pipelining ms/tok | (b)/(b') | (b)/(c) | (b'') unary steps ms/tok | (b)/(b'') "
                 "| (b'') gRPC ms/step | ahead: drafted/step, used, wasted tok/step "
                 "| k chosen (steps at k=0,1,..) |",
-                "|---|" + "---:|" * 22,
+                "|---|" + "---:|" * 24,
             ]
             for k in s["ks"]:
                 b = cells[(temperature, "services-spec", k)]
@@ -100,7 +100,8 @@ def markdown(report: dict[str, Any]) -> str:
                     f"{fmt(b.get('alpha_hat'))} | {fmt(b['tokens_per_target_pass'])} | "
                     f"{fmt(b.get('grpc_ms_per_step'))} | {fmt(b.get('grpc_cpu_ms_per_step'))} | "
                     f"{fmt(b['wire_bytes_per_step'], 0)} | "
-                    f"{fmt(b.get('bound'), 2, 'x')} | "
+                    f"{fmt(b.get('bound'), 2, 'x')} | {fmt(c.get('block_cost'), 2, 'x')} | "
+                    f"{fmt(c.get('predicted'), 2, 'x')} | "
                     f"{fmt(cells.get((temperature, 'services-serial', k), {}).get('ms_per_token'), 1)} | "
                     f"{fmt(b.get('vs_serial'), 2, 'x')} | {fmt(b.get('vs_inproc_serial'), 2, 'x')} | "
                     f"{fmt(unary.get('ms_per_token'), 1)} | {fmt(b.get('vs_unary'), 2, 'x')} | "
@@ -124,7 +125,9 @@ def markdown(report: dict[str, Any]) -> str:
         "per-token acceptance fitted to tokens/target pass; gRPC ms/step = (b) minus (c) loop time per "
         "step; gRPC CPU ms/step = the same in CPU time summed over all processes (robust to a busy "
         "machine); bound = (1 - a^(k+1)) / ((1 - a)(k c + 1)) with a = alpha_hat (for auto, k = mean "
-        "drafted per step); (b') = (b) with drafting only after each verdict; (b)/(b') and (b)/(c) = "
+        "drafted per step); block cost = (c)'s Verify of k+1 positions over a one-token target pass, in "
+        "process; predicted = (c)'s tokens/target pass over (k c + block cost): the cost model's speedup "
+        "from the measured parts, to compare with (c)'s and (b)'s speedups; (b') = (b) with drafting only after each verdict; (b)/(b') and (b)/(c) = "
         "ms/token ratios (< 1: pipelined services faster than serial services / than the serial loop in "
         "one process); (b'') = (b) with a unary Propose/Verify call per step instead of one stream per "
         "session, with its own gRPC ms/step; (b)/(b'') < 1: the streams made (b) faster; ahead = blocks "
