@@ -87,6 +87,12 @@ def test_quick_bench_writes_json_markdown_and_plot(tmp_path: Path) -> None:
     assert exact["T=0 services-serial k=2"] == 1.0 and exact["T=0 services-unary k=2"] == 1.0
     markdown = (out / "bench.md").read_text()
     assert "Machine:" in markdown and "| k |" in markdown and "skipped" in markdown
+    # --report-from derives the same figures again from the stored runs, running nothing
+    again = tmp_path / "again"
+    assert main(["--report-from", str(out / "bench.json"), "--out", str(again), "--log-level", "WARNING"]) == 0
+    rederived = json.loads((again / "bench.json").read_text())
+    assert rederived["workloads"][0]["results"] == workload["results"]
+    assert (again / "bench.md").read_text() == markdown
 
 
 # -- the custom workload: the user's own pair and prompts -------------------------------------------

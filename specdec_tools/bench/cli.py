@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
@@ -13,7 +14,7 @@ from typing import Any
 from .cells import BASELINE_OF, SYSTEMS, Settings
 from .machine import limit_threads, machine, machine_line
 from .report import markdown, plot, workload_entry, write_outputs
-from .runner import run_workload
+from .runner import rederive, run_workload
 from .serving import FULL_REQUESTS, QUICK_REQUESTS, serving_main, serving_settings
 from .workloads import CUSTOM_MAX_TOKENS, DEMO_DIR, T5_PAIR_DIR, WORKLOADS, CustomPair, load_workloads
 
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tiny synthetic and T5-shaped pairs (for smoke tests)")
     parser.add_argument("--models-dir", type=Path, default=DEMO_DIR,
                         help="where demo-draft and demo-target live (default: the repository's models/)")
+    parser.add_argument("--report-from", type=Path, metavar="BENCH_JSON",
+                        help="run nothing: derive the figures of a bench.json made before again from its stored "
+                             "runs and write bench.json, bench.md and bench.png into --out")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--drafting", action="store_true",
                         help="compare draft methods instead: --draft-methods drafts against the target alone, "
@@ -134,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if args.report_from:
+        report = rederive(json.loads(args.report_from.read_text()))
+        args.out.mkdir(parents=True, exist_ok=True)
+        return write_outputs(args.out, "bench", report, markdown(report), plot)
     preset = QUICK if args.quick else FULL
     if args.concurrency and args.drafting:
         raise SystemExit("--concurrency and --drafting are separate benchmarks; pick one")

@@ -81,6 +81,13 @@ def run_workload(workload: Workload, settings: Settings, env: dict[str, str]) ->
     finally:
         for system in systems.values():
             system.close()
+    return results_of(runs, settings, skipped, floor)
+
+
+def results_of(runs: dict[Cell, list[list[Run]]], settings: Settings, skipped: dict[str, str],
+               floor: dict[str, Any]) -> dict[str, Any]:
+    """A workload's figures (``bench.json``'s ``results``) from its cells' runs."""
+    cells = list(runs)
     summaries = {cell: summarize(runs[cell]) for cell in cells}
     derived = derive(summaries, settings.temperatures, settings.ks)
     return {
@@ -94,3 +101,20 @@ def run_workload(workload: Workload, settings: Settings, env: dict[str, str]) ->
             for cell in cells
         ],
     }
+
+
+def rederive(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` (a ``bench.json``) with every workload's figures derived again from its stored
+    runs, so a change to the analysis applies to a run already made (``--report-from``)."""
+    known = {f for f in Settings.__dataclass_fields__}
+    settings = Settings(**{key: value for key, value in report["settings"].items() if key in known})
+    for workload in report["workloads"]:
+        results = workload["results"]
+        runs: dict[Cell, list[list[Run]]] = {}
+        for stored in results["cells"]:
+            cell = Cell(stored["temperature"], stored["system"], stored["k"])
+            flat = [Run(**run) for run in stored["runs"]]
+            per_repeat = len(workload["prompts"])
+            runs[cell] = [flat[i:i + per_repeat] for i in range(0, len(flat), per_repeat)]
+        workload["results"] = results_of(runs, settings, results["skipped_systems"], results["empty_grpc_call"])
+    return report
