@@ -5,7 +5,8 @@ converting and serving it.
 ``model-0000i-of-0000N.safetensors`` shards and ``model.safetensors.index.json``, a
 sentencepiece tokenizer), one tensor at a time so that writing it needs about one shard of
 memory. The default shape is T5-3B's (d_model 1024, 32 heads x 128, d_ff 16384, 24+24 layers,
-vocabulary 32,128: 2.85B parameters, 10.6 GiB).
+vocabulary 32,128: 2.85B parameters, 10.6 GiB); ``--shape large`` and ``--shape 11b`` give
+T5-large's and T5-11B's.
 
 ``measure`` runs, one at a time, ``specdec-convert`` (bfloat16, 8-bit, 4-bit) and
 ``specdec-target`` loading the float32 directory with ``--dtype``/``--quantize`` until it
@@ -34,9 +35,15 @@ import numpy as np
 MODELS = Path(__file__).resolve().parents[2] / "models"
 GIB = 1024**3
 
-# T5-3B (t5-3b on the hub): relu FFN, tied embeddings, 24 encoder and 24 decoder layers.
-T5_3B = dict(d_model=1024, d_kv=128, num_heads=32, d_ff=16384, num_layers=24, num_decoder_layers=24,
-             vocab_size=32128)
+# The hub's t5-large, t5-3b and t5-11b: relu FFN, tied embeddings, 24 encoder and 24 decoder layers.
+SHAPES = {
+    "large": dict(d_model=1024, d_kv=64, num_heads=16, d_ff=4096, num_layers=24, num_decoder_layers=24,
+                  vocab_size=32128),
+    "3b": dict(d_model=1024, d_kv=128, num_heads=32, d_ff=16384, num_layers=24, num_decoder_layers=24,
+               vocab_size=32128),
+    "11b": dict(d_model=1024, d_kv=128, num_heads=128, d_ff=65536, num_layers=24, num_decoder_layers=24,
+                vocab_size=32128),
+}
 
 
 def hf_config(shape: dict[str, int]) -> dict[str, object]:
@@ -187,7 +194,10 @@ def measure(source: Path, work: Path, which: list[str]) -> list[Measurement]:
         "convert-bf16": lambda: measure_convert(source, work / "bf16", ["--dtype", "bfloat16"]),
         "convert-q8": lambda: measure_convert(source, work / "q8", ["--dtype", "bfloat16", "--quantize", "8"]),
         "convert-q4": lambda: measure_convert(source, work / "q4", ["--dtype", "bfloat16", "--quantize", "4"]),
+        "convert-q4-fp32": lambda: measure_convert(source, work / "q4-fp32", ["--quantize", "4"]),
         "serve-bf16": lambda: measure_serve(source, ["--dtype", "bfloat16"], work / "serve-bf16.log"),
+        "serve-q8": lambda: measure_serve(source, ["--dtype", "bfloat16", "--quantize", "8"],
+                                          work / "serve-q8.log"),
         "serve-q4": lambda: measure_serve(source, ["--dtype", "bfloat16", "--quantize", "4"],
                                           work / "serve-q4.log"),
         "serve-converted-bf16": lambda: measure_serve(work / "bf16", [], work / "serve-converted.log"),
@@ -197,7 +207,7 @@ def measure(source: Path, work: Path, which: list[str]) -> list[Measurement]:
         results.append(result)
         print(f"{name}: peak {result.peak_rss_bytes / GIB:.2f} GiB, payload {result.payload_bytes / GIB:.2f} GiB, "
               f"bound {result.bound_bytes / GIB:.2f} GiB, {result.seconds:.0f} s  ({result.command})", flush=True)
-        if name.startswith("convert") and name.removeprefix("convert-") not in ("bf16",):
+        if name.startswith("convert-q"):
             shutil.rmtree(work / name.removeprefix("convert-"), ignore_errors=True)  # disk, not needed again
     return results
 
@@ -208,16 +218,21 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("generate", help="write the T5-3B-shaped float32 checkpoint")
     make.add_argument("--out", required=True, type=Path)
+    make.add_argument("--shape", choices=list(SHAPES), default="3b", help="which T5's shape (default 3b)")
+    make.add_argument("--layers", type=int, help="encoder and decoder layers each (default: the model's 24); "
+                      "fewer keep the shape of every tensor but not the size of the whole")
     make.add_argument("--shard-gib", type=float, default=2.0, help="largest shard (default 2 GiB)")
     run = commands.add_parser("measure", help="peak memory of converting and serving it")
     run.add_argument("--source", required=True, type=Path, help="the generated float32 directory")
     run.add_argument("--work", required=True, type=Path, help="where conversions and logs go")
-    run.add_argument("--only", nargs="*", default=["convert-bf16", "convert-q8", "convert-q4", "serve-bf16",
-                                                   "serve-q4", "serve-converted-bf16"])
+    run.add_argument("--only", nargs="*", default=["convert-bf16", "convert-q8", "convert-q4", "convert-q4-fp32",
+                                                   "serve-bf16", "serve-q8", "serve-q4", "serve-converted-bf16"])
     run.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.command == "generate":
-        generate(args.out, T5_3B, int(args.shard_gib * GIB))
+        shape = SHAPES[args.shape] | ({"num_layers": args.layers, "num_decoder_layers": args.layers}
+                                      if args.layers else {})
+        generate(args.out, shape, int(args.shard_gib * GIB))
         return 0
     results = measure(args.source, args.work, args.only)
     if args.json:
