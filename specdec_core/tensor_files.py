@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import mmap
 import os
 import re
@@ -22,6 +23,8 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -166,7 +169,9 @@ class TorchBins:
             except RuntimeError as exc:
                 if "mmap" not in str(exc):
                     raise CheckpointError(f"cannot read {file}: {exc}") from exc
-                state = torch.load(file, map_location="cpu", weights_only=True)  # the legacy format
+                logger.warning("%s is in torch's legacy (pre-1.6) format, which cannot be memory-mapped: "
+                               "it is read whole into memory", file)
+                state = torch.load(file, map_location="cpu", weights_only=True)
                 mapped = False
             except Exception as exc:
                 raise CheckpointError(f"cannot read {file}: {exc}") from exc

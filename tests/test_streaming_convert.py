@@ -223,3 +223,15 @@ def test_shard_named_by_the_index_is_missing(sharded_dir: Path, tmp_path: Path) 
     shard.unlink()
     with pytest.raises(CheckpointError, match=rf"{shard} is missing \(named by model.safetensors.index.json\)"):
         load_model(broken)
+
+
+def test_legacy_pytorch_bin_loads_whole(t5_v10_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """torch cannot memory-map a pre-1.6 file (it raises): it is read whole, with a warning."""
+    reference = T5ForConditionalGeneration.from_pretrained(t5_v10_dir)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    shutil.copy(t5_v10_dir / "config.json", legacy)
+    torch.save(reference.state_dict(), legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    loaded = load_model(legacy)
+    assert "legacy (pre-1.6) format" in caplog.text
+    np.testing.assert_array_equal(_logits(loaded), _logits(load_model(t5_v10_dir)))
