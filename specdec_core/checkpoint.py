@@ -359,8 +359,12 @@ def convert_checkpoint(
         raise CheckpointError(f"--out {out_dir} is the source directory; write the conversion somewhere else")
     out.mkdir(parents=True, exist_ok=True)
     writer = tensor_files.ShardWriter(out, max_shard_bytes, metadata={"format": "mlx"})
-    for name, value in stream.tensors(f"converting {stream.path.name}"):
-        writer.add(name, value)
+    try:
+        for name, value in stream.tensors(f"converting {stream.path.name}"):
+            writer.add(name, value)
+    except BaseException:
+        writer.abort()
+        raise
     files = writer.finish()
     _write_config_and_tokenizer(stream.path, out, stream.model_id, stream.dtype, stream.quantization,
                                 stream.args.scale_decoder_outputs)

@@ -36,7 +36,6 @@ _NUMPY_DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
     "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
 }
-_MLX_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 class TensorSource(Protocol):
@@ -44,7 +43,6 @@ class TensorSource(Protocol):
 
     def names(self) -> list[str]: ...
     def shape(self, name: str) -> tuple[int, ...]: ...
-    def dtype(self, name: str) -> str: ...  # "float32", "bfloat16", ... or an integer type
     def nbytes(self, name: str) -> int: ...
     def read(self, name: str) -> mx.array: ...  # an evaluated array that owns its memory
     def release(self, name: str) -> None: ...  # the tensor will not be read again
@@ -74,10 +72,6 @@ class SafetensorsFiles:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._where[name][2]
-
-    def dtype(self, name: str) -> str:
-        stored = self._where[name][1]
-        return _MLX_NAMES.get(stored, np.dtype(_NUMPY_DTYPES[stored]).name)
 
     def nbytes(self, name: str) -> int:
         _, _, _, begin, end = self._where[name]
@@ -186,10 +180,6 @@ class TorchBins:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._tensors[name].shape)
 
-    def dtype(self, name: str) -> str:
-        tensor = self._tensors[name]
-        return "float32" if tensor.is_floating_point() else str(tensor.dtype).removeprefix("torch.")
-
     def nbytes(self, name: str) -> int:
         tensor = self._tensors[name]
         return tensor.numel() * tensor.element_size()
@@ -259,6 +249,12 @@ class ShardWriter:
         self._pending = {}
         self._pending_bytes = 0
         mx.clear_cache()  # give the shard's buffers back rather than keep them for reuse
+
+    def abort(self) -> None:
+        """Remove the shards written so far (a conversion that failed part-way)."""
+        for partial, _ in self._written:
+            partial.unlink(missing_ok=True)
+        self._written, self._pending = [], {}
 
     def finish(self) -> list[Path]:
         """Flush the last shard, give the shards their final names; the files written."""

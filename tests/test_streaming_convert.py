@@ -235,3 +235,36 @@ def test_legacy_pytorch_bin_loads_whole(t5_v10_dir: Path, tmp_path: Path, caplog
     loaded = load_model(legacy)
     assert "legacy (pre-1.6) format" in caplog.text
     np.testing.assert_array_equal(_logits(loaded), _logits(load_model(t5_v10_dir)))
+
+
+def test_failed_conversion_leaves_no_partial_shards(sharded_dir: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from specdec_core import tensor_files
+
+    real_read, reads = tensor_files.SafetensorsFiles.read, []
+
+    def read_then_fail(self, name: str) -> mx.array:
+        reads.append(name)
+        if len(reads) == 40:  # after a few 16 MB shards were written
+            raise CheckpointError(f"simulated read error in {name}")
+        return real_read(self, name)
+
+    monkeypatch.setattr(tensor_files.SafetensorsFiles, "read", read_then_fail)
+    out = tmp_path / "out"
+    assert convert(["--model", str(sharded_dir), "--out", str(out), "--max-shard-size", "16MB"]) == 2
+    assert list(out.iterdir()) == []
+
+
+def test_benchmark_generator_writes_a_loadable_sharded_checkpoint(tmp_path: Path) -> None:
+    """The T5-3B-shaped generator of the memory benchmark, at a tiny shape: the same layout."""
+    from specdec_tools.bench.big_checkpoint import generate, hf_tensor_shapes
+
+    shape = dict(d_model=64, d_kv=16, num_heads=4, d_ff=256, num_layers=2, num_decoder_layers=2, vocab_size=96)
+    out = generate(tmp_path / "gen", shape, shard_bytes=200_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(hf_tensor_shapes(shape)) and len(set(index["weight_map"].values())) > 1
+    reference = T5ForConditionalGeneration.from_pretrained(out).eval()
+    assert sum(p.numel() for p in reference.parameters()) == sum(
+        int(np.prod(s)) for s in hf_tensor_shapes(shape).values())
+    loaded = load_model(out)
+    assert loaded.args.d_ff == 256 and not loaded.args.untied_lm_head
