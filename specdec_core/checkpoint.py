@@ -209,7 +209,7 @@ class CheckpointStream:
         return tensor_files.total_bytes(self.source, self._stored.values())
 
     def tensors(self, description: str, progress_delay: float = 0.0) -> Iterator[tuple[str, mx.array]]:
-        """(our name, evaluated array) for every parameter, in the order they are stored.
+        """(our name, evaluated array) for every parameter, in the order they are stored; once.
 
         A progress bar (by source bytes) shows on a terminal once ``progress_delay`` seconds
         have passed. Each source tensor is released once its result is evaluated.
