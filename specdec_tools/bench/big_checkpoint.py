@@ -126,6 +126,23 @@ def generate(out: Path, shape: dict[str, int], shard_bytes: int = 2 * GIB, seed:
     return out
 
 
+def to_pytorch_bin(source: Path, out: Path) -> Path:
+    """The same checkpoint as one ``pytorch_model.bin`` (as older hub repositories ship it).
+    Writing it holds the whole model in memory: use it on the T5-large shape."""
+    import torch
+    from safetensors.torch import load_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(source.glob("model-*-of-*.safetensors")):
+        state.update(load_file(shard))
+    torch.save(state, out / "pytorch_model.bin")
+    for file in source.iterdir():
+        if not file.name.startswith("model"):
+            shutil.copy(file, out / file.name)
+    return out
+
+
 # -- measuring ----------------------------------------------------------------------------------
 
 
@@ -222,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--layers", type=int, help="encoder and decoder layers each (default: the model's 24); "
                       "fewer keep the shape of every tensor but not the size of the whole")
     make.add_argument("--shard-gib", type=float, default=2.0, help="largest shard (default 2 GiB)")
+    to_bin = commands.add_parser("to-bin", help="rewrite a generated checkpoint as pytorch_model.bin")
+    to_bin.add_argument("--source", required=True, type=Path)
+    to_bin.add_argument("--out", required=True, type=Path)
     run = commands.add_parser("measure", help="peak memory of converting and serving it")
     run.add_argument("--source", required=True, type=Path, help="the generated float32 directory")
     run.add_argument("--work", required=True, type=Path, help="where conversions and logs go")
@@ -233,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         shape = SHAPES[args.shape] | ({"num_layers": args.layers, "num_decoder_layers": args.layers}
                                       if args.layers else {})
         generate(args.out, shape, int(args.shard_gib * GIB))
+        return 0
+    if args.command == "to-bin":
+        to_pytorch_bin(args.source, args.out)
         return 0
     results = measure(args.source, args.work, args.only)
     if args.json:
