@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -19,7 +21,9 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from tqdm import tqdm
 
+from . import tensor_files
 from .errors import CheckpointError
 from .t5 import T5, ModelArgs, is_hf_layout
 
@@ -28,6 +32,7 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 QUANT_BITS = (4, 8)
 DEFAULT_GROUP_SIZE = 64
+LOAD_PROGRESS_DELAY_S = 3.0  # a load's progress bar appears only when it takes longer
 # Files a service needs from a hub repository: weights, config and tokenizer, nothing else.
 HUB_PATTERNS = ["*.json", "*.safetensors", "spiece.model", "*.txt"]
 TOKENIZER_FILES = (
@@ -47,6 +52,7 @@ class LoadedModel:
     model_id: str  # what the user asked for: a hub name or a directory
     dtype: str
     quantization: dict[str, int] | None
+    load_seconds: float = 0.0  # reading, casting and quantizing the weights
 
     @cached_property
     def num_parameters(self) -> int:  # Info reports it on every call; the model never changes
@@ -95,28 +101,18 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def safetensors_files(path: Path) -> list[Path]:
     """``model.safetensors``, or the shards ``model.safetensors.index.json`` names; [] if neither."""
-    single = path / "model.safetensors"
-    index = path / "model.safetensors.index.json"
-    if single.is_file():
-        return [single]
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / shard for shard in shards]
-    return []
+    return tensor_files.safetensors_files(path)[0]
 
 
-def read_weights(path: Path) -> dict[str, mx.array]:
-    """All tensors of a checkpoint directory, by their stored names."""
-    torch_bin = path / "pytorch_model.bin"
+def open_tensors(path: Path) -> tensor_files.TensorSource:
+    """The weights of a checkpoint directory, to be read tensor by tensor."""
     try:
-        files = safetensors_files(path)
+        files, weight_map = tensor_files.safetensors_files(path)
         if files:
-            weights: dict[str, mx.array] = {}
-            for file in files:
-                weights.update(mx.load(str(file)))
-            return weights
-        if torch_bin.is_file() or any(path.glob("pytorch_model-*.bin")):
-            return _read_torch_bins(path)
+            return tensor_files.SafetensorsFiles(files, weight_map)
+        bins = tensor_files.torch_bin_files(path)
+        if bins:
+            return tensor_files.TorchBins(bins)
     except CheckpointError:
         raise
     except Exception as exc:
@@ -127,27 +123,129 @@ def read_weights(path: Path) -> dict[str, mx.array]:
     )
 
 
-def _read_torch_bins(path: Path) -> dict[str, mx.array]:
-    try:
-        import torch
-    except ImportError as exc:
-        raise CheckpointError(
-            f"{path} holds only pytorch_model.bin; install torch to read it, or convert it "
-            "elsewhere with specdec-convert"
-        ) from exc
-    weights: dict[str, mx.array] = {}
-    for file in sorted(path.glob("pytorch_model*.bin")):
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        for name, tensor in state.items():
-            weights[name] = mx.array(tensor.float().numpy())
-    return weights
-
-
 def _quantize_predicate(group_size: int):
     def predicate(_path: str, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear) and module.weight.shape[-1] % group_size == 0
 
     return predicate
+
+
+class CheckpointStream:
+    """A checkpoint opened for reading one tensor at a time, as it will be served.
+
+    Opening reads the headers, the embedding and the head (tied or not, and the stored dtype),
+    and checks every stored shape against the config. ``tensors`` then yields each parameter
+    under our name, cast to ``dtype`` and, with ``quantize_bits``, quantized (weight, scales,
+    biases) exactly as ``nn.quantize`` would, each evaluated before the next is read, so memory
+    holds what was yielded plus about one source tensor.
+    """
+
+    def __init__(
+        self,
+        name_or_dir: str | os.PathLike[str],
+        dtype: str | None = None,
+        quantize_bits: int | None = None,
+        group_size: int = DEFAULT_GROUP_SIZE,
+    ) -> None:
+        check_dtype(dtype)
+        if quantize_bits is not None and quantize_bits not in QUANT_BITS:
+            raise CheckpointError(f"quantization must be 4 or 8 bits, not {quantize_bits}")
+        self.model_id = str(name_or_dir)
+        self.path = resolve_model_path(name_or_dir)
+        self.config = read_config(self.path)
+        stored_quant = (self.config.get("specdec") or {}).get("quantization")
+        if quantize_bits is not None and stored_quant and stored_quant["bits"] != quantize_bits:
+            raise CheckpointError(
+                f"{self.path} is already quantized to {stored_quant['bits']} bits; convert from the "
+                "original checkpoint to change that"
+            )
+        self.args = ModelArgs.from_dict(self.config)
+        self.source = open_tensors(self.path)
+        self._stored = our_names(self.source.names())  # ours -> stored name
+
+        # The embedding and head first: whether the head is tied, and the stored dtype.
+        self._first = {n: self.source.read(self._stored[n]) for n in ("shared.weight", "lm_head.weight")
+                       if n in self._stored}
+        drop_tied_head(self._first)
+        self.args.untied_lm_head = "lm_head.weight" in self._first
+        if not self.args.untied_lm_head and "lm_head.weight" in self._stored:
+            self.source.release(self._stored.pop("lm_head.weight"))
+        self.dtype = choose_dtype(self._first, dtype)
+
+        self._stored_quant = stored_quant
+        self.quantization = stored_quant
+        self._group_size, self._bits = group_size, quantize_bits
+        self._quantize_now: set[str] = set()  # our names of the weights to quantize as read
+        model = self._skeleton()
+        check_shapes(
+            {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())},
+            {ours: self.source.shape(theirs) for ours, theirs in self._stored.items()},
+            self.path,
+        )
+        if quantize_bits is not None and stored_quant is None:
+            qualifies = _quantize_predicate(group_size)
+            self._quantize_now = {f"{p}.weight" for p, m in model.named_modules() if qualifies(p, m)}
+            self.quantization = {"bits": quantize_bits, "group_size": group_size}
+
+    def _skeleton(self) -> T5:
+        """A T5 of the checkpoint's shape (lazy: its random initial weights are never computed),
+        quantized where the checkpoint is."""
+        model = T5(self.args)
+        if self._stored_quant:
+            nn.quantize(model, group_size=self._stored_quant["group_size"], bits=self._stored_quant["bits"],
+                        class_predicate=lambda p, m: f"{p}.scales" in self._stored)
+        return model
+
+    def new_model(self) -> T5:
+        """The skeleton the yielded tensors load into (quantized layers where they are)."""
+        model = self._skeleton()
+        if self._quantize_now:
+            nn.quantize(model, group_size=self._group_size, bits=self._bits,
+                        class_predicate=_quantize_predicate(self._group_size))
+        return model
+
+    @property
+    def source_bytes(self) -> int:
+        return tensor_files.total_bytes(self.source, self._stored.values())
+
+    def tensors(self, description: str, progress_delay: float = 0.0) -> Iterator[tuple[str, mx.array]]:
+        """(our name, evaluated array) for every parameter, in the order they are stored; once.
+
+        A progress bar (by source bytes) shows on a terminal once ``progress_delay`` seconds
+        have passed. Each source tensor is released once its result is evaluated.
+        """
+        position = {name: i for i, name in enumerate(self.source.names())}
+        order = sorted(self._stored, key=lambda ours: position[self._stored[ours]])
+        with tqdm(total=self.source_bytes, desc=description, unit="B", unit_scale=True, disable=None,
+                  delay=progress_delay, mininterval=1.0) as bar:
+            for ours in order:
+                theirs = self._stored[ours]
+                value = self._first.pop(ours) if ours in self._first else self.source.read(theirs)
+                results = self._prepare(ours, value)
+                del value
+                mx.eval([v for _, v in results])
+                nbytes = self.source.nbytes(theirs)
+                self.source.release(theirs)
+                yield from results
+                del results
+                bar.update(nbytes)
+
+    def _prepare(self, ours: str, value: mx.array) -> list[tuple[str, mx.array]]:
+        value = cast_floating(value, self.dtype)
+        if ours not in self._quantize_now:
+            return [(ours, value)]
+        weight, scales, biases = mx.quantize(value, self._group_size, self._bits)  # as QuantizedLinear does
+        prefix = ours.removesuffix(".weight")
+        return [(ours, weight), (f"{prefix}.scales", scales), (f"{prefix}.biases", biases)]
+
+
+def our_names(stored: list[str]) -> dict[str, str]:
+    """Our parameter name -> the stored tensor's name, by the mapping of ``T5.sanitize``."""
+    if not is_hf_layout(stored):
+        return {name: name for name in stored}
+    # sanitize maps names and passes values through untouched, so mapping each name to itself
+    # yields {ours: stored} without reading a single tensor.
+    return T5.sanitize({name: name for name in stored})  # type: ignore[arg-type, return-value]
 
 
 def load_model(
@@ -156,48 +254,30 @@ def load_model(
     quantize_bits: int | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
 ) -> LoadedModel:
-    """Load a T5 checkpoint into MLX.
+    """Load a T5 checkpoint into MLX, one tensor at a time.
 
     ``dtype`` None keeps the stored dtype (float16 is promoted to float32: T5 overflows in it).
-    ``quantize_bits`` 4 or 8 quantizes the linear layers after loading.
+    ``quantize_bits`` 4 or 8 quantizes the linear layers as they are read. Memory peaks at the
+    loaded model plus about one source tensor, whatever the source's dtype.
     """
-    check_dtype(dtype)
-    if quantize_bits is not None and quantize_bits not in QUANT_BITS:
-        raise CheckpointError(f"quantization must be 4 or 8 bits, not {quantize_bits}")
-    path = resolve_model_path(name_or_dir)
-    config = read_config(path)
-    stored_quant = (config.get("specdec") or {}).get("quantization")
-    args = ModelArgs.from_dict(config)
-    raw = read_weights(path)
-    weights = T5.sanitize(raw) if is_hf_layout(raw.keys()) else raw
-    drop_tied_head(weights)
-    args.untied_lm_head = "lm_head.weight" in weights
-    model = T5(args)
-
-    if stored_quant:
-        nn.quantize(
-            model,
-            group_size=stored_quant["group_size"],
-            bits=stored_quant["bits"],
-            class_predicate=lambda p, m: f"{p}.scales" in weights,
-        )
-    _check_weights(model, weights, path)
-    chosen = choose_dtype(weights, dtype)
-    weights = {k: cast_floating(v, chosen) for k, v in weights.items()}
-    model.load_weights(list(weights.items()), strict=True)
-    quantization = stored_quant
-    if quantize_bits is not None and stored_quant is None:
-        nn.quantize(model, group_size=group_size, bits=quantize_bits,
-                    class_predicate=_quantize_predicate(group_size))
-        quantization = {"bits": quantize_bits, "group_size": group_size}
-    elif quantize_bits is not None and stored_quant["bits"] != quantize_bits:
-        raise CheckpointError(
-            f"{path} is already quantized to {stored_quant['bits']} bits; convert from the "
-            "original checkpoint to change that"
-        )
+    started = time.perf_counter()
+    stream = CheckpointStream(name_or_dir, dtype, quantize_bits, group_size)
+    model = stream.new_model()
+    weights = list(stream.tensors(f"loading {stream.path.name}", progress_delay=LOAD_PROGRESS_DELAY_S))
+    model.load_weights(weights, strict=True)
+    del weights
     model.eval()
     mx.eval(model.parameters())
-    return LoadedModel(model, args, path, str(name_or_dir), chosen, quantization)
+    mx.clear_cache()  # the source tensors' freed buffers: not needed again
+    loaded = LoadedModel(model, stream.args, stream.path, stream.model_id, stream.dtype, stream.quantization,
+                         load_seconds=time.perf_counter() - started)
+    logger.info("loaded %s in %.1f s: %.2f GB of weights (%s, quantization %s)", stream.model_id,
+                loaded.load_seconds, weight_nbytes(model) / 1e9, loaded.dtype, loaded.quantization or "none")
+    return loaded
+
+
+def weight_nbytes(model: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
 def check_dtype(dtype: str | None) -> None:
@@ -227,14 +307,6 @@ def cast_floating(value: mx.array, dtype: str) -> mx.array:
     return value.astype(DTYPES[dtype]) if mx.issubdtype(value.dtype, mx.floating) else value
 
 
-def _check_weights(model: T5, weights: dict[str, mx.array], path: Path) -> None:
-    check_shapes(
-        {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())},
-        {k: tuple(v.shape) for k, v in weights.items()},
-        path,
-    )
-
-
 def check_shapes(
     expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], path: Path
 ) -> None:
@@ -259,28 +331,73 @@ def check_shapes(
         )
 
 
-def save_model(loaded: LoadedModel, out_dir: str | os.PathLike[str]) -> Path:
-    """Write an MLX checkpoint directory: model.safetensors (our names), config.json, tokenizer."""
+@dataclass
+class Conversion:
+    """What ``convert_checkpoint`` wrote."""
+
+    stream: CheckpointStream
+    files: list[Path]
+    tensor_bytes: int
+    parameters: int  # elements stored (a quantized weight counts its 32-bit words)
+    seconds: float
+
+
+def convert_checkpoint(
+    name_or_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    dtype: str | None = None,
+    quantize_bits: int | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    max_shard_bytes: int = tensor_files.DEFAULT_SHARD_BYTES,
+) -> Conversion:
+    """Stream a checkpoint into an MLX directory: tensors cast and quantized as they are read and
+    written in shards of at most ``max_shard_bytes``, so memory holds one shard plus one tensor."""
+    started = time.perf_counter()
+    stream = CheckpointStream(name_or_dir, dtype, quantize_bits, group_size)
+    out = Path(out_dir).expanduser()
+    if out.resolve() == stream.path.resolve():
+        raise CheckpointError(f"--out {out_dir} is the source directory; write the conversion somewhere else")
+    out.mkdir(parents=True, exist_ok=True)
+    writer = tensor_files.ShardWriter(out, max_shard_bytes, metadata={"format": "mlx"})
+    try:
+        for name, value in stream.tensors(f"converting {stream.path.name}"):
+            writer.add(name, value)
+    except BaseException:
+        writer.abort()
+        raise
+    files = writer.finish()
+    _write_config_and_tokenizer(stream.path, out, stream.model_id, stream.dtype, stream.quantization,
+                                stream.args.scale_decoder_outputs)
+    return Conversion(stream, files, writer.total_bytes, writer.total_elements, time.perf_counter() - started)
+
+
+def save_model(loaded: LoadedModel, out_dir: str | os.PathLike[str],
+               max_shard_bytes: int = tensor_files.DEFAULT_SHARD_BYTES) -> Path:
+    """Write a model in memory as an MLX checkpoint directory: safetensors (our names, sharded
+    when large), config.json, tokenizer."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = read_config(loaded.path)
-    config["specdec"] = {
-        "format": "mlx",
-        "source": loaded.model_id,
-        "dtype": loaded.dtype,
-        "quantization": loaded.quantization,
-    }
+    writer = tensor_files.ShardWriter(out, max_shard_bytes, metadata={"format": "mlx"})
+    for name, value in tree_flatten(loaded.model.parameters()):
+        writer.add(name, value)
+    writer.finish()
+    _write_config_and_tokenizer(loaded.path, out, loaded.model_id, loaded.dtype, loaded.quantization,
+                                loaded.args.scale_decoder_outputs)
+    return out
+
+
+def _write_config_and_tokenizer(source: Path, out: Path, model_id: str, dtype: str,
+                                quantization: dict[str, int] | None, scale_decoder_outputs: bool) -> None:
+    config = read_config(source)
+    config["specdec"] = {"format": "mlx", "source": model_id, "dtype": dtype, "quantization": quantization}
     # Our own keys are the source of truth for the architecture when we load it back.
-    config["scale_decoder_outputs"] = loaded.args.scale_decoder_outputs
-    weights = dict(tree_flatten(loaded.model.parameters()))
-    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    config["scale_decoder_outputs"] = scale_decoder_outputs
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     copied = 0
     for name in TOKENIZER_FILES:
-        source = loaded.path / name
-        if source.is_file():
-            (out / name).write_bytes(source.read_bytes())
+        file = source / name
+        if file.is_file():
+            (out / name).write_bytes(file.read_bytes())
             copied += 1
     if not copied:
-        logger.warning("%s has no tokenizer files; %s will need one to serve text", loaded.path, out)
-    return out
+        logger.warning("%s has no tokenizer files; %s will need one to serve text", source, out)

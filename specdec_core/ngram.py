@@ -186,6 +186,7 @@ class ModelConfig:
     dtype: str = ""
     quantization: dict[str, int] | None = None
     num_parameters: int = 0
+    load_seconds: float = 0.0
 
 
 class IndexPositions:

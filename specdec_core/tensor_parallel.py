@@ -45,12 +45,13 @@ from .checkpoint import (
     check_shapes,
     choose_dtype,
     drop_tied_head,
+    our_names,
     read_config,
     resolve_model_path,
     safetensors_files,
 )
 from .errors import CheckpointError
-from .t5 import T5, Attention, FeedForward, ModelArgs, is_hf_layout
+from .t5 import T5, Attention, FeedForward, ModelArgs
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ def load_sharded(
     args = ModelArgs.from_dict(config)
     check_divisible(args, group.size())
     tensors = _open_safetensors(path)
-    stored = _our_names(tensors.names())
+    stored = our_names(tensors.names())
 
     rank, size = group.rank(), group.size()
 
@@ -300,12 +301,3 @@ def _open_safetensors(path: Path) -> SafetensorsSlices:
         f"{path} has no safetensors weights; tensor-parallel loading reads slices of "
         "model.safetensors (or its sharded index): convert the checkpoint with specdec-convert"
     )
-
-
-def _our_names(stored: list[str]) -> dict[str, str]:
-    """Our parameter name -> the stored tensor's name, by the mapping of ``T5.sanitize``."""
-    if not is_hf_layout(stored):
-        return {name: name for name in stored}
-    # sanitize maps names and passes values through untouched, so mapping each name to itself
-    # yields {ours: stored} without reading a single tensor.
-    return T5.sanitize({name: name for name in stored})  # type: ignore[arg-type, return-value]

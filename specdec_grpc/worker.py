@@ -297,6 +297,7 @@ def info_response(host: SessionHost) -> pb.InfoResponse:
         dtype=loaded.dtype,
         quantization_bits=(loaded.quantization or {}).get("bits", 0),
         num_parameters=loaded.num_parameters,
+        load_seconds=loaded.load_seconds,
         role=host.role,
         limits=pb.Limits(
             max_sessions=limits.max_sessions,

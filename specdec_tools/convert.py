@@ -1,8 +1,11 @@
 """specdec-convert: turn a T5 checkpoint (hub name or HF directory) into an MLX directory.
 
-The output holds ``model.safetensors`` under our parameter names, ``config.json`` with a
+The output holds safetensors under our parameter names (``model.safetensors``, or shards of
+at most ``--max-shard-size`` with ``model.safetensors.index.json``), ``config.json`` with a
 ``"specdec"`` section recording dtype and quantization, and the tokenizer files, so a
-service can load it directly (``--model OUT``) without torch or a download.
+service can load it directly (``--model OUT``) without torch or a download. Tensors are
+read, cast, quantized and written one at a time: memory holds one output shard plus about
+one source tensor, not the model (docs/bench/big_checkpoints.md).
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from specdec_core import blas
 
 blas.preload()  # OpenBLAS goes global before anything imports MLX (see specdec_core.blas)
 
-from specdec_core.checkpoint import DEFAULT_GROUP_SIZE, DTYPES, QUANT_BITS, load_model, save_model
+from specdec_core.checkpoint import DEFAULT_GROUP_SIZE, DTYPES, QUANT_BITS, convert_checkpoint
 from specdec_core.errors import CheckpointError
+from specdec_core.tensor_files import DEFAULT_SHARD_BYTES, parse_size
 
 GROUP_SIZES = (32, 64, 128)  # what mlx.nn.quantize supports
 
@@ -68,7 +72,25 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"quantization group size, one of {GROUP_SIZES} (default {DEFAULT_GROUP_SIZE}; "
         "used with --quantize)",
     )
+    parser.add_argument(
+        "--max-shard-size",
+        type=_shard_size,
+        default=DEFAULT_SHARD_BYTES,
+        metavar="SIZE",
+        help="largest safetensors file to write, e.g. 2GB, 500MB (default 2GB; a checkpoint that "
+        "fits in one is written as model.safetensors). Conversion holds one shard in memory",
+    )
     return parser
+
+
+def _shard_size(text: str) -> int:
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    if size <= 0:
+        raise argparse.ArgumentTypeError("the shard size must be positive")
+    return size
 
 
 def _format_bytes(n: int) -> str:
@@ -83,30 +105,28 @@ def _format_bytes(n: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        loaded = load_model(args.model, dtype=args.dtype, quantize_bits=args.quantize,
-                            group_size=args.group_size)
-        if Path(args.out).expanduser().resolve() == loaded.path.resolve():
-            raise CheckpointError(
-                f"--out {args.out} is the source directory; write the conversion somewhere else"
-            )
-        out = save_model(loaded, Path(args.out).expanduser())
+        done = convert_checkpoint(args.model, args.out, dtype=args.dtype, quantize_bits=args.quantize,
+                                  group_size=args.group_size, max_shard_bytes=args.max_shard_size)
     except CheckpointError as exc:
         print(f"specdec-convert: error: {exc}", file=sys.stderr)
         return 2
-    written = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file())
-    quant = loaded.quantization
+    out = Path(args.out).expanduser()
+    written = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    stream = done.stream
+    quant = stream.quantization
     quant_text = f"{quant['bits']}-bit, group size {quant['group_size']}" if quant else "none"
-    a = loaded.args
+    a = stream.args
     head = "untied" if a.untied_lm_head else "tied"
-    print(f"converted {loaded.model_id}")
+    shards = f"{len(done.files)} shards + index" if len(done.files) > 1 else "one file"
+    print(f"converted {stream.model_id} in {done.seconds:.1f} s")
     print(f"  architecture  T5 {a.num_layers}+{a.num_decoder_layers} layers, d_model {a.d_model}, "
           f"{a.feed_forward_proj} FFN, {head} lm head")
-    print(f"  parameters    {loaded.num_parameters:,}"
+    print(f"  parameters    {done.parameters:,}"
           + (" (packed: quantized weights count 32-bit words)" if quant else ""))
-    print(f"  dtype         {loaded.dtype}")
+    print(f"  dtype         {stream.dtype}")
     print(f"  quantization  {quant_text}")
-    print(f"  bytes written {written:,} ({_format_bytes(written)})")
-    print(f"  written to    {Path(out).resolve()}")
+    print(f"  bytes written {written:,} ({_format_bytes(written)}, {shards})")
+    print(f"  written to    {out.resolve()}")
     return 0
 
 

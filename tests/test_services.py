@@ -730,6 +730,7 @@ def test_info_reports_model_load_and_metrics(spare_worker: Callable[..., Worker]
         assert info.eos_token_id == local_target.args.eos_token_id
         assert info.decoder_start_token_id == local_target.args.decoder_start_token_id
         assert info.tokenizer_fingerprint and info.dtype == "float32" and info.num_parameters > 0
+        assert 0 < info.load_seconds < 600  # measured around the load at start
         assert (info.limits.max_sessions, info.limits.max_draft) == (7, 9)
         assert (info.live_sessions, info.cached_tokens, info.metrics.steps) == (0, 0, 0)
 

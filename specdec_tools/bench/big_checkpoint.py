@@ -1,0 +1,267 @@
+"""Big-checkpoint memory benchmark: a T5-3B-shaped float32 checkpoint and the peak memory of
+converting and serving it.
+
+``generate`` writes a Hugging Face layout checkpoint with random weights (config.json,
+``model-0000i-of-0000N.safetensors`` shards and ``model.safetensors.index.json``, a
+sentencepiece tokenizer), one tensor at a time so that writing it needs about one shard of
+memory. The default shape is T5-3B's (d_model 1024, 32 heads x 128, d_ff 16384, 24+24 layers,
+vocabulary 32,128: 2.85B parameters, 10.6 GiB); ``--shape large`` and ``--shape 11b`` give
+T5-large's and T5-11B's.
+
+``measure`` runs, one at a time, ``specdec-convert`` (bfloat16, 8-bit, 4-bit) and
+``specdec-target`` loading the float32 directory with ``--dtype``/``--quantize`` until it
+announces its port, and reports each one's peak resident memory (the kernel's high-water
+mark: ``ru_maxrss`` of the finished converter, ``VmHWM`` of the serving target) next to the
+bytes it wrote or serves. The figures in docs/bench/big_checkpoints.md come from it::
+
+    python -m specdec_tools.bench.big_checkpoint generate --out /tmp/t5-3b-fp32
+    python -m specdec_tools.bench.big_checkpoint measure --source /tmp/t5-3b-fp32 --work /tmp/big-work
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+GIB = 1024**3
+
+# The hub's t5-large, t5-3b and t5-11b: relu FFN, tied embeddings, 24 encoder and 24 decoder layers.
+SHAPES = {
+    "large": dict(d_model=1024, d_kv=64, num_heads=16, d_ff=4096, num_layers=24, num_decoder_layers=24,
+                  vocab_size=32128),
+    "3b": dict(d_model=1024, d_kv=128, num_heads=32, d_ff=16384, num_layers=24, num_decoder_layers=24,
+               vocab_size=32128),
+    "11b": dict(d_model=1024, d_kv=128, num_heads=128, d_ff=65536, num_layers=24, num_decoder_layers=24,
+                vocab_size=32128),
+}
+
+
+def hf_config(shape: dict[str, int]) -> dict[str, object]:
+    return {
+        "architectures": ["T5ForConditionalGeneration"],
+        "model_type": "t5",
+        "feed_forward_proj": "relu",
+        "tie_word_embeddings": True,
+        "is_encoder_decoder": True,
+        "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128,
+        "layer_norm_epsilon": 1e-6,
+        "dropout_rate": 0.0,
+        "decoder_start_token_id": 0,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        **shape,
+    }
+
+
+def hf_tensor_shapes(shape: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """Every tensor a tied relu T5 stores under its Hugging Face name, in the hub's order."""
+    d, inner, ff = shape["d_model"], shape["num_heads"] * shape["d_kv"], shape["d_ff"]
+    attention = {"q": (inner, d), "k": (inner, d), "v": (inner, d), "o": (d, inner)}
+    tensors: dict[str, tuple[int, ...]] = {"shared.weight": (shape["vocab_size"], d)}
+    for stack, layers in (("encoder", shape["num_layers"]), ("decoder", shape["num_decoder_layers"])):
+        for i in range(layers):
+            block = f"{stack}.block.{i}.layer"
+            parts = ["SelfAttention"] + (["EncDecAttention"] if stack == "decoder" else [])
+            for j, part in enumerate(parts):
+                for name, dims in attention.items():
+                    tensors[f"{block}.{j}.{part}.{name}.weight"] = dims
+                if i == 0 and part == "SelfAttention":
+                    tensors[f"{block}.0.SelfAttention.relative_attention_bias.weight"] = (32, shape["num_heads"])
+                tensors[f"{block}.{j}.layer_norm.weight"] = (d,)
+            ffn = len(parts)
+            tensors[f"{block}.{ffn}.DenseReluDense.wi.weight"] = (ff, d)
+            tensors[f"{block}.{ffn}.DenseReluDense.wo.weight"] = (d, ff)
+            tensors[f"{block}.{ffn}.layer_norm.weight"] = (d,)
+        tensors[f"{stack}.final_layer_norm.weight"] = (d,)
+    return tensors
+
+
+def generate(out: Path, shape: dict[str, int], shard_bytes: int = 2 * GIB, seed: int = 0) -> Path:
+    """Write the random float32 checkpoint; return ``out``."""
+    from safetensors.numpy import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shapes = hf_tensor_shapes(shape)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, dims in shapes.items():
+        nbytes = 4 * int(np.prod(dims))
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    weight_map: dict[str, str] = {}
+    for i, names in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name in names:
+            dims = shapes[name]
+            # Layer norms at 1 as T5 initialises them; the rest at the scale of a trained model's.
+            tensors[name] = (np.ones(dims, np.float32) if len(dims) == 1
+                             else rng.standard_normal(dims, dtype=np.float32) * np.float32(dims[-1] ** -0.5))
+            weight_map[name] = file
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+        del tensors
+        print(f"wrote {file} ({len(names)} tensors)", flush=True)
+    total = sum(4 * int(np.prod(d)) for d in shapes.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(hf_config(shape), indent=2) + "\n")
+    for name in ("spiece.model", "tokenizer_config.json"):  # any tokenizer will do for memory figures
+        shutil.copy(MODELS / "demo-target" / name, out / name)
+    print(f"{out}: {sum(int(np.prod(d)) for d in shapes.values()):,} parameters, {total / GIB:.2f} GiB")
+    return out
+
+
+def to_pytorch_bin(source: Path, out: Path) -> Path:
+    """The same checkpoint as one ``pytorch_model.bin`` (as older hub repositories ship it).
+    Writing it holds the whole model in memory: use it on the T5-large shape."""
+    import torch
+    from safetensors.torch import load_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(source.glob("model-*-of-*.safetensors")):
+        state.update(load_file(shard))
+    torch.save(state, out / "pytorch_model.bin")
+    for file in source.iterdir():
+        if not file.name.startswith("model"):
+            shutil.copy(file, out / file.name)
+    return out
+
+
+# -- measuring ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    command: str
+    peak_rss_bytes: int
+    payload_bytes: int  # bytes written (convert) or weights held (serve)
+    seconds: float
+
+    @property
+    def bound_bytes(self) -> int:  # the goal of issue 23
+        return int(1.5 * self.payload_bytes + GIB)
+
+
+def _directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.suffix == ".safetensors")
+
+
+def _script(name: str) -> str:
+    script = Path(sys.executable).with_name(name)
+    return str(script) if script.exists() else name
+
+
+def measure_convert(source: Path, out: Path, options: list[str]) -> Measurement:
+    argv = [_script("specdec-convert"), "--model", str(source), "--out", str(out), *options]
+    started = time.monotonic()
+    process = subprocess.Popen(argv)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise RuntimeError(f"{' '.join(argv)} exited with {process.returncode}")
+    return Measurement(" ".join(["specdec-convert", *argv[1:]]), usage.ru_maxrss * 1024,
+                       _directory_bytes(out), time.monotonic() - started)
+
+
+def measure_serve(model: Path, options: list[str], log: Path) -> Measurement:
+    """Peak memory of ``specdec-target --model MODEL OPTIONS`` once it serves (announced its port)."""
+    from specdec_tools.service_process import ServiceProcess
+
+    argv = ["--model", str(model), "--port", "0", *options]
+    started = time.monotonic()
+    with ServiceProcess("target", argv, log) as service:
+        service.wait_port(timeout=3600)
+        seconds = time.monotonic() - started
+        status = Path(f"/proc/{service.pid}/status").read_text()
+        peak = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
+        served = _served_bytes(log)
+    return Measurement(" ".join(["specdec-target", *argv]), peak, served, seconds)
+
+
+def _served_bytes(log: Path) -> int:
+    """The weight bytes the target's load line reports (``... GB of weights ...``)."""
+    import re
+
+    match = re.search(r"([\d.]+) GB of weights", log.read_text(errors="replace"))
+    if not match:
+        raise RuntimeError(f"no 'GB of weights' in {log}")
+    return int(float(match.group(1)) * 1e9)
+
+
+def measure(source: Path, work: Path, which: list[str]) -> list[Measurement]:
+    work.mkdir(parents=True, exist_ok=True)
+    results: list[Measurement] = []
+    runs = {
+        "convert-bf16": lambda: measure_convert(source, work / "bf16", ["--dtype", "bfloat16"]),
+        "convert-q8": lambda: measure_convert(source, work / "q8", ["--dtype", "bfloat16", "--quantize", "8"]),
+        "convert-q4": lambda: measure_convert(source, work / "q4", ["--dtype", "bfloat16", "--quantize", "4"]),
+        "convert-q4-fp32": lambda: measure_convert(source, work / "q4-fp32", ["--quantize", "4"]),
+        "serve-bf16": lambda: measure_serve(source, ["--dtype", "bfloat16"], work / "serve-bf16.log"),
+        "serve-q8": lambda: measure_serve(source, ["--dtype", "bfloat16", "--quantize", "8"],
+                                          work / "serve-q8.log"),
+        "serve-q4": lambda: measure_serve(source, ["--dtype", "bfloat16", "--quantize", "4"],
+                                          work / "serve-q4.log"),
+        "serve-converted-bf16": lambda: measure_serve(work / "bf16", [], work / "serve-converted.log"),
+    }
+    for name in which:
+        result = runs[name]()
+        results.append(result)
+        print(f"{name}: peak {result.peak_rss_bytes / GIB:.2f} GiB, payload {result.payload_bytes / GIB:.2f} GiB, "
+              f"bound {result.bound_bytes / GIB:.2f} GiB, {result.seconds:.0f} s  ({result.command})", flush=True)
+        if name.startswith("convert-q"):
+            shutil.rmtree(work / name.removeprefix("convert-"), ignore_errors=True)  # disk, not needed again
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m specdec_tools.bench.big_checkpoint", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    make = commands.add_parser("generate", help="write the T5-3B-shaped float32 checkpoint")
+    make.add_argument("--out", required=True, type=Path)
+    make.add_argument("--shape", choices=list(SHAPES), default="3b", help="which T5's shape (default 3b)")
+    make.add_argument("--layers", type=int, help="encoder and decoder layers each (default: the model's 24); "
+                      "fewer keep the shape of every tensor but not the size of the whole")
+    make.add_argument("--shard-gib", type=float, default=2.0, help="largest shard (default 2 GiB)")
+    to_bin = commands.add_parser("to-bin", help="rewrite a generated checkpoint as pytorch_model.bin")
+    to_bin.add_argument("--source", required=True, type=Path)
+    to_bin.add_argument("--out", required=True, type=Path)
+    run = commands.add_parser("measure", help="peak memory of converting and serving it")
+    run.add_argument("--source", required=True, type=Path, help="the generated float32 directory")
+    run.add_argument("--work", required=True, type=Path, help="where conversions and logs go")
+    run.add_argument("--only", nargs="*", default=["convert-bf16", "convert-q8", "convert-q4", "convert-q4-fp32",
+                                                   "serve-bf16", "serve-q8", "serve-q4", "serve-converted-bf16"])
+    run.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    if args.command == "generate":
+        shape = SHAPES[args.shape] | ({"num_layers": args.layers, "num_decoder_layers": args.layers}
+                                      if args.layers else {})
+        generate(args.out, shape, int(args.shard_gib * GIB))
+        return 0
+    if args.command == "to-bin":
+        to_pytorch_bin(args.source, args.out)
+        return 0
+    results = measure(args.source, args.work, args.only)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) | {"bound_bytes": r.bound_bytes} for r in results], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
