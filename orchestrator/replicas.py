@@ -125,11 +125,12 @@ class ReplicaPool:
         return [r for r in self.replicas if r.role == role]
 
     # -- start-up -----------------------------------------------------------------------------
-    async def start(self, connect_timeout_s: float = 30.0) -> None:
+    async def start(self, connect_timeout_s: float = 30.0, decoder_tokens_needed: int = 0) -> None:
         """Wait for replicas, check they agree, start the health watch.
 
-        Refuses (StartupError with a message) when no target answers in time, or when any two
-        replicas that answered disagree on vocabulary or special ids.
+        Refuses (StartupError with a message) when no target answers in time, when any two
+        replicas that answered disagree on vocabulary or special ids, or when one holds fewer
+        decoder tokens per session (``--max-decoder-tokens``) than ``decoder_tokens_needed``.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + connect_timeout_s
@@ -156,6 +157,13 @@ class ReplicaPool:
                     f"{targets[0].address}: {problem}. Draft and target must share one tokenizer and "
                     "the same special token ids."
                 )
+            held = replica.info.limits.max_decoder_tokens
+            if held < decoder_tokens_needed:
+                raise IncompatibleReplicas(
+                    f"refusing to start: {replica.role} {replica.address} holds {held} decoder tokens per "
+                    f"session (--max-decoder-tokens) and a request may need {decoder_tokens_needed} (the "
+                    "start token, --max-tokens-cap tokens and a block of --max-num-draft drafts): raise "
+                    "the worker's --max-decoder-tokens or lower those orchestrator flags")
             replica.healthy = True
         for replica in pending:
             logger.warning("%s %s not reachable yet; will use it once it answers", replica.role, replica.address)

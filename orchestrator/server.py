@@ -188,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def decoder_tokens_needed(limits: OrchestratorLimits) -> int:
+    """The longest decoder session a request can make: the start token, max_tokens_cap tokens and a
+    block of max_num_draft drafts past the last committed token."""
+    return 1 + limits.max_tokens_cap + limits.max_num_draft
+
+
 def resolve_tokenizer(config: OrchestratorConfig, pool: ReplicaPool):  # type: ignore[no-untyped-def]
     reference = pool.reference
     assert reference is not None
@@ -224,7 +230,7 @@ async def start_orchestrator(config: OrchestratorConfig) -> tuple[RunningServer,
         step_streams=config.step_streams,
     )
     try:
-        await pool.start(config.connect_timeout_s)
+        await pool.start(config.connect_timeout_s, decoder_tokens_needed=decoder_tokens_needed(config.limits))
         tokenizer = resolve_tokenizer(config, pool)
     except BaseException:
         await pool.close()

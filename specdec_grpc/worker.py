@@ -11,7 +11,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -79,17 +79,7 @@ class WorkerConfig:
             model=args.model,
             dtype=args.dtype,
             quantize=args.quantize,
-            limits=HostLimits(
-                max_sessions=args.max_sessions,
-                max_cached_tokens=args.max_cached_tokens,
-                max_prompt_tokens=args.max_prompt_tokens,
-                max_draft=args.max_draft,
-                session_ttl_s=args.session_ttl,
-                max_decoder_tokens=args.max_decoder_tokens,
-                watchdog_s=args.watchdog_s,
-                max_batch=args.max_batch,
-                batch_wait_ms=args.batch_wait_ms,
-            ),
+            limits=HostLimits(**{f.name: getattr(args, limit_dest(f)) for f in fields(HostLimits)}),
             host=args.host,
             port=args.port,
             max_message_mb=args.max_message_mb,
@@ -104,6 +94,11 @@ class WorkerConfig:
         )
 
 
+def limit_dest(limit: Field[Any]) -> str:
+    """The argparse attribute of a HostLimits field's flag."""
+    return limit.metadata["flag"].lstrip("-").replace("-", "_")
+
+
 def build_parser(role: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"specdec-{role}",
@@ -115,33 +110,10 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="parameter dtype (default: as stored; float16 overflows in T5)")
     parser.add_argument("--quantize", type=int, choices=[4, 8], help="quantize linear layers at load")
-    limits = HostLimits()
-    parser.add_argument("--max-sessions", type=int, default=limits.max_sessions)
-    parser.add_argument("--max-cached-tokens", type=int, default=limits.max_cached_tokens,
-                        help="token positions all sessions may hold (the cache memory budget)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens)
-    parser.add_argument("--max-draft", type=int, default=limits.max_draft, help="largest k accepted")
-    parser.add_argument("--session-ttl", type=float, default=limits.session_ttl_s,
-                        help="seconds an idle session lives before eviction")
-    parser.add_argument("--max-decoder-tokens", type=int, default=limits.max_decoder_tokens,
-                        help="a session's decoder length (start token + generated/appended tokens); "
-                             "also the most tokens one call may append, since a failover resync "
-                             "appends a whole generation at once. Longer is INVALID_ARGUMENT "
-                             f"(default {limits.max_decoder_tokens}: keep it above the orchestrator's "
-                             "--max-tokens-cap + --max-num-draft)")
-    parser.add_argument("--watchdog-s", type=float, default=limits.watchdog_s,
-                        help="report NOT_SERVING (and refuse new sessions) while the model thread has "
-                             "had work waiting this many seconds without finishing any; SERVING again "
-                             f"once it does. 0 = off (default {limits.watchdog_s:g}; raise it where one "
-                             "forward pass can take longer, e.g. a large model on CPU)")
-    parser.add_argument("--max-batch", type=int, default=limits.max_batch,
-                        help="most sessions' steps run together in one batched forward pass "
-                             f"(default {limits.max_batch}; 1 turns batching off)")
-    parser.add_argument("--batch-wait-ms", type=float, default=limits.batch_wait_ms,
-                        help="how long the model thread may hold a step that finds it idle, to gather "
-                             "more sessions' steps into its batch (default "
-                             f"{limits.batch_wait_ms:g}: never; steps that arrive while a batch runs "
-                             "are batched anyway)")
+    for limit in fields(HostLimits):
+        flag, default = limit.metadata["flag"], limit.default
+        parser.add_argument(flag, type=type(default), default=default,
+                            help=f"{limit.metadata['help']} (default {default:g})")
     add_server_arguments(
         parser, DEFAULT_PORTS[role], default_max_message_mb=None,
         max_message_help="largest request/response accepted, MiB (default: sized to the largest "
@@ -299,16 +271,7 @@ def info_response(host: SessionHost) -> pb.InfoResponse:
         num_parameters=loaded.num_parameters,
         load_seconds=loaded.load_seconds,
         role=host.role,
-        limits=pb.Limits(
-            max_sessions=limits.max_sessions,
-            max_cached_tokens=limits.max_cached_tokens,
-            max_prompt_tokens=limits.max_prompt_tokens,
-            max_draft=limits.max_draft,
-            session_ttl_s=limits.session_ttl_s,
-            max_batch=limits.max_batch,
-            batch_wait_ms=limits.batch_wait_ms,
-            max_decoder_tokens=limits.max_decoder_tokens,
-        ),
+        limits=pb.Limits(**{name: getattr(limits, name) for name in pb.Limits.DESCRIPTOR.fields_by_name}),
         live_sessions=live["live_sessions"],
         cached_tokens=live["cached_tokens"],
         metrics=pb.Metrics(

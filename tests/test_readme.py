@@ -138,6 +138,25 @@ def test_limits_table_flags_exist() -> None:
     assert rows >= 8
 
 
+def test_limits_table_lists_every_worker_limit_with_its_declared_default() -> None:
+    """The workers' limits are declared once (``HostLimits``: flag, default, help); the table must
+    name each one, with that default."""
+    from dataclasses import fields
+
+    from specdec_core.session_host import HostLimits
+
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in _section("docs/configuration.md", "## Limits and flags").splitlines()]
+    rows = [row for row in rows if len(row) >= 3 and row[0] == "draft, target"]
+    for limit in fields(HostLimits):
+        flag = limit.metadata["flag"]
+        (row,) = [row for row in rows if f"`{flag}`" in row[1]]
+        defaults = [value.strip() for value in re.split(r"[/,]", row[2])]
+        flags = re.findall(r"`(--[a-z-]+)`", row[1])
+        position = [f for f in flags if f in {m.metadata["flag"] for m in fields(HostLimits)}].index(flag)
+        assert float(defaults[position]) == limit.default, (flag, row[2])
+
+
 def test_rpc_table_matches_the_protos() -> None:
     from specdec_pb import specdec_pb2
 
