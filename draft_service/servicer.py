@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from specdec_core.session_host import SessionHost
 from specdec_grpc.convert import proposal_to_pb
 from specdec_grpc.step_servicer import StepRpc, step_servicer
 from specdec_pb import specdec_pb2_grpc as pb_grpc
 
-PROPOSE = StepRpc(name="Propose", service="Draft", host_step=SessionHost.propose, to_pb=proposal_to_pb,
+PROPOSE = StepRpc(name="Propose", service="Draft", host_step="propose", to_pb=proposal_to_pb,
                   generated_base=pb_grpc.DraftServicer, add_to_server=pb_grpc.add_DraftServicer_to_server)
 
 DraftServicer = step_servicer(PROPOSE)

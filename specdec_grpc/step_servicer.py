@@ -16,7 +16,6 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from specdec_core.session_host import SessionHost
 from specdec_core.steps import StepRequest
 from specdec_grpc.convert import step_from_pb
 from specdec_grpc.status import deadline_of, grpc_method, grpc_stream_method
@@ -30,7 +29,7 @@ class StepRpc:
 
     name: str  # "Propose" or "Verify"
     service: str  # the proto service that declares it: "Draft" or "Target"
-    host_step: Callable[[SessionHost, StepRequest], Awaitable[Any]]  # SessionHost.propose or .verify
+    host_step: str  # the host's step method, "propose" or "verify" (looked up on the host at each call)
     to_pb: Callable[[Any], Message]  # the step's answer as the RPC's response
     generated_base: type  # the generated servicer class (UNIMPLEMENTED for anything not served)
     add_to_server: Callable[[Any, grpc.aio.Server], None]
@@ -46,7 +45,8 @@ class StepServicer(SessionServicer):
     rpc: StepRpc
 
     async def step(self, request: Message, deadline: float | None) -> Message:
-        answer = await self.rpc.host_step(self.host, step_from_pb(request, deadline, self.wire_limits))
+        host_step: Callable[[StepRequest], Awaitable[Any]] = getattr(self.host, self.rpc.host_step)
+        answer = await host_step(step_from_pb(request, deadline, self.wire_limits))
         return self.counted(request, self.rpc.to_pb(answer))
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from specdec_core.session_host import SessionHost
 from specdec_grpc.convert import verdict_to_pb
 from specdec_grpc.step_servicer import StepRpc, step_servicer
 from specdec_pb import specdec_pb2_grpc as pb_grpc
 
-VERIFY = StepRpc(name="Verify", service="Target", host_step=SessionHost.verify, to_pb=verdict_to_pb,
+VERIFY = StepRpc(name="Verify", service="Target", host_step="verify", to_pb=verdict_to_pb,
                  generated_base=pb_grpc.TargetServicer, add_to_server=pb_grpc.add_TargetServicer_to_server)
 
 TargetServicer = step_servicer(VERIFY)
