@@ -19,8 +19,7 @@ import grpc
 from google.protobuf.message import Message
 
 from specdec_core import blas
-from specdec_core.checkpoint import load_model
-from specdec_core.engine import ModelEngine
+from specdec_core.engine_choice import EngineChoice, build_engine
 from specdec_core.errors import CheckpointError
 from specdec_core.session_host import HostLimits, SessionHost
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -170,41 +169,11 @@ def needed_message_mb(limits: HostLimits, vocab_size: int) -> int:
 def build_host(config: WorkerConfig) -> SessionHost:
     if config.method != "model" and config.role != "draft":
         raise CheckpointError(f"--method {config.method} is for drafts; a {config.role} runs its model")
-    engine, model_dir = _build_engine(config)
+    engine, model_dir = build_engine(EngineChoice(config.role, config.model, config.method, config.dtype,
+                                                   config.quantize, config.limits.max_draft, config.ngram_min,
+                                                   config.ngram_max, config.hybrid_min_match))
     tokenizer = load_tokenizer(model_dir)
     return SessionHost(engine, config.limits, config.role, tokenizer_fingerprint(tokenizer))
-
-
-def _build_engine(config: WorkerConfig) -> tuple[Any, Path]:
-    """The engine for the configured method, and the directory its tokenizer files are in."""
-    if config.method == "ngram":  # no model: the config and tokenizer of --model for Info, no weights
-        from specdec_core.checkpoint import read_config, resolve_model_path
-        from specdec_core.ngram import ModelConfig, NgramEngine
-        from specdec_core.t5 import ModelArgs
-
-        path = resolve_model_path(config.model)
-        config_only = ModelConfig(ModelArgs.from_dict(read_config(path)), path, config.model)
-        logger.info("%s drafts by n-gram lookup (matches of %d..%d tokens); config and tokenizer from %s, "
-                    "no model loaded", config.role, config.ngram_min, config.ngram_max, config.model)
-        return NgramEngine(config_only, config.limits.max_draft, config.ngram_min, config.ngram_max), path
-    if config.method not in ("model", "hybrid"):
-        raise CheckpointError(f"unknown draft method {config.method!r}: model, ngram or hybrid")
-    loaded = load_model(config.model, dtype=config.dtype, quantize_bits=config.quantize)
-    if config.method == "hybrid":
-        from specdec_core.hybrid import HybridEngine
-
-        engine: ModelEngine = HybridEngine(loaded, config.limits.max_draft, config.hybrid_min_match,
-                                           config.ngram_max)
-        logger.info("%s drafts with n-gram matches of %d..%d tokens, the model elsewhere", config.role,
-                    config.hybrid_min_match, config.ngram_max)
-    else:
-        engine = ModelEngine(loaded, max_draft=config.limits.max_draft)
-    logger.info(
-        "%s loaded %s (%s, %.1fM parameters, quantization %s); BLAS: %s",
-        config.role, config.model, loaded.dtype, loaded.num_parameters / 1e6,
-        loaded.quantization or "none", blas.active_blas,
-    )
-    return engine, loaded.path
 
 
 class SessionServicer:

@@ -1,0 +1,62 @@
+"""Which engine a worker runs: the T5 model (``ModelEngine``), n-gram lookup with no weights
+(``NgramEngine``) or both (``HybridEngine``), built from the worker's flags."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import blas
+from .checkpoint import load_model, read_config, resolve_model_path
+from .engine import ModelEngine
+from .errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """What picks and builds the engine (a slice of the worker's config)."""
+
+    role: str
+    model: str  # checkpoint directory or hub name (the n-gram draft reads only its config and tokenizer)
+    method: str = "model"  # "model", "ngram" or "hybrid" (drafts only)
+    dtype: str | None = None
+    quantize: int | None = None
+    max_draft: int = 32
+    ngram_min: int = 1
+    ngram_max: int = 4
+    hybrid_min_match: int = 3
+
+
+def build_engine(config: EngineChoice) -> tuple[Any, Path]:
+    """The engine for the configured method, and the directory its tokenizer files are in."""
+    if config.method == "ngram":  # no model: the config and tokenizer of --model for Info, no weights
+        from .ngram import ModelConfig, NgramEngine
+        from .t5 import ModelArgs
+
+        path = resolve_model_path(config.model)
+        config_only = ModelConfig(ModelArgs.from_dict(read_config(path)), path, config.model)
+        logger.info("%s drafts by n-gram lookup (matches of %d..%d tokens); config and tokenizer from %s, "
+                    "no model loaded", config.role, config.ngram_min, config.ngram_max, config.model)
+        return NgramEngine(config_only, config.max_draft, config.ngram_min, config.ngram_max), path
+    if config.method not in ("model", "hybrid"):
+        raise CheckpointError(f"unknown draft method {config.method!r}: model, ngram or hybrid")
+    loaded = load_model(config.model, dtype=config.dtype, quantize_bits=config.quantize)
+    if config.method == "hybrid":
+        from .hybrid import HybridEngine
+
+        engine: ModelEngine = HybridEngine(loaded, config.max_draft, config.hybrid_min_match,
+                                           config.ngram_max)
+        logger.info("%s drafts with n-gram matches of %d..%d tokens, the model elsewhere", config.role,
+                    config.hybrid_min_match, config.ngram_max)
+    else:
+        engine = ModelEngine(loaded, max_draft=config.max_draft)
+    logger.info(
+        "%s loaded %s (%s, %.1fM parameters, quantization %s); BLAS: %s",
+        config.role, config.model, loaded.dtype, loaded.num_parameters / 1e6,
+        loaded.quantization or "none", blas.active_blas,
+    )
+    return engine, loaded.path
