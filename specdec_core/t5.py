@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -23,7 +22,9 @@ import mlx.nn as nn
 import numpy as np
 
 from .errors import CheckpointError, InvalidArgument
+from .fast_tanh import tanh
 from .kv_cache import DecoderCache, LayerKVCache
+from .relative_position import RelativePositionBias, _distance_buckets
 
 
 @dataclass
@@ -82,80 +83,6 @@ class ModelArgs:
         if ffn.split("-")[-1] not in ("relu", "gelu", "gelu_new") or ffn.count("-") > 1:
             raise CheckpointError(f"unsupported feed_forward_proj {ffn!r} in config.json")
         return cls(**args)
-
-
-def relative_position_bucket(
-    relative_position: np.ndarray, bidirectional: bool, num_buckets: int, max_distance: int
-) -> np.ndarray:
-    """T5's bucketing of (key - query) offsets, computed in float32 exactly as the reference."""
-    buckets = np.zeros_like(relative_position)
-    if bidirectional:
-        num_buckets //= 2
-        buckets += (relative_position > 0).astype(relative_position.dtype) * num_buckets
-        relative_position = np.abs(relative_position)
-    else:
-        relative_position = -np.minimum(relative_position, 0)
-    max_exact = num_buckets // 2
-    is_small = relative_position < max_exact
-    scaled = np.log(np.maximum(relative_position, 1).astype(np.float32) / np.float32(max_exact))
-    scaled = scaled / np.float32(math.log(max_distance / max_exact)) * np.float32(num_buckets - max_exact)
-    if_large = np.minimum(max_exact + scaled.astype(relative_position.dtype), num_buckets - 1)
-    return buckets + np.where(is_small, relative_position, if_large)
-
-
-# One 1-D table per bucketing (bidirectional, num_buckets, max_distance): the bucket of every
-# relative position -half..half-1. A (queries x keys) table depends only on key - query, so it
-# is gathered from this one; the 1-D table grows (doubling) to the longest span seen, so the
-# memory held is linear in the longest sequence, not one queries x keys table per shape.
-_DISTANCE_BUCKETS: dict[tuple[bool, int, int], tuple[int, mx.array]] = {}
-_DISTANCE_BUCKETS_LOCK = threading.Lock()
-
-
-def _distance_buckets(span: int, bidirectional: bool, num_buckets: int, max_distance: int) -> tuple[int, mx.array]:
-    """(half, table) with half >= span: table[r + half] is the bucket of relative position r."""
-    key = (bidirectional, num_buckets, max_distance)
-    with _DISTANCE_BUCKETS_LOCK:
-        cached = _DISTANCE_BUCKETS.get(key)
-        if cached is not None and cached[0] >= span:
-            return cached
-        half = max(64, 1 << (max(span, 1) - 1).bit_length())
-        relative = np.arange(-half, half, dtype=np.int64)
-        table = relative_position_bucket(relative, bidirectional, num_buckets, max_distance)
-        cached = _DISTANCE_BUCKETS[key] = (half, mx.array(table.astype(np.int32)))
-        return cached
-
-
-def bucket_cache_nbytes() -> int:
-    """Bytes held by the cached bucket tables."""
-    with _DISTANCE_BUCKETS_LOCK:
-        return sum(table.nbytes for _, table in _DISTANCE_BUCKETS.values())
-
-
-def _bucket_table(
-    offset: int, queries: int, keys: int, bidirectional: bool, num_buckets: int, max_distance: int
-) -> mx.array:
-    """Buckets (queries, keys) of key - query for queries at offset.. and keys 0..keys-1."""
-    # key - query lies in [-(offset + queries - 1), keys - 1]
-    half, table = _distance_buckets(max(offset + queries, keys), bidirectional, num_buckets, max_distance)
-    context = mx.arange(offset, offset + queries, dtype=mx.int32)[:, None]
-    memory = mx.arange(keys, dtype=mx.int32)[None, :]
-    return table[memory - context + half]
-
-
-class RelativePositionBias(nn.Module):
-    def __init__(self, args: ModelArgs, bidirectional: bool):
-        super().__init__()
-        self.bidirectional = bidirectional
-        self.num_buckets = args.relative_attention_num_buckets
-        self.max_distance = args.relative_attention_max_distance
-        self.embeddings = nn.Embedding(self.num_buckets, args.num_heads)
-
-    def __call__(self, offset: int, queries: int, keys: int) -> mx.array:
-        """Bias (1, heads, queries, keys) for queries at positions offset.. over keys 0..keys-1."""
-        table = _bucket_table(
-            offset, queries, keys, self.bidirectional, self.num_buckets, self.max_distance
-        )
-        return self.embeddings(table).transpose(2, 0, 1)[None]
 
 
 def attend(queries: mx.array, keys: mx.array, values: mx.array, bias: mx.array | None) -> mx.array:
@@ -218,36 +145,6 @@ class Attention(nn.Module):
                 axis=2,
             )
         return self.o(self.merge(out))
-
-
-# tanh(u) ~ u P(u^2) / Q(u^2) on [-9, 9] (and +-1 beyond, where tanh is within 3e-8 of it):
-# a rational fit made for this file (iterated weighted least squares against float64 tanh);
-# evaluated in float32 it is within 3.4e-7 of tanh, float32 tanh's own rounding being 6e-8.
-_TANH_P = (9.99999991e-01, 1.33963001e-01, 3.51362236e-03, 2.09016637e-05, 1.37523710e-08)
-_TANH_Q = (1.0, 4.67296238e-01, 2.59458664e-02, 3.31494606e-04, 7.94095581e-07)
-# From this many elements on, on the CPU, the rational form is the faster one: MLX's CPU tanh
-# is scalar (~17 ns per element here), the form's 20 multiply/add/divide ops are vectorised
-# but cost ~4 us each however small the array (measured: 64 x 1024 elements 1.33 -> 0.44 ms,
-# 8 x 1024 0.19 -> 0.17 ms, 1 x 1024 0.12 -> 0.15 ms).
-RATIONAL_TANH_MIN_ELEMENTS = 8192
-
-
-def tanh(u: mx.array) -> mx.array:
-    """tanh for gelu_new: MLX's own, except for big arrays on the CPU (a batched pass or a
-    prompt's encoding), where a rational approximation to float32 rounding is 3x faster. On a
-    GPU tanh is one fast kernel, so it is used there whatever the size."""
-    if u.size < RATIONAL_TANH_MIN_ELEMENTS or mx.default_device() != mx.cpu:
-        return mx.tanh(u)
-    dtype = u.dtype
-    u = mx.clip(u.astype(mx.float32), -9.0, 9.0)  # in bfloat16 the sums would round at every step
-    z = u * u
-    p = _TANH_P[-1]
-    for c in _TANH_P[-2::-1]:
-        p = p * z + c
-    q = _TANH_Q[-1] * z + _TANH_Q[-2]
-    for c in _TANH_Q[-3::-1]:
-        q = q * z + c
-    return (u * p / q).astype(dtype)
 
 
 class FeedForward(nn.Module):

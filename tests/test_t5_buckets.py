@@ -9,13 +9,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from specdec_core.t5 import (
-    ModelArgs,
+from specdec_core.relative_position import (
     RelativePositionBias,
     _bucket_table,
     bucket_cache_nbytes,
     relative_position_bucket,
 )
+from specdec_core.t5 import ModelArgs
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])

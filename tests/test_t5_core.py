@@ -17,7 +17,7 @@ import torch
 from doc_prompts import PROMPTS as DOC_PROMPTS
 from transformers import T5ForConditionalGeneration
 
-from specdec_core import t5
+from specdec_core import fast_tanh
 from specdec_core.checkpoint import LoadedModel, load_model
 from specdec_core.errors import InvalidArgument
 from specdec_core.kv_cache import CHUNK
@@ -119,8 +119,8 @@ def test_rational_tanh_is_tanh_to_float32_rounding(dtype) -> None:
     """The CPU's fast tanh for big arrays, against float64 tanh: within 4e-7 in float32 (whose
     own tanh is within 6e-8), and equal to MLX's tanh after rounding to bfloat16."""
     u = np.concatenate([np.linspace(-30, 30, 600_001), [0.0, -0.0, 1e-30, -1e-30, 88.0, -88.0]]).astype(np.float32)
-    assert u.size >= t5.RATIONAL_TANH_MIN_ELEMENTS  # the rational path, on this (CPU) device
-    ours = t5.tanh(mx.array(u).astype(dtype))
+    assert u.size >= fast_tanh.RATIONAL_TANH_MIN_ELEMENTS  # the rational path, on this (CPU) device
+    ours = fast_tanh.tanh(mx.array(u).astype(dtype))
     assert ours.dtype == dtype
     if dtype == mx.float32:
         assert np.abs(np.array(ours).astype(np.float64) - np.tanh(u.astype(np.float64))).max() <= 4e-7
@@ -131,7 +131,7 @@ def test_rational_tanh_is_tanh_to_float32_rounding(dtype) -> None:
 def test_logits_with_the_rational_tanh_match_reference(models, monkeypatch: pytest.MonkeyPatch) -> None:
     """The tiny models' activations are below the size where the CPU switches to the rational
     tanh: force it everywhere and compare with transformers."""
-    monkeypatch.setattr(t5, "RATIONAL_TANH_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(fast_tanh, "RATIONAL_TANH_MIN_ELEMENTS", 0)
     reference, model, prompt, decoder = _setup(models)
     logits = model.decode(mx.array(decoder), encoder_output=model.encode(mx.array(prompt)))
     _close(logits, _ref_logits(reference, prompt, decoder))
