@@ -235,7 +235,8 @@ class Learned:
     """What a timed request leaves the next one on the same replicas and sampling."""
 
     acceptance: Acceptance
-    gap: int  # its probe gap (a pair that never agrees is not probed afresh by every request)
+    gap: int  # its probing state: a pair that rarely agrees is probed across requests, as in one
+    idle: int
 
 
 class KPolicy:
@@ -248,7 +249,7 @@ class KPolicy:
         start = learned if timed else None  # a seeded request knows itself only
         self.acceptance = start.acceptance.handed_on() if start else Acceptance()
         self.gap = start.gap if start else PROBE_GAP_MIN  # steps at k = 0 before the next probe
-        self.idle = 0  # steps at k = 0 since the last drafting step
+        self.idle = start.idle if start else 0  # steps at k = 0 since the last drafting step
         self.probing = False  # the step just chosen is a probe
         self.probe_odds = 0.0  # the acceptance estimate when it was chosen
 
@@ -287,7 +288,7 @@ class KPolicy:
         self.costs.loop.add(max(0.0, seconds))
 
     def learned(self) -> Learned:
-        return Learned(copy.copy(self.acceptance), self.gap)
+        return Learned(copy.copy(self.acceptance), self.gap, self.idle)
 
     def fork(self) -> KPolicy:
         """A copy to ask "what next, if ..." (tell it with an untimed ``StepRecord``): it owns
