@@ -1,4 +1,4 @@
-"""The k policy of num_draft=auto (``orchestrator/k_policy.py``) on simulated pairs with known
+"""The k policy of num_draft=auto (``orchestrator/k_policy.py``, ``k_costs.py``) on simulated pairs with known
 acceptance and known costs, and the loop running it against the fake backends of test_loop."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import pytest
 import test_loop
 from test_loop import FakeReplica, assert_clean, expected, generate, pair
 
-from orchestrator.k_policy import PROBE_GAP_MAX, KMemory, KPolicy, ReplicaCosts, StepRecord
+from orchestrator.k_costs import ReplicaCosts, StepRecord
+from orchestrator.k_policy import PROBE_GAP_MAX, KMemory, KPolicy
 
 CAP = 8
 

@@ -11,7 +11,8 @@ import grpc
 import pytest
 
 from orchestrator.backends import ReplicaError
-from orchestrator.k_policy import COST_DECAY, KPolicy, ReplicaCosts, StepCosts
+from orchestrator.k_costs import COST_DECAY, ReplicaCosts, StepCosts
+from orchestrator.k_policy import KPolicy
 from orchestrator.speculative import GenerationParams, SpeculativeGeneration
 from specdec_core.errors import PrefixMismatch, ResourceExhausted, SessionNotFound, Unavailable
 from specdec_core.steps import Proposal, SamplingParams, StepRequest, Verdict
