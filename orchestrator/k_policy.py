@@ -120,9 +120,10 @@ class KPolicy:
     def observe(self, step: StepRecord) -> None:
         if step.requested > 0:
             self.acceptance.observe(step.requested, step.accepted)
-            if self.probing:
-                surprise = step.accepted > 0 and self.probe_odds < SURPRISE
-                self.gap = 0 if surprise else min(PROBE_GAP_MAX, max(PROBE_GAP_MIN, 2 * self.gap))
+            if self.probing and step.accepted > 0 and self.probe_odds < SURPRISE:
+                self.idle = self.gap  # a surprise: probe again next step (the gap stays)
+            elif self.probing:
+                self.gap = min(PROBE_GAP_MAX, 2 * self.gap)
         self.costs.observe(step)
 
     def observe_loop(self, seconds: float) -> None:

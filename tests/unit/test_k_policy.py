@@ -130,6 +130,18 @@ def test_a_draft_that_cannot_pay_is_left_then_found_again_by_a_probe() -> None:
     assert steady_k(ks[-40:]) >= 3, ks
 
 
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+def test_probes_of_a_draft_that_agrees_but_does_not_pay_stay_rare(rate: float) -> None:
+    """A draft too slow to pay at this acceptance: some probes are accepted, but the gap keeps
+    growing (about one probe in PROBE_GAP_MAX steps, as for a draft that is always wrong), and
+    the run stays within 1.5% of the target alone."""
+    simulated = Pair(rate, draft_s=0.006, propose_s=0.002, seed=4)
+    assert simulated.best_k() == 0
+    ks = simulated.run(KPolicy(timed=True), 3000)
+    assert sum(k > 0 for k in ks[500:]) <= 1.5 * 2500 / PROBE_GAP_MAX
+    assert simulated.tokens / simulated.seconds >= 0.985 * simulated.tokens_per_second(0)
+
+
 def test_a_seeded_policys_ks_are_a_function_of_its_acceptance_alone() -> None:
     """Same acceptance outcomes, very different timings (and a different start in memory):
     the same ks. A timed policy given the same runs does follow the timings."""
