@@ -29,8 +29,11 @@ class StepCosts:
     per_row: float  # b, per position of the verified block (k + 1)
     propose: float  # p / B, a Propose call's fixed part
     per_draft: float  # d, per drafted token
+    alone: float = 0.0  # T(0) measured apart (0: from the line)
 
     def time(self, k: int) -> float:
+        if k == 0 and self.alone:
+            return self.alone
         return self.fixed + self.per_row * (k + 1) + (self.propose + self.per_draft * k if k > 0 else 0.0)
 
 
@@ -105,11 +108,17 @@ class ReplicaCosts:
     loop: Ewma = field(default_factory=Ewma)  # the loop's own time per step, outside both calls
     propose_wait: Ewma = field(default_factory=Ewma)  # Propose wall time less its model time
     draft_token: Ewma = field(default_factory=Ewma)  # d
+    # A pass of one row (the target alone, unbatched) apart from the line: on a CPU a second row
+    # cost 40-50% more (the toy pairs: 7.5 -> 11.5 ms), the rows after it ~10% each.
+    one_row: Ewma = field(default_factory=Ewma)
 
     def observe(self, step: StepRecord) -> None:
         if not step.timed:
             return
-        self.verify.add(step.verify_rows or step.drafted + 1, step.verify_model_s)
+        rows = step.verify_rows or step.drafted + 1
+        self.verify.add(rows, step.verify_model_s)
+        if rows == 1:
+            self.one_row.add(step.verify_model_s)
         self.batch.add(step.verify_batch)
         self.verify_wait.add(max(0.0, step.verify_s - step.verify_model_s))
         # A Propose after steps at k = 0 first caught the draft up: its times are not a draft's.
@@ -130,7 +139,9 @@ class ReplicaCosts:
         fixed = (intercept + self.verify_wait.value + self.loop.value) / batch
         if self.verify.n == 0 or fixed + per_row <= 0:
             return None
-        unit = fixed + per_row  # a target-alone step
+        # Most Verifies alone: a target-alone step is a one-row pass (when one was measured).
+        alone = self.one_row.value + self.verify_wait.value + self.loop.value if self.one_row.weight and batch < 1.5 else 0.0
+        unit = alone or fixed + per_row  # a target-alone step
         propose = self.propose_wait.value / batch if self.propose_wait.weight else SEEDED_COSTS.propose * unit
         per_draft = self.draft_token.value if self.draft_token.weight else SEEDED_COSTS.per_draft * unit
-        return StepCosts(fixed, per_row, propose, per_draft)
+        return StepCosts(fixed, per_row, propose, per_draft, alone)

@@ -26,16 +26,19 @@ class Pair:
 
     def __init__(self, rate: float, pass_fixed: float = 0.010, per_row: float = 0.001, draft_s: float = 0.002,
                  propose_s: float = 0.001, wait_s: float = 0.001, loop_s: float = 0.0005, batch: int = 1,
-                 other_rows: int = 0, seed: int = 0):
+                 other_rows: int = 0, one_row_s: float = 0.0, seed: int = 0):
         self.rate, self.pass_fixed, self.per_row, self.draft_s = rate, pass_fixed, per_row, draft_s
         self.propose_s, self.wait_s, self.loop_s, self.batch, self.other_rows = propose_s, wait_s, loop_s, batch, other_rows
+        self.one_row_s = one_row_s  # a one-row pass's time, when it is off the line (0: on it)
         self.rng = random.Random(seed)
         self.tokens, self.seconds = 0, 0.0  # what the runs emitted, and their true time (batch 1)
 
+    def pass_s(self, rows: int) -> float:
+        return self.one_row_s if rows == 1 and self.one_row_s else self.pass_fixed + self.per_row * rows
+
     def step_s(self, k: int) -> float:
         """A step's true time at one client (batch 1)."""
-        return (self.pass_fixed + self.per_row * (k + 1) + self.wait_s + self.loop_s
-                + (self.propose_s + self.draft_s * k if k else 0.0))
+        return self.pass_s(k + 1) + self.wait_s + self.loop_s + (self.propose_s + self.draft_s * k if k else 0.0)
 
     def tokens_per_second(self, k: int) -> float:
         """The true throughput of always drafting k at one client."""
@@ -44,19 +47,21 @@ class Pair:
     def best_k(self) -> int:
         return max(range(CAP + 1), key=self.tokens_per_second)
 
-    def run(self, policy: KPolicy, steps: int, jitter: float = 0.0) -> list[int]:
+    def run(self, policy: KPolicy, steps: int, jitter: float = 0.0, k: int | None = None) -> list[int]:
         """Drive the policy ``steps`` steps; the ks it chose. ``jitter``: timings scaled by a
-        random factor in [1 - jitter, 1 + jitter] (acceptance outcomes unchanged)."""
+        random factor in [1 - jitter, 1 + jitter] (acceptance outcomes unchanged); ``k``: a fixed
+        k instead of the policy's (its steps still teach the policy)."""
         timing = random.Random(self.rng.random())
         ks, caught_up = [], 1
+        fixed_k = k
         for _ in range(steps):
-            k = policy.choose(CAP)
+            k = policy.choose(CAP) if fixed_k is None else fixed_k
             accepted = 0
             while accepted < k and self.rng.random() < self.rate:
                 accepted += 1
             scale = 1 + jitter * (2 * timing.random() - 1)
             rows = self.rng.randint(self.other_rows // 2, self.other_rows * 3 // 2) + k + 1  # the others' ks vary
-            verify_model = (self.pass_fixed + self.per_row * rows) * scale
+            verify_model = self.pass_s(rows) * scale
             policy.observe(StepRecord(
                 requested=k, accepted=accepted, drafted=k,
                 propose_s=(self.propose_s + self.draft_s * k * self.batch) * scale if k else 0.0,
@@ -140,6 +145,23 @@ def test_probes_of_a_draft_that_agrees_but_does_not_pay_stay_rare(rate: float) -
     ks = simulated.run(KPolicy(timed=True), 3000)
     assert sum(k > 0 for k in ks[500:]) <= 1.5 * 2500 / PROBE_GAP_MAX
     assert simulated.tokens / simulated.seconds >= 0.985 * simulated.tokens_per_second(0)
+
+
+def test_a_one_row_pass_cheaper_than_the_line_is_measured_apart() -> None:
+    """On a CPU a second row costs far more than the rows after it (the toy pairs: 7.5 ms for one
+    row, 11.5 for two, ~1 ms a row on): a line through blocks of 1..9 rows puts a target-alone
+    step too high, and drafting at an acceptance of 0.35 would look worth it. After steps at
+    fixed k = 0, 1 and 8 (other requests on the replicas), auto k stays with the target alone."""
+    simulated = Pair(0.35, pass_fixed=0.0105, per_row=0.001, one_row_s=0.0075, draft_s=0.0009,
+                     propose_s=0.0003, wait_s=0.0003, loop_s=0.0002, seed=8)
+    assert simulated.best_k() == 0
+    policy = KPolicy(timed=True)
+    for k in (0, 1, 8):
+        simulated.run(policy, 100, k=k)
+    simulated.tokens, simulated.seconds = 0, 0.0
+    ks = simulated.run(policy, 400)
+    assert sum(k > 0 for k in ks) <= 20, ks  # probes only (the line alone: ~140)
+    assert simulated.tokens / simulated.seconds >= 0.97 * simulated.tokens_per_second(0)
 
 
 def test_a_seeded_policys_ks_are_a_function_of_its_acceptance_alone() -> None:
