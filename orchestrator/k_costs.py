@@ -6,7 +6,8 @@
 
 A + b rows: a target pass, fitted to each Verify's worker model time and its batch's rows; B:
 steps per batch; o, p: the Verify's and the Propose's wall time outside the workers' model
-time, and the loop's own; d: the draft's model time per drafted token, over its batch. No I/O.
+time, and the loop's own; d: the draft's model time per drafted token, over its batch. T(0)
+of a step that runs alone is a one-row pass measured apart from the line. No I/O.
 """
 
 from __future__ import annotations
