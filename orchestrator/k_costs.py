@@ -7,7 +7,7 @@
 A + b rows: a target pass, fitted to each Verify's worker model time and its batch's rows; B:
 steps per batch; o, p: the Verify's and the Propose's wall time outside the workers' model
 time, and the loop's own; d: the draft's model time per drafted token, over its batch. T(0)
-of a step that runs alone is a one-row pass measured apart from the line. No I/O.
+of a step that runs alone is a one-row pass measured apart (the line still spans all). No I/O.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class StepRecord:
 class ReplicaCosts:
     """A (draft, target) replica pair's costs, from what its workers measure."""
 
-    verify: PassLine = field(default_factory=PassLine)  # target model time vs the batch's rows (2+)
+    verify: PassLine = field(default_factory=PassLine)  # target model time vs the batch's rows
     batch: Ewma = field(default_factory=Ewma)  # B: steps per Verify batch
     verify_wait: Ewma = field(default_factory=Ewma)  # Verify wall time less its model time
     loop: Ewma = field(default_factory=Ewma)  # the loop's own time per step, outside both calls
@@ -117,10 +117,9 @@ class ReplicaCosts:
         if not step.timed:
             return
         rows = step.verify_rows or step.drafted + 1
+        self.verify.add(rows, step.verify_model_s)
         if rows == 1:
             self.one_row.add(step.verify_model_s)
-        else:
-            self.verify.add(rows, step.verify_model_s)
         self.batch.add(step.verify_batch)
         self.verify_wait.add(max(0.0, step.verify_s - step.verify_model_s))
         # A Propose after steps at k = 0 first caught the draft up: its times are not a draft's.
@@ -136,15 +135,10 @@ class ReplicaCosts:
 
     def step_costs(self) -> StepCosts | None:
         """None until a Verify was measured; until a Propose was, SEEDED_COSTS' shares."""
-        if self.verify.n == 0 and not self.one_row.weight:
-            return None
         intercept, per_row = self.verify.fit()
-        if self.verify.n == 0:  # one-row passes only: the line from the prior
-            per_row = SLOPE_PRIOR * self.one_row.value
-            intercept = self.one_row.value - per_row
         batch = max(1.0, self.batch.value)
         fixed = (intercept + self.verify_wait.value + self.loop.value) / batch
-        if fixed + per_row <= 0:
+        if self.verify.n == 0 or fixed + per_row <= 0:
             return None
         # Most Verifies alone: a target-alone step is a one-row pass (when one was measured).
         alone = self.one_row.value + self.verify_wait.value + self.loop.value if self.one_row.weight and batch < 1.5 else 0.0
