@@ -20,6 +20,9 @@ COST_DECAY = 0.98  # costs: the last ~50 steps on a replica pair (~3 batches at 
 # of row variance (rows that vary by one outweigh it 20:1).
 SLOPE_PRIOR = 0.1
 SLOPE_PRIOR_WEIGHT = 0.05
+# Under this mean Verify batch most steps run alone, and a target-alone step is a one-row pass
+# (above it a step's rows join others' and the line prices them).
+ALONE_BATCH = 1.5
 
 
 @dataclass(frozen=True)
@@ -140,8 +143,7 @@ class ReplicaCosts:
         fixed = (intercept + self.verify_wait.value + self.loop.value) / batch
         if self.verify.n == 0 or fixed + per_row <= 0:
             return None
-        # Most Verifies alone: a target-alone step is a one-row pass (when one was measured).
-        alone = self.one_row.value + self.verify_wait.value + self.loop.value if self.one_row.weight and batch < 1.5 else 0.0
+        alone = self.one_row.value + self.verify_wait.value + self.loop.value if self.one_row.weight and batch < ALONE_BATCH else 0.0
         unit = alone or fixed + per_row  # a target-alone step
         propose = self.propose_wait.value / batch if self.propose_wait.weight else SEEDED_COSTS.propose * unit
         per_draft = self.draft_token.value if self.draft_token.weight else SEEDED_COSTS.per_draft * unit
