@@ -358,7 +358,8 @@ class SpeculativeGeneration:
         # None: the draft lane closed (no replica left)
         self._ready = await self._call(self.draft, [], k, self.params.seed, ahead=True)
         if self._ready is not None and self.k_policy is not None:
-            self.k_policy.costs.observe_ahead(len(self._ready.tokens), self._ready.model_ms / 1e3)
+            self.k_policy.costs.observe_ahead(len(self._ready.tokens), self._ready.model_ms / 1e3,
+                                              self._ready.batch_size)
 
     async def _call(self, lane: Lane, block: list[int], num_draft: int, seed: int,
                     draft_distributions: Any = (), ahead: bool = False) -> Any:
@@ -503,9 +504,10 @@ class SpeculativeGeneration:
         only auto k asks it. Timed or untimed: ``GenerationParams.timed_k``."""
         if self.draft.backend is None:
             return
-        timed = self.params.timed_k
-        learned = self.k_memory.recall(self._memory_key()) if timed and self.k_memory else None
-        self.k_policy = KPolicy(timed, learned)
+        timed, key = self.params.timed_k, self._memory_key()
+        costs = self.k_memory.costs(key[:2]) if self.k_memory else None  # the replica pair's, shared
+        learned = self.k_memory.recall(key) if timed and self.k_memory else None
+        self.k_policy = KPolicy(timed, costs, learned)
 
     def _store_k_policy(self) -> None:
         if self.k_policy is not None and self.k_memory is not None and self.draft.backend is not None:
@@ -722,11 +724,16 @@ class SpeculativeGeneration:
             timed=self._sessions() == sessions,
             propose_s=proposed_at - started,
             propose_model_s=proposal.model_ms / 1e3 if proposal is not None else 0.0,
+            propose_batch=proposal.batch_size if proposal is not None else 1,
             caught_up=caught_up,
             verify_s=verified_at - proposed_at,
+            verify_model_s=verdict.model_ms / 1e3,
+            verify_batch=verdict.batch_size,
+            verify_rows=verdict.batch_rows,
             drafted_ahead=was_ready,
             ahead_drafted=len(predrafted.tokens) if predrafted is not None else 0,
             ahead_model_s=predrafted.model_ms / 1e3 if predrafted is not None else 0.0,
+            ahead_batch=predrafted.batch_size if predrafted is not None else 1,
         )
         return outcome, drafted, record
 

@@ -300,6 +300,9 @@ class SessionHost:
             session.last_used = self.store.clock()
             result.length = state.length
             result.model_ms = (step.finished - step.started) * 1e3
+            result.batch_size = step.batch_size
+            if kind == "verify":
+                result.batch_rows = step.batch_rows
             return result
         finally:
             if not released:

@@ -52,6 +52,7 @@ class QueuedStep:
     started: float = 0.0  # when its batch began on the model thread
     finished: float = 0.0  # when its batch ended (0: never ran)
     batch_size: int = 0
+    batch_rows: int = 0  # positions its batch's pass scored (Verify: the sum of every k+1)
     prepared: list[int] = field(init=False, default_factory=list)  # its tokens once rolled back and appended
 
     def __post_init__(self) -> None:
@@ -223,8 +224,9 @@ class StepScheduler:
             self.metrics.batched_steps += len(ready)
             with self._arrived:
                 self._gathering[batch[0].kind].ran(batch, finished - started, finished)
+        rows = sum(step.request.num_draft + 1 for step in ready) if batch[0].kind == "verify" else 0
         for step, result in zip(ready, results, strict=True):
-            step.started, step.finished, step.batch_size = started, finished, len(ready)
+            step.started, step.finished, step.batch_size, step.batch_rows = started, finished, len(ready), rows
             if isinstance(result, BaseException):
                 _settle(step.future, error=result)
             else:

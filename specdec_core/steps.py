@@ -119,7 +119,8 @@ class Proposal:
     distributions: Sequence[Any] = field(default_factory=list)  # q per token (sampling only)
     length: int = 0  # the session's length afterwards
     wire_bytes: int = 0  # request + response bytes, when it crossed the wire
-    model_ms: float = 0.0  # the worker's model time for this step
+    model_ms: float = 0.0  # the worker's model time for this step (its whole batch's)
+    batch_size: int = 1  # steps in that batch
 
 
 @dataclass
@@ -132,4 +133,6 @@ class Verdict:
     resampled: list[int]
     length: int = 0  # the session's length afterwards
     wire_bytes: int = 0
-    model_ms: float = 0.0  # the worker's model time for this step
+    model_ms: float = 0.0  # the worker's model time for this step (its whole batch's)
+    batch_size: int = 1  # steps in that batch
+    batch_rows: int = 0  # positions the batch's pass scored (sum of k+1; 0: not reported)

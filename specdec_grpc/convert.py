@@ -117,13 +117,15 @@ def proposal_to_pb(proposal: Proposal) -> pb.ProposeResponse:
         distributions=[distribution_to_pb(d) for d in proposal.distributions],
         length=proposal.length,
         model_ms=proposal.model_ms,
+        batch_size=proposal.batch_size,
     )
 
 
 def verdict_to_pb(verdict: Verdict) -> pb.VerifyResponse:
     return pb.VerifyResponse(
         argmax=verdict.argmax, draft_probs=verdict.draft_probs, resampled=verdict.resampled,
-        length=verdict.length, model_ms=verdict.model_ms,
+        length=verdict.length, model_ms=verdict.model_ms, batch_size=verdict.batch_size,
+        batch_rows=verdict.batch_rows,
     )
 
 
@@ -152,9 +154,9 @@ def verify_request_to_pb(step: StepRequest) -> pb.VerifyRequest:
 
 def proposal_from_pb(message: pb.ProposeResponse) -> Proposal:
     return Proposal(list(message.tokens), list(message.token_probs), message.distributions, message.length,
-                    model_ms=message.model_ms)
+                    model_ms=message.model_ms, batch_size=message.batch_size or 1)
 
 
 def verdict_from_pb(message: pb.VerifyResponse) -> Verdict:
     return Verdict(list(message.argmax), list(message.draft_probs), list(message.resampled), message.length,
-                   model_ms=message.model_ms)
+                   model_ms=message.model_ms, batch_size=message.batch_size or 1, batch_rows=message.batch_rows)

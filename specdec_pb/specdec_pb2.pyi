@@ -175,18 +175,20 @@ class ProposeRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., expected_length: _Optional[int] = ..., rollback_to: _Optional[int] = ..., append_tokens: _Optional[_Iterable[int]] = ..., num_draft: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., timeout_ms: _Optional[float] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
-    __slots__ = ("tokens", "token_probs", "distributions", "length", "model_ms")
+    __slots__ = ("tokens", "token_probs", "distributions", "length", "model_ms", "batch_size")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_PROBS_FIELD_NUMBER: _ClassVar[int]
     DISTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     MODEL_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     token_probs: _containers.RepeatedScalarFieldContainer[float]
     distributions: _containers.RepeatedCompositeFieldContainer[Distribution]
     length: int
     model_ms: float
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., token_probs: _Optional[_Iterable[float]] = ..., distributions: _Optional[_Iterable[_Union[Distribution, _Mapping]]] = ..., length: _Optional[int] = ..., model_ms: _Optional[float] = ...) -> None: ...
+    batch_size: int
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., token_probs: _Optional[_Iterable[float]] = ..., distributions: _Optional[_Iterable[_Union[Distribution, _Mapping]]] = ..., length: _Optional[int] = ..., model_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("session_id", "expected_length", "rollback_to", "append_tokens", "num_draft", "sampling", "seed", "draft_distributions", "timeout_ms")
@@ -211,18 +213,22 @@ class VerifyRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., expected_length: _Optional[int] = ..., rollback_to: _Optional[int] = ..., append_tokens: _Optional[_Iterable[int]] = ..., num_draft: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., draft_distributions: _Optional[_Iterable[_Union[Distribution, _Mapping]]] = ..., timeout_ms: _Optional[float] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("argmax", "draft_probs", "resampled", "length", "model_ms")
+    __slots__ = ("argmax", "draft_probs", "resampled", "length", "model_ms", "batch_size", "batch_rows")
     ARGMAX_FIELD_NUMBER: _ClassVar[int]
     DRAFT_PROBS_FIELD_NUMBER: _ClassVar[int]
     RESAMPLED_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     MODEL_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     argmax: _containers.RepeatedScalarFieldContainer[int]
     draft_probs: _containers.RepeatedScalarFieldContainer[float]
     resampled: _containers.RepeatedScalarFieldContainer[int]
     length: int
     model_ms: float
-    def __init__(self, argmax: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[float]] = ..., resampled: _Optional[_Iterable[int]] = ..., length: _Optional[int] = ..., model_ms: _Optional[float] = ...) -> None: ...
+    batch_size: int
+    batch_rows: int
+    def __init__(self, argmax: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[float]] = ..., resampled: _Optional[_Iterable[int]] = ..., length: _Optional[int] = ..., model_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_rows: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("prompt", "max_tokens", "num_draft", "num_draft_auto", "temperature", "top_k", "top_p", "delta", "seed", "speculative", "pipeline")

@@ -169,6 +169,9 @@ def test_a_batch_runs_once_and_each_step_gets_its_own_answer(target_dir: Path) -
         assert [t.batch_size for t in batched.timings] == [len(PROMPTS)] * len(PROMPTS)
         assert [v.argmax for v in verdicts] == await solo_verdicts(target_dir)
         assert [v.length for v in verdicts] == [1 + len(b) for b in BLOCKS]
+        # Each reports its batch (what num_draft=auto fits a pass's cost per row from): the
+        # batch's size, and its rows (every step's num_draft + 1).
+        assert [(v.batch_size, v.batch_rows) for v in verdicts] == [(len(PROMPTS), sum(map(len, BLOCKS)))] * len(PROMPTS)
         await host.stop()
 
     asyncio.run(main())

@@ -19,6 +19,7 @@ from harness import LoopThread, Worker, speculative_cluster
 
 from orchestrator.client import SpecdecClient
 from orchestrator.k_policy import KMemory
+from specdec_core.session_host import SessionHost
 from specdec_tools.tiny_checkpoints import corpus_lines
 
 PROMPTS = corpus_lines()[7:300:37][:3]
@@ -57,31 +58,33 @@ def test_a_draft_that_never_agrees_leaves_most_steps_to_the_target_alone(unrelat
 
 
 class SlowVerify:
-    """Delays every Verify of a target worker by ``delay_s`` before its real work."""
+    """Delays every Verify of a target worker by ``delay_s`` before its real work. (The step
+    servicer calls ``SessionHost.verify`` from the class, which calls ``self._step``: the
+    instance's ``_step`` is what can be wrapped.)"""
 
     def __init__(self, target: Worker):
         self.host = target.host
-        self.verify = target.host.verify
         self.delay_s = 0.0
 
-    async def __call__(self, request: Any) -> Any:
-        await asyncio.sleep(self.delay_s)
-        return await self.verify(request)
+    async def __call__(self, kind: str, *args: Any) -> Any:
+        if kind == "verify":
+            await asyncio.sleep(self.delay_s)
+        return await SessionHost._step(self.host, kind, *args)
 
     def __enter__(self) -> SlowVerify:
-        self.host.verify = self
+        self.host._step = self  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.host.verify = self.verify
+        del self.host._step
 
 
 def greedy_step_cost(memory: KMemory) -> float:
-    """What the greedy requests' policy last learned a target-alone step costs (seconds)."""
-    learned = [entry for key, entry in memory._entries.items() if key[2].greedy]
-    model = learned[-1].costs.model()
+    """What the replica pair's costs say a target-alone step costs (seconds): a timed policy's."""
+    (costs,) = memory._costs.values()
+    model = costs.step_costs()
     assert model is not None
-    return model.step_time(0)
+    return model.time(0)
 
 
 def test_seeded_sampling_does_not_follow_timing_but_greedy_does(

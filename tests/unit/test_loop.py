@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from orchestrator.backends import ReplicaError
-from orchestrator.k_policy import COST_DECAY, CostModel, KPolicy, MeasuredCosts
+from orchestrator.k_costs import COST_DECAY, ReplicaCosts, StepCosts
+from orchestrator.k_policy import KPolicy
 from orchestrator.speculative import GenerationParams, SpeculativeGeneration
 from specdec_core.errors import PrefixMismatch, ResourceExhausted, SessionNotFound, Unavailable
 from specdec_core.steps import Distribution, Proposal, SamplingParams, StepRequest, Verdict
@@ -289,8 +290,8 @@ def test_a_timed_request_verifies_the_whole_block_drafted_ahead(monkeypatch: pyt
     the step's Verify scores that block. Drafting pays here, so unaware of the ready block the
     policy would choose its cap, the draft replica's --max-draft (3), past the blocks drafted
     ahead (2: the guess takes the third slot of the ahead Propose)."""
-    costs = CostModel(overhead=1.0, verify_per_token=0.02, propose_call=0.1, draft_per_token=0.05)
-    monkeypatch.setattr(MeasuredCosts, "model", lambda self: costs)
+    costs = StepCosts(fixed=1.0, per_row=0.02, propose=0.1, per_draft=0.05)
+    monkeypatch.setattr(ReplicaCosts, "step_costs", lambda self: costs)
     asked: list[tuple[int, int, int]] = []  # (ready, cap, chosen)
     choose = KPolicy.choose
 
