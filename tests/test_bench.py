@@ -170,6 +170,16 @@ def test_custom_workload_skips_transformers_for_a_quantized_checkpoint(tmp_path:
     assert (out / "bench.png").stat().st_size > 0
 
 
+def test_systems_flag_adds_what_the_figures_need() -> None:
+    from specdec_tools.bench.cli import chosen_systems
+
+    assert set(chosen_systems("services-spec")) == {"services-spec", "services-target", "inproc-spec",
+                                                     "inproc-target"}
+    assert set(chosen_systems("hf-assisted")) >= {"hf-assisted", "hf-target", "inproc-spec"}
+    with pytest.raises(SystemExit, match="unknown system"):
+        chosen_systems("services-fast")
+
+
 def test_prompts_file_formats(tmp_path: Path) -> None:
     from specdec_tools.bench.workloads import read_prompts
 

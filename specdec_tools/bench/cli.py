@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with --concurrency one k, default auto)")
     parser.add_argument("--systems",
                         help=f"comma-separated systems to run (default all: {', '.join(SYSTEMS)}); a "
-                             "speculative system's baseline is added when missing")
+                             "speculative system's baseline is added when missing, and (c) with its target "
+                             "always runs (the cost ratio is measured in process)")
     parser.add_argument("--temperatures", help="comma-separated temperatures (default 0,1; with --concurrency 0)")
     parser.add_argument("--prompts", type=int, help="prompts per workload (default 8; quick 2, but 8 with "
                                                     "--concurrency)")
@@ -104,7 +105,9 @@ def chosen_systems(flag: str | None) -> list[str]:
     unknown = [name for name in chosen if name not in SYSTEMS]
     if unknown:
         raise SystemExit(f"--systems: unknown system {unknown[0]!r}; choose from {', '.join(SYSTEMS)}")
-    wanted = set(chosen) | {BASELINE_OF[name] for name in chosen if name in BASELINE_OF}
+    # (c) and its target always run: the cost ratio c and the block cost are measured in process
+    wanted = set(chosen) | {BASELINE_OF[name] for name in chosen if name in BASELINE_OF} | {
+        "inproc-spec", "inproc-target"}
     return [name for name in SYSTEMS if name in wanted]
 
 
