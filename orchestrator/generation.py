@@ -14,7 +14,9 @@ from specdec_core.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 from .detokenize import TextStream
 from .k_policy import KMemory
-from .speculative import BackendSource, GenerationParams, SpeculativeGeneration, Stats, new_request_id
+from .lanes import BackendSource
+from .params import GenerationParams, Stats, new_request_id
+from .speculative import SpeculativeGeneration
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from specdec_pb import specdec_pb2 as pb
 from specdec_pb import specdec_pb2_grpc as pb_grpc
 
 from .generation import Orchestrator, TextEvent
+from .params import GenerationParams, Stats
 from .replicas import ReplicaPool
-from .speculative import GenerationParams, Stats
 
 
 def params_from_pb(orchestrator: Orchestrator, request: pb.GenerateRequest) -> GenerationParams:

@@ -18,22 +18,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
-import numpy as np
 
-from specdec_core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from specdec_core.sampling import ACCEPT_STREAM, position_uniforms, token_probability
-from specdec_core.steps import Proposal, SamplingParams, StepRequest, Verdict
+from specdec_core.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from specdec_core.sampling import ACCEPT_STREAM, position_uniforms
+from specdec_core.steps import Proposal, Verdict
 
 from .acceptance import StepOutcome, accept_greedy, accept_sampled
-from .backends import Backend, ReplicaError
+from .backends import ReplicaError
 from .k_policy import KMemory, KPolicy, StepRecord
+from .lanes import BackendSource, Lane, check_reply, draft_token_probs
+from .params import GenerationParams, Stats, StepEvent, new_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -44,200 +43,6 @@ MAX_FAILOVERS = 8  # per request: past this a flapping cluster is reported, not 
 DEFAULT_CALL_TIMEOUT_S = 60.0  # per call when the request has no deadline: a hung replica is failed over
 # Closes of sessions abandoned by a failover run off the request path; keep them referenced.
 _ABANDONED: set[asyncio.Task[None]] = set()
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    max_tokens: int
-    num_draft: int
-    num_draft_auto: bool = False
-    max_num_draft: int = 16  # ceiling of the auto schedule
-    sampling: SamplingParams = SamplingParams()
-    delta: float = 0.0
-    seed: int = 0
-    speculative: bool = True
-    seeded: bool = False  # the caller gave the seed: a random output must be reproducible from it
-    pipeline: bool = True  # draft the next block while the target verifies this one
-
-    @property
-    def timed_k(self) -> bool:
-        """May num_draft=auto choose k from measured times? Not when the output is random and
-        the caller gave the seed: k decides which positions are drafts (k_policy.py)."""
-        random_output = not self.sampling.greedy or self.delta > 0
-        return not (random_output and self.seeded)
-
-    def validate(self, max_tokens_cap: int, max_draft_cap: int) -> GenerationParams:
-        if not 1 <= self.max_tokens <= max_tokens_cap:
-            raise InvalidArgument(
-                f"max_tokens must be in [1, {max_tokens_cap}] (max_tokens_cap), got {self.max_tokens}"
-            )
-        if not 1 <= self.num_draft <= max_draft_cap:
-            raise InvalidArgument(
-                f"num_draft must be in [1, {max_draft_cap}] (max_num_draft), got {self.num_draft}"
-            )
-        if not (np.isfinite(self.delta) and 0.0 <= self.delta <= 1.0):
-            raise InvalidArgument(f"delta must be in [0, 1] (0 = exact), got {self.delta}")
-        self.sampling.validate()
-        return self
-
-
-@dataclass
-class Stats:
-    proposed: int = 0
-    accepted: int = 0
-    draft_passes: int = 0
-    steps: int = 0  # one target pass each
-    target_tokens: int = 0
-    draft_s: float = 0.0
-    verify_s: float = 0.0
-    total_s: float = 0.0
-    final_num_draft: int = 0
-    seed: int = 0
-    wire_bytes: int = 0
-    failovers: int = 0
-    draft_replica: str = ""
-    target_replica: str = ""
-    # [i]: draft tokens proposed / accepted at draft position i+1 (vLLM's per-position counters)
-    proposed_per_position: list[int] = field(default_factory=list)
-    accepted_per_position: list[int] = field(default_factory=list)
-    # [k]: steps that drafted k tokens (0: the target alone), as asked of the draft
-    steps_per_num_draft: list[int] = field(default_factory=list)
-    predrafts: int = 0  # blocks drafted ahead while the target verified (pipelining)
-    predraft_hits: int = 0  # ... used as the next block
-    wasted_draft_tokens: int = 0  # tokens drafted ahead and not used
-    draft_model_s: float = 0.0  # what the workers reported as model time (the rest is wire)
-    target_model_s: float = 0.0
-    time_to_first_token_s: float = 0.0  # set by the caller that saw the request arrive
-
-    @property
-    def target_passes(self) -> int:
-        return self.steps  # every step is one target pass (its Verify)
-
-    @property
-    def tokens(self) -> int:
-        return self.accepted + self.target_tokens  # kept drafts plus the target's own token per step
-
-    def count_block(self, proposed: int, accepted: int) -> None:
-        """Per-position counts of one step: positions 1..proposed drafted, 1..accepted kept."""
-        while len(self.proposed_per_position) < proposed:
-            self.proposed_per_position.append(0)
-            self.accepted_per_position.append(0)
-        for i in range(proposed):
-            self.proposed_per_position[i] += 1
-            self.accepted_per_position[i] += int(i < accepted)
-
-    def count_num_draft(self, k: int) -> None:
-        while len(self.steps_per_num_draft) <= k:
-            self.steps_per_num_draft.append(0)
-        self.steps_per_num_draft[k] += 1
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.proposed if self.proposed else 0.0
-
-    @property
-    def orchestration_s(self) -> float:
-        return max(0.0, self.total_s - self.draft_s - self.verify_s)
-
-
-@dataclass
-class StepEvent:
-    tokens: list[int]  # emitted this step (EOS excluded)
-    finish_reason: str | None = None  # "eos" or "length" on the last event
-    from_draft: list[bool] = field(default_factory=list)  # per token: an accepted draft token?
-
-
-class BackendSource(Protocol):
-    """Hands out replicas of a role ("draft" or "target") and hears about their failures."""
-
-    def acquire(self, role: str, exclude: set[str]) -> Backend | None: ...
-    def release(self, backend: Any) -> None: ...
-    def report_failure(self, backend: Any, error: Exception) -> None: ...
-
-
-@dataclass
-class Lane:
-    """One role's session for this request: which replica holds it and what it holds.
-
-    After a call the session holds every committed token (``decoded``, shared with the
-    generation) plus the call's block (the draft's proposal, or the drafts the target scored).
-    ``synced`` is derived from that, so it is never out of step with what was committed.
-    """
-
-    role: str  # "draft" or "target"
-    decoded: list[int]  # the request's committed decoder tokens (the generation's own list)
-    backend: Any = None  # None: no session (a draft lane with no draft left)
-    session_id: str = ""
-    length: int = 1  # the service session's length
-    failed: set[str] = field(default_factory=set)  # replicas this request gave up on
-    opening: Any = None  # the replica a session is being opened on (until it is attached)
-    _held: int = 1  # committed tokens the session held after its last call
-    _block: list[int] = field(default_factory=list)  # what it holds past them
-
-    @property
-    def synced(self) -> int:
-        """Leading committed tokens the session holds (those of its block that were kept)."""
-        held = self._held
-        for mine, committed in zip(self._block, self.decoded[self._held :], strict=False):
-            if mine != committed:
-                break
-            held += 1
-        return min(held, self.length)
-
-    def attach(self, backend: Any, session_id: str) -> None:
-        """A new session: it holds the decoder start token only."""
-        self.backend, self.session_id = backend, session_id
-        self.length, self._held, self._block = 1, 1, []
-
-    def record(self, length: int, block: list[int]) -> None:
-        """The session's state after a call: all committed tokens, then ``block``."""
-        self.length, self._held, self._block = length, len(self.decoded), block
-
-    def holds(self, block: list[int]) -> bool:
-        """Does the session hold every committed token followed by ``block``?"""
-        if self.synced < len(self.decoded):
-            return False
-        start = len(self.decoded) - self._held  # where the uncommitted rest begins in its block
-        return self._block[start : start + len(block)] == block
-
-    def extend_request(self, block: list[int], num_draft: int, sampling: SamplingParams, seed: int,
-                       deadline: float | None) -> StepRequest:
-        """Draft on after the committed tokens and ``block`` (which the session holds: ``holds``),
-        cutting whatever it holds past them."""
-        upto = len(self.decoded) + len(block)
-        return StepRequest(
-            session_id=self.session_id,
-            expected_length=self.length,
-            rollback_to=upto if upto < self.length else 0,
-            append_tokens=[],
-            num_draft=num_draft,
-            sampling=sampling,
-            seed=seed,
-            deadline=deadline,
-        )
-
-    @property
-    def max_draft(self) -> int:
-        """The largest k this lane's replica takes (its --max-draft; 0: unknown, no cap). The
-        pool knows it from the replica's Info, so it holds from the moment the replica is chosen,
-        while its session is still opening (pipelined, the first k is chosen then)."""
-        return getattr(self.backend or self.opening, "max_draft", 0) or 0
-
-    def request(self, block: list[int], num_draft: int, sampling: SamplingParams, seed: int,
-                deadline: float | None, draft_distributions: Any = ()) -> StepRequest:
-        """The next call: roll back to the synced prefix, append what the session lacks."""
-        synced = self.synced
-        return StepRequest(
-            session_id=self.session_id,
-            expected_length=self.length,
-            rollback_to=synced if synced < self.length else 0,
-            append_tokens=self.decoded[synced:] + block,
-            num_draft=num_draft,
-            sampling=sampling,
-            seed=seed,
-            draft_distributions=draft_distributions,
-            deadline=deadline,
-        )
 
 
 class SpeculativeGeneration:
@@ -753,51 +558,3 @@ async def _all(*calls: Any) -> list[Any]:
 
 # Codes that mean the replica lost our session, not that it is down.
 SESSION_LOST = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED})
-
-
-def draft_token_probs(proposal: Proposal) -> list[float]:
-    """q(d) of each draft token for acceptance, computed from the q forwarded to the target (float64,
-    normalised as the target normalises it for the residual), not the float32 ``token_probs``:
-    acceptance and the residual then use one q. ``token_probs`` only where no q came (greedy)."""
-    distributions = list(proposal.distributions)
-    if len(distributions) != len(proposal.tokens):
-        return list(proposal.token_probs)
-    probs = []
-    for distribution, token in zip(distributions, proposal.tokens, strict=True):
-        if hasattr(distribution, "probs_f16"):  # the wire message, forwarded untouched
-            weights = np.frombuffer(distribution.probs_f16, dtype="<f2")
-        else:  # a Distribution (in-process backends)
-            weights = np.asarray(distribution.probs)
-        probs.append(token_probability(np.asarray(distribution.token_ids), weights, token))
-    return probs
-
-
-def check_reply(role: str, request: StepRequest, result: Any, address: str) -> None:
-    """A reply must have the shape the request implies; a malformed one is the replica's fault
-    (ReplicaError: fail over), never something to act on."""
-    k = request.num_draft
-    sampled = not request.sampling.greedy
-    base = request.rollback_to or request.expected_length
-    if role == "draft":
-        n = len(result.tokens)
-        problems = [
-            n > k and f"{n} tokens for k={k}",
-            len(result.token_probs) != n and f"{len(result.token_probs)} probabilities for {n} tokens",
-            sampled and len(result.distributions) != n and f"{len(result.distributions)} distributions for {n} tokens",
-            result.length != base + len(request.append_tokens) + n and f"length {result.length}",
-        ]
-    else:
-        problems = [
-            len(result.argmax) != k + 1 and f"{len(result.argmax)} argmax for k={k}",
-            sampled and len(result.draft_probs) != k and f"{len(result.draft_probs)} p(d) for k={k}",
-            sampled and len(result.resampled) != k + 1 and f"{len(result.resampled)} resampled for k={k}",
-            result.length != base + len(request.append_tokens) and f"length {result.length}",
-        ]
-    found = [p for p in problems if p]
-    if found:
-        raise ReplicaError(address, grpc.StatusCode.INTERNAL, "malformed reply: " + "; ".join(found))
-
-
-def new_request_id() -> str:
-    """A short id that every log line about one request carries, in all three processes."""
-    return secrets.token_hex(4)

@@ -6,7 +6,7 @@ on the host the gRPC server binds. All names start with ``specdec_``; docs/monit
 every metric (tests/test_metrics.py checks it against what the services serve).
 
 - ``OrchestratorMetrics``: requests by outcome and status code, and the counters of the
-  requests' own stats (``orchestrator.speculative.Stats``), updated once per request when it
+  requests' own stats (``orchestrator.params.Stats``), updated once per request when it
   ends (``Orchestrator.generate``), so they agree exactly with the stats clients receive.
 - ``WorkerMetrics``: a draft's or target's sessions, cache and forward passes (read from the
   ``SessionHost`` when scraped), step latency (queue wait and model time, from

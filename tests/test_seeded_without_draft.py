@@ -17,7 +17,8 @@ import grpc
 import pytest
 
 from orchestrator.backends import ReplicaError
-from orchestrator.speculative import GenerationParams, SpeculativeGeneration
+from orchestrator.params import GenerationParams
+from orchestrator.speculative import SpeculativeGeneration
 from specdec_core.checkpoint import load_model
 from specdec_core.engine import ModelEngine
 from specdec_core.session_host import HostLimits, SessionHost

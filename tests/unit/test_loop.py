@@ -14,7 +14,8 @@ import pytest
 from orchestrator.backends import ReplicaError
 from orchestrator.k_costs import COST_DECAY, ReplicaCosts, StepCosts
 from orchestrator.k_policy import KPolicy
-from orchestrator.speculative import GenerationParams, SpeculativeGeneration
+from orchestrator.params import GenerationParams
+from orchestrator.speculative import SpeculativeGeneration
 from specdec_core.errors import PrefixMismatch, ResourceExhausted, SessionNotFound, Unavailable
 from specdec_core.steps import Distribution, Proposal, SamplingParams, StepRequest, Verdict
 
@@ -486,7 +487,7 @@ def test_acceptance_uses_q_from_the_forwarded_distribution() -> None:
 
 
 def test_q_of_a_draft_token_from_dense_sparse_and_point_mass_wire_q() -> None:
-    from orchestrator.speculative import draft_token_probs
+    from orchestrator.lanes import draft_token_probs
     from specdec_grpc.convert import distribution_to_pb
 
     weights = np.array([0.1, 0.2, 0.3, 0.4], np.float16)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from orchestrator.generation import Orchestrator, OrchestratorLimits
-from orchestrator.speculative import GenerationParams
+from orchestrator.params import GenerationParams
 from specdec_core.errors import InvalidArgument, ResourceExhausted
 from specdec_core.steps import StepRequest, Verdict
 

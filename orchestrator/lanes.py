@@ -1,0 +1,151 @@
+"""One role's session for a request (``Lane``): which replica holds it, what it holds of the
+committed tokens, and the request each call sends; plus the checks on a replica's reply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+import numpy as np
+
+from specdec_core.sampling import token_probability
+from specdec_core.steps import Proposal, SamplingParams, StepRequest
+
+from .backends import Backend, ReplicaError
+
+
+class BackendSource(Protocol):
+    """Hands out replicas of a role ("draft" or "target") and hears about their failures."""
+
+    def acquire(self, role: str, exclude: set[str]) -> Backend | None: ...
+    def release(self, backend: Any) -> None: ...
+    def report_failure(self, backend: Any, error: Exception) -> None: ...
+
+
+@dataclass
+class Lane:
+    """One role's session for this request: which replica holds it and what it holds.
+
+    After a call the session holds every committed token (``decoded``, shared with the
+    generation) plus the call's block (the draft's proposal, or the drafts the target scored).
+    ``synced`` is derived from that, so it is never out of step with what was committed.
+    """
+
+    role: str  # "draft" or "target"
+    decoded: list[int]  # the request's committed decoder tokens (the generation's own list)
+    backend: Any = None  # None: no session (a draft lane with no draft left)
+    session_id: str = ""
+    length: int = 1  # the service session's length
+    failed: set[str] = field(default_factory=set)  # replicas this request gave up on
+    opening: Any = None  # the replica a session is being opened on (until it is attached)
+    _held: int = 1  # committed tokens the session held after its last call
+    _block: list[int] = field(default_factory=list)  # what it holds past them
+
+    @property
+    def synced(self) -> int:
+        """Leading committed tokens the session holds (those of its block that were kept)."""
+        held = self._held
+        for mine, committed in zip(self._block, self.decoded[self._held :], strict=False):
+            if mine != committed:
+                break
+            held += 1
+        return min(held, self.length)
+
+    def attach(self, backend: Any, session_id: str) -> None:
+        """A new session: it holds the decoder start token only."""
+        self.backend, self.session_id = backend, session_id
+        self.length, self._held, self._block = 1, 1, []
+
+    def record(self, length: int, block: list[int]) -> None:
+        """The session's state after a call: all committed tokens, then ``block``."""
+        self.length, self._held, self._block = length, len(self.decoded), block
+
+    def holds(self, block: list[int]) -> bool:
+        """Does the session hold every committed token followed by ``block``?"""
+        if self.synced < len(self.decoded):
+            return False
+        start = len(self.decoded) - self._held  # where the uncommitted rest begins in its block
+        return self._block[start : start + len(block)] == block
+
+    def extend_request(self, block: list[int], num_draft: int, sampling: SamplingParams, seed: int,
+                       deadline: float | None) -> StepRequest:
+        """Draft on after the committed tokens and ``block`` (which the session holds: ``holds``),
+        cutting whatever it holds past them."""
+        upto = len(self.decoded) + len(block)
+        return StepRequest(
+            session_id=self.session_id,
+            expected_length=self.length,
+            rollback_to=upto if upto < self.length else 0,
+            append_tokens=[],
+            num_draft=num_draft,
+            sampling=sampling,
+            seed=seed,
+            deadline=deadline,
+        )
+
+    @property
+    def max_draft(self) -> int:
+        """The largest k this lane's replica takes (its --max-draft; 0: unknown, no cap). The
+        pool knows it from the replica's Info, so it holds from the moment the replica is chosen,
+        while its session is still opening (pipelined, the first k is chosen then)."""
+        return getattr(self.backend or self.opening, "max_draft", 0) or 0
+
+    def request(self, block: list[int], num_draft: int, sampling: SamplingParams, seed: int,
+                deadline: float | None, draft_distributions: Any = ()) -> StepRequest:
+        """The next call: roll back to the synced prefix, append what the session lacks."""
+        synced = self.synced
+        return StepRequest(
+            session_id=self.session_id,
+            expected_length=self.length,
+            rollback_to=synced if synced < self.length else 0,
+            append_tokens=self.decoded[synced:] + block,
+            num_draft=num_draft,
+            sampling=sampling,
+            seed=seed,
+            draft_distributions=draft_distributions,
+            deadline=deadline,
+        )
+
+
+def draft_token_probs(proposal: Proposal) -> list[float]:
+    """q(d) of each draft token for acceptance, computed from the q forwarded to the target (float64,
+    normalised as the target normalises it for the residual), not the float32 ``token_probs``:
+    acceptance and the residual then use one q. ``token_probs`` only where no q came (greedy)."""
+    distributions = list(proposal.distributions)
+    if len(distributions) != len(proposal.tokens):
+        return list(proposal.token_probs)
+    probs = []
+    for distribution, token in zip(distributions, proposal.tokens, strict=True):
+        if hasattr(distribution, "probs_f16"):  # the wire message, forwarded untouched
+            weights = np.frombuffer(distribution.probs_f16, dtype="<f2")
+        else:  # a Distribution (in-process backends)
+            weights = np.asarray(distribution.probs)
+        probs.append(token_probability(np.asarray(distribution.token_ids), weights, token))
+    return probs
+
+
+def check_reply(role: str, request: StepRequest, result: Any, address: str) -> None:
+    """A reply must have the shape the request implies; a malformed one is the replica's fault
+    (ReplicaError: fail over), never something to act on."""
+    k = request.num_draft
+    sampled = not request.sampling.greedy
+    base = request.rollback_to or request.expected_length
+    if role == "draft":
+        n = len(result.tokens)
+        problems = [
+            n > k and f"{n} tokens for k={k}",
+            len(result.token_probs) != n and f"{len(result.token_probs)} probabilities for {n} tokens",
+            sampled and len(result.distributions) != n and f"{len(result.distributions)} distributions for {n} tokens",
+            result.length != base + len(request.append_tokens) + n and f"length {result.length}",
+        ]
+    else:
+        problems = [
+            len(result.argmax) != k + 1 and f"{len(result.argmax)} argmax for k={k}",
+            sampled and len(result.draft_probs) != k and f"{len(result.draft_probs)} p(d) for k={k}",
+            sampled and len(result.resampled) != k + 1 and f"{len(result.resampled)} resampled for k={k}",
+            result.length != base + len(request.append_tokens) and f"length {result.length}",
+        ]
+    found = [p for p in problems if p]
+    if found:
+        raise ReplicaError(address, grpc.StatusCode.INTERNAL, "malformed reply: " + "; ".join(found))
