@@ -136,10 +136,16 @@ class ReplicaCosts:
         if drafted > 0:
             self.draft_token.add(model_s / drafted / max(1, batch))
 
-    def step_costs(self) -> StepCosts | None:
-        """None until a Verify was measured; until a Propose was, SEEDED_COSTS' shares."""
+    def step_costs(self, sharing: int = 1) -> StepCosts | None:
+        """None until a Verify was measured; until a Propose was, SEEDED_COSTS' shares.
+
+        ``sharing``: the sessions on the target replica that could share its passes (at most its
+        --max-batch). B is the larger of that and the batches seen: drafting itself keeps Verify
+        batches small (each session's Verify waits for its own Propose), so batches seen would
+        price a step at k = 0 as if it ran alone, and a loaded replica would never fall to the
+        target alone, where every session's step joins one pass."""
         intercept, per_row = self.verify.fit()
-        batch = max(1.0, self.batch.value)
+        batch = max(1.0, self.batch.value, float(sharing))
         fixed = (intercept + self.verify_wait.value + self.loop.value) / batch
         if self.verify.n == 0 or fixed + per_row <= 0:
             return None

@@ -96,16 +96,18 @@ class KPolicy:
         self.probing = False  # the step just chosen is a probe
         self.probe_odds = 0.0  # the acceptance estimate when it was chosen
 
-    def step_costs(self) -> StepCosts:
-        return (self.costs.step_costs() if self.timed else None) or SEEDED_COSTS
+    def step_costs(self, sharing: int = 1) -> StepCosts:
+        return (self.costs.step_costs(sharing) if self.timed else None) or SEEDED_COSTS
 
-    def choose(self, cap: int, ready: int = 0) -> int:
+    def choose(self, cap: int, ready: int = 0, sharing: int = 1) -> int:
         """This step's k in [0, cap]; ``ready``: tokens of its block already drafted ahead (a
-        timed policy then stays within them, at no Propose cost; a seeded one ignores it)."""
+        timed policy then stays within them, at no Propose cost; a seeded one ignores it);
+        ``sharing``: sessions on the target replica that could share a pass (a seeded policy
+        ignores it: load must not change its tokens)."""
         self.probing = False
         if cap <= 0:
             return 0
-        costs, high, rate = self.step_costs(), cap, self.acceptance.rate
+        costs, high, rate = self.step_costs(sharing), cap, self.acceptance.rate
         if self.timed and ready > 0:
             costs, high = dataclasses.replace(costs, propose=0.0, per_draft=0.0), min(ready, cap)
         if (k := best_k(rate, costs, 0, high)) > 0:

@@ -253,6 +253,16 @@ class ReplicaPool:
         replica.active_sessions += 1
         return replica.backend
 
+    def sessions_sharing(self, backend: Any) -> int:
+        """Sessions on this target replica that could share its passes: the most of ours and all
+        orchestrators' (its Info at the last health check), at most its --max-batch."""
+        replica = self._by_backend.get(id(backend))
+        if replica is None:
+            return 1
+        sessions = max(replica.active_sessions, replica.load.live_sessions if replica.load else 0)
+        max_batch = replica.info.limits.max_batch if replica.info is not None else 0
+        return max(1, min(sessions, max_batch) if max_batch else sessions)
+
     def release(self, backend: Any) -> None:
         replica = self._by_backend.get(id(backend))
         if replica is not None:

@@ -327,7 +327,11 @@ class SpeculativeGeneration(DraftingAhead):
             return 0
         if not self.params.num_draft_auto or self.k_policy is None:
             return min(self.params.num_draft, remaining - 1)
-        k = self.k_policy.choose(self._auto_cap(), self._ready_size())
+        sharing = getattr(self.source, "sessions_sharing", None)  # the pool knows; in-process: alone
+        if sharing is None:
+            k = self.k_policy.choose(self._auto_cap(), self._ready_size())
+        else:
+            k = self.k_policy.choose(self._auto_cap(), self._ready_size(), sharing(self.target.backend))
         self.stats.final_num_draft = k
         return min(k, remaining - 1)
 

@@ -26,10 +26,11 @@ class Pair:
 
     def __init__(self, rate: float, pass_fixed: float = 0.010, per_row: float = 0.001, draft_s: float = 0.002,
                  propose_s: float = 0.001, wait_s: float = 0.001, loop_s: float = 0.0005, batch: int = 1,
-                 other_rows: int = 0, one_row_s: float = 0.0, seed: int = 0):
+                 other_rows: int = 0, one_row_s: float = 0.0, seed: int = 0, sharing: int = 1):
         self.rate, self.pass_fixed, self.per_row, self.draft_s = rate, pass_fixed, per_row, draft_s
         self.propose_s, self.wait_s, self.loop_s, self.batch, self.other_rows = propose_s, wait_s, loop_s, batch, other_rows
         self.one_row_s = one_row_s  # a one-row pass's time, when it is off the line (0: on it)
+        self.sharing = sharing  # sessions on the target that could share a pass (the pool's count)
         self.rng = random.Random(seed)
         self.tokens, self.seconds = 0, 0.0  # what the runs emitted, and their true time (batch 1)
 
@@ -55,7 +56,7 @@ class Pair:
         ks, caught_up = [], 1
         fixed_k = k
         for _ in range(steps):
-            k = policy.choose(CAP) if fixed_k is None else fixed_k
+            k = policy.choose(CAP, 0, self.sharing) if fixed_k is None else fixed_k
             accepted = 0
             while accepted < k and self.rng.random() < self.rate:
                 accepted += 1
@@ -121,6 +122,20 @@ def test_k_is_smaller_in_a_big_batch_than_alone() -> None:
         ks[batch] = steady_k(simulated.run(KPolicy(timed=True), 1500))
     print("steady k alone and in a batch of 16:", ks)
     assert ks[16] <= ks[1] - 1
+
+
+def test_sessions_that_could_share_a_pass_price_k0_as_batched_though_drafting_keeps_batches_small() -> None:
+    """16 sessions on the target, but drafting keeps its Verify batches at 2 (each waits for its
+    own Propose): priced by the batches seen, a step at k = 0 pays half a pass and drafting wins;
+    priced by the 16 that would share a pass at k = 0, the target alone wins (T5-large's shape: a
+    row ~6% of a pass, a drafted token ~12%). Alone, the same pair drafts."""
+    ks = {}
+    for sharing in (1, 16):
+        simulated = Pair(0.6, pass_fixed=0.100, per_row=0.006, draft_s=0.006, batch=2, other_rows=3,
+                         seed=8, sharing=sharing)
+        ks[sharing] = steady_k(simulated.run(KPolicy(timed=True), 1500))
+    print("steady k with 1 and 16 sessions sharing the target:", ks)
+    assert ks[1] >= 1 and ks[16] < 0.2
 
 
 def test_a_draft_that_cannot_pay_is_left_then_found_again_by_a_probe() -> None:

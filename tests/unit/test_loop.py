@@ -292,7 +292,7 @@ def test_a_timed_request_verifies_the_whole_block_drafted_ahead(monkeypatch: pyt
     policy would choose its cap, the draft replica's --max-draft (3), past the blocks drafted
     ahead (2: the guess takes the third slot of the ahead Propose)."""
     costs = StepCosts(fixed=1.0, per_row=0.02, propose=0.1, per_draft=0.05)
-    monkeypatch.setattr(ReplicaCosts, "step_costs", lambda self: costs)
+    monkeypatch.setattr(ReplicaCosts, "step_costs", lambda self, sharing=1: costs)
     asked: list[tuple[int, int, int]] = []  # (ready, cap, chosen)
     choose = KPolicy.choose
 

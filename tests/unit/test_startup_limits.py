@@ -55,3 +55,18 @@ def test_every_worker_limit_has_one_flag_and_every_info_limit_is_one() -> None:
     assert len(set(flags)) == len(flags) and all(flag.startswith("--") for flag in flags)
     names = {limit.name for limit in fields(HostLimits)}
     assert set(pb.Limits.DESCRIPTOR.fields_by_name) <= names  # Info reports declared limits only
+
+
+def test_the_sessions_that_could_share_a_target_pass_count_every_orchestrators_up_to_max_batch() -> None:
+    from orchestrator.replicas import Load
+
+    pool = pool_with_target(4096)
+    replica = pool.replicas[0]
+    replica.info = pb.InfoResponse(limits=pb.Limits(max_batch=16))
+    replica.active_sessions = 3
+    assert pool.sessions_sharing(replica.backend) == 3  # ours, before any Info load was read
+    replica.load = Load(live_sessions=9, cached_tokens=0, max_cached_tokens=1, steps=0, at=0.0)
+    assert pool.sessions_sharing(replica.backend) == 9  # every orchestrator's sessions on it
+    replica.load = Load(live_sessions=40, cached_tokens=0, max_cached_tokens=1, steps=0, at=0.0)
+    assert pool.sessions_sharing(replica.backend) == 16  # no more than one pass takes
+    assert pool.sessions_sharing(object()) == 1  # not one of the pool's
