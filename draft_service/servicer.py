@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from specdec_grpc.convert import proposal_to_pb
 from specdec_grpc.step_servicer import StepRpc, step_servicer
+from specdec_grpc.wire import proposal_to_pb
 from specdec_pb import specdec_pb2_grpc as pb_grpc
 
 PROPOSE = StepRpc(name="Propose", service="Draft", host_step="propose", to_pb=proposal_to_pb,

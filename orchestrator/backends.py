@@ -17,7 +17,7 @@ import grpc
 
 from specdec_core.errors import InvalidArgument, ResourceExhausted, SpecdecError
 from specdec_core.steps import Proposal, StepRequest, Verdict
-from specdec_grpc.convert import (
+from specdec_grpc.wire import (
     proposal_from_pb,
     propose_request_to_pb,
     verdict_from_pb,

@@ -381,7 +381,6 @@ class SessionHost:
             "response_bytes": self.metrics.response_bytes,
             "batches": self.metrics.batches,
             "batched_steps": self.metrics.batched_steps,
-            "time": time.time(),
         }
 
 

@@ -17,8 +17,8 @@ import grpc
 from google.protobuf.message import Message
 
 from specdec_core.steps import StepRequest
-from specdec_grpc.convert import step_from_pb
 from specdec_grpc.status import deadline_of, grpc_method, grpc_stream_method
+from specdec_grpc.wire import step_from_pb
 from specdec_grpc.worker import SessionServicer
 from specdec_pb import specdec_pb2 as pb
 

@@ -23,7 +23,6 @@ from specdec_core.engine_choice import EngineChoice, build_engine
 from specdec_core.errors import CheckpointError
 from specdec_core.session_host import HostLimits, SessionHost
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
-from specdec_grpc.convert import WireLimits
 from specdec_grpc.metrics import WorkerMetrics, serve_metrics
 from specdec_grpc.server import (
     RunningServer,
@@ -37,6 +36,7 @@ from specdec_grpc.server import (
 from specdec_grpc.status import deadline_of, grpc_method
 from specdec_grpc.step_streams import StepStreams
 from specdec_grpc.tensor_parallel_worker import TensorParallel
+from specdec_grpc.wire import WireLimits
 from specdec_pb import specdec_pb2 as pb
 
 logger = logging.getLogger(__name__)

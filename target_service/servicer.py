@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from specdec_grpc.convert import verdict_to_pb
 from specdec_grpc.step_servicer import StepRpc, step_servicer
+from specdec_grpc.wire import verdict_to_pb
 from specdec_pb import specdec_pb2_grpc as pb_grpc
 
 VERIFY = StepRpc(name="Verify", service="Target", host_step="verify", to_pb=verdict_to_pb,

@@ -38,8 +38,8 @@ from specdec_core.checkpoint import load_model
 from specdec_core.engine import DECODE_SLICE, ModelEngine
 from specdec_core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from specdec_core.session_host import HostLimits
-from specdec_grpc.convert import WireLimits, step_from_pb
 from specdec_grpc.server import DEFAULT_MAX_MESSAGE_MB, Security, create_server, is_loopback
+from specdec_grpc.wire import WireLimits, step_from_pb
 from specdec_grpc.worker import WorkerConfig, needed_message_mb
 from specdec_grpc.worker import build_parser as worker_parser
 from specdec_pb import specdec_pb2 as pb

@@ -137,7 +137,7 @@ def params_of(message: pb.SamplingParams) -> SamplingParams:
 
 
 def decode(message: pb.Distribution) -> Distribution:
-    """Decode a wire distribution independently of specdec_grpc.convert."""
+    """Decode a wire distribution independently of specdec_grpc.wire."""
     probs = np.frombuffer(message.probs_f16, dtype="<f2").astype(np.float32)
     return Distribution(np.array(message.token_ids, dtype=np.int32), probs)
 

@@ -22,7 +22,7 @@ from specdec_core.sampling import (
     sample,
 )
 from specdec_core.steps import Distribution, SamplingParams
-from specdec_grpc.convert import distribution_from_pb, distribution_to_pb
+from specdec_grpc.wire import distribution_from_pb, distribution_to_pb
 
 # -- acceptance -------------------------------------------------------------------------------------
 

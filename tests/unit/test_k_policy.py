@@ -255,7 +255,7 @@ def test_requests_on_one_replica_pair_share_its_costs_and_hand_on_acceptance() -
 def test_the_batch_a_step_ran_in_crosses_the_wire() -> None:
     """What the costs are fitted from reaches the orchestrator through gRPC's messages."""
     from specdec_core.steps import Proposal, Verdict
-    from specdec_grpc.convert import proposal_from_pb, proposal_to_pb, verdict_from_pb, verdict_to_pb
+    from specdec_grpc.wire import proposal_from_pb, proposal_to_pb, verdict_from_pb, verdict_to_pb
 
     verdict = verdict_from_pb(verdict_to_pb(Verdict([1, 2], [], [], 5, model_ms=3.5, batch_size=4, batch_rows=11)))
     assert (verdict.model_ms, verdict.batch_size, verdict.batch_rows) == (3.5, 4, 11)

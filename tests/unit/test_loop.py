@@ -488,7 +488,7 @@ def test_acceptance_uses_q_from_the_forwarded_distribution() -> None:
 
 def test_q_of_a_draft_token_from_dense_sparse_and_point_mass_wire_q() -> None:
     from orchestrator.lanes import draft_token_probs
-    from specdec_grpc.convert import distribution_to_pb
+    from specdec_grpc.wire import distribution_to_pb
 
     weights = np.array([0.1, 0.2, 0.3, 0.4], np.float16)
     dense = Distribution(np.zeros(0, np.int32), weights)
