@@ -143,7 +143,7 @@ def test_limits_table_lists_every_worker_limit_with_its_declared_default() -> No
     name each one, with that default."""
     from dataclasses import fields
 
-    from specdec_core.session_host import HostLimits
+    from specdec_core.host_limits import HostLimits
 
     rows = [[c.strip() for c in line.strip("|").split("|")]
             for line in _section("docs/configuration.md", "## Limits and flags").splitlines()]

@@ -13,7 +13,7 @@ import pytest
 from orchestrator.generation import OrchestratorLimits
 from orchestrator.replicas import IncompatibleReplicas, ReplicaPool
 from orchestrator.server import decoder_tokens_needed
-from specdec_core.session_host import HostLimits
+from specdec_core.host_limits import HostLimits
 from specdec_pb import specdec_pb2 as pb
 
 
