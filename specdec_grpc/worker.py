@@ -21,7 +21,8 @@ from google.protobuf.message import Message
 from specdec_core import blas
 from specdec_core.engine_choice import EngineChoice, build_engine
 from specdec_core.errors import CheckpointError
-from specdec_core.host_limits import HostLimits, SessionHost
+from specdec_core.host_limits import HostLimits
+from specdec_core.session_host import SessionHost
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
 from specdec_grpc.metrics import WorkerMetrics, serve_metrics
 from specdec_grpc.server import (
