@@ -328,10 +328,8 @@ class SpeculativeGeneration(DraftingAhead):
         if not self.params.num_draft_auto or self.k_policy is None:
             return min(self.params.num_draft, remaining - 1)
         sharing = getattr(self.source, "sessions_sharing", None)  # the pool knows; in-process: alone
-        if sharing is None:
-            k = self.k_policy.choose(self._auto_cap(), self._ready_size())
-        else:
-            k = self.k_policy.choose(self._auto_cap(), self._ready_size(), sharing(self.target.backend))
+        k = self.k_policy.choose(self._auto_cap(), self._ready_size(),
+                                 sharing(self.target.backend) if sharing is not None else 1)
         self.stats.final_num_draft = k
         return min(k, remaining - 1)
 

@@ -19,7 +19,6 @@ from harness import LoopThread, Worker, speculative_cluster
 
 from orchestrator.client import SpecdecClient
 from orchestrator.k_policy import KMemory
-from specdec_core.session_host import SessionHost
 from specdec_tools.tiny_checkpoints import corpus_lines
 
 PROMPTS = corpus_lines()[7:300:37][:3]
@@ -58,25 +57,23 @@ def test_a_draft_that_never_agrees_leaves_most_steps_to_the_target_alone(unrelat
 
 
 class SlowVerify:
-    """Delays every Verify of a target worker by ``delay_s`` before its real work. (The step
-    servicer calls ``SessionHost.verify`` from the class, which calls ``self._step``: the
-    instance's ``_step`` is what can be wrapped.)"""
+    """Delays every Verify of a target worker by ``delay_s`` before its real work."""
 
     def __init__(self, target: Worker):
         self.host = target.host
+        self.verify = target.host.verify
         self.delay_s = 0.0
 
-    async def __call__(self, kind: str, *args: Any) -> Any:
-        if kind == "verify":
-            await asyncio.sleep(self.delay_s)
-        return await SessionHost._step(self.host, kind, *args)
+    async def __call__(self, request: Any) -> Any:
+        await asyncio.sleep(self.delay_s)
+        return await self.verify(request)
 
     def __enter__(self) -> SlowVerify:
-        self.host._step = self  # type: ignore[method-assign]
+        self.host.verify = self
         return self
 
     def __exit__(self, *exc: object) -> None:
-        del self.host._step
+        self.host.verify = self.verify
 
 
 def greedy_step_cost(memory: KMemory) -> float:

@@ -296,8 +296,8 @@ def test_a_timed_request_verifies_the_whole_block_drafted_ahead(monkeypatch: pyt
     asked: list[tuple[int, int, int]] = []  # (ready, cap, chosen)
     choose = KPolicy.choose
 
-    def recording(self: KPolicy, cap: int, ready: int = 0) -> int:
-        k = choose(self, cap, ready)
+    def recording(self: KPolicy, cap: int, ready: int = 0, sharing: int = 1) -> int:
+        k = choose(self, cap, ready, sharing)
         asked.append((ready, cap, k))
         return k
 
@@ -330,7 +330,7 @@ def test_auto_k_respects_the_max_draft_of_a_target_still_opening(seeded: bool,
     that replica (known from its Info when the pool hands it out) must bound it too. The fake
     target raises above its --max-draft; the draft's --max-draft is left at its default, and the
     policy drafts all it may (as one that learned a good pair from earlier requests does)."""
-    monkeypatch.setattr(KPolicy, "choose", lambda self, cap, ready=0: cap)
+    monkeypatch.setattr(KPolicy, "choose", lambda self, cap, ready=0, sharing=1: cap)
     draft, target = FakeReplica("draft", "d0"), SlowOpeningTarget("target", "t0", max_draft=3)
     target.draft = draft
     source = FakeSource([draft, target])
