@@ -5,6 +5,7 @@ mixes it in; the serial step and failover stay in ``speculative.py``."""
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from specdec_core.steps import Proposal
@@ -33,12 +34,9 @@ class DraftingAhead:
     eos_id: int
     _ready: Proposal | None
 
-    async def _call(self, lane: Lane, block: list[int], num_draft: int, seed: int,
-                    draft_distributions: Any = (), ahead: bool = False) -> Any:
-        raise NotImplementedError  # the loop's call with failover (SpeculativeGeneration._call)
-
-    def _auto_cap(self) -> int:
-        raise NotImplementedError
+    # the loop's own (SpeculativeGeneration): a call with failover, and auto k's cap
+    _call: Callable[..., Awaitable[Any]]
+    _auto_cap: Callable[[], int]
 
     def _predraft_size(self, k: int, drafted: list[int], remaining: int) -> int:
         """How many tokens to draft ahead while the target verifies ``drafted``: the guess of
