@@ -80,30 +80,31 @@ class Gathering:
     batch, when each was answered, how long sessions take to come back, and what a pass costs."""
 
     def __init__(self) -> None:
-        self.answered: dict[int, float] = {}  # id(state) of the last batch -> when it was answered
+        self.returning: set[int] = set()  # id(state) of the last batch's sessions not back yet
+        self.answered_at = 0.0  # when the last batch was answered
         self.turnaround_s: float | None = None  # decayed mean, answer -> the session's next step
         self.pass_s = 0.0  # the last batch's pass
 
     def arrived(self, state: DecoderState | None, now: float) -> None:
-        answered = self.answered.pop(id(state), None)
-        if answered is not None:
-            seen = now - answered
+        if id(state) in self.returning:
+            self.returning.discard(id(state))
+            seen = now - self.answered_at
             self.turnaround_s = seen if self.turnaround_s is None else (
                 TURNAROUND_DECAY * self.turnaround_s + (1 - TURNAROUND_DECAY) * seen)
 
     def ran(self, batch: list[QueuedStep], pass_s: float, finished: float) -> None:
-        self.answered = {id(step.state): finished for step in batch}
+        self.returning, self.answered_at = {id(step.state) for step in batch}, finished
         self.pass_s = pass_s
 
     def wait_until(self, waiting: int, max_batch: int) -> float | None:
         """Until when a batch of ``waiting`` steps should wait for the last batch's sessions to come
         back, or None: it should not (none missing, room for none, or they come back too slowly)."""
-        if not self.answered or waiting >= max_batch or self.turnaround_s is None:
+        if not self.returning or waiting >= max_batch or self.turnaround_s is None:
             return None
         bound = GATHER_SHARE * self.pass_s
         if self.turnaround_s > bound:
             return None
-        return min(self.answered.values()) + bound
+        return self.answered_at + bound
 
 
 class StepScheduler:
@@ -179,7 +180,7 @@ class StepScheduler:
         """A closed session will not come back: no batch waits for it."""
         with self._arrived:
             for gathering in self._gathering.values():
-                gathering.answered.pop(id(state), None)
+                gathering.returning.discard(id(state))
 
     def _drop_cancelled(self) -> int:
         """Forget waiting steps that already have an answer: their caller gave up (and restores
