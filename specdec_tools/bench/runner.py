@@ -39,7 +39,7 @@ def run_workload(workload: Workload, settings: Settings, env: dict[str, str]) ->
     skipped: dict[str, str] = {}
     try:
         systems["services"] = Services(workload.draft, workload.target, settings.dtype, env,
-                                          unary_steps_baseline="services-unary" in settings.systems)
+                                       unary_steps_baseline="services-unary" in settings.systems)
         systems["inproc"] = InProcess(workload.draft, workload.target, settings.dtype)
         hf, reason = start_hugging_face(workload)
         if hf is not None:
@@ -106,7 +106,7 @@ def results_of(runs: dict[Cell, list[list[Run]]], settings: Settings, skipped: d
 def rederive(report: dict[str, Any]) -> dict[str, Any]:
     """``report`` (a ``bench.json``) with every workload's figures derived again from its stored
     runs, so a change to the analysis applies to a run already made (``--report-from``)."""
-    known = {f for f in Settings.__dataclass_fields__}
+    known = set(Settings.__dataclass_fields__)
     settings = Settings(**{key: value for key, value in report["settings"].items() if key in known})
     for workload in report["workloads"]:
         results = workload["results"]
