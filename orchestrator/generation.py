@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from specdec_core.errors import InvalidArgument, ResourceExhausted, Unavailable
+from specdec_core.limits import limit
 
 from .detokenize import TextStream
 from .k_policy import KMemory
@@ -23,16 +24,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class OrchestratorLimits:
+    """The orchestrator's limits, each declared once (``limits.limit``): flags, config and the docs'
+    limits table derive from here."""
+
     # Characters, checked before tokenizing so an oversized prompt costs nothing: 32 per
     # default prompt token, far above what 2048 tokens of real text take (T5 pieces average
     # ~4 characters), far below the 64 MiB a message may carry.
-    max_prompt_chars: int = 65_536
-    max_prompt_tokens: int = 2048
-    max_tokens_cap: int = 2048  # the largest max_tokens a request may ask for
-    default_max_tokens: int = 64
-    max_num_draft: int = 16  # the largest k (and the ceiling of num_draft=auto)
-    default_num_draft: int = 5  # the published anchor's k=7 is for T5-XXL; 5 suits small pairs
-    max_generations: int = 32  # generations in flight at once
+    max_prompt_chars: int = limit(65_536, "--max-prompt-chars",
+                                  "longest prompt in characters, refused before tokenizing")
+    max_prompt_tokens: int = limit(2048, "--max-prompt-tokens", "longest prompt in tokens")
+    max_tokens_cap: int = limit(2048, "--max-tokens-cap", "largest max_tokens a request may ask for")
+    default_max_tokens: int = limit(64, "--default-max-tokens", "max_tokens of a request that sets none")
+    max_num_draft: int = limit(16, "--max-num-draft", "largest k, and the ceiling of num_draft=auto")
+    # The published anchor's k=7 is for T5-XXL; 5 suits small pairs.
+    default_num_draft: int = limit(5, "--default-num-draft", "k of a request that sets none and not auto")
+    max_generations: int = limit(32, "--max-generations",
+                                 "generations in flight at once; more get RESOURCE_EXHAUSTED")
     pipeline: bool = True  # pipelined drafting unless a request says otherwise (--no-pipeline)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 
 from specdec_core.errors import CheckpointError
+from specdec_core.limits import add_limit_arguments, limits_from_args
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
 from specdec_grpc.metrics import OrchestratorMetrics, serve_metrics
 from specdec_grpc.server import (
@@ -119,16 +120,7 @@ class OrchestratorConfig:
             drafts=args.draft if args.draft is not None else [DEFAULT_DRAFT],
             targets=args.target or [DEFAULT_TARGET],
             tokenizer=args.tokenizer,
-            limits=OrchestratorLimits(
-                max_prompt_chars=args.max_prompt_chars,
-                max_prompt_tokens=args.max_prompt_tokens,
-                max_tokens_cap=args.max_tokens_cap,
-                default_max_tokens=args.default_max_tokens,
-                max_num_draft=args.max_num_draft,
-                default_num_draft=args.default_num_draft,
-                max_generations=args.max_generations,
-                pipeline=not args.no_pipeline,
-            ),
+            limits=limits_from_args(OrchestratorLimits, args, pipeline=not args.no_pipeline),
             host=args.host,
             port=args.port,
             max_message_mb=args.max_message_mb,
@@ -155,16 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"a target replica; repeat for several (default {DEFAULT_TARGET})")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the first target's model "
                         "directory, when it is on this host)")
-    limits = OrchestratorLimits()
-    parser.add_argument("--max-prompt-chars", type=int, default=limits.max_prompt_chars,
-                        help="longest prompt in characters, refused before tokenizing")
-    parser.add_argument("--max-prompt-tokens", type=int, default=limits.max_prompt_tokens)
-    parser.add_argument("--max-tokens-cap", type=int, default=limits.max_tokens_cap,
-                        help="largest max_tokens a request may ask for")
-    parser.add_argument("--default-max-tokens", type=int, default=limits.default_max_tokens)
-    parser.add_argument("--max-num-draft", type=int, default=limits.max_num_draft,
-                        help="largest k, and the ceiling of num_draft=auto")
-    parser.add_argument("--default-num-draft", type=int, default=limits.default_num_draft)
+    add_limit_arguments(parser, OrchestratorLimits)
     parser.add_argument("--no-pipeline", action="store_true",
                         help="draft only after each verdict (default: while the target verifies a block, "
                              "the draft drafts the next one as if it were fully accepted; a request's "
@@ -173,8 +156,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one unary Propose/Verify call per step (default: each session's steps go "
                              "over one long-lived ProposeStream/VerifyStream call, ~0.3-0.6 ms cheaper "
                              "per step; use this behind a proxy that does not pass bidirectional streams)")
-    parser.add_argument("--max-generations", type=int, default=limits.max_generations,
-                        help="generations in flight at once; more get RESOURCE_EXHAUSTED")
     parser.add_argument("--connect-timeout", type=float, default=60.0,
                         help="seconds to wait for replicas at start-up")
     parser.add_argument("--health-interval", type=float, default=1.0,

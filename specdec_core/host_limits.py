@@ -1,16 +1,11 @@
-"""A worker's limits, each declared once: its default, the flag that sets it and the flag's help.
-The worker's command line, its Info and the docs' limits table derive from this; no MLX here."""
+"""A worker's limits, each declared once (``limits.limit``): the worker's command line, its Info
+and the docs' limits table derive from this; no MLX here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-
-def limit(default: float, flag: str, help: str) -> Any:
-    """A limit's one declaration: its default, the flag that sets it and the flag's help, from
-    which the worker's command line, its Info and the docs' limits table are derived."""
-    return field(default=default, metadata={"flag": flag, "help": help})
+from .limits import limit
 
 
 @dataclass

@@ -11,9 +11,9 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import Field, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -22,6 +22,7 @@ from specdec_core import blas
 from specdec_core.engine_choice import EngineChoice, build_engine
 from specdec_core.errors import CheckpointError
 from specdec_core.host_limits import HostLimits
+from specdec_core.limits import add_limit_arguments, limits_from_args
 from specdec_core.session_host import SessionHost
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
 from specdec_grpc.metrics import WorkerMetrics, serve_metrics
@@ -79,7 +80,7 @@ class WorkerConfig:
             model=args.model,
             dtype=args.dtype,
             quantize=args.quantize,
-            limits=HostLimits(**{f.name: getattr(args, limit_dest(f)) for f in fields(HostLimits)}),
+            limits=limits_from_args(HostLimits, args),
             host=args.host,
             port=args.port,
             max_message_mb=args.max_message_mb,
@@ -94,11 +95,6 @@ class WorkerConfig:
         )
 
 
-def limit_dest(limit: Field[Any]) -> str:
-    """The argparse attribute of a HostLimits field's flag."""
-    return limit.metadata["flag"].lstrip("-").replace("-", "_")
-
-
 def build_parser(role: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"specdec-{role}",
@@ -110,10 +106,7 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="parameter dtype (default: as stored; float16 overflows in T5)")
     parser.add_argument("--quantize", type=int, choices=[4, 8], help="quantize linear layers at load")
-    for limit in fields(HostLimits):
-        flag, default = limit.metadata["flag"], limit.default
-        parser.add_argument(flag, type=type(default), default=default,
-                            help=f"{limit.metadata['help']} (default {default:g})")
+    add_limit_arguments(parser, HostLimits)
     add_server_arguments(
         parser, DEFAULT_PORTS[role], default_max_message_mb=None,
         max_message_help="largest request/response accepted, MiB (default: sized to the largest "

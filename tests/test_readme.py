@@ -138,23 +138,26 @@ def test_limits_table_flags_exist() -> None:
     assert rows >= 8
 
 
-def test_limits_table_lists_every_worker_limit_with_its_declared_default() -> None:
-    """The workers' limits are declared once (``HostLimits``: flag, default, help); the table must
-    name each one, with that default."""
-    from dataclasses import fields
+@pytest.mark.parametrize("where, declaration", [("draft, target", "specdec_core.host_limits:HostLimits"),
+                                                ("orchestrator", "orchestrator.generation:OrchestratorLimits")])
+def test_limits_table_lists_every_declared_limit_with_its_default(where: str, declaration: str) -> None:
+    """Limits are declared once (``limits.limit``: flag, default, help); the table must name each
+    one on its service's rows, with that default."""
+    import importlib
 
-    from specdec_core.host_limits import HostLimits
+    from specdec_core.limits import declared_flags
 
+    module, name = declaration.split(":")
+    declared = declared_flags(getattr(importlib.import_module(module), name))
     rows = [[c.strip() for c in line.strip("|").split("|")]
             for line in _section("docs/configuration.md", "## Limits and flags").splitlines()]
-    rows = [row for row in rows if len(row) >= 3 and row[0] == "draft, target"]
-    for limit in fields(HostLimits):
-        flag = limit.metadata["flag"]
+    rows = [row for row in rows if len(row) >= 3 and row[0] == where]
+    assert len(declared) >= 7
+    for flag, default in declared.items():
         (row,) = [row for row in rows if f"`{flag}`" in row[1]]
         defaults = [value.strip() for value in re.split(r"[/,]", row[2])]
-        flags = re.findall(r"`(--[a-z-]+)`", row[1])
-        position = [f for f in flags if f in {m.metadata["flag"] for m in fields(HostLimits)}].index(flag)
-        assert float(defaults[position]) == limit.default, (flag, row[2])
+        position = [f for f in re.findall(r"`(--[a-z-]+)`", row[1]) if f in declared].index(flag)
+        assert float(defaults[position]) == default, (flag, row[2])
 
 
 def test_rpc_table_matches_the_protos() -> None:
