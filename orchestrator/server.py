@@ -14,7 +14,7 @@ import grpc
 from specdec_core.errors import CheckpointError
 from specdec_core.limits import add_limit_arguments, limits_from_args
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
-from specdec_grpc.metrics import OrchestratorMetrics, serve_metrics
+from specdec_grpc.metrics import serve_metrics
 from specdec_grpc.server import (
     DEFAULT_MAX_MESSAGE_MB,
     RunningServer,
@@ -30,6 +30,7 @@ from specdec_grpc.server import (
 from specdec_pb import specdec_pb2_grpc as pb_grpc
 
 from .generation import Orchestrator, OrchestratorLimits
+from .metrics import OrchestratorMetrics
 from .replicas import ReplicaPool, StartupError
 from .servicer import SERVICE_NAME, OrchestratorServicer
 

@@ -1,13 +1,11 @@
-"""Prometheus metrics of the specdec services (``--metrics-port``), one class per service kind.
+"""Prometheus metrics of the workers (``--metrics-port``), and the endpoint every service serves
+its registry on (the orchestrator's metrics are ``orchestrator.metrics``).
 
 Every service keeps its metrics in a registry of its own (never prometheus_client's global one:
 tests run several services in one process) and serves it with prometheus_client's HTTP server
 on the host the gRPC server binds. All names start with ``specdec_``; docs/monitoring.md lists
 every metric (tests/test_metrics.py checks it against what the services serve).
 
-- ``OrchestratorMetrics``: requests by outcome and status code, and the counters of the
-  requests' own stats (``orchestrator.params.Stats``), updated once per request when it
-  ends (``Orchestrator.generate``), so they agree exactly with the stats clients receive.
 - ``WorkerMetrics``: a draft's or target's sessions, cache and forward passes (read from the
   ``SessionHost`` when scraped), step latency (queue wait and model time, from
   ``SessionHost.step_listeners``) and the calls it answered with an error status.
@@ -26,11 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from .status import status_for
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +34,6 @@ logger = logging.getLogger(__name__)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # sessions per batch (--max-batch defaults to 16)
 STEP_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                 1.0, 2.5, 5.0, 10.0, 30.0)
-TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-CANCELLED = grpc.StatusCode.CANCELLED.name
 STEP_KIND = {"draft": "propose", "target": "verify"}
 
 
@@ -73,117 +65,6 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int, certfile: s
     endpoint = MetricsEndpoint(host, server.server_port, server)
     logger.info("metrics on %s://%s:%d/metrics", "https" if certfile else "http", host, endpoint.port)
     return endpoint
-
-
-def code_of(error: BaseException) -> str:
-    """The status code a failed request got: domain errors as ``status_for`` maps them (what the
-    servicer answers); a request whose caller went away is CANCELLED."""
-    if isinstance(error, GeneratorExit | asyncio.CancelledError):
-        return CANCELLED
-    return status_for(error).name
-
-
-class OrchestratorMetrics:
-    """The orchestrator's metrics. ``request_ended`` is ``Orchestrator.metrics``' hook."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("specdec_requests", "Generation requests that ended, by outcome (ok or "
-                                "error) and gRPC status code", ["outcome", "code"], registry=r)
-        self._ok = self.requests.labels("ok", grpc.StatusCode.OK.name)
-        self.tokens = Counter("specdec_generation_tokens", "Tokens generated (an EOS included), as the "
-                              "requests' stats count them", registry=r)
-        self.steps = Counter("specdec_steps", "Speculative steps (one target pass each)", registry=r)
-        self.num_drafts = Counter("specdec_spec_decode_num_drafts", "Steps that drafted (k >= 1)", registry=r)
-        self.num_draft_tokens = Counter("specdec_spec_decode_num_draft_tokens", "Draft tokens proposed",
-                                        registry=r)
-        self.num_accepted_tokens = Counter("specdec_spec_decode_num_accepted_tokens", "Draft tokens accepted",
-                                           registry=r)
-        self.accepted_per_pos = Counter("specdec_spec_decode_num_accepted_tokens_per_pos",
-                                        "Draft tokens accepted at each draft position (1 = first)",
-                                        ["position"], registry=r)
-        self.draft_tokens_per_pos = Counter("specdec_spec_decode_num_draft_tokens_per_pos",
-                                            "Draft tokens proposed at each draft position (1 = first)",
-                                            ["position"], registry=r)
-        self._per_pos: list[tuple[Any, Any]] = []  # children of the two above, by position - 1
-        self.failovers = Counter("specdec_failovers", "Replica failures a request failed over from, by "
-                                 "role", ["role"], registry=r)
-        self._failovers = {role: self.failovers.labels(role) for role in ("draft", "target")}
-        self.target_alone = Counter("specdec_target_alone_requests", "Finished requests the target "
-                                    "decoded alone: speculation turned off by the request (requested), or "
-                                    "no draft replica was available (no_draft)", ["reason"], registry=r)
-        self.live = Gauge("specdec_live_generations", "Generations in flight", registry=r)
-        self.ttft = Histogram("specdec_time_to_first_token_seconds", "Arrival to the first token (EOS "
-                              "aside), of requests that finished", buckets=TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram("specdec_time_per_output_token_seconds", "(end to end - time to first "
-                              "token) / (tokens - 1), of finished requests with a first token and 2 tokens "
-                              "or more",
-                              buckets=TPOT_BUCKETS, registry=r)
-        self.e2e = Histogram("specdec_e2e_request_latency_seconds", "Arrival to the last token, of "
-                             "requests that finished", buckets=E2E_BUCKETS, registry=r)
-
-    def watch(self, orchestrator: Any) -> None:
-        """Report the orchestrator's live generations, read when scraped."""
-        self.live.set_function(lambda: orchestrator.active)
-
-    def count_failures(self, source: Any) -> Any:
-        """A ``BackendSource`` that counts replica failures by role, then passes them on: every
-        ``report_failure`` is one failover in a request's stats (``Stats.failovers``)."""
-        return _CountingSource(source, self._failovers)
-
-    def request_ended(self, params: Any, stats: Any, error: BaseException | None, elapsed_s: float) -> None:
-        """One request ended: ``stats`` (None if refused before it started) are final; ``error``
-        is None if it finished (the client got its last message and stats)."""
-        if error is None:
-            self._ok.inc()
-        else:
-            self.requests.labels("error", code_of(error)).inc()
-        if stats is None:
-            return
-        self.tokens.inc(stats.tokens)
-        self.steps.inc(stats.steps)
-        proposed = stats.proposed_per_position
-        accepted = stats.accepted_per_position
-        if proposed:
-            self.num_drafts.inc(proposed[0])
-            self.num_draft_tokens.inc(stats.proposed)
-            self.num_accepted_tokens.inc(stats.accepted)
-            per_pos = self._per_pos
-            while len(per_pos) < len(proposed):
-                position = str(len(per_pos) + 1)
-                per_pos.append((self.draft_tokens_per_pos.labels(position), self.accepted_per_pos.labels(position)))
-            for (drafted_child, accepted_child), drafted, kept in zip(per_pos, proposed, accepted, strict=False):
-                drafted_child.inc(drafted)
-                accepted_child.inc(kept)
-        if error is None:
-            if params is not None and not params.speculative:
-                self.target_alone.labels("requested").inc()
-            elif not stats.draft_replica:
-                self.target_alone.labels("no_draft").inc()
-            ttft = stats.time_to_first_token_s
-            self.e2e.observe(elapsed_s)
-            if ttft > 0:
-                self.ttft.observe(ttft)
-                if stats.tokens > 1:
-                    self.tpot.observe(max(0.0, elapsed_s - ttft) / (stats.tokens - 1))
-
-
-class _CountingSource:
-    def __init__(self, source: Any, children: dict[str, Any]):
-        self._source = source
-        self._children = children
-        self.acquire = source.acquire
-        self.release = source.release
-
-    def report_failure(self, backend: Any, error: Exception) -> None:
-        child = self._children.get(getattr(backend, "role", ""))
-        if child is not None:
-            child.inc()
-        self._source.report_failure(backend, error)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._source, name)
 
 
 class WorkerMetrics:
