@@ -1,17 +1,20 @@
-"""Pipelined drafting: what the speculative loop does to let the draft draft the next block while
-the target verifies this one (docs/architecture.md, "Pipelined drafting"). ``SpeculativeGeneration``
-mixes it in; the serial step and failover stay in ``speculative.py``."""
+"""Pipelined drafting, beside the serial loop: while the target verifies a block, the draft drafts
+the next one as if this one were fully accepted (docs/architecture.md, "Pipelined drafting").
+
+``DraftAhead`` is the whole of it: one per request, holding the block drafted ahead and the first
+step's k (chosen while the target's session opened). The loop asks it four things: how much to
+draft ahead now (``size``), whether what came back is the next block (``keep``), how much of it
+the draft session still holds (``held``), and to hand it over as a step's block (``take``)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from specdec_core.steps import Proposal
 
 from .acceptance import StepOutcome
-from .k_policy import StepRecord
+from .k_costs import StepRecord
 
 if TYPE_CHECKING:
     from .k_policy import KPolicy
@@ -23,83 +26,67 @@ if TYPE_CHECKING:
 MIN_HIT_CHANCE = 0.25
 
 
-class DraftingAhead:
-    """The block drafted ahead (``_ready``): whether to draft one, whether it was a hit, and
-    taking it as the next step's block."""
+class DraftAhead:
+    """One request's pipelining state: ``ready``, the next step's block if it was drafted ahead
+    (the draft session holds the committed tokens, then it); ``first_k``, the first step's k."""
 
-    draft: Lane
-    params: GenerationParams
-    stats: Stats
-    k_policy: KPolicy | None
-    eos_id: int
-    _ready: Proposal | None
+    def __init__(self, params: GenerationParams, eos_id: int, stats: Stats):
+        self.params = params
+        self.eos_id = eos_id
+        self.stats = stats
+        self.ready: Proposal | None = None
+        self.first_k: int | None = None
 
-    # the loop's own (SpeculativeGeneration): a call with failover, and auto k's cap
-    _call: Callable[..., Awaitable[Any]]
-    _auto_cap: Callable[[], int]
-
-    def _predraft_size(self, k: int, drafted: list[int], remaining: int) -> int:
-        """How many tokens to draft ahead while the target verifies ``drafted``: the guess of
-        the target's token after a fully accepted block, then the k the next step would choose
-        after it (0: do not draft ahead).
+    def size(self, lane: Lane, policy: KPolicy | None, cap: int, k: int, drafted: list[int],
+             remaining: int) -> int:
+        """How many tokens to draft ahead while the target verifies ``drafted`` (a step of k): the
+        guess of the target's token after a fully accepted block, then the k the next step would
+        choose after it; 0: do not draft ahead.
 
         That k comes from the same policy, told that this block was fully accepted (the only
-        outcome in which the drafted-ahead block is used). For a seeded sampled request the
-        policy is untimed, so this is exactly the k the next step chooses: the positions that
-        are drafts, hence the tokens, do not depend on pipelining."""
-        lane = self.draft
-        if (not self.params.pipeline or lane.backend is None or k == 0 or len(drafted) < k
-                or self.eos_id in drafted):
-            return 0
+        outcome in which the block drafted ahead is used). For a seeded sampled request the
+        policy is untimed, so this is exactly the k the next step chooses: which positions are
+        drafts, hence the tokens, do not depend on pipelining."""
         left = remaining - len(drafted) - 1  # tokens still to generate after a full acceptance
-        if left <= 1 or self._hit_chance(k) < MIN_HIT_CHANCE:
+        useful = (self.params.pipeline and lane.backend is not None and k > 0 and len(drafted) == k
+                  and self.eos_id not in drafted and left > 1 and self._hit_chance(policy, k) >= MIN_HIT_CHANCE)
+        # An n-gram lookup (alone or in a hybrid) depends on where its Propose starts, and a seeded
+        # request's tokens must not depend on pipelining: only a model draft drafts ahead for one.
+        reproducible = self.params.timed_k or getattr(lane.backend, "draft_method", "model") in ("", "model")
+        if not (useful and reproducible):
             return 0
-        if not self.params.timed_k and getattr(lane.backend, "draft_method", "model") not in ("", "model"):
-            # An n-gram lookup (alone or in a hybrid) depends on where its Propose starts: the
-            # tokens after the guess need not be what a Propose after the committed guess gives,
-            # and a seeded request's tokens must not depend on pipelining.
-            return 0
-        if self.params.num_draft_auto and self.k_policy is not None:
-            policy = self.k_policy.fork()  # told a full acceptance (untimed: its costs stay as they are)
-            policy.observe(StepRecord(requested=k, accepted=k, drafted=k, timed=False))
-            k_next = policy.choose(self._auto_cap())
+        if self.params.num_draft_auto and policy is not None:
+            told = policy.fork()  # told a full acceptance (untimed: its costs stay as they are)
+            told.observe(StepRecord(requested=k, accepted=k, drafted=k, timed=False))
+            k_next = told.choose(cap)
         else:
             k_next = self.params.num_draft
         k_next = min(k_next, left - 1)
         # The Propose asks for the guess and k_next drafts, within the draft replica's --max-draft.
-        # An untimed request must not take a block cut shorter than k_next: its Verify would
-        # score fewer drafts than unpipelined, so its tokens would differ. A timed one may (its
-        # k policy then stays within the block).
+        # A seeded request must not take a block cut shorter than k_next (its Verify would score
+        # fewer drafts than unpipelined, so its tokens would differ); a timed one may.
         if 0 < lane.max_draft < 1 + k_next:
             if not self.params.timed_k:
                 return 0
             k_next = lane.max_draft - 1
         return 1 + k_next if k_next > 0 else 0
 
-    def _hit_chance(self, k: int) -> float:
+    def _hit_chance(self, policy: KPolicy | None, k: int) -> float:
         """The chance that a block drafted ahead is used: every one of the k drafts accepted and
         the draft's guess of the target's next token right (taken as likely as one more draft)."""
-        if self.k_policy is not None:
-            rates = self.k_policy.acceptance.rates(k + 1)
+        if policy is not None:
+            rate = policy.acceptance.rate
         else:
             rate = self.stats.acceptance_rate if self.stats.proposed else 1.0
-            rates = [rate] * (k + 1)
-        return math.prod(rates)  # (numpy's prod of a short list costs 3 us; this, 0.08 us)
+        return math.pow(rate, k + 1)
 
-    async def _predraft(self, drafted: list[int], n: int, seed: int) -> Proposal | None:
-        """Draft n tokens after the committed ones and ``drafted``, on the draft's session, while
-        the target verifies (a replica failure fails over as any call does; the guess is lost)."""
-        result = await self._call(self.draft, drafted, n, seed, ahead=True)
-        if result is not None:
-            self.stats.predrafts += 1
-        return result
-
-    def _keep_predraft(self, predrafted: Proposal | None, drafted: list[int], outcome: StepOutcome) -> None:
+    def keep(self, predrafted: Proposal | None, drafted: list[int], outcome: StepOutcome) -> None:
         """A block drafted ahead is the next block when every draft was accepted and the
         target's token after them is the one the draft guessed; otherwise it is wasted (the
         next call rolls the draft session back, like any rejected draft)."""
         if predrafted is None:
             return
+        self.stats.predrafts += 1
         tokens = predrafted.tokens
         hit = (outcome.accepted == len(drafted) and bool(tokens) and tokens[0] == outcome.token
                and outcome.token != self.eos_id)
@@ -107,26 +94,24 @@ class DraftingAhead:
             self.stats.wasted_draft_tokens += len(tokens)
             return
         self.stats.predraft_hits += 1
-        self._ready = Proposal(tokens=tokens[1:], token_probs=list(predrafted.token_probs[1:]),
-                               distributions=list(predrafted.distributions)[1:])
+        self.ready = Proposal(tokens=tokens[1:], token_probs=list(predrafted.token_probs[1:]),
+                              distributions=list(predrafted.distributions)[1:])
 
-    def _ready_held(self) -> bool:
-        """Is there a block drafted ahead, still held by the draft session after the committed tokens?"""
-        ready = self._ready
-        return ready is not None and self.draft.backend is not None and self.draft.holds(ready.tokens)
+    def held(self, lane: Lane) -> int:
+        """Tokens of the next block drafted ahead that the draft session still holds (0: none)."""
+        return len(self.ready.tokens) if self.ready is not None and self._holds(lane) else 0
 
-    def _ready_size(self) -> int:
-        """Tokens of this step's block drafted ahead and still held by the draft session (0: none)."""
-        return len(self._ready.tokens) if self._ready is not None and self._ready_held() else 0
+    def _holds(self, lane: Lane) -> bool:
+        return self.ready is not None and lane.backend is not None and lane.holds(self.ready.tokens)
 
-    def _take_ready(self, k: int) -> Proposal | None:
+    def take(self, lane: Lane, k: int) -> Proposal | None:
         """This step's block if it was drafted ahead (at most k of it; what is cut is wasted)."""
-        held = self._ready_held()
-        ready, self._ready = self._ready, None
+        held = self._holds(lane)
+        ready, self.ready = self.ready, None
         if ready is None:
             return None
-        # (An untimed request's k is the k its block was drafted ahead for, never more:
-        # ``_predraft_size`` drafts nothing ahead that it could not use whole.)
+        # (A seeded request's k is the k its block was drafted ahead for, never more: ``size``
+        # drafts nothing ahead that it could not use whole.)
         if k == 0 or not held:
             self.stats.wasted_draft_tokens += len(ready.tokens)
             return None

@@ -60,9 +60,6 @@ class Acceptance:
     def rate(self) -> float:
         return (self.kept + PRIOR_WEIGHT * PRIOR_ACCEPTANCE) / (self.tried + PRIOR_WEIGHT)
 
-    def rates(self, n: int) -> list[float]:
-        return [self.rate] * n  # (one rate for every draft position)
-
     def observe(self, requested: int, accepted: int) -> None:
         """Drafts 1..accepted were kept; draft accepted+1, if asked for, was not."""
         for i in range(min(requested, accepted + 1)):

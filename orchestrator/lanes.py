@@ -38,7 +38,10 @@ class Lane:
     session_id: str = ""
     length: int = 1  # the service session's length
     failed: set[str] = field(default_factory=set)  # replicas this request gave up on
-    opening: Any = None  # the replica a session is being opened on (until it is attached)
+    # The replica chosen for the session being opened, until it is attached (pipelined, draft
+    # and target open at once, and the draft's first k needs the target's --max-draft).
+    opening: Any = None
+    address: str = ""  # the replica of the last session attached (kept after it closes: stats)
     _held: int = 1  # committed tokens the session held after its last call
     _block: list[int] = field(default_factory=list)  # what it holds past them
 
@@ -52,9 +55,14 @@ class Lane:
             held += 1
         return min(held, self.length)
 
+    @property
+    def optional(self) -> bool:
+        """Can the request go on without this lane? A draft's, yes: the target finishes alone."""
+        return self.role == "draft"
+
     def attach(self, backend: Any, session_id: str) -> None:
         """A new session: it holds the decoder start token only."""
-        self.backend, self.session_id = backend, session_id
+        self.backend, self.session_id, self.address = backend, session_id, backend.address
         self.length, self._held, self._block = 1, 1, []
 
     def record(self, length: int, block: list[int]) -> None:

@@ -29,7 +29,7 @@ from specdec_core.steps import Proposal, Verdict
 
 from .acceptance import StepOutcome, accept_greedy, accept_sampled
 from .backends import ReplicaError
-from .drafting_ahead import DraftingAhead
+from .drafting_ahead import DraftAhead
 from .k_policy import KMemory, KPolicy, StepRecord
 from .lanes import BackendSource, Lane, check_reply, draft_token_probs
 from .params import GenerationParams, Stats, StepEvent, new_request_id
@@ -42,7 +42,7 @@ DEFAULT_CALL_TIMEOUT_S = 60.0  # per call when the request has no deadline: a hu
 _ABANDONED: set[asyncio.Task[None]] = set()
 
 
-class SpeculativeGeneration(DraftingAhead):
+class SpeculativeGeneration:
     """One request's generation. Iterate ``run()``; ``stats`` is complete when it ends."""
 
     def __init__(
@@ -68,10 +68,7 @@ class SpeculativeGeneration(DraftingAhead):
         self.target = Lane("target", self.decoded)
         self.k_memory = k_memory  # what earlier requests learned about k (timed policies only)
         self.k_policy: KPolicy | None = None  # set once both sessions are open
-        # Pipelining: the next block, drafted while the target verified the last one, when the
-        # verdict made it valid (the draft session holds the committed tokens, then it).
-        self._ready: Proposal | None = None
-        self._first_k: int | None = None  # the first step's k, when chosen during the opens
+        self.ahead = DraftAhead(params, eos_id, self.stats)  # pipelining, beside the loop
 
     # -- timing -------------------------------------------------------------------------------
     def _call_deadline(self) -> float:
@@ -84,23 +81,30 @@ class SpeculativeGeneration(DraftingAhead):
         return min(self.deadline, now + DEFAULT_CALL_TIMEOUT_S)
 
     # -- lanes --------------------------------------------------------------------------------
-    async def _open(self, lane: Lane, full: list[ResourceExhausted] | None = None) -> None:
-        """Open the lane's session on a replica, failing over until one accepts. With no
-        replica left, a target lane is an error (RESOURCE_EXHAUSTED if the last ones were full,
-        as in ``full``); a draft lane stays closed (target alone)."""
+    def _choose(self, lane: Lane, full: list[ResourceExhausted]) -> Any:
+        """A replica to open the lane's session on (``lane.opening`` until it is attached). None:
+        none left for a draft lane (the target finishes alone); for the target lane that is an
+        error (RESOURCE_EXHAUSTED if the last ones were full, as in ``full``)."""
+        backend = self.source.acquire(lane.role, lane.failed)
+        if backend is None and not lane.optional:
+            if full:  # every target left is at its session or cache limit
+                raise ResourceExhausted(f"every target replica is full; last: {full[-1]}")
+            raise Unavailable(
+                "no target replica is available (all down or failed for this request); "
+                "start a target service or check --target addresses"
+            )
+        lane.opening = backend
+        return backend
+
+    async def _open(self, lane: Lane, full: list[ResourceExhausted] | None = None, chosen: Any = None) -> None:
+        """Open the lane's session on a replica (``chosen``, or one it chooses), failing over until
+        one accepts; with none left, see ``_choose``."""
         full = list(full or [])
         while True:
-            backend = self.source.acquire(lane.role, lane.failed)
+            backend = chosen if chosen is not None else self._choose(lane, full)
+            chosen = None
             if backend is None:
-                if lane.role == "draft":
-                    return  # finish with the target alone
-                if full:  # every target left is at its session or cache limit
-                    raise ResourceExhausted(f"every target replica is full; last: {full[-1]}")
-                raise Unavailable(
-                    "no target replica is available (all down or failed for this request); "
-                    "start a target service or check --target addresses"
-                )
-            lane.opening = backend
+                return  # a draft lane: finish with the target alone
             try:
                 timeout = self._call_deadline() - time.monotonic()
                 session_id = await backend.open(self.prompt_ids, self.request_id, timeout)
@@ -118,10 +122,6 @@ class SpeculativeGeneration(DraftingAhead):
             finally:
                 lane.opening = None
             lane.attach(backend, session_id)
-            if lane.role == "draft":
-                self.stats.draft_replica = backend.address
-            else:
-                self.stats.target_replica = backend.address
             return
 
     async def _open_lanes(self) -> None:
@@ -136,17 +136,10 @@ class SpeculativeGeneration(DraftingAhead):
             await self._open(self.draft)
             self._start_k_policy()
             return
-        target = asyncio.ensure_future(self._open(self.target))
-        # Let the target's open take its replica first: with none left it fails here, before a
+        # The target's replica is chosen first: with none left the request fails here, before a
         # draft replica is bothered with a session for a request that cannot run.
-        try:
-            await asyncio.sleep(0)
-        except asyncio.CancelledError:
-            target.cancel()
-            raise
-        if target.done():
-            target.result()  # raises the target's error (a target lane never ends empty)
-        await _all(target, self._open_draft_and_draft_ahead())
+        chosen = self._choose(self.target, [])
+        await _all(self._open(self.target, chosen=chosen), self._open_draft_and_draft_ahead())
 
     async def _open_draft_and_draft_ahead(self) -> None:
         """Pipelined start: open the draft's session, choose the first step's k and draft its
@@ -154,14 +147,15 @@ class SpeculativeGeneration(DraftingAhead):
         so the first Verify goes out as soon as the target's session is open."""
         await self._open(self.draft)
         self._start_k_policy()
-        k = self._first_k = self._num_draft(self.params.max_tokens)
+        k = self.ahead.first_k = self._num_draft(self.params.max_tokens)
         if k == 0:
             return
         # None: the draft lane closed (no replica left)
-        self._ready = await self._call(self.draft, [], k, self.params.seed, ahead=True)
-        if self._ready is not None and self.k_policy is not None:
-            self.k_policy.costs.observe_ahead(len(self._ready.tokens), self._ready.model_ms / 1e3,
-                                              self._ready.batch_size)
+        ready = self.ahead.ready = await self._call(self.draft, [], k, self.params.seed, ahead=True)
+        if ready is not None:
+            self.stats.draft_passes += len(ready.tokens)
+            if self.k_policy is not None:
+                self.k_policy.costs.observe_ahead(len(ready.tokens), ready.model_ms / 1e3, ready.batch_size)
 
     async def _call(self, lane: Lane, block: list[int], num_draft: int, seed: int,
                     draft_distributions: Any = (), ahead: bool = False) -> Any:
@@ -182,7 +176,6 @@ class SpeculativeGeneration(DraftingAhead):
             request = (lane.extend_request(block, num_draft, self.params.sampling, seed, self._call_deadline())
                        if ahead else lane.request(block, num_draft, self.params.sampling, seed,
                                                   self._call_deadline(), draft_distributions))
-            started = time.perf_counter()
             try:
                 result = await backend.step(request)
                 check_reply(lane.role, request, result, backend.address)
@@ -206,23 +199,8 @@ class SpeculativeGeneration(DraftingAhead):
                             backend.address, error)
                 await self._open(lane, [error])
                 continue
-            finally:
-                # drafting ahead overlaps the Verify: not counted in draft_ms (the stats add up to the total)
-                if not ahead:
-                    elapsed = time.perf_counter() - started
-                    if lane.role == "draft":
-                        self.stats.draft_s += elapsed
-                    else:
-                        self.stats.verify_s += elapsed
-            lane.record(result.length, block + result.tokens if lane.role == "draft" else block)
+            lane.record(result.length, block + result.added_tokens)
             self.stats.wire_bytes += result.wire_bytes
-            if lane.role == "draft":  # every Propose, drafted ahead or not: one pass per token
-                self.stats.draft_passes += len(result.tokens)
-            if not ahead:  # its model time overlaps the Verify, like its wall time
-                if lane.role == "draft":
-                    self.stats.draft_model_s += result.model_ms / 1e3
-                else:
-                    self.stats.target_model_s += result.model_ms / 1e3
             return result
         return None
 
@@ -274,9 +252,13 @@ class SpeculativeGeneration(DraftingAhead):
 
     async def close(self) -> None:
         """Close both sessions, at once; safe on every exit path (errors here are only logged)."""
+        self.stats.draft_replica, self.stats.target_replica = self.draft.address, self.target.address
         await _all(self._close_lane(self.draft), self._close_lane(self.target))
 
     async def _close_lane(self, lane: Lane) -> None:
+        if lane.opening is not None:  # chosen, but the open never began (cancelled first)
+            self.source.release(lane.opening)
+            lane.opening = None
         backend, lane.backend = lane.backend, None
         if backend is None:
             return
@@ -318,8 +300,8 @@ class SpeculativeGeneration(DraftingAhead):
     def _num_draft(self, remaining: int) -> int:
         """This step's k: the caller's, or auto's choice (within max_num_draft and every
         replica's --max-draft); never drafting past max_tokens (a step yields up to k+1 tokens)."""
-        if self._first_k is not None:  # chosen while the target opened (its block is drafted)
-            k, self._first_k = self._first_k, None
+        if self.ahead.first_k is not None:  # chosen while the target opened (its block is drafted)
+            k, self.ahead.first_k = self.ahead.first_k, None
             if self.params.num_draft_auto and self.draft.backend is not None:
                 k = min(k, self._auto_cap())  # the target's open failed over to a replica with a lower cap
             return k
@@ -328,7 +310,7 @@ class SpeculativeGeneration(DraftingAhead):
         if not self.params.num_draft_auto or self.k_policy is None:
             return min(self.params.num_draft, remaining - 1)
         sharing = getattr(self.source, "sessions_sharing", None)  # the pool knows; in-process: alone
-        k = self.k_policy.choose(self._auto_cap(), self._ready_size(),
+        k = self.k_policy.choose(self._auto_cap(), self.ahead.held(self.draft),
                                  sharing(self.target.backend) if sharing is not None else 1)
         self.stats.final_num_draft = k
         return min(k, remaining - 1)
@@ -398,7 +380,7 @@ class SpeculativeGeneration(DraftingAhead):
         sessions = self._sessions()
         caught_up = len(self.decoded) - self.draft.synced  # what the draft appends before drafting
         started = time.perf_counter()
-        proposal = self._take_ready(k)
+        proposal = self.ahead.take(self.draft, k)
         was_ready = proposal is not None  # drafted ahead: no Propose in this step
         if was_ready:
             caught_up = 0
@@ -408,13 +390,14 @@ class SpeculativeGeneration(DraftingAhead):
         drafted = proposal.tokens if proposal is not None else []
         distributions = proposal.distributions if proposal is not None else []
         verify = self._call(self.target, drafted, len(drafted), seed, distributions)
-        ahead = self._predraft_size(k, drafted, remaining)
+        ahead = self.ahead.size(self.draft, self.k_policy, self._auto_cap(), k, drafted, remaining)
         predrafted: Proposal | None = None
         if not ahead:
             verdict: Verdict = await verify
         else:
-            # Both finish before the loop goes on: a draft session never has two steps at once.
-            verdict, predrafted = await _all(verify, self._predraft(drafted, ahead, seed))
+            # Drafting ahead while the target verifies (a failover loses the guess: None). Both
+            # finish before the loop goes on: a draft session never has two steps at once.
+            verdict, predrafted = await _all(verify, self._call(self.draft, drafted, ahead, seed, ahead=True))
         verified_at = time.perf_counter()
         uniforms = position_uniforms(seed, ACCEPT_STREAM, len(self.decoded), len(drafted))
         if sampling.greedy:
@@ -424,7 +407,7 @@ class SpeculativeGeneration(DraftingAhead):
             outcome = accept_sampled(
                 drafted, draft_probs, verdict.draft_probs, verdict.resampled, uniforms, self.params.delta
             )
-        self._keep_predraft(predrafted, drafted, outcome)
+        self.ahead.keep(predrafted, drafted, outcome)
         record = StepRecord(
             requested=k if proposal is not None else 0,  # a draft lane that closed asked for nothing
             accepted=outcome.accepted,
@@ -443,7 +426,19 @@ class SpeculativeGeneration(DraftingAhead):
             ahead_model_s=predrafted.model_ms / 1e3 if predrafted is not None else 0.0,
             ahead_batch=predrafted.batch_size if predrafted is not None else 1,
         )
+        self._count_calls(record, 0 if was_ready else len(drafted))
         return outcome, drafted, record
+
+    def _count_calls(self, record: StepRecord, proposed: int) -> None:
+        """A step's calls in the stats: wall and model time of its Propose and Verify (drafting
+        ahead overlaps the Verify, so it is not counted as draft time: the times add up to the
+        total), and every draft pass, drafted ahead or not."""
+        stats = self.stats
+        stats.draft_s += record.propose_s
+        stats.verify_s += record.verify_s
+        stats.draft_model_s += record.propose_model_s
+        stats.target_model_s += record.verify_model_s
+        stats.draft_passes += proposed + record.ahead_drafted
 
 
 async def _all(*calls: Any) -> list[Any]:

@@ -122,6 +122,11 @@ class Proposal:
     model_ms: float = 0.0  # the worker's model time for this step (its whole batch's)
     batch_size: int = 1  # steps in that batch
 
+    @property
+    def added_tokens(self) -> list[int]:
+        """What the call added to the session after the tokens it appended: the drafts."""
+        return self.tokens
+
 
 @dataclass
 class Verdict:
@@ -136,3 +141,8 @@ class Verdict:
     model_ms: float = 0.0  # the worker's model time for this step (its whole batch's)
     batch_size: int = 1  # steps in that batch
     batch_rows: int = 0  # positions the batch's pass scored (sum of k+1; 0: not reported)
+
+    @property
+    def added_tokens(self) -> list[int]:
+        """What the call added to the session after the tokens it appended: nothing (it scores them)."""
+        return []
