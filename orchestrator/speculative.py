@@ -5,7 +5,10 @@ Transport-agnostic: it talks to ``DraftBackend``/``TargetBackend`` objects hande
 
 Draft and target are two ``Lane``s handled by one mechanism (open, call, fail over, resync);
 the one real difference is what happens when no replica of a role is left: without a draft
-the target finishes alone, without a target the request fails.
+the target finishes alone, without a target the request fails (``Lane.optional``).
+
+Pipelining sits beside the serial step as one object (``drafting_ahead.DraftAhead``): the step
+asks it for a block drafted ahead, and whether to draft the next one while the target verifies.
 
 Each service session holds the committed decoder tokens as a prefix (``Lane.synced`` of
 them) plus whatever it drafted or scored beyond. The next call rolls it back to that prefix
@@ -371,7 +374,7 @@ class SpeculativeGeneration:
             self.stats.total_s = time.perf_counter() - started
             await asyncio.shield(self.close())
 
-    # -- pipelining ----------------------------------------------------------------------------
+    # -- one step ---------------------------------------------------------------------------------
     async def _step(self, k: int, remaining: int) -> tuple[StepOutcome, list[int], StepRecord]:
         """One propose -> verify -> accept (k = 0: no Propose, the target alone; the draft
         session catches up on its next call). Every random draw is keyed by the request's seed
