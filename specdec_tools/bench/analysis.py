@@ -109,20 +109,22 @@ def derive(cells: dict[Cell, dict[str, Any]], temperatures: list[float], ks: lis
             "draft_ms_per_token": statistics.median(draft_ms) if draft_ms else None,
             "target_ms_per_pass": target_ms,
         }
-        a_ms = get("services-target", None)["ms_per_token"]
+        # (a) may be left out (--systems): then no figure is relative to it
+        a_ms = get("services-target", None)["ms_per_token"] if ran("services-target", None) else None
         for system in SYSTEMS:
             for k in ([None] if system not in BASELINE_OF else ks):
                 if not ran(system, k):
                     continue
                 cell = get(system, k)
-                cell["speedup_vs_a"] = a_ms / cell["ms_per_token"]
+                cell["speedup_vs_a"] = a_ms / cell["ms_per_token"] if a_ms else None
                 if system in BASELINE_OF:
                     cell["speedup"] = get(BASELINE_OF[system], None)["ms_per_token"] / cell["ms_per_token"]
         for k in ks:
-            b, c = get("services-spec", k), get("inproc-spec", k)
+            c = get("inproc-spec", k)
+            b = get("services-spec", k) if ran("services-spec", k) else c  # (b) left out: (c)'s own figures
             d = get("hf-assisted", k) if ran("hf-assisted", k) else None
             unary = get("services-unary", k) if ran("services-unary", k) else None
-            for services in (b, unary) if unary is not None else (b,):  # what gRPC adds over (c)
+            for services in [cell for cell in (b, unary) if cell is not None and cell is not c]:  # gRPC over (c)
                 for key, name in (("loop_ms_per_step", "grpc_ms_per_step"),
                                   ("wall_ms_per_step", "grpc_wall_ms_per_step"),
                                   ("cpu_ms_per_step", "grpc_cpu_ms_per_step"),
@@ -130,7 +132,8 @@ def derive(cells: dict[Cell, dict[str, Any]], temperatures: list[float], ks: lis
                                   ("verify_ms_per_step", "grpc_verify_ms_per_step")):
                     services[name] = (services[key] - c[key] if services[key] is not None and c[key] is not None
                                       else None)
-            b["vs_hf_assisted"] = d["ms_per_token"] / b["ms_per_token"] if d is not None else None
+            if b is not c:
+                b["vs_hf_assisted"] = d["ms_per_token"] / b["ms_per_token"] if d is not None else None
             if ran("services-serial", k):  # < 1: pipelining made the services faster
                 b["vs_serial"] = b["ms_per_token"] / get("services-serial", k)["ms_per_token"]
                 b["vs_inproc_serial"] = b["ms_per_token"] / c["ms_per_token"]
@@ -138,7 +141,7 @@ def derive(cells: dict[Cell, dict[str, Any]], temperatures: list[float], ks: lis
                 b["vs_unary"] = b["ms_per_token"] / unary["ms_per_token"]
             # what a Verify of k+1 positions costs, in one-token target passes (in process)
             block = c["target_ms_per_pass"] / target_ms if c["target_ms_per_pass"] and target_ms else None
-            for cell in (b, c):
+            for cell in {id(b): b, id(c): c}.values():
                 drafted, tpp = cell["drafted_per_step"], cell["tokens_per_target_pass"]
                 if drafted and tpp and ratio is not None:
                     cell["alpha_hat"] = fit_alpha(tpp, drafted)
@@ -167,7 +170,7 @@ def exactness(runs: dict[Cell, list[list[Run]]], ks: list[str]) -> dict[str, Any
             reference = ids(Cell(0.0, BASELINE_OF[cell.system], None))
             mine = ids(cell)
             out[cell.label] = sum(a == b for a, b in zip(mine, reference, strict=True)) / len(mine)
-    if Cell(0.0, "hf-target", None) in runs:
+    if Cell(0.0, "hf-target", None) in runs and Cell(0.0, "services-target", None) in runs:
         mlx, hf = ids(Cell(0.0, "services-target", None)), ids(Cell(0.0, "hf-target", None))
         out["mlx target == transformers target"] = sum(a == b for a, b in zip(mlx, hf, strict=True)) / len(mlx)
     return out

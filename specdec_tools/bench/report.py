@@ -88,18 +88,18 @@ def markdown(report: dict[str, Any]) -> str:
                 "|---|" + "---:|" * 24,
             ]
             for k in s["ks"]:
-                b = cells[(temperature, "services-spec", k)]
+                b = cells.get((temperature, "services-spec", k), {})  # {}: (b) left out (--systems)
                 c = cells[(temperature, "inproc-spec", k)]
                 d = cells.get((temperature, "hf-assisted", k), {"ms_per_token": None, "speedup": None})
                 unary = cells.get((temperature, "services-unary", k), {})
                 lines.append(
-                    f"| {k} | {fmt(b['ms_per_token'], 1)} | {fmt(c['ms_per_token'], 1)} | "
-                    f"{fmt(d['ms_per_token'], 1)} | {fmt(b['speedup'], 2, 'x')} | "
+                    f"| {k} | {fmt(b.get('ms_per_token'), 1)} | {fmt(c['ms_per_token'], 1)} | "
+                    f"{fmt(d['ms_per_token'], 1)} | {fmt(b.get('speedup'), 2, 'x')} | "
                     f"{fmt(c['speedup'], 2, 'x')} | {fmt(d['speedup'], 2, 'x')} | "
-                    f"{fmt(b['vs_hf_assisted'], 2, 'x')} | {fmt(b['alpha'])} | "
-                    f"{fmt(b.get('alpha_hat'))} | {fmt(b['tokens_per_target_pass'])} | "
+                    f"{fmt(b.get('vs_hf_assisted'), 2, 'x')} | {fmt((b or c).get('alpha'))} | "
+                    f"{fmt((b or c).get('alpha_hat'))} | {fmt((b or c).get('tokens_per_target_pass'))} | "
                     f"{fmt(b.get('grpc_ms_per_step'))} | {fmt(b.get('grpc_cpu_ms_per_step'))} | "
-                    f"{fmt(b['wire_bytes_per_step'], 0)} | "
+                    f"{fmt(b.get('wire_bytes_per_step'), 0)} | "
                     f"{fmt(b.get('bound'), 2, 'x')} | {fmt(c.get('block_cost'), 2, 'x')} | "
                     f"{fmt(c.get('predicted'), 2, 'x')} | "
                     f"{fmt(cells.get((temperature, 'services-serial', k), {}).get('ms_per_token'), 1)} | "
@@ -108,7 +108,7 @@ def markdown(report: dict[str, Any]) -> str:
                     f"{fmt(unary.get('grpc_ms_per_step'))} | "
                     f"{fmt(b.get('predrafts_per_step'))}, {fmt(b.get('predraft_hit_rate'))}, "
                     f"{fmt(b.get('wasted_draft_tokens_per_step'))} | "
-                    f"{' '.join(str(n) for n in b.get('steps_per_k', [])) or '-'} |"
+                    f"{' '.join(str(n) for n in (b or c).get('steps_per_k', [])) or '-'} |"
                 )
             lines.append("")
         exact = workload["results"]["exact_greedy"]
@@ -132,7 +132,7 @@ def markdown(report: dict[str, Any]) -> str:
         "one process); (b'') = (b) with a unary Propose/Verify call per step instead of one stream per "
         "session, with its own gRPC ms/step; (b)/(b'') < 1: the streams made (b) faster; ahead = blocks "
         "drafted ahead per step, the share of them used, draft tokens "
-        "drafted ahead in vain per step; k chosen = steps of (b) at each k, over all its runs.", "",
+        "drafted ahead in vain per step; k chosen = steps of (b) at each k, over all its runs (alpha, alpha_hat, tokens/target pass and k chosen are (c)'s when (b) was left out).", "",
     ]
     return "\n".join(lines)
 
@@ -159,7 +159,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 continue
             speedups = [cells[(temperature, system, k)]["speedup"] for k in s["ks"]]
             ax.plot(x, speedups, style, label=SYSTEMS[system])
-        bound = [cells[(temperature, "services-spec", k)].get("bound") for k in s["ks"]]
+        bound = [cells.get((temperature, "services-spec", k), {}).get("bound") for k in s["ks"]]
         if any(b is not None for b in bound):
             ax.plot(x, [b if b is not None else float("nan") for b in bound], ":", color="gray",
                     label="bound (alpha_hat, c)")

@@ -33,24 +33,31 @@ def run_workload(workload: Workload, settings: Settings, env: dict[str, str]) ->
     """Start every system on the workload's pair, run all cells (see the package docstring for
     the order), stop the systems, and return the cells' runs and figures (``bench.json``'s)."""
     log = logger.info
-    log("%s: starting the services (3 processes), the in-process hosts and transformers", workload.name)
+    wanted = {system.split("-")[0] for system in settings.systems}  # services, inproc, hf
+    log("%s: starting %s", workload.name, ", ".join(
+        name for family, name in (("services", "the services (3 processes)"), ("inproc", "the in-process hosts"),
+                                  ("hf", "transformers")) if family in wanted))
     started = time.perf_counter()
     systems: dict[str, Any] = {}
     skipped: dict[str, str] = {}
+    floor: dict[str, Any] = {"wall_ms_p50": None, "cpu_ms": None}  # no services: no gRPC floor
     try:
-        systems["services"] = Services(workload.draft, workload.target, settings.dtype, env,
-                                       unary_steps_baseline="services-unary" in settings.systems)
+        if "services" in wanted:
+            systems["services"] = Services(workload.draft, workload.target, settings.dtype, env,
+                                           unary_steps_baseline="services-unary" in settings.systems)
         systems["inproc"] = InProcess(workload.draft, workload.target, settings.dtype)
-        hf, reason = start_hugging_face(workload)
-        if hf is not None:
-            systems["hf"] = hf
-        else:
-            skipped = {system: reason for system in SYSTEMS if system.startswith("hf-")}
-        systems["services"].connect()
+        if "hf" in wanted:
+            hf, reason = start_hugging_face(workload)
+            if hf is not None:
+                systems["hf"] = hf
+            else:
+                skipped = {system: reason for system in SYSTEMS if system.startswith("hf-")}
+        if "services" in systems:
+            systems["services"].connect()
+            floor = systems["services"].empty_call_floor()
+            log("%s: an empty gRPC call to the target: p50 %.2f ms wall, %s ms CPU", workload.name,
+                floor["wall_ms_p50"], fmt(floor["cpu_ms"]))
         log("%s: ready in %.1f s", workload.name, time.perf_counter() - started)
-        floor = systems["services"].empty_call_floor()
-        log("%s: an empty gRPC call to the target: p50 %.2f ms wall, %s ms CPU", workload.name,
-            floor["wall_ms_p50"], fmt(floor["cpu_ms"]))
         cells = cells_for(settings, {system for system in SYSTEMS if system.split("-")[0] in systems})
         runner = {cell: systems[cell.system.split("-")[0]] for cell in cells}
 
