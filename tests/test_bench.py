@@ -180,6 +180,25 @@ def test_systems_flag_adds_what_the_figures_need() -> None:
         chosen_systems("services-fast")
 
 
+@pytest.mark.timeout(300)
+def test_an_in_process_only_run_starts_no_services_and_still_reports(tmp_path: Path, draft_dir: Path,
+                                                                     target_dir: Path) -> None:
+    """``--systems inproc-spec``: only (c) and its target run (no service process, no transformers),
+    and the figures that need (a) or (b) are absent, not a crash."""
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("Return the number of items in a container.\nFactory for creating file objects\n")
+    out = tmp_path / "bench"
+    assert main(["--draft-model", str(draft_dir), "--target-model", str(target_dir), "--prompts-file",
+                 str(prompts_file), "--out", str(out), "--systems", "inproc-spec", *CUSTOM_SETTINGS]) == 0
+    (workload,) = json.loads((out / "bench.json").read_text())["workloads"]
+    cells = workload["results"]["cells"]
+    assert {c["system"] for c in cells} == {"inproc-spec", "inproc-target"}
+    c = next(cell for cell in cells if cell["system"] == "inproc-spec")
+    assert c["speedup"] > 0 and c["speedup_vs_a"] is None and c["alpha"] is not None
+    assert workload["results"]["exact_greedy"] == {"T=0 inproc-spec k=2": 1.0}
+    assert "| 2 | - |" in (out / "bench.md").read_text()  # (b) left out: its column is empty
+
+
 def test_prompts_file_formats(tmp_path: Path) -> None:
     from specdec_tools.bench.workloads import read_prompts
 
