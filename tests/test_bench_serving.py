@@ -1,5 +1,6 @@
 """Smoke test of ``specdec-bench --concurrency``: the tiny synthetic pair at 1 and 2 concurrent clients,
-both systems, all three outputs, and greedy speculative outputs equal to the target alone's."""
+both systems (speculative at auto k and at k=2), all three outputs, and greedy speculative outputs
+equal to the target alone's."""
 
 from __future__ import annotations
 
@@ -22,20 +23,20 @@ PHASE_FIELDS = ("requests", "errors", "tokens", "wall_s", "tokens_per_s", "scali
 def test_serving_bench_at_one_and_two_clients(tmp_path: Path) -> None:
     out = tmp_path / "serving"
     code = main(["--concurrency", "1,2", "--quick", "--tiny", "--out", str(out), "--requests", str(REQUESTS),
-                 "--prompts", "3", "--max-tokens", "8", "--log-level", "WARNING"])
+                 "--prompts", "3", "--max-tokens", "8", "--ks", "auto,2", "--log-level", "WARNING"])
     assert code == 0
     for name in ("serving.json", "serving.md", "serving.png"):
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "serving.json").read_text())
     assert report["machine"]["blas"] and report["machine"]["cpus"]
-    assert report["settings"]["concurrency"] == [1, 2] and report["settings"]["k"] == "auto"
+    assert report["settings"]["concurrency"] == [1, 2] and report["settings"]["ks"] == ["auto", "2"]
     (workload,) = report["workloads"]
     assert workload["name"] == "synthetic" and len(workload["prompts"]) == 3
     phases = workload["results"]["phases"]
-    assert {(p["concurrency"], p["system"]) for p in phases} == {
-        (c, s) for c in (1, 2) for s in ("speculative", "target")}
+    assert sorted((p["concurrency"], p["system"], p["k"] or "") for p in phases) == sorted(
+        (c, s, k) for c in (1, 2) for s, k in (("speculative", "auto"), ("speculative", "2"), ("target", "")))
     for phase in phases:
-        label = f"C={phase['concurrency']} {phase['system']}"
+        label = f"C={phase['concurrency']} {phase['system']} k={phase['k']}"
         for field in PHASE_FIELDS:
             assert field in phase, (label, field)
         assert phase["errors"] == 0 and phase["requests"] == REQUESTS * phase["concurrency"], label
@@ -69,13 +70,22 @@ def test_serving_bench_at_one_and_two_clients(tmp_path: Path) -> None:
 
     (crossover,) = workload["results"]["crossover"]
     assert [r["concurrency"] for r in crossover["speculative_over_target"]] == [1, 2]
+    assert [each["k"] for each in crossover["by_k"]] == ["auto", "2"]
+    # auto against the best of k=2 and the target alone (k=0), from the phases' own rates
+    for compared in crossover["auto_over_best_fixed"]:
+        rates = {(p["k"] or "0"): p["tokens_per_s"] for p in phases if p["concurrency"] == compared["concurrency"]}
+        best = max(rates["2"], rates["0"])
+        assert compared["ratio"] == pytest.approx(rates["auto"] / best)
+        assert rates[compared["best_fixed_k"]] == best
+    assert [r["concurrency"] for r in crossover["auto_over_best_fixed"]] == [1, 2]
     markdown = (out / "serving.md").read_text()
-    assert "| concurrency | system | aggregate tok/s | vs C=1 |" in markdown and "Speculation " in markdown
+    assert "| concurrency | system | aggregate tok/s | vs C=1 |" in markdown and "Speculative k=2 " in markdown
+    assert "| speculative k=auto |" in markdown and "Auto k over the best fixed k" in markdown
 
 
 def test_serving_flags_are_checked_before_anything_runs(tmp_path: Path) -> None:
     for argv, fragment in ((["--concurrency", "0,2"], "client counts"), (["--concurrency", "x"], "client counts"),
-                           (["--concurrency", "1", "--ks", "2,3"], "one k"),
+                           (["--concurrency", "1", "--ks", "2,x"], "k in 1..16"),
                            (["--concurrency", "1", "--drafting"], "pick one")):
         with pytest.raises(SystemExit, match=fragment):
             main([*argv, "--out", str(tmp_path / "out"), "--log-level", "WARNING"])

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "field; the first --prompts of them are used (default 8; quick 2), each "
                              f"generating up to --max-tokens (default {CUSTOM_MAX_TOKENS}; quick 24)")
     parser.add_argument("--ks", help=f"comma-separated k values and/or auto (default {','.join(FULL_KS)}; "
-                                     "with --concurrency one k, default auto)")
+                                     "with --concurrency: a speculative phase per k, default auto)")
     parser.add_argument("--systems",
                         help=f"comma-separated systems to run (default all: {', '.join(SYSTEMS)}); a "
                              "speculative system's baseline is added when missing, and (c) with its target "
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     # (prompts cost nothing there) and is greedy unless asked
     serving = serving_settings(args) if args.concurrency else None
     settings = Settings(
-        ks=[serving.k] if serving else [
+        ks=serving.ks if serving else [
             k.strip() for k in (args.ks or ",".join(QUICK_KS if args.quick else FULL_KS)).split(",")],
         temperatures=[float(t) for t in (args.temperatures or ("0" if serving else "0,1")).split(",")],
         prompts=args.prompts or (FULL["prompts"] if serving else preset["prompts"]),

@@ -3,9 +3,9 @@
 For each workload: one draft, one target and one orchestrator, three processes on loopback gRPC
 (``services.Services``; ``--worker-flags`` are added to draft and target, e.g. ``--max-batch 8
 --batch-wait-ms 2``). Then, for each temperature and each concurrency C (ascending), two phases,
-one per system: ``speculative`` (k ``auto``, or the one value of ``--ks``) and ``target`` (the
-target alone, ``speculative=false``, through the same services). Which system goes first
-alternates from one concurrency to the next, so a slow drift of the machine hits both alike.
+one per system: ``speculative`` at each k of ``--ks`` (default ``auto``; a phase per k) and
+``target`` (the target alone, ``speculative=false``, through the same services). The order of the
+phases reverses from one concurrency to the next, so a slow drift of the machine hits all alike.
 
 A phase: C client threads, each with its own channel, run one short warm-up request, wait for
 each other, then send ``--requests`` GenerateStream requests back to back. Request j of the phase
@@ -22,8 +22,9 @@ system's at the lowest concurrency measured; per worker the mean batch size, del
 ``Metrics.batched_steps`` / delta ``Metrics.batches`` (None when no batch ran: a draft behind
 the target alone, or a worker that does not count batches); at T=0 ``exact_greedy``, the share
 of requests whose tokens equal the target alone's at the lowest concurrency on that prompt.
-Per temperature, ``crossover``: the concurrencies at which speculative tokens/s falls below the
-target alone's.
+Per temperature, ``crossover``: for each k, speculative tokens/s over the target alone's at each
+concurrency and where it falls below; with auto and fixed ks both run, auto's tokens/s over the best
+fixed k's (the target alone counted as k=0) at each concurrency.
 
 The clients run in this process, on the same cores as the services: on a small machine the
 figures include their CPU time (a client is one thread that mostly waits on its stream).
@@ -62,7 +63,7 @@ class ServingSettings:
 
     concurrency: list[int]
     requests: int
-    k: str  # "auto" or "1".."16"
+    ks: list[str]  # the speculative system's k at each of its phases: "auto" or "1".."16"
     worker_flags: list[str]
 
 
@@ -159,7 +160,7 @@ def stream_one(client: Any, prompt: str, options: dict[str, Any], phase_start: f
     )
 
 
-def run_phase(services: ServingServices, workload: Workload, system: str, concurrency: int,
+def run_phase(services: ServingServices, workload: Workload, system: str, k: str | None, concurrency: int,
               temperature: float, settings: ServingSettings) -> dict[str, Any]:
     """C clients, a warm-up each, then ``settings.requests`` timed requests each; the phase's figures."""
     import grpc
@@ -175,7 +176,7 @@ def run_phase(services: ServingServices, workload: Workload, system: str, concur
         clock["start"] = time.perf_counter()
 
     barrier = threading.Barrier(concurrency, action=begin)
-    common = dict(temperature=temperature, speculative=system == "speculative", num_draft=settings.k)
+    common = dict(temperature=temperature, speculative=system == "speculative", num_draft=k or "auto")
     prompts = workload.prompts
 
     def client(index: int) -> list[ServedRequest]:
@@ -212,7 +213,7 @@ def run_phase(services: ServingServices, workload: Workload, system: str, concur
     counters = {role: {"before": before[role], "after": after[role],
                        "steps": after[role]["steps"] - before[role]["steps"],
                        "mean_batch": mean_batch(before[role], after[role])} for role in workers}
-    return {"temperature": temperature, "concurrency": concurrency, "system": system, **phase_figures(runs),
+    return {"temperature": temperature, "concurrency": concurrency, "system": system, "k": k, **phase_figures(runs),
             "workers": counters, "runs": [asdict(run) for run in runs]}
 
 
@@ -240,28 +241,47 @@ def compare_phases(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for temperature in dict.fromkeys(p["temperature"] for p in phases):
         mine = [p for p in phases if p["temperature"] == temperature]
         lowest = min(p["concurrency"] for p in mine)
-        base = {p["system"]: p["tokens_per_s"] for p in mine if p["concurrency"] == lowest}
+        base = {(p["system"], p["k"]): p["tokens_per_s"] for p in mine if p["concurrency"] == lowest}
         reference: dict[int, list[int]] = {}  # prompt -> the target alone's tokens at the lowest C that ran it
         for phase in sorted((p for p in mine if p["system"] == "target"), key=lambda p: p["concurrency"]):
             for run in phase["runs"]:
                 if run["error"] is None:
                     reference.setdefault(run["prompt"], run["token_ids"])
         for phase in mine:
-            rate, first = phase["tokens_per_s"], base.get(phase["system"])
+            rate, first = phase["tokens_per_s"], base.get((phase["system"], phase["k"]))
             phase["scaling_base"] = lowest
             phase["scaling"] = rate / first if rate and first else None
             compared = [run["token_ids"] == reference[run["prompt"]] for run in phase["runs"]
                         if temperature == 0 and run["error"] is None and run["prompt"] in reference]
             phase["exact_greedy"] = sum(compared) / len(compared) if compared else None
-        ratios = []  # a list, not a dict: JSON would turn integer keys into strings
-        for concurrency in sorted(dict.fromkeys(p["concurrency"] for p in mine)):
-            rates = {p["system"]: p["tokens_per_s"] for p in mine if p["concurrency"] == concurrency}
-            if rates.get("speculative") and rates.get("target"):
-                ratios.append({"concurrency": concurrency, "ratio": rates["speculative"] / rates["target"]})
-        losing = [r["concurrency"] for r in ratios if r["ratio"] < 1.0]
-        crossovers.append({"temperature": temperature, "speculative_over_target": ratios, "losing": losing,
-                           "stops_paying_at": losing[0] if losing else None})
+        by_k = []  # lists, not dicts: JSON would turn integer keys into strings
+        for k in dict.fromkeys(p["k"] for p in mine if p["system"] == "speculative"):
+            ratios = []
+            for concurrency in sorted(dict.fromkeys(p["concurrency"] for p in mine)):
+                rates = {p["system"]: p["tokens_per_s"] for p in mine if p["concurrency"] == concurrency
+                         and p["k"] in (k, None)}
+                if rates.get("speculative") and rates.get("target"):
+                    ratios.append({"concurrency": concurrency, "ratio": rates["speculative"] / rates["target"]})
+            losing = [r["concurrency"] for r in ratios if r["ratio"] < 1.0]
+            by_k.append({"k": k, "speculative_over_target": ratios, "losing": losing,
+                         "stops_paying_at": losing[0] if losing else None})
+        crossovers.append({"temperature": temperature, **by_k[0], "by_k": by_k,
+                           "auto_over_best_fixed": auto_over_best_fixed(mine)})
     return crossovers
+
+
+def auto_over_best_fixed(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """At each concurrency that ran auto and a fixed k: auto's tokens/s over the best fixed k's, the
+    target alone counted as k=0 (a policy that may choose k=0 must beat that too)."""
+    out = []
+    for concurrency in sorted(dict.fromkeys(p["concurrency"] for p in phases)):
+        rates = {p["k"] if p["system"] == "speculative" else "0": p["tokens_per_s"] for p in phases
+                 if p["concurrency"] == concurrency and p["tokens_per_s"]}
+        fixed = {k: rate for k, rate in rates.items() if k != "auto"}
+        if "auto" in rates and len(fixed) > 1:
+            best = max(fixed, key=lambda k: fixed[k])
+            out.append({"concurrency": concurrency, "best_fixed_k": best, "ratio": rates["auto"] / fixed[best]})
+    return out
 
 
 def run_serving(workload: Workload, settings: Settings, serving: ServingSettings,
@@ -276,12 +296,12 @@ def run_serving(workload: Workload, settings: Settings, serving: ServingSettings
         logger.info("%s: ready in %.1f s", workload.name, time.perf_counter() - started)
         for temperature in settings.temperatures:
             for turn, concurrency in enumerate(serving.concurrency):
-                systems = list(SERVING_SYSTEMS) if turn % 2 == 0 else list(reversed(SERVING_SYSTEMS))
-                for system in systems:
-                    phase = run_phase(services, workload, system, concurrency, temperature, serving)
-                    logger.info("%s: T=%g C=%d %s: %.1f tokens/s, p50 %.1f ms/token, %d errors", workload.name,
-                                temperature, concurrency, system, phase["tokens_per_s"] or 0.0,
-                                phase["tpot_ms_p50"] or 0.0, phase["errors"])
+                systems = [("speculative", k) for k in serving.ks] + [("target", None)]
+                for system, k in systems if turn % 2 == 0 else reversed(systems):
+                    phase = run_phase(services, workload, system, k, concurrency, temperature, serving)
+                    logger.info("%s: T=%g C=%d %s%s: %.1f tokens/s, p50 %.1f ms/token, %d errors", workload.name,
+                                temperature, concurrency, system, f" k={k}" if k else "",
+                                phase["tokens_per_s"] or 0.0, phase["tpot_ms_p50"] or 0.0, phase["errors"])
                     phases.append(phase)
     finally:
         services.close()
@@ -322,13 +342,14 @@ def serving_main(args: Any, settings: Settings, serving: ServingSettings, env: d
 
 
 def serving_settings(args: Any) -> ServingSettings:
-    """The serving flags, checked: one k (the speculative system's), a positive request count."""
+    """The serving flags, checked: the speculative system's ks, a positive request count."""
     import shlex
 
-    k = (args.ks or "auto").strip()
-    if k != "auto" and not (k.isdigit() and 1 <= int(k) <= 16):
-        raise SystemExit(f"--ks with --concurrency: one k in 1..16 or 'auto', not {k!r}")
+    ks = list(dict.fromkeys(k.strip() for k in (args.ks or "auto").split(",") if k.strip()))
+    for k in ks:
+        if k != "auto" and not (k.isdigit() and 1 <= int(k) <= 16):
+            raise SystemExit(f"--ks with --concurrency: k in 1..16 or 'auto', not {k!r}")
     requests = args.requests or (QUICK_REQUESTS if args.quick else FULL_REQUESTS)
     if requests < 1:
         raise SystemExit("--requests: at least 1")
-    return ServingSettings(parse_concurrency(args.concurrency), requests, k, shlex.split(args.worker_flags))
+    return ServingSettings(parse_concurrency(args.concurrency), requests, ks, shlex.split(args.worker_flags))

@@ -14,25 +14,44 @@ def batch(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def label(phase: dict[str, Any], systems: dict[str, str]) -> str:
+    """A phase's system as the table names it: the speculative ones with their k."""
+    k = phase.get("k")  # (serving.json files from before several ks ran have none)
+    return systems[phase["system"]] + (f" k={k}" if k else "")
+
+
 def crossover_line(crossover: dict[str, Any], phases: list[dict[str, Any]]) -> str:
     """Where speculative aggregate tokens/s first falls below the target alone's, if anywhere."""
     ratios = crossover["speculative_over_target"]
+    k = crossover.get("k")
+    phases = [p for p in phases if p.get("k") in (k, None)]
+    name = f"Speculative k={k}" if k else "Speculation"
     if not ratios:
         return "No concurrency ran both systems."
     listed = ", ".join(f"C={r['concurrency']} {r['ratio']:.2f}x" for r in ratios)
     at = crossover["stops_paying_at"]
     if at is None:
-        return f"Speculation pays at every concurrency measured (speculative / target alone tokens/s: {listed})."
+        return f"{name} pays at every concurrency measured (speculative / target alone tokens/s: {listed})."
     rates = {p["system"]: p["tokens_per_s"] for p in phases if p["concurrency"] == at}
     where = f"does not pay even at C={at}" if at == ratios[0]["concurrency"] else f"stops paying at C={at}"
     below = ", ".join(f"C={c}" for c in crossover["losing"])
-    return (f"Speculation {where}: speculative {fmt(rates.get('speculative'), 1)} tokens/s, target alone "
+    return (f"{name} {where}: speculative {fmt(rates.get('speculative'), 1)} tokens/s, target alone "
             f"{fmt(rates.get('target'), 1)}; below the target alone at {below} (speculative / target alone "
             f"tokens/s: {listed}).")
 
 
-def exact_line(phases: list[dict[str, Any]]) -> str | None:
-    shares = {(p["system"], p["concurrency"]): p["exact_greedy"] for p in phases if p["exact_greedy"] is not None}
+def auto_line(crossover: dict[str, Any]) -> str | None:
+    """Auto k against the best fixed k at each concurrency (the target alone is k=0)."""
+    ratios = crossover.get("auto_over_best_fixed")
+    if not ratios:
+        return None
+    return ("Auto k over the best fixed k at each concurrency (the target alone counted as k=0), tokens/s: "
+            + ", ".join(f"C={r['concurrency']} {r['ratio']:.2f}x (best k={r['best_fixed_k']})" for r in ratios) + ".")
+
+
+def exact_line(phases: list[dict[str, Any]], systems: dict[str, str]) -> str | None:
+    shares = {(label(p, systems), p["concurrency"]): p["exact_greedy"] for p in phases
+              if p["exact_greedy"] is not None}
     if not shares:
         return None
     wrong = {key: share for key, share in shares.items() if share < 1.0}
@@ -48,7 +67,8 @@ def serving_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# specdec serving benchmark", "", machine_line(report["machine"]), "",
         f"Settings: concurrency {', '.join(map(str, s['concurrency']))}; per phase every client sends one "
-        f"warm-up request, then {s['requests']} timed streaming requests back to back; speculative k {s['k']}; "
+        f"warm-up request, then {s['requests']} timed streaming requests back to back; speculative k "
+        f"{', '.join(s.get('ks') or [s.get('k', 'auto')])}; "
         f"temperatures {', '.join(f'{t:g}' for t in s['temperatures'])}; MLX dtype {s['dtype'] or 'as stored'}; "
         f"worker flags: `{s['worker_flags'] or '(defaults)'}`{', quick' if s['quick'] else ''}; "
         f"{report['wall_s']:.0f} s in all. One draft, one target and one orchestrator on loopback gRPC; the "
@@ -69,15 +89,21 @@ def serving_markdown(report: dict[str, Any]) -> str:
                       f"| concurrency | system | aggregate tok/s | vs C={base} | p50 ms/token | p99 ms/token "
                       "| p50 TTFT ms | mean batch draft | mean batch target | acceptance | requests | errors |",
                       "|---:|---|" + "---:|" * 10]
-            for p in sorted(phases, key=lambda p: (p["concurrency"], list(systems).index(p["system"]))):
+            ks = list(dict.fromkeys(p.get("k") for p in phases))
+            for p in sorted(phases, key=lambda p: (p["concurrency"], list(systems).index(p["system"]),
+                                                   ks.index(p.get("k")))):
                 lines.append(
-                    f"| {p['concurrency']} | {systems[p['system']]} | {fmt(p['tokens_per_s'], 1)} "
+                    f"| {p['concurrency']} | {label(p, systems)} | {fmt(p['tokens_per_s'], 1)} "
                     f"| {fmt(p['scaling'], 2, 'x')} | {fmt(p['tpot_ms_p50'], 1)} | {fmt(p['tpot_ms_p99'], 1)} "
                     f"| {fmt(p['ttft_ms_p50'], 1)} | {batch(p['workers']['draft']['mean_batch'])} "
                     f"| {batch(p['workers']['target']['mean_batch'])} | {fmt(p['acceptance'])} "
                     f"| {p['requests']} | {p['errors']} |")
-            lines += ["", crossover_line(crossover, phases), ""]
-            exact = exact_line(phases)
+            lines.append("")
+            for line in [crossover_line(each, phases) for each in crossover.get("by_k") or [crossover]] + [
+                    auto_line(crossover)]:
+                if line:
+                    lines += [line, ""]
+            exact = exact_line(phases, systems)
             if exact:
                 lines += [exact, ""]
             errors = sorted({e for p in phases for e in p["error_examples"]})
@@ -107,12 +133,14 @@ def serving_plot(report: dict[str, Any], path: Path) -> None:
     styles = {"speculative": "o-", "target": "s--"}
     for (throughput, latency), (workload, temperature) in zip(axes, panels, strict=False):
         phases = [p for p in workload["results"]["phases"] if p["temperature"] == temperature]
-        for system, label in report["systems"].items():
-            mine = sorted((p for p in phases if p["system"] == system), key=lambda p: p["concurrency"])
-            x = [p["concurrency"] for p in mine]
+        for system, k in dict.fromkeys((p["system"], p.get("k")) for p in phases):
+            mine = sorted((p for p in phases if (p["system"], p.get("k")) == (system, k)),
+                          key=lambda p: p["concurrency"])
+            x, name = [p["concurrency"] for p in mine], label(mine[0], report["systems"])
             nan = float("nan")
-            throughput.plot(x, [p["tokens_per_s"] or nan for p in mine], styles[system], label=label)
-            latency.plot(x, [p["tpot_ms_p50"] or nan for p in mine], styles[system], label=label)
+            style = styles[system] if k in (None, "auto") else ":"
+            throughput.plot(x, [p["tokens_per_s"] or nan for p in mine], style, label=name)
+            latency.plot(x, [p["tpot_ms_p50"] or nan for p in mine], style, label=name)
         ticks = sorted({p["concurrency"] for p in phases})
         for ax, ylabel in ((throughput, "aggregate tokens/s"), (latency, "p50 ms per output token")):
             ax.set_xscale("log", base=2)
