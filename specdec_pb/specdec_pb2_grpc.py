@@ -103,7 +103,8 @@ class DraftServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Rollback(self, request, context):
-        """Roll a session back to a shorter length (the hot path uses Propose.rollback_to instead).
+        """Roll a session back to a shorter length. Public protocol for clients that drive sessions
+        themselves; the orchestrator never calls it (Propose.rollback_to does it in the step).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -411,7 +412,8 @@ class TargetServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Rollback(self, request, context):
-        """Roll a session back to a shorter length (the hot path uses Verify.rollback_to instead).
+        """Roll a session back to a shorter length. Public protocol for clients that drive sessions
+        themselves; the orchestrator never calls it (Verify.rollback_to does it in the step).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
