@@ -453,6 +453,8 @@ async def _all(*calls: Any) -> list[Any]:
     except asyncio.CancelledError:
         for task in tasks:
             task.cancel()
+        # Let each run its own clean-up (an open hands its replica back) before the caller's.
+        await asyncio.wait(tasks)
         raise
     return [task.result() for task in tasks]
 

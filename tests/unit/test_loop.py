@@ -451,6 +451,33 @@ def test_every_target_full_is_resource_exhausted() -> None:
     assert not replicas[0].sessions
 
 
+@pytest.mark.parametrize("cancel_after", range(10))
+def test_a_request_cancelled_while_its_sessions_open_hands_every_replica_back(cancel_after: int) -> None:
+    """Pipelined, the target's replica is chosen before either open starts: a request cancelled
+    before, during or after the opens (a client that went away) hands back each replica exactly
+    once and leaves no session open."""
+    replicas = pair()
+    source = FakeSource(replicas)
+    params = GenerationParams(max_tokens=40, num_draft=3, sampling=SamplingParams(), seed=1)
+    generation = SpeculativeGeneration(source, PROMPT, params, START, EOS)
+
+    async def consume() -> None:
+        async for _ in generation.run():
+            pass
+
+    async def run() -> None:
+        task = asyncio.ensure_future(consume())
+        for _ in range(cancel_after):
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.01)  # background closes of abandoned sessions
+
+    asyncio.run(run())
+    assert_clean(replicas, source)
+
+
 # -- q(d) for acceptance comes from the q the target gets ---------------------------------------------
 
 
