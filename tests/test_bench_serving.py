@@ -51,6 +51,10 @@ def test_serving_bench_at_one_and_two_clients(tmp_path: Path) -> None:
         for worker in (draft, target):
             assert worker["mean_batch"] is None or 1.0 <= worker["mean_batch"] <= phase["concurrency"], label
         assert draft["mean_batch"] is None or phase["system"] == "speculative", label
+        # drafted per step: none for the target alone, at most k (1..k: EOS or max_tokens cut blocks)
+        drafted = phase["drafted_per_step"]
+        assert drafted == 0 if phase["system"] == "target" else 0 < drafted <= (2 if phase["k"] == "2" else 16), label
+        assert phase["tokens_per_step"] >= 1.0, label
 
     # Greedy: every speculative output equals the target alone's on the same prompt, checked from the
     # raw runs. Not vacuous: drafts were proposed and accepted, the prompts give different outputs,

@@ -36,7 +36,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,10 @@ class ServedRequest:
     proposed: int
     accepted: int
     finish_reason: str
+    steps: int = 0  # stats.steps: target passes
+    steps_per_k: list[int] = field(default_factory=list)  # stats.steps_per_num_draft: the k each step drafted
+    predrafts: int = 0  # blocks drafted ahead, and how many were used
+    predraft_hits: int = 0
     error: str | None = None
 
 
@@ -157,6 +161,8 @@ def stream_one(client: Any, prompt: str, options: dict[str, Any], phase_start: f
         tpot_s=(end - first) / (tokens - 1) if first is not None and tokens > 1 else None,
         tokens=tokens, token_ids=token_ids, proposed=stats.proposed if stats else 0,
         accepted=stats.accepted if stats else 0, finish_reason=last.finish_reason if last is not None else "",
+        steps=stats.steps if stats else 0, steps_per_k=list(stats.steps_per_num_draft) if stats else [],
+        predrafts=stats.predrafts if stats else 0, predraft_hits=stats.predraft_hits if stats else 0,
     )
 
 
@@ -232,6 +238,13 @@ def phase_figures(runs: list[ServedRequest]) -> dict[str, Any]:
         "tpot_ms_p50": percentile(tpot, 50), "tpot_ms_p99": percentile(tpot, 99),
         "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
         "acceptance": sum(run.accepted for run in ok) / proposed if proposed else None,
+        # the mean k drafted (auto's choice under this load), and tokens per target pass
+        "drafted_per_step": proposed / steps if (steps := sum(run.steps for run in ok)) else None,
+        "tokens_per_step": tokens / steps if steps else None,
+        "steps_per_k": [sum(run.steps_per_k[k] for run in ok if k < len(run.steps_per_k))
+                        for k in range(max((len(run.steps_per_k) for run in ok), default=0))],
+        "predraft_hit_rate": (sum(run.predraft_hits for run in ok) / predrafts
+                              if (predrafts := sum(run.predrafts for run in ok)) else None),
     }
 
 

@@ -87,8 +87,9 @@ def serving_markdown(report: dict[str, Any]) -> str:
             base = min(p["concurrency"] for p in phases)
             lines += [f"### T={temperature:g}", "",
                       f"| concurrency | system | aggregate tok/s | vs C={base} | p50 ms/token | p99 ms/token "
-                      "| p50 TTFT ms | mean batch draft | mean batch target | acceptance | requests | errors |",
-                      "|---:|---|" + "---:|" * 10]
+                      "| p50 TTFT ms | mean batch draft | mean batch target | acceptance | drafted/step | tokens/step "
+                      "| requests | errors |",
+                      "|---:|---|" + "---:|" * 12]
             ks = list(dict.fromkeys(p.get("k") for p in phases))
             for p in sorted(phases, key=lambda p: (p["concurrency"], list(systems).index(p["system"]),
                                                    ks.index(p.get("k")))):
@@ -97,6 +98,7 @@ def serving_markdown(report: dict[str, Any]) -> str:
                     f"| {fmt(p['scaling'], 2, 'x')} | {fmt(p['tpot_ms_p50'], 1)} | {fmt(p['tpot_ms_p99'], 1)} "
                     f"| {fmt(p['ttft_ms_p50'], 1)} | {batch(p['workers']['draft']['mean_batch'])} "
                     f"| {batch(p['workers']['target']['mean_batch'])} | {fmt(p['acceptance'])} "
+                    f"| {fmt(p.get('drafted_per_step'))} | {fmt(p.get('tokens_per_step'))} "
                     f"| {p['requests']} | {p['errors']} |")
             lines.append("")
             for line in [crossover_line(each, phases) for each in crossover.get("by_k") or [crossover]] + [
@@ -116,7 +118,9 @@ def serving_markdown(report: dict[str, Any]) -> str:
         "token) / (tokens - 1), p50 and p99 over the phase's requests; TTFT = request sent to the first "
         "message holding a token; mean batch = steps per batched forward pass on that worker over the phase "
         "(delta batched_steps / delta batches of its Info; n/a: no batch counted, e.g. the draft behind the "
-        "target alone, or workers that do not batch); acceptance = accepted / proposed draft tokens.", "",
+        "target alone, or workers that do not batch); acceptance = accepted / proposed draft tokens; "
+        "drafted/step = proposed draft tokens per step (auto's mean k), tokens/step = generated tokens per "
+        "target pass.", "",
     ]
     return "\n".join(lines)
 
