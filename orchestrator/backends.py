@@ -34,6 +34,7 @@ class Backend(Protocol):
     address: str
     max_draft: int  # the largest k the replica takes; 0 if unknown
     draft_method: str  # how a draft replica drafts (Info.draft_method); "" for a target or unknown
+    processor: tuple[str, str]  # (Info.hostname, Info.device); "" where unknown
 
     async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str: ...
     async def step(self, request: StepRequest) -> Any: ...  # Proposal (draft) or Verdict (target)
@@ -110,6 +111,7 @@ class GrpcBackend:
         self.metadata = tuple(metadata)
         self.max_draft = 0  # the replica's --max-draft once its Info is known (0: unknown)
         self.draft_method = ""  # a draft's Info.draft_method: "model", "ngram", "hybrid" ("": unknown)
+        self.processor = ("", "")  # (Info.hostname, Info.device): where it computes ("": unknown)
         self.streams = streams
         self._rpc_name, self._to_pb, self._from_pb = _STEP_RPC[role]
         self._open_streams: dict[str, Any] = {}  # session id -> its step stream (a grpc.aio call)

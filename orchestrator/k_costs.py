@@ -25,6 +25,17 @@ SLOPE_PRIOR_WEIGHT = 0.05
 ALONE_BATCH = 1.5
 
 
+def drafts_overlap(draft: tuple[str, str], target: tuple[str, str]) -> bool:
+    """Does a session's drafting run beside the target's passes for other sessions? Given each
+    replica's (hostname, device): yes on two hosts, or on one host's CPU (each worker's BLAS
+    threads on cores of their own: docs/deployment.md); no when a GPU on one host serves both
+    (an Apple GPU: drafting takes its time from the target), or when either is unknown."""
+    (draft_host, draft_device), (target_host, target_device) = draft, target
+    if not (draft_host and draft_device and target_host and target_device):
+        return False
+    return draft_host != target_host or (draft_device == "cpu" and target_device == "cpu")
+
+
 @dataclass(frozen=True)
 class StepCosts:
     """A step's cost as a function of k, in any one unit."""
@@ -34,11 +45,19 @@ class StepCosts:
     propose: float  # p / B, a Propose call's fixed part
     per_draft: float  # d, per drafted token
     alone: float = 0.0  # T(0) measured apart (0: from the line)
+    # The share of the smaller of a step's draft and target parts that it still pays: 1 for a step
+    # that runs alone (it drafts, then verifies); 1/B when B sessions share the passes, since one
+    # session's drafting then runs while the target serves the others.
+    serial_share: float = 1.0
 
     def time(self, k: int) -> float:
         if k == 0 and self.alone:
             return self.alone
-        return self.fixed + self.per_row * (k + 1) + (self.propose + self.per_draft * k if k > 0 else 0.0)
+        target = self.fixed + self.per_row * (k + 1)
+        if k == 0:
+            return target
+        draft = self.propose + self.per_draft * k
+        return max(target, draft) + min(target, draft) * self.serial_share
 
 
 # A seeded request's costs, in target-alone steps: a row 0.1, a Propose call 0.15, a draft 0.2.
@@ -115,6 +134,9 @@ class ReplicaCosts:
     # A pass of one row (the target alone, unbatched) apart from the line: on a CPU a second row
     # cost 40-50% more (the toy pairs: 7.5 -> 11.5 ms), the rows after it ~10% each.
     one_row: Ewma = field(default_factory=Ewma)
+    # The draft computes on a processor of its own (``drafts_overlap``): with B sessions sharing
+    # the target, one session's drafting runs while the target serves the others.
+    overlap: bool = False
 
     def observe(self, step: StepRecord) -> None:
         if not step.timed:
@@ -143,7 +165,10 @@ class ReplicaCosts:
         --max-batch). B is the larger of that and the batches seen: drafting itself keeps Verify
         batches small (each session's Verify waits for its own Propose), so batches seen would
         price a step at k = 0 as if it ran alone, and a loaded replica would never fall to the
-        target alone, where every session's step joins one pass."""
+        target alone, where every session's step joins one pass. Where the draft has a processor of
+        its own (``overlap``), a step pays only 1/B of the smaller of its draft and target parts:
+        on the T5-shaped pair at 8 clients, k=3 ran at 1.18x the target alone, which a step that
+        pays both in full prices below it."""
         intercept, per_row = self.verify.fit()
         batch = max(1.0, self.batch.value, float(sharing))
         fixed = (intercept + self.verify_wait.value + self.loop.value) / batch
@@ -153,4 +178,4 @@ class ReplicaCosts:
         unit = alone or fixed + per_row  # a target-alone step
         propose = self.propose_wait.value / batch if self.propose_wait.weight else SEEDED_COSTS.propose * unit
         per_draft = self.draft_token.value if self.draft_token.weight else SEEDED_COSTS.per_draft * unit
-        return StepCosts(fixed, per_row, propose, per_draft, alone)
+        return StepCosts(fixed, per_row, propose, per_draft, alone, serial_share=1.0 / batch if self.overlap else 1.0)

@@ -149,8 +149,10 @@ class KMemory:
         self._costs: OrderedDict[Hashable, ReplicaCosts] = OrderedDict()
         self._entries: OrderedDict[Hashable, Learned] = OrderedDict()
 
-    def costs(self, pair: Hashable) -> ReplicaCosts:
-        return _put(self._costs, pair, self._costs.get(pair) or ReplicaCosts(), self.capacity)
+    def costs(self, pair: Hashable, overlap: bool = False) -> ReplicaCosts:
+        costs = _put(self._costs, pair, self._costs.get(pair) or ReplicaCosts(), self.capacity)
+        costs.overlap = overlap  # (the replicas' Info says; it may change if one restarts elsewhere)
+        return costs
 
     def recall(self, key: Hashable) -> Learned | None:
         learned = self._entries.get(key)

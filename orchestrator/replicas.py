@@ -186,6 +186,7 @@ class ReplicaPool:
             return False
         replica.backend.max_draft = replica.info.limits.max_draft  # the loop caps k at it
         replica.backend.draft_method = replica.info.draft_method  # (may it draft ahead for a seeded request?)
+        replica.backend.processor = (replica.info.hostname, replica.info.device)  # (does a draft overlap?)
         replica.load = Load.read(replica.info, asyncio.get_running_loop().time(), replica.load)
         if replica.info.role and replica.info.role != replica.role:
             raise StartupError(

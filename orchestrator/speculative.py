@@ -33,6 +33,7 @@ from specdec_core.steps import Proposal, Verdict
 from .acceptance import StepOutcome, accept_greedy, accept_sampled
 from .backends import ReplicaError
 from .drafting_ahead import DraftAhead
+from .k_costs import drafts_overlap
 from .k_policy import KMemory, KPolicy, StepRecord
 from .lanes import BackendSource, Lane, check_reply, draft_token_probs
 from .params import GenerationParams, Stats, StepEvent, new_request_id
@@ -292,7 +293,10 @@ class SpeculativeGeneration:
         if self.draft.backend is None:
             return
         timed, key = self.params.timed_k, self._memory_key()
-        costs = self.k_memory.costs(key[:2]) if self.k_memory else None  # the replica pair's, shared
+        target = self.target.backend or self.target.opening
+        overlap = drafts_overlap(getattr(self.draft.backend, "processor", ("", "")),
+                                 getattr(target, "processor", ("", "")))
+        costs = self.k_memory.costs(key[:2], overlap) if self.k_memory else None  # the replica pair's, shared
         learned = self.k_memory.recall(key) if timed and self.k_memory else None
         self.k_policy = KPolicy(timed, costs, learned)
 

@@ -19,6 +19,7 @@ import grpc
 from google.protobuf.message import Message
 
 from specdec_core import blas
+from specdec_core.device import compute_device, hostname
 from specdec_core.engine_choice import EngineChoice, build_engine
 from specdec_core.errors import CheckpointError
 from specdec_core.host_limits import HostLimits
@@ -250,6 +251,9 @@ def info_response(host: SessionHost) -> pb.InfoResponse:
         blas=blas.active_blas,
         draft_method=host.engine.method if host.role == "draft" else "",
         tensor_parallel=getattr(host.engine, "tensor_parallel", 1),
+        # an n-gram draft runs no model: it computes on the CPU whatever MLX's default device is
+        device="cpu" if getattr(host.engine, "method", "model") == "ngram" else compute_device(),
+        hostname=hostname(),
     )
 
 

@@ -731,6 +731,13 @@ def test_info_reports_model_load_and_metrics(spare_worker: Callable[..., Worker]
         assert info.decoder_start_token_id == local_target.args.decoder_start_token_id
         assert info.tokenizer_fingerprint and info.dtype == "float32" and info.num_parameters > 0
         assert 0 < info.load_seconds < 600  # measured around the load at start
+        # where it computes: MLX's default device (the CPU on this Linux machine), on this host
+        import socket
+
+        import mlx.core as mx
+
+        assert info.device == ("gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu")
+        assert info.hostname == socket.gethostname()
         assert (info.limits.max_sessions, info.limits.max_draft) == (7, 9)
         assert (info.live_sessions, info.cached_tokens, info.metrics.steps) == (0, 0, 0)
 

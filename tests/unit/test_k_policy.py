@@ -138,6 +138,37 @@ def test_sessions_that_could_share_a_pass_price_k0_as_batched_though_drafting_ke
     assert ks[1] >= 1 and ks[16] < 0.2
 
 
+def test_a_draft_on_a_processor_of_its_own_keeps_drafting_when_sessions_share_the_target() -> None:
+    """The same pair and 16 sessions sharing the target as above, but the draft computes apart
+    (``overlap``): a session's drafting runs while the target serves the others, so a step pays a
+    sixteenth of its draft part and drafting still pays (at one session both price it alike)."""
+    ks = {}
+    for overlap in (False, True):
+        simulated = Pair(0.6, pass_fixed=0.100, per_row=0.006, draft_s=0.006, batch=2, other_rows=3,
+                         seed=8, sharing=16)
+        ks[overlap] = steady_k(simulated.run(KPolicy(timed=True, costs=ReplicaCosts(overlap=overlap)), 1500))
+    alone = Pair(0.6, pass_fixed=0.100, per_row=0.006, draft_s=0.006, seed=8)
+    ks_alone = [steady_k(alone.run(KPolicy(timed=True, costs=ReplicaCosts(overlap=overlap)), 1500))
+                for overlap in (False, True)]
+    print("steady k at 16 sharing, draft shared / apart:", ks, "alone:", ks_alone)
+    assert ks[False] < 0.2 and ks[True] >= 0.5  # (k=1 and k=0 are close here: it drafts most steps)
+    assert abs(ks_alone[0] - ks_alone[1]) < 0.5
+
+
+@pytest.mark.parametrize("draft, target, overlap", [
+    (("a", "gpu"), ("a", "gpu"), False),  # one Apple GPU serves both
+    (("a", "cpu"), ("a", "gpu"), False),
+    (("a", "cpu"), ("a", "cpu"), True),  # cores of their own
+    (("a", "gpu"), ("b", "gpu"), True),  # two hosts
+    (("", ""), ("a", "cpu"), False),  # unknown (an older worker): as if shared
+])
+def test_whether_drafting_overlaps_the_target_follows_the_replicas_processors(
+        draft: tuple[str, str], target: tuple[str, str], overlap: bool) -> None:
+    from orchestrator.k_costs import drafts_overlap
+
+    assert drafts_overlap(draft, target) is overlap
+
+
 def test_a_draft_that_cannot_pay_is_left_then_found_again_by_a_probe() -> None:
     simulated = Pair(0.0, seed=7)
     policy = KPolicy(timed=True)
@@ -298,4 +329,32 @@ def test_auto_k_respects_the_replicas_max_draft_at_every_step() -> None:
     tokens, generation, source = generate(replicas, k=8, auto=True)  # the fake raises above the cap
     assert tokens == expected()
     assert len(generation.stats.steps_per_num_draft) <= 4
+    assert_clean(replicas, source)
+
+
+@pytest.mark.parametrize("hosts, overlap", [(("h", "h"), False), (("h", "g"), True)])
+def test_the_loop_tells_the_replica_pairs_costs_whether_drafting_overlaps(hosts: tuple[str, str],
+                                                                          overlap: bool) -> None:
+    """From the replicas' Info (hostname, device): two GPUs on one host are one Apple GPU."""
+    import asyncio
+
+    from orchestrator.params import GenerationParams
+    from orchestrator.speculative import SpeculativeGeneration
+    from specdec_core.steps import SamplingParams
+
+    replicas = pair()
+    for replica in replicas:
+        replica.processor = (hosts[0] if replica.role == "draft" else hosts[1], "gpu")
+    memory = KMemory()
+    source = test_loop.FakeSource(replicas)
+    params = GenerationParams(max_tokens=20, num_draft=3, num_draft_auto=True, sampling=SamplingParams(), seed=1)
+    generation = SpeculativeGeneration(source, test_loop.PROMPT, params, test_loop.START, test_loop.EOS,
+                                       k_memory=memory)
+
+    async def run() -> None:
+        async for _ in generation.run():
+            pass
+
+    asyncio.run(run())
+    assert generation.k_policy is not None and generation.k_policy.costs.overlap is overlap
     assert_clean(replicas, source)
