@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 COST_DECAY = 0.98  # costs: the last ~50 steps on a replica pair (~3 batches at 16 clients)
-# A session's and a row's cost together, until sessions and rows vary enough to measure them:
-# this share of a one-session one-row pass, split evenly (issue 24's T5-large shape: ~0.06 a
-# row; the CPU toy pairs ~0.2), worth SLOPE_PRIOR_WEIGHT samples per unit of variance (rows
-# that vary by one outweigh it 20:1).
+# A row's cost until the rows vary enough to measure it: this share of a one-row pass (issue
+# 24's T5-large shape: ~0.06; the CPU toy pairs ~0.2), worth SLOPE_PRIOR_WEIGHT samples per unit
+# of row variance (rows that vary by one outweigh it 20:1).
 SLOPE_PRIOR = 0.1
 SLOPE_PRIOR_WEIGHT = 0.05
 # Under this mean Verify batch most steps run alone, and a target-alone step is a one-row pass
