@@ -2,10 +2,9 @@
 ``StepCosts`` that num_draft=auto's k policy (``k_policy.py``) weighs; docs/architecture.md,
 "Choosing k". A step with k drafts costs its share of the passes it joins:
 
-    T(k) = (A + o + [k > 0] p) / B + s + b (k + 1) + [k > 0] d k
+    T(k) = (A + o + [k > 0] p) / B + b (k + 1) + [k > 0] d k
 
-A + s sessions + b rows: a target pass, fitted to each Verify's worker model time, its batch's
-sessions and rows; B:
+A + b rows: a target pass, fitted to each Verify's worker model time and its batch's rows; B:
 steps per batch; o, p: the Verify's and the Propose's wall time outside the workers' model
 time, and the loop's own; d: the draft's model time per drafted token, over its batch. T(0)
 of a step that runs alone is a one-row pass measured apart (the line still spans all). No I/O.
@@ -14,8 +13,6 @@ of a step that runs alone is a one-row pass measured apart (the line still spans
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import numpy as np
 
 COST_DECAY = 0.98  # costs: the last ~50 steps on a replica pair (~3 batches at 16 clients)
 # A row's cost until the rows vary enough to measure it: this share of a one-row pass (issue
@@ -43,7 +40,7 @@ def drafts_overlap(draft: tuple[str, str], target: tuple[str, str]) -> bool:
 class StepCosts:
     """A step's cost as a function of k, in any one unit."""
 
-    fixed: float  # (A + o) / B + s, paid by every step
+    fixed: float  # (A + o) / B, paid by every step
     per_row: float  # b, per position of the verified block (k + 1)
     propose: float  # p / B, a Propose call's fixed part
     per_draft: float  # d, per drafted token
@@ -80,36 +77,26 @@ class Ewma:
 
 
 class PassLine:
-    """A pass's time ~ A + s sessions + b rows, by decayed least squares: each session in a pass
-    costs s (its own cache to attend over), each row b (a row of a session's block reads that
-    cache too, so it costs less). The slopes are pulled toward SLOPE_PRIOR (A + s + b) split
-    evenly, which is all that decides them while the rows do not vary apart from the sessions."""
+    """A pass's time ~ A + b rows: decayed least squares, b pulled toward SLOPE_PRIOR (A + b)."""
 
     def __init__(self) -> None:
-        self.n = self.sy = 0.0
-        self.sx = np.zeros(2)  # decayed sums of (sessions, rows), their products, and with seconds
-        self.sxx = np.zeros((2, 2))
-        self.sxy = np.zeros(2)
+        self.n = self.sx = self.sxx = self.sy = self.sxy = 0.0
 
-    def add(self, sessions: float, rows: float, seconds: float) -> None:
-        d, x = COST_DECAY, np.array([sessions, rows], dtype=float)
-        self.n, self.sy = d * self.n + 1, d * self.sy + seconds
-        self.sx, self.sxx, self.sxy = d * self.sx + x, d * self.sxx + np.outer(x, x), d * self.sxy + x * seconds
+    def add(self, rows: float, seconds: float) -> None:
+        d = COST_DECAY
+        self.n, self.sx, self.sxx = d * self.n + 1, d * self.sx + rows, d * self.sxx + rows * rows
+        self.sy, self.sxy = d * self.sy + seconds, d * self.sxy + rows * seconds
 
-    def fit(self) -> tuple[float, float, float]:
-        """(A, s, b)."""
+    def fit(self) -> tuple[float, float]:
         if self.n == 0:
-            return 0.0, 0.0, 0.0
+            return 0.0, 0.0
         mean_x, mean_y, ridge = self.sx / self.n, self.sy / self.n, SLOPE_PRIOR_WEIGHT * self.n
-        # the prior: s = b = SLOPE_PRIOR / 2 of a pass of one session and one row (A + s + b)
-        share = SLOPE_PRIOR / 2
-        prior = mean_y * share / (1 + share * (mean_x.sum() - 2))
-        covariance = self.sxx - np.outer(self.sx, mean_x) + ridge * np.eye(2)
-        slopes = np.linalg.solve(covariance, self.sxy - self.sx * mean_y + ridge * prior)
-        per_session, per_row = (max(0.0, float(v)) for v in slopes)
-        if (intercept := mean_y - per_session * mean_x[0] - per_row * mean_x[1]) < 0:  # all of it per row
-            return 0.0, 0.0, mean_y / mean_x[1]
-        return intercept, per_session, per_row
+        prior = mean_y / ((1 - SLOPE_PRIOR) / SLOPE_PRIOR + mean_x)  # b = SLOPE_PRIOR (A + b)
+        slope = (self.sxy - self.sx * mean_y + ridge * prior) / (self.sxx - self.sx * mean_x + ridge)
+        slope = max(0.0, slope)
+        if (intercept := mean_y - slope * mean_x) < 0:  # all of it per row
+            return 0.0, mean_y / mean_x
+        return intercept, slope
 
 
 @dataclass(frozen=True)
@@ -155,7 +142,7 @@ class ReplicaCosts:
         if not step.timed:
             return
         rows = step.verify_rows or step.drafted + 1
-        self.verify.add(step.verify_batch, rows, step.verify_model_s)
+        self.verify.add(rows, step.verify_model_s)
         if rows == 1:
             self.one_row.add(step.verify_model_s)
         self.batch.add(step.verify_batch)
@@ -182,9 +169,9 @@ class ReplicaCosts:
         its own (``overlap``), a step pays only 1/B of the smaller of its draft and target parts:
         on the T5-shaped pair at 8 clients, k=3 ran at 1.18x the target alone, which a step that
         pays both in full prices below it."""
-        intercept, per_session, per_row = self.verify.fit()
+        intercept, per_row = self.verify.fit()
         batch = max(1.0, self.batch.value, float(sharing))
-        fixed = (intercept + self.verify_wait.value + self.loop.value) / batch + per_session
+        fixed = (intercept + self.verify_wait.value + self.loop.value) / batch
         if self.verify.n == 0 or fixed + per_row <= 0:
             return None
         alone = self.one_row.value + self.verify_wait.value + self.loop.value if self.one_row.weight and batch < ALONE_BATCH else 0.0
