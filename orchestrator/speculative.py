@@ -141,7 +141,9 @@ class SpeculativeGeneration:
             self._start_k_policy()
             return
         # The target's replica is chosen first: with none left the request fails here, before a
-        # draft replica is bothered with a session for a request that cannot run.
+        # draft replica is bothered with a session for a request that cannot run. Its open task
+        # starts before anything can cancel it (tasks run in the order they were made), and hands
+        # the replica back itself if the open fails or is cancelled.
         chosen = self._choose(self.target, [])
         await _all(self._open(self.target, chosen=chosen), self._open_draft_and_draft_ahead())
 
@@ -260,9 +262,6 @@ class SpeculativeGeneration:
         await _all(self._close_lane(self.draft), self._close_lane(self.target))
 
     async def _close_lane(self, lane: Lane) -> None:
-        if lane.opening is not None:  # chosen, but the open never began (cancelled first)
-            self.source.release(lane.opening)
-            lane.opening = None
         backend, lane.backend = lane.backend, None
         if backend is None:
             return

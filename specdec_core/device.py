@@ -3,9 +3,11 @@ whether a draft and a target share a processor."""
 
 from __future__ import annotations
 
+import functools
 import socket
 
 
+@functools.cache  # fixed for the process; Info asks at every health check
 def compute_device() -> str:
     """MLX's default device: "gpu" (Metal, CUDA) or "cpu"."""
     import mlx.core as mx
@@ -13,5 +15,6 @@ def compute_device() -> str:
     return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
 
 
+@functools.cache
 def hostname() -> str:
     return socket.gethostname()

@@ -21,11 +21,15 @@ def limit_dest(declared: Field[Any]) -> str:
     return declared.metadata["flag"].lstrip("-").replace("-", "_")
 
 
+def declared_limits(limits: type[Any]) -> list[Field[Any]]:
+    """The fields declared with ``limit`` (not a setting whose flag has another shape, e.g.
+    --no-pipeline, added by hand)."""
+    return [f for f in fields(limits) if "flag" in f.metadata]
+
+
 def add_limit_arguments(parser: argparse.ArgumentParser, limits: type[Any]) -> None:
     """One flag per declared limit, typed and defaulted from the declaration."""
-    for declared in fields(limits):
-        if "flag" not in declared.metadata:
-            continue  # a setting with a flag of another shape (e.g. --no-pipeline), added by hand
+    for declared in declared_limits(limits):
         flag, default = declared.metadata["flag"], declared.default
         parser.add_argument(flag, type=type(default), default=default,
                             help=f"{declared.metadata['help']} (default {default:g})")
@@ -33,10 +37,9 @@ def add_limit_arguments(parser: argparse.ArgumentParser, limits: type[Any]) -> N
 
 def limits_from_args(limits: type[L], args: argparse.Namespace, **others: Any) -> L:
     """The limits the parsed flags set (``others``: the fields not declared with a flag)."""
-    return limits(**{f.name: getattr(args, limit_dest(f)) for f in fields(limits) if "flag" in f.metadata},
-                  **others)
+    return limits(**{f.name: getattr(args, limit_dest(f)) for f in declared_limits(limits)}, **others)
 
 
 def declared_flags(limits: type[Any]) -> dict[str, Any]:
     """Each declared limit's flag and default (the docs' limits table is checked against this)."""
-    return {f.metadata["flag"]: f.default for f in fields(limits) if "flag" in f.metadata}
+    return {f.metadata["flag"]: f.default for f in declared_limits(limits)}

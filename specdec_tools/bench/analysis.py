@@ -141,7 +141,7 @@ def derive(cells: dict[Cell, dict[str, Any]], temperatures: list[float], ks: lis
                 b["vs_unary"] = b["ms_per_token"] / unary["ms_per_token"]
             # what a Verify of k+1 positions costs, in one-token target passes (in process)
             block = c["target_ms_per_pass"] / target_ms if c["target_ms_per_pass"] and target_ms else None
-            for cell in {id(b): b, id(c): c}.values():
+            for cell in [c] if b is c else [b, c]:
                 drafted, tpp = cell["drafted_per_step"], cell["tokens_per_target_pass"]
                 if drafted and tpp and ratio is not None:
                     cell["alpha_hat"] = fit_alpha(tpp, drafted)
