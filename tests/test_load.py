@@ -31,7 +31,7 @@ MAX_TOKENS = 24
 PROMPTS = corpus_lines()[7:700:29][:16]
 
 # A plain ``pytest`` leaves this out: pyproject's addopts has ``-m 'not load'`` (checked by
-# tests/unit/test_load_selection.py); ``-m load`` selects it.
+# tests/test_load_selection.py); ``-m load`` selects it.
 pytestmark = [pytest.mark.load, pytest.mark.timeout(900)]
 
 
