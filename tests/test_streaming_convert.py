@@ -268,3 +268,22 @@ def test_benchmark_generator_writes_a_loadable_sharded_checkpoint(tmp_path: Path
         int(np.prod(s)) for s in hf_tensor_shapes(shape).values())
     loaded = load_model(out)
     assert loaded.args.d_ff == 256 and not loaded.args.untied_lm_head
+
+
+def test_benchmark_generator_writes_bfloat16_that_loads_to_the_float32_values_rounded(tmp_path: Path) -> None:
+    """``--dtype bfloat16`` stores BF16 tensors (half the disk of T5-11B's 42 GiB): the same
+    seeded values as the float32 checkpoint, rounded, and a checkpoint transformers reads."""
+    from specdec_tools.bench.big_checkpoint import generate
+
+    shape = dict(d_model=64, d_kv=16, num_heads=4, d_ff=256, num_layers=2, num_decoder_layers=2, vocab_size=96)
+    wide = generate(tmp_path / "f32", shape, shard_bytes=200_000)
+    narrow = generate(tmp_path / "bf16", shape, shard_bytes=200_000, dtype="bfloat16")
+    index, wide_index = (json.loads((d / "model.safetensors.index.json").read_text()) for d in (narrow, wide))
+    assert index["metadata"]["total_size"] * 2 == wide_index["metadata"]["total_size"]
+    assert set(index["weight_map"]) == set(wide_index["weight_map"])
+    for shard in sorted(set(index["weight_map"].values())):
+        for name, value in mx.load(str(narrow / shard)).items():
+            expected = mx.load(str(wide / wide_index["weight_map"][name]))[name].astype(mx.bfloat16)
+            assert value.dtype == mx.bfloat16 and mx.array_equal(value, expected).item(), name
+    reference = T5ForConditionalGeneration.from_pretrained(narrow).eval()
+    assert reference.shared.weight.dtype == torch.bfloat16
