@@ -32,6 +32,10 @@ class StepStreams:
             while not self.ended:
                 # The read runs in its own task, so that ``end_all`` can wake a handler waiting on it.
                 reading = asyncio.ensure_future(anext(messages))
+                # A read abandoned by a cancel or ``end_all`` may still finish (gRPC ends it with
+                # StopAsyncIteration when the call goes): its outcome is taken here, not left to
+                # asyncio's "Task exception was never retrieved" at ERROR.
+                reading.add_done_callback(_take_outcome)
                 try:
                     await asyncio.wait((reading, end), return_when=asyncio.FIRST_COMPLETED)
                 finally:
@@ -53,3 +57,8 @@ class StepStreams:
         for end in self._ends:
             if not end.done():
                 end.set_result(None)
+
+
+def _take_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

@@ -277,3 +277,47 @@ def test_over_grpc_a_client_sending_faster_than_the_worker_answers_is_held_back(
         await server.stop(None)
 
     run(test)
+
+
+class AnsweringDraft(pb_grpc.DraftServicer):
+    """A ProposeStream behind ``StepStreams`` that answers each step at once."""
+
+    def __init__(self) -> None:
+        from specdec_grpc.step_streams import StepStreams
+
+        self.streams = StepStreams()
+
+    async def ProposeStream(self, requests: AsyncIterator[pb.ProposeRequest],
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProposeResponse]:
+        async for request in self.streams.requests(requests):
+            yield pb.ProposeResponse(tokens=[1], token_probs=[1.0], length=request.expected_length + 1)
+
+
+def test_a_stream_cancelled_between_steps_leaves_no_unretrieved_task_error() -> None:
+    """Closing a session cancels its stream while the worker waits for the next step: the read
+    abandoned then must not surface as asyncio's ERROR "Task exception was never retrieved"
+    (StopAsyncIteration), which an operator reads as a failure."""
+    import gc
+
+    async def test() -> None:
+        problems: list[str] = []
+        asyncio.get_running_loop().set_exception_handler(
+            lambda loop, context: problems.append(f"{context['message']}: {context.get('exception')!r}"))
+        server = grpc.aio.server()
+        pb_grpc.add_DraftServicer_to_server(AnsweringDraft(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.DraftStub(channel)
+            for _ in range(10):
+                call = stub.ProposeStream()
+                await call.write(pb.ProposeRequest(session_id="s", expected_length=1))
+                await call.read()
+                call.cancel()  # as GrpcBackend.close does
+                await asyncio.sleep(0.01)
+        await server.stop(None)
+        gc.collect()  # an unretrieved task error is reported when its task is collected
+        await asyncio.sleep(0.05)
+        assert problems == []
+
+    run(test)
