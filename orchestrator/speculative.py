@@ -458,8 +458,19 @@ async def _all(*calls: Any) -> list[Any]:
             task.cancel()
         # Let each run its own clean-up (an open hands its replica back) before the caller's.
         await asyncio.wait(tasks)
+        _take_errors(tasks)
         raise
+    _take_errors(tasks)
     return [task.result() for task in tasks]
+
+
+def _take_errors(tasks: list[asyncio.Future[Any]]) -> None:
+    """Mark every task's error as seen: only the first is raised, and another one (both calls
+    ran out of the request's deadline) would reach the log as "Task exception was never
+    retrieved", with a traceback, at ERROR."""
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()
 
 
 # Codes that mean the replica lost our session, not that it is down.

@@ -5,6 +5,7 @@ the replicas, and no session may be left open anywhere."""
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -16,7 +17,13 @@ from orchestrator.k_costs import COST_DECAY, ReplicaCosts, StepCosts
 from orchestrator.k_policy import KPolicy
 from orchestrator.params import GenerationParams
 from orchestrator.speculative import SpeculativeGeneration
-from specdec_core.errors import PrefixMismatch, ResourceExhausted, SessionNotFound, Unavailable
+from specdec_core.errors import (
+    DeadlineExceeded,
+    PrefixMismatch,
+    ResourceExhausted,
+    SessionNotFound,
+    Unavailable,
+)
 from specdec_core.steps import Distribution, Proposal, SamplingParams, StepRequest, Verdict
 
 START, EOS, VOCAB = 0, 1, 11
@@ -475,6 +482,50 @@ def test_a_request_cancelled_while_its_sessions_open_hands_every_replica_back(ca
         await asyncio.sleep(0.01)  # background closes of abandoned sessions
 
     asyncio.run(run())
+    assert_clean(replicas, source)
+
+
+class StallingReplica(FakeReplica):
+    """Answers its first ``steps`` steps, then holds each step until its deadline and fails it
+    as a call that ran out of time (DEADLINE_EXCEEDED), as a replica behind a slow link."""
+
+    steps: int = 2
+
+    async def step(self, request: StepRequest) -> Proposal | Verdict:
+        if self.calls["step"] < self.steps:
+            return await super().step(request)
+        self.calls["step"] += 1
+        assert request.deadline is not None
+        await asyncio.sleep(max(0.0, request.deadline - time.monotonic()))
+        raise ReplicaError(self.address, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+
+def test_a_deadline_that_passes_while_both_replicas_step_leaves_no_unretrieved_error() -> None:
+    """The request's deadline passes while the Verify and the Propose drafting ahead are both in
+    flight: the request fails DEADLINE_EXCEEDED once, and neither call's error is left to asyncio's
+    ERROR "Task exception was never retrieved" (with its traceback) in the orchestrator's log."""
+    import gc
+
+    replicas = [StallingReplica("draft", "d0"), StallingReplica("target", "t0")]
+    replicas[0].steps = 3  # its 4th step drafts ahead beside the target's 3rd (a Verify): both stall
+    source = FakeSource(replicas)
+    params = GenerationParams(max_tokens=40, num_draft=3, sampling=SamplingParams(), seed=1)
+    problems: list[str] = []
+
+    async def run() -> None:
+        asyncio.get_running_loop().set_exception_handler(
+            lambda loop, context: problems.append(f"{context['message']}: {context.get('exception')!r}"))
+        generation = SpeculativeGeneration(source, PROMPT, params, START, EOS, time.monotonic() + 0.2)
+        with pytest.raises(DeadlineExceeded):
+            async for _ in generation.run():
+                pass
+        await asyncio.sleep(0.01)  # background closes of abandoned sessions
+        gc.collect()  # an unretrieved task error is reported when its task is collected
+        await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    assert [r.calls["step"] for r in replicas] == [4, 3]
+    assert problems == []
     assert_clean(replicas, source)
 
 
