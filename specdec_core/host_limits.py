@@ -17,8 +17,16 @@ class HostLimits:
     max_prompt_tokens: int = limit(2048, "--max-prompt-tokens", "a session's prompt tokens")
     max_draft: int = limit(32, "--max-draft", "largest k accepted")
     session_ttl_s: float = limit(300.0, "--session-ttl",
-                                 "seconds an idle session lives before eviction (an orchestrator that "
-                                 "vanished frees its sessions)")
+                                 "seconds an idle session lives before eviction (frees what the owner "
+                                 "lease does not: sessions opened without an owner, or left by a live one)")
+    # Ten renewals at the orchestrator's default --health-interval (1 s): a live orchestrator may
+    # miss several checks in a row (a slow answer, a busy host) without losing a session, and a
+    # crashed one's sessions still come back in seconds rather than after --session-ttl.
+    owner_lease_s: float = limit(
+        10.0, "--owner-lease",
+        "seconds a session's owner (the orchestrator process that opened it) may go unheard before "
+        "its sessions are freed; it renews with every health check (Info) and every call. An "
+        "orchestrator refuses to start unless this is at least 3 of its --health-interval")
     # 4096 is twice the orchestrator's largest max_tokens (2048) and the budget's per-session share
     # (262144 / 64 sessions); each position costs attention over all earlier ones.
     max_decoder_tokens: int = limit(

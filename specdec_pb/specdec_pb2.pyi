@@ -25,12 +25,14 @@ class Distribution(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., probs_f16: _Optional[bytes] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("prompt_ids", "client_tag")
+    __slots__ = ("prompt_ids", "client_tag", "owner")
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_TAG_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     client_tag: str
-    def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., client_tag: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., client_tag: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session_id", "length")
@@ -69,8 +71,10 @@ class CloseSessionResponse(_message.Message):
     def __init__(self, closed: _Optional[bool] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("owner",)
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    owner: str
+    def __init__(self, owner: _Optional[str] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("model_id", "model_path", "vocab_size", "eos_token_id", "pad_token_id", "decoder_start_token_id", "tokenizer_fingerprint", "dtype", "quantization_bits", "num_parameters", "role", "limits", "live_sessions", "cached_tokens", "metrics", "blas", "draft_method", "tensor_parallel", "load_seconds", "device", "hostname")
@@ -119,7 +123,7 @@ class InfoResponse(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., decoder_start_token_id: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization_bits: _Optional[int] = ..., num_parameters: _Optional[int] = ..., role: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., live_sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., blas: _Optional[str] = ..., draft_method: _Optional[str] = ..., tensor_parallel: _Optional[int] = ..., load_seconds: _Optional[float] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_sessions", "max_cached_tokens", "max_prompt_tokens", "max_draft", "session_ttl_s", "max_batch", "batch_wait_ms", "max_decoder_tokens")
+    __slots__ = ("max_sessions", "max_cached_tokens", "max_prompt_tokens", "max_draft", "session_ttl_s", "max_batch", "batch_wait_ms", "max_decoder_tokens", "owner_lease_s")
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +132,7 @@ class Limits(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     BATCH_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_DECODER_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_LEASE_S_FIELD_NUMBER: _ClassVar[int]
     max_sessions: int
     max_cached_tokens: int
     max_prompt_tokens: int
@@ -136,10 +141,11 @@ class Limits(_message.Message):
     max_batch: int
     batch_wait_ms: float
     max_decoder_tokens: int
-    def __init__(self, max_sessions: _Optional[int] = ..., max_cached_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_draft: _Optional[int] = ..., session_ttl_s: _Optional[float] = ..., max_batch: _Optional[int] = ..., batch_wait_ms: _Optional[float] = ..., max_decoder_tokens: _Optional[int] = ...) -> None: ...
+    owner_lease_s: float
+    def __init__(self, max_sessions: _Optional[int] = ..., max_cached_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_draft: _Optional[int] = ..., session_ttl_s: _Optional[float] = ..., max_batch: _Optional[int] = ..., batch_wait_ms: _Optional[float] = ..., max_decoder_tokens: _Optional[int] = ..., owner_lease_s: _Optional[float] = ...) -> None: ...
 
 class Metrics(_message.Message):
-    __slots__ = ("sessions_opened", "sessions_expired", "forward_passes", "steps", "response_bytes", "request_bytes", "batches", "batched_steps")
+    __slots__ = ("sessions_opened", "sessions_expired", "forward_passes", "steps", "response_bytes", "request_bytes", "batches", "batched_steps", "sessions_reclaimed")
     SESSIONS_OPENED_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_EXPIRED_FIELD_NUMBER: _ClassVar[int]
     FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +154,7 @@ class Metrics(_message.Message):
     REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     BATCHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_RECLAIMED_FIELD_NUMBER: _ClassVar[int]
     sessions_opened: int
     sessions_expired: int
     forward_passes: int
@@ -156,7 +163,8 @@ class Metrics(_message.Message):
     request_bytes: int
     batches: int
     batched_steps: int
-    def __init__(self, sessions_opened: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., forward_passes: _Optional[int] = ..., steps: _Optional[int] = ..., response_bytes: _Optional[int] = ..., request_bytes: _Optional[int] = ..., batches: _Optional[int] = ..., batched_steps: _Optional[int] = ...) -> None: ...
+    sessions_reclaimed: int
+    def __init__(self, sessions_opened: _Optional[int] = ..., sessions_expired: _Optional[int] = ..., forward_passes: _Optional[int] = ..., steps: _Optional[int] = ..., response_bytes: _Optional[int] = ..., request_bytes: _Optional[int] = ..., batches: _Optional[int] = ..., batched_steps: _Optional[int] = ..., sessions_reclaimed: _Optional[int] = ...) -> None: ...
 
 class ProposeRequest(_message.Message):
     __slots__ = ("session_id", "expected_length", "rollback_to", "append_tokens", "num_draft", "sampling", "seed", "timeout_ms")
