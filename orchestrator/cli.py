@@ -189,7 +189,7 @@ def format_status(status: pb.StatusResponse) -> str:
     """A table: one row per replica, with this orchestrator's sessions on it and the replica's
     live load as of the orchestrator's last health check ("-" while it is not serving or not
     read yet: every worker reports a cache budget, so a zero budget means no reading)."""
-    rows = [("role", "address", "health", "sessions", "ours", "cache", "steps/s", "last error")]
+    rows = [("role", "address", "health", "sessions", "ours", "cache", "kv", "steps/s", "last error")]
     for r in status.replicas:
         known = r.healthy and r.max_cached_tokens > 0
         rows.append((
@@ -203,7 +203,7 @@ def format_status(status: pb.StatusResponse) -> str:
              for row in rows]
     lines.append(f"{status.active_generations}/{status.max_generations} generations in flight; sessions = "
                  "open on the replica (every orchestrator), ours = this orchestrator's, cache = token "
-                 "positions held of its budget")
+                 "positions held of its budget, kv = its K/V cache's bits (--kv-bits; dtype: the model's)")
     return "\n".join(lines)
 
 
@@ -231,3 +231,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+            (f"{r.kv_bits}-bit" if r.kv_bits else "dtype") if known else "-",

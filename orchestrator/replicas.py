@@ -284,6 +284,8 @@ class ReplicaPool:
         for r in self.replicas:
             status = pb.ReplicaStatus(address=r.address, role=r.role, healthy=r.healthy,
                                       active_sessions=r.active_sessions, last_error=r.last_error)
+            if r.info is not None:
+                status.kv_bits = r.info.kv_bits
             if r.load is not None:
                 status.live_sessions = r.load.live_sessions
                 status.cached_tokens = r.load.cached_tokens

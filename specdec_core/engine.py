@@ -18,6 +18,7 @@ from .checkpoint import LoadedModel
 from .decoder_state import CHUNK, DecoderState
 from .errors import InvalidArgument
 from .request_checks import RequestChecks
+from .kv_cache import KVQuantization
 from .sampling import (
     DRAFT_STREAM,
     TARGET_STREAM,
@@ -37,12 +38,15 @@ class ModelEngine(RequestChecks):
 
     method = "model"  # how a draft built on it proposes (Info.draft_method)
 
-    def __init__(self, loaded: LoadedModel, max_draft: int = 64):
+    def __init__(self, loaded: LoadedModel, max_draft: int = 64, kv_bits: int | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.args = loaded.args
         self.max_draft = max_draft
         self.forward_passes = 0
+        # Every session's K/V in kv_bits (None: the model's dtype); the output is then this
+        # model's with this cache, not the unquantized model's.
+        self.kv_quantization = None if kv_bits is None else KVQuantization.for_heads(kv_bits, self.args.d_kv)
 
     def start(self, prompt_ids: list[int]) -> DecoderState:
         """Encode the prompt once and build the session's cache (cross K/V included)."""
@@ -64,7 +68,7 @@ class ModelEngine(RequestChecks):
                 mask = mx.array([[1] * len(prompts[i]) + [0] * (longest - len(prompts[i])) for i in group])
             encoded = self.model.encode(mx.array(ids, dtype=mx.int32), mask)
             for row, i in enumerate(group):
-                cache = self.model.make_cache(encoded[row : row + 1, : len(prompts[i])])
+                cache = self.model.make_cache(encoded[row : row + 1, : len(prompts[i])], self.kv_quantization)
                 states[i] = self._new_state(prompts[i], cache)
         return [states[i] for i in range(len(prompts))]
 
@@ -100,7 +104,7 @@ class ModelEngine(RequestChecks):
         while len(pending) > DECODE_SLICE and len(pending) - DECODE_SLICE >= num_logits:
             head, pending = pending[:DECODE_SLICE], pending[DECODE_SLICE:]
             self.model.decode_sessions([head], [state.cache], [0])
-            mx.eval([array for layer in state.cache.layers for array in (layer.keys, layer.values)])
+            mx.eval([layer.buffers for layer in state.cache.layers])
         return pending
 
     def propose(self, state: DecoderState, k: int, params: SamplingParams, seed: int) -> Proposal:

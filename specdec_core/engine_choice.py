@@ -29,10 +29,13 @@ class EngineChoice:
     ngram_min: int = 1
     ngram_max: int = 4
     hybrid_min_match: int = 3
+    kv_bits: int | None = None  # the K/V cache's bits (None: the model's dtype)
 
 
 def build_engine(config: EngineChoice) -> tuple[Any, Path]:
     """The engine for the configured method, and the directory its tokenizer files are in."""
+    if config.method == "ngram" and config.kv_bits is not None:
+        raise CheckpointError("--kv-bits quantizes a model's K/V cache; the ngram draft has none: leave it out")
     if config.method == "ngram":  # no model: the config and tokenizer of --model for Info, no weights
         from .ngram import ModelConfig, NgramEngine
         from .t5 import ModelArgs
@@ -49,14 +52,14 @@ def build_engine(config: EngineChoice) -> tuple[Any, Path]:
         from .hybrid import HybridEngine
 
         engine: ModelEngine = HybridEngine(loaded, config.max_draft, config.hybrid_min_match,
-                                           config.ngram_max)
+                                           config.ngram_max, config.kv_bits)
         logger.info("%s drafts with n-gram matches of %d..%d tokens, the model elsewhere", config.role,
                     config.hybrid_min_match, config.ngram_max)
     else:
-        engine = ModelEngine(loaded, max_draft=config.max_draft)
+        engine = ModelEngine(loaded, max_draft=config.max_draft, kv_bits=config.kv_bits)
     logger.info(
-        "%s loaded %s (%s, %.1fM parameters, quantization %s); BLAS: %s",
+        "%s loaded %s (%s, %.1fM parameters, quantization %s, K/V cache %s); BLAS: %s",
         config.role, config.model, loaded.dtype, loaded.num_parameters / 1e6,
-        loaded.quantization or "none", blas.active_blas,
+        loaded.quantization or "none", engine.kv_quantization or loaded.dtype, blas.active_blas,
     )
     return engine, loaded.path

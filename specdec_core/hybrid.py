@@ -36,8 +36,9 @@ class HybridState(DecoderState):
 class HybridEngine(ModelEngine):
     method = "hybrid"
 
-    def __init__(self, loaded: LoadedModel, max_draft: int = 64, min_match: int = 3, ngram_max: int = 4):
-        super().__init__(loaded, max_draft)
+    def __init__(self, loaded: LoadedModel, max_draft: int = 64, min_match: int = 3, ngram_max: int = 4,
+                 kv_bits: int | None = None):
+        super().__init__(loaded, max_draft, kv_bits)
         if min_match > ngram_max:
             raise InvalidArgument(
                 f"the hybrid draft's minimum match ({min_match}) must not exceed the longest n-gram "

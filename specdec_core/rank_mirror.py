@@ -133,8 +133,8 @@ class RankMirror:
 class MirroredEngine(ModelEngine):
     """Rank 0's engine: every model operation is broadcast to the followers, then run."""
 
-    def __init__(self, loaded: LoadedModel, mirror: RankMirror, max_draft: int = 64):
-        super().__init__(loaded, max_draft)
+    def __init__(self, loaded: LoadedModel, mirror: RankMirror, max_draft: int = 64, kv_bits: int | None = None):
+        super().__init__(loaded, max_draft, kv_bits)
         self.mirror = mirror
         self.tensor_parallel = mirror.size
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import CheckpointError, InvalidArgument
 from .fast_tanh import tanh
-from .kv_cache import DecoderCache, LayerKVCache
+from .kv_cache import KV, DecoderCache, KVQuantization, LayerKVCache, QuantizedKV
 from .relative_position import RelativePositionBias, _distance_buckets
 
 
@@ -85,9 +85,11 @@ class ModelArgs:
         return cls(**args)
 
 
-def attend(queries: mx.array, keys: mx.array, values: mx.array, bias: mx.array | None) -> mx.array:
+def attend(queries: mx.array, keys: KV, values: KV, bias: mx.array | None) -> mx.array:
     """Unscaled attention of (B, H, L, d_kv) queries over (B, H, S, d_kv) keys/values; scores and
     softmax in float32."""
+    if isinstance(keys, QuantizedKV):
+        return attend_quantized(queries, keys, values, bias)
     scores = queries @ keys.transpose(0, 1, 3, 2)  # (B, H, L, S)
     if scores.dtype != mx.float32:  # (a cast is one more graph node per session and layer)
         scores = scores.astype(mx.float32)
@@ -97,6 +99,27 @@ def attend(queries: mx.array, keys: mx.array, values: mx.array, bias: mx.array |
     if weights.dtype != values.dtype:
         weights = weights.astype(values.dtype)
     return weights @ values
+
+
+def attend_quantized(queries: mx.array, keys: QuantizedKV, values: QuantizedKV, bias: mx.array | None
+                     ) -> mx.array:
+    """``attend`` over a quantized cache: the same float32 scores, bias and softmax, with both
+    matmuls reading the packed K/V directly (no dequantized copy of the cache)."""
+    spec = keys.quantization
+    if spec.stored_dim != spec.head_dim:  # zero query columns meet the keys' zero padding
+        queries = mx.pad(queries, [(0, 0), (0, 0), (0, 0), (0, spec.stored_dim - spec.head_dim)])
+    scores = mx.quantized_matmul(queries, *keys.arrays, transpose=True, group_size=spec.group_size,
+                                 bits=spec.bits)  # (B, H, L, S)
+    if scores.dtype != mx.float32:
+        scores = scores.astype(mx.float32)
+    if bias is not None:
+        scores = scores + bias
+    weights = mx.softmax(scores, axis=-1)
+    if weights.dtype != values.scales.dtype:
+        weights = weights.astype(values.scales.dtype)
+    out = mx.quantized_matmul(weights, *values.arrays, transpose=False, group_size=spec.group_size,
+                              bits=spec.bits)  # (B, H, L, stored_dim)
+    return out if spec.stored_dim == spec.head_dim else out[..., : spec.head_dim]
 
 
 class Attention(nn.Module):
@@ -132,7 +155,7 @@ class Attention(nn.Module):
         return self.o(self.merge(attend(self.heads(self.q(x)), keys, values, bias)))
 
     def ragged(
-        self, queries: mx.array, spans: list[tuple[int, int]], kvs: list[tuple[mx.array, mx.array]],
+        self, queries: mx.array, spans: list[tuple[int, int]], kvs: list[tuple[KV, KV]],
         biases: list[mx.array | None],
     ) -> mx.array:
         """Many sessions' queries (1, H, N, d_kv), session i at positions spans[i], each attending
@@ -228,7 +251,7 @@ class DecoderLayer(nn.Module):
         spans: list[tuple[int, int]],
         self_biases: list[mx.array | None],
         caches: list[LayerKVCache],
-        cross: list[tuple[mx.array, mx.array]],
+        cross: list[tuple[KV, KV]],
     ) -> mx.array:
         """Many sessions' new positions concatenated, (1, N, d_model), session i at spans[i].
 
@@ -299,14 +322,21 @@ class T5(nn.Module):
         return self.encoder_norm(x)
 
     # -- decoder ------------------------------------------------------------------------
-    def make_cache(self, encoder_output: mx.array) -> DecoderCache:
-        """A fresh session cache; cross-attention K/V are projected here, once."""
-        # Stored contiguous: the projection's head split is a strided view, which every later
-        # attention matmul would otherwise copy again, for every session and layer of every step.
-        cross = [tuple(mx.contiguous(a) for a in layer.cross_attn.project_kv(encoder_output))
-                 for layer in self.decoder_layers]
-        mx.eval(cross)
-        return DecoderCache(layers=[LayerKVCache() for _ in self.decoder_layers], cross=cross)
+    def make_cache(self, encoder_output: mx.array, quantization: KVQuantization | None = None) -> DecoderCache:
+        """A fresh session cache; cross-attention K/V are projected here, once (and quantized
+        once, with ``quantization``, as the self-attention K/V will be at each append)."""
+        cross: list[tuple[KV, KV]]
+        if quantization is None:
+            # Stored contiguous: the projection's head split is a strided view, which every later
+            # attention matmul would otherwise copy again, for every session and layer of every step.
+            cross = [tuple(mx.contiguous(a) for a in layer.cross_attn.project_kv(encoder_output))
+                     for layer in self.decoder_layers]
+            mx.eval(cross)
+        else:
+            cross = [tuple(quantization.quantize(a) for a in layer.cross_attn.project_kv(encoder_output))
+                     for layer in self.decoder_layers]
+            mx.eval([kv.arrays for pair in cross for kv in pair])
+        return DecoderCache(layers=[LayerKVCache(quantization) for _ in self.decoder_layers], cross=cross)
 
     def decode(
         self,

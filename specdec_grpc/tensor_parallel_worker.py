@@ -89,7 +89,7 @@ class TensorParallel:
 
         loaded = load_sharded(config.model, self.group, config.dtype)
         self.mirror = RankMirror(RankLink(self.group))
-        engine = MirroredEngine(loaded, self.mirror, max_draft=config.limits.max_draft)
+        engine = MirroredEngine(loaded, self.mirror, max_draft=config.limits.max_draft, kv_bits=config.kv_bits)
         logger.info("%s rank 0 of %d loaded its shard of %s (%s, %.1f MB of weights); BLAS: %s", config.role,
                     self.group.size(), config.model, loaded.dtype, weight_nbytes(loaded.model) / 1e6,
                     blas.active_blas)
@@ -108,7 +108,7 @@ class TensorParallel:
         code = 0
         try:
             engine = ModelEngine(load_sharded(config.model, self.group, config.dtype),
-                                 max_draft=config.limits.max_draft)
+                                 max_draft=config.limits.max_draft, kv_bits=config.kv_bits)
             logger.info("%s rank %d of %d follows rank 0", config.role, rank, self.group.size())
             logger.info("%s rank %d: %s; exiting", config.role, rank, follow(engine, RankLink(self.group)))
         except Exception:

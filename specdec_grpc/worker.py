@@ -24,6 +24,7 @@ from specdec_core.engine_choice import EngineChoice, build_engine
 from specdec_core.errors import CheckpointError
 from specdec_core.host_limits import HostLimits
 from specdec_core.limits import add_limit_arguments, limits_from_args
+from specdec_core.kv_cache import KV_BITS, KV_GROUP_SIZES
 from specdec_core.session_host import SessionHost
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
 from specdec_grpc.metrics import WorkerMetrics, serve_metrics
@@ -59,6 +60,7 @@ class WorkerConfig:
     dtype: str | None = None
     quantize: int | None = None
     limits: HostLimits = field(default_factory=HostLimits)
+    kv_bits: int | None = None  # the sessions' K/V cache in 8 or 4 bits (--kv-bits); None: the model's dtype
     host: str = "127.0.0.1"
     port: int = 0
     max_message_mb: int | None = None  # None: sized from the limits and vocabulary (needed_message_mb)
@@ -82,6 +84,7 @@ class WorkerConfig:
             dtype=args.dtype,
             quantize=args.quantize,
             limits=limits_from_args(HostLimits, args),
+            kv_bits=args.kv_bits,
             host=args.host,
             port=args.port,
             max_message_mb=args.max_message_mb,
@@ -108,6 +111,11 @@ def build_parser(role: str) -> argparse.ArgumentParser:
                         help="parameter dtype (default: as stored; float16 overflows in T5)")
     parser.add_argument("--quantize", type=int, choices=[4, 8], help="quantize linear layers at load")
     add_limit_arguments(parser, HostLimits)
+    parser.add_argument("--kv-bits", type=int, choices=list(KV_BITS),
+                        help="store every session's K/V cache (cross- and self-attention) in this many bits "
+                             f"per value, in groups along d_kv (mx.quantize; {KV_GROUP_SIZES[0]} where d_kv "
+                             "allows): ~half (8) or a quarter (4) of bfloat16's bytes. Changes the output: it "
+                             "is then this model's with this cache. Default: the model's dtype")
     add_server_arguments(
         parser, DEFAULT_PORTS[role], default_max_message_mb=None,
         max_message_help="largest request/response accepted, MiB (default: sized to the largest "
@@ -166,7 +174,7 @@ def build_host(config: WorkerConfig) -> SessionHost:
         raise CheckpointError(f"--method {config.method} is for drafts; a {config.role} runs its model")
     engine, model_dir = build_engine(EngineChoice(config.role, config.model, config.method, config.dtype,
                                                    config.quantize, config.limits.max_draft, config.ngram_min,
-                                                   config.ngram_max, config.hybrid_min_match))
+                                                   config.ngram_max, config.hybrid_min_match, config.kv_bits))
     tokenizer = load_tokenizer(model_dir)
     return SessionHost(engine, config.limits, config.role, tokenizer_fingerprint(tokenizer))
 
@@ -225,6 +233,7 @@ def info_response(host: SessionHost) -> pb.InfoResponse:
     return pb.InfoResponse(
         model_id=loaded.model_id,
         model_path=str(loaded.path.resolve()),
+    kv = getattr(host.engine, "kv_quantization", None)  # (an n-gram draft has no cache to quantize)
         vocab_size=args.vocab_size,
         eos_token_id=args.eos_token_id,
         pad_token_id=args.pad_token_id,
@@ -235,6 +244,8 @@ def info_response(host: SessionHost) -> pb.InfoResponse:
         num_parameters=loaded.num_parameters,
         load_seconds=loaded.load_seconds,
         role=host.role,
+        kv_bits=kv.bits if kv else 0,
+        kv_group_size=kv.group_size if kv else 0,
         limits=pb.Limits(**{name: getattr(limits, name) for name in pb.Limits.DESCRIPTOR.fields_by_name}),
         live_sessions=live["live_sessions"],
         cached_tokens=live["cached_tokens"],

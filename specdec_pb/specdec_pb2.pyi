@@ -77,7 +77,7 @@ class InfoRequest(_message.Message):
     def __init__(self, owner: _Optional[str] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_path", "vocab_size", "eos_token_id", "pad_token_id", "decoder_start_token_id", "tokenizer_fingerprint", "dtype", "quantization_bits", "num_parameters", "role", "limits", "live_sessions", "cached_tokens", "metrics", "blas", "draft_method", "tensor_parallel", "load_seconds", "device", "hostname")
+    __slots__ = ("model_id", "model_path", "vocab_size", "eos_token_id", "pad_token_id", "decoder_start_token_id", "tokenizer_fingerprint", "dtype", "quantization_bits", "num_parameters", "role", "limits", "live_sessions", "cached_tokens", "metrics", "blas", "draft_method", "tensor_parallel", "load_seconds", "device", "hostname", "kv_bits", "kv_group_size")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,8 @@ class InfoResponse(_message.Message):
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    KV_BITS_FIELD_NUMBER: _ClassVar[int]
+    KV_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_path: str
     vocab_size: int
@@ -120,7 +122,9 @@ class InfoResponse(_message.Message):
     load_seconds: float
     device: str
     hostname: str
-    def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., decoder_start_token_id: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization_bits: _Optional[int] = ..., num_parameters: _Optional[int] = ..., role: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., live_sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., blas: _Optional[str] = ..., draft_method: _Optional[str] = ..., tensor_parallel: _Optional[int] = ..., load_seconds: _Optional[float] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ...) -> None: ...
+    kv_bits: int
+    kv_group_size: int
+    def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., decoder_start_token_id: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization_bits: _Optional[int] = ..., num_parameters: _Optional[int] = ..., role: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., live_sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., blas: _Optional[str] = ..., draft_method: _Optional[str] = ..., tensor_parallel: _Optional[int] = ..., load_seconds: _Optional[float] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ..., kv_bits: _Optional[int] = ..., kv_group_size: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_sessions", "max_cached_tokens", "max_prompt_tokens", "max_draft", "session_ttl_s", "max_batch", "batch_wait_ms", "max_decoder_tokens", "owner_lease_s")
@@ -359,7 +363,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("address", "role", "healthy", "active_sessions", "last_error", "live_sessions", "cached_tokens", "max_cached_tokens", "steps_per_s")
+    __slots__ = ("address", "role", "healthy", "active_sessions", "last_error", "live_sessions", "cached_tokens", "max_cached_tokens", "steps_per_s", "kv_bits")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
@@ -369,6 +373,7 @@ class ReplicaStatus(_message.Message):
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    KV_BITS_FIELD_NUMBER: _ClassVar[int]
     address: str
     role: str
     healthy: bool
@@ -378,7 +383,8 @@ class ReplicaStatus(_message.Message):
     cached_tokens: int
     max_cached_tokens: int
     steps_per_s: float
-    def __init__(self, address: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., active_sessions: _Optional[int] = ..., last_error: _Optional[str] = ..., live_sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., max_cached_tokens: _Optional[int] = ..., steps_per_s: _Optional[float] = ...) -> None: ...
+    kv_bits: int
+    def __init__(self, address: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., active_sessions: _Optional[int] = ..., last_error: _Optional[str] = ..., live_sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., max_cached_tokens: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., kv_bits: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("replicas", "active_generations", "max_generations")
