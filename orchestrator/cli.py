@@ -9,14 +9,18 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from specdec_core.cache_bytes import TYPICAL_DECODER_POSITIONS, TYPICAL_PROMPT_TOKENS
+from specdec_core.sizes import format_bytes
 from specdec_pb import specdec_pb2 as pb
 
 from .client import DEFAULT_ADDRESS, SpecdecClient, TextAttribution
@@ -42,12 +46,41 @@ def _num_draft(value: str) -> int | str:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--num-draft takes a number >= 1 or 'auto', not {value!r}") from None
     if k < 1:
-        raise argparse.ArgumentTypeError("--num-draft must be >= 1 (or 'auto')")
+        raise argparse.ArgumentTypeError("--num-draft must be >= 1 (or 'auto'); to decode with the target "
+                                         "alone, use --no-speculation")
     return k
 
 
+def _max_tokens(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--max-tokens takes a number >= 1, not {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("--max-tokens must be >= 1 (leave it out for the server's default, 64)")
+    return n
+
+
+class _Parser(argparse.ArgumentParser):
+    """A flag the subcommand does not know is reported with the subcommand's usage (argparse
+    would show the top-level one), with the nearest flag it has when there is one."""
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = self._subcommands.get(getattr(parsed, "command", None) or "", self)
+            flags = [flag for action in command._actions for flag in action.option_strings]
+            near = [match for word in unknown if word.startswith("-")
+                    for match in difflib.get_close_matches(word.split("=")[0], flags, n=1)]
+            hint = f" (did you mean {', '.join(near)}?)" if near else ""
+            command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        return parsed
+
+    _subcommands: dict[str, argparse.ArgumentParser] = {}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="specdec", description="Talk to a specdec orchestrator.")
+    parser = _Parser(prog="specdec", description="Talk to a specdec orchestrator.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--address", default=os.environ.get("SPECDEC_ADDRESS", DEFAULT_ADDRESS),
                         help=f"orchestrator HOST:PORT (default $SPECDEC_ADDRESS or {DEFAULT_ADDRESS})")
@@ -59,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", parents=[common], help="generate a completion, streamed")
     gen.add_argument("prompt", help="input text")
-    gen.add_argument("--max-tokens", type=int, default=0, help="most tokens to generate (default: server's, 64)")
+    gen.add_argument("--max-tokens", type=_max_tokens, help="most tokens to generate (default: server's, 64)")
     gen.add_argument("--num-draft", type=_num_draft, default=0,
                      help="draft tokens per step k, or 'auto' to adapt (default: server's, 5)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -82,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common],
                             help="replicas behind the orchestrator: health and live load")
     status.add_argument("--json", action="store_true", help="print the StatusResponse as JSON")
+    parser._subcommands = {"generate": gen, "status": status}
     return parser
 
 
@@ -107,22 +141,60 @@ def format_stats(stats: pb.GenerateStats, finish_reason: str) -> str:
     rate = stats.tokens / seconds if seconds > 0 else 0.0
     positions = " ".join(f"{a}/{p}" for a, p in zip(stats.accepted_per_position, stats.proposed_per_position,
                                                    strict=False))
-    failovers = f", {stats.failovers} failover{'s' if stats.failovers != 1 else ''}" if stats.failovers else ""
+    failovers = f", {_count(stats.failovers, 'failover')}" if stats.failovers else ""
+    head = (f"[{_count(stats.tokens, 'token')}, {finish_reason}, {seconds:.2f} s, {rate:.1f} tok/s, "
+            f"first token {stats.time_to_first_token_ms:.0f} ms | ")
+    verify = f"verify {stats.verify_ms:.0f} ms (model {stats.target_model_ms:.0f})"
+    orchestration = f"orchestration {stats.orchestration_ms:.0f} ms{failovers}]"
+    if stats.proposed == 0 and stats.draft_passes == 0:  # --no-speculation, or no draft was free
+        return (head + f"no drafts: the target alone | {_count(stats.target_passes, 'target pass')} | "
+                f"{verify}, {orchestration}")
+    # Blocks drafted ahead run while the target verifies: their time is inside verify's, not draft's.
+    ahead = (f", {_count(stats.predrafts, 'block')} drafted ahead during verify ({stats.predraft_hits} used)"
+             if stats.predrafts else "")
     return (
-        f"[{stats.tokens} tokens, {finish_reason}, {seconds:.2f} s, {rate:.1f} tok/s, "
-        f"first token {stats.time_to_first_token_ms:.0f} ms | "
-        f"accepted {stats.accepted}/{stats.proposed} drafts ({stats.acceptance_rate:.0%})"
+        head + f"accepted {stats.accepted}/{stats.proposed} drafts ({stats.acceptance_rate:.0%})"
         + (f", by position {positions}" if positions else "") + " | "
-        f"{stats.target_passes} target passes, {stats.draft_passes} draft passes, k={stats.final_num_draft} | "
-        f"draft {stats.draft_ms:.0f} ms (model {stats.draft_model_ms:.0f}), "
-        f"verify {stats.verify_ms:.0f} ms (model {stats.target_model_ms:.0f}), "
-        f"orchestration {stats.orchestration_ms:.0f} ms{failovers}]"
+        f"{_count(stats.target_passes, 'target pass')}, {_count(stats.draft_passes, 'draft pass')}, "
+        f"k={stats.final_num_draft} | "
+        f"draft {stats.draft_ms:.0f} ms (model {stats.draft_model_ms:.0f}){ahead}, {verify}, {orchestration}"
     )
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 token``, ``2 tokens``, ``1 target pass``, ``3 target passes``."""
+    plural = noun + ("es" if noun.endswith("s") else "s")
+    return f"{n} {noun if n == 1 else plural}"
+
+
+class PartialStats:
+    """What the client itself saw of a stream, for a line when it is interrupted (the server's
+    stats come only with the last message)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.first_token_s: float | None = None
+        self.tokens = 0
+        self.from_draft = 0
+
+    def push(self, chunk: pb.GenerateStreamResponse) -> None:
+        if chunk.token_ids and self.first_token_s is None:
+            self.first_token_s = time.monotonic() - self.started
+        self.tokens += len(chunk.token_ids)
+        self.from_draft += sum(chunk.from_draft)
+
+    def line(self) -> str:
+        seconds = time.monotonic() - self.started
+        first = f", first token {self.first_token_s * 1e3:.0f} ms" if self.first_token_s is not None else ""
+        share = f" ({self.from_draft / self.tokens:.0%})" if self.tokens else ""
+        return (f"[interrupted: {_count(self.tokens, 'token')} in {seconds:.2f} s, "
+                f"{self.tokens / seconds if seconds > 0 else 0.0:.1f} tok/s{first} | "
+                f"{self.from_draft} from the draft{share}]")
 
 
 def _generate(args: argparse.Namespace, client: SpecdecClient) -> int:
     options = dict(
-        max_tokens=args.max_tokens, num_draft=args.num_draft, temperature=args.temperature,
+        max_tokens=args.max_tokens or 0, num_draft=args.num_draft, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, delta=args.delta, seed=args.seed,
         speculative=not args.no_speculation,
         pipeline=False if args.no_pipeline else None,
@@ -140,8 +212,11 @@ def _generate(args: argparse.Namespace, client: SpecdecClient) -> int:
         return 0
     attribution = _attribution(args)
     final: pb.GenerateStreamResponse | None = None
+    seen = PartialStats()
+    call = client.stream(args.prompt, **options)
     try:
-        for chunk in client.stream(args.prompt, **options):
+        for chunk in call:
+            seen.push(chunk)
             if attribution is not None:
                 sys.stdout.write(colored(attribution.push(chunk.token_ids, chunk.from_draft, chunk.text)))
             else:
@@ -149,6 +224,12 @@ def _generate(args: argparse.Namespace, client: SpecdecClient) -> int:
             sys.stdout.flush()
             if chunk.finish_reason:
                 final = chunk
+    except KeyboardInterrupt:  # Ctrl-C: what came so far, and the request cancelled on the server
+        call.cancel()
+        if attribution is not None:
+            sys.stdout.write(RESET)
+        print(f"\n{seen.line()}")
+        return INTERRUPTED
     finally:
         if attribution is not None:
             sys.stdout.write(RESET)  # every run resets itself; this covers an interrupted write
@@ -207,6 +288,20 @@ def format_status(status: pb.StatusResponse) -> str:
     return "\n".join(lines)
 
 
+INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
+
+
+def describe_error(error: grpc.RpcError, address: str) -> str:
+    """One line a person can act on; nothing listening at the address says how to start it."""
+    details = error.details() or ""
+    if error.code() == grpc.StatusCode.UNAVAILABLE and details.startswith("failed to connect"):
+        return (f"specdec: nothing answers at {address}; start the services with scripts/up (from the "
+                "repository root), or pass --address HOST:PORT of a running orchestrator")
+    if error.code() == grpc.StatusCode.UNAVAILABLE and details.startswith("errors resolving"):
+        return f"specdec: cannot resolve the host of {address}; check --address HOST:PORT"
+    return f"specdec: {error.code().name}: {details}"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     client = SpecdecClient(args.address, token=args.token, tls_ca=args.tls_ca, timeout=args.timeout)
@@ -222,8 +317,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(format_status(status))
             code = 0
     except grpc.RpcError as error:
-        print(f"specdec: {error.code().name}: {error.details()}", file=sys.stderr)
+        print(describe_error(error, args.address), file=sys.stderr)
         code = 1
+    except KeyboardInterrupt:
+        print("\nspecdec: interrupted", file=sys.stderr)
+        code = INTERRUPTED
     finally:
         client.close()
     sys.exit(code)
@@ -231,4 +329,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-            (f"{r.kv_bits}-bit" if r.kv_bits else "dtype") if known else "-",

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from specdec_core.errors import InvalidArgument, ResourceExhausted, Unavailable
+from specdec_core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from specdec_core.limits import limit
 
 from .detokenize import TextStream
@@ -20,6 +20,7 @@ from .params import GenerationParams, Stats, new_request_id
 from .speculative import SpeculativeGeneration
 
 logger = logging.getLogger(__name__)
+CANCEL_AT_DEADLINE_S = 0.01  # a cancel this close to the deadline is the deadline's
 
 
 @dataclass
@@ -171,13 +172,29 @@ class Orchestrator:
                     yield TextEvent(delta, step.tokens, from_draft=step.from_draft)
         except BaseException as error:
             if finished_at is None:  # not the consumer closing us after the last event
-                outcome = f"failed: {type(error).__name__}: {error}"
+                outcome = _failure(error, deadline, generation)
                 failure = error
             raise
         finally:
             self.active -= 1
-            logger.info("req=%s %s", request_id, outcome)
+            # A request out of time is the client's setting, not a fault here: one WARNING line.
+            level = logging.WARNING if outcome.startswith("ran out of time") else logging.INFO
+            logger.log(level, "req=%s %s", request_id, outcome)
             if finished_at is None and failure is None:
                 failure = RuntimeError("generation ended without a finish reason")  # INTERNAL
             self._ended(params, generation.stats if generation is not None else None, failure,
                         (finished_at or time.monotonic()) - arrived)
+
+
+def _failure(error: BaseException, deadline: float | None, generation: SpeculativeGeneration | None) -> str:
+    """What ended a request early, in words. A cancel once the deadline has passed is the deadline
+    (the client's timer fired first and cancelled the call): said so, not as a cancel."""
+    tokens = generation.stats.tokens if generation is not None else 0
+    cancelled = isinstance(error, (asyncio.CancelledError, GeneratorExit))
+    # The client's deadline reached us as its call's, a transit time later than its own timer.
+    timed_out = deadline is not None and time.monotonic() >= deadline - CANCEL_AT_DEADLINE_S
+    if isinstance(error, DeadlineExceeded) or (cancelled and timed_out):
+        return f"ran out of time: the deadline passed after {tokens} tokens"
+    if cancelled:
+        return f"cancelled by the client after {tokens} tokens"
+    return f"failed: {type(error).__name__}: {error}"
