@@ -17,8 +17,8 @@ import numpy as np
 from .checkpoint import LoadedModel
 from .decoder_state import CHUNK, DecoderState
 from .errors import InvalidArgument
-from .request_checks import RequestChecks
 from .kv_cache import KVQuantization
+from .request_checks import RequestChecks
 from .sampling import (
     DRAFT_STREAM,
     TARGET_STREAM,

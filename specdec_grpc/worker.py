@@ -23,8 +23,8 @@ from specdec_core.device import compute_device, hostname
 from specdec_core.engine_choice import EngineChoice, build_engine
 from specdec_core.errors import CheckpointError
 from specdec_core.host_limits import HostLimits
-from specdec_core.limits import add_limit_arguments, limits_from_args
 from specdec_core.kv_cache import KV_BITS, KV_GROUP_SIZES
+from specdec_core.limits import add_limit_arguments, limits_from_args
 from specdec_core.session_host import SessionHost
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
 from specdec_grpc.metrics import WorkerMetrics, serve_metrics
@@ -230,10 +230,10 @@ def info_response(host: SessionHost) -> pb.InfoResponse:
     args = loaded.args
     live = host.snapshot()
     limits = host.limits
+    kv = getattr(host.engine, "kv_quantization", None)  # (an n-gram draft has no cache to quantize)
     return pb.InfoResponse(
         model_id=loaded.model_id,
         model_path=str(loaded.path.resolve()),
-    kv = getattr(host.engine, "kv_quantization", None)  # (an n-gram draft has no cache to quantize)
         vocab_size=args.vocab_size,
         eos_token_id=args.eos_token_id,
         pad_token_id=args.pad_token_id,
