@@ -6,7 +6,11 @@ converting and serving it.
 sentencepiece tokenizer), one tensor at a time so that writing it needs about one shard of
 memory. The default shape is T5-3B's (d_model 1024, 32 heads x 128, d_ff 16384, 24+24 layers,
 vocabulary 32,128: 2.85B parameters, 10.6 GiB); ``--shape large`` and ``--shape 11b`` give
-T5-large's and T5-11B's, ``--dtype bfloat16`` half the bytes (T5-11B: 21.1 GiB, not 42.1).
+T5-large's and T5-11B's, ``--shape small`` T5-small's (a draft for them), ``--dtype bfloat16``
+half the bytes (T5-11B: 21.1 GiB, not 42.1). The tokenizer is the demo models' 65 characters
+(enough for memory figures); ``--tokenizer t5`` trains the T5-shaped pairs' 32,100-token one
+(``specdec_tools/t5_pair.py``: T5's layout; a prompt is a few tokens, not one per character) and
+``--tokenizer DIR`` copies another checkpoint's, so a draft and its target share one.
 
 ``measure`` runs, one at a time, ``specdec-convert`` (bfloat16, 8-bit, 4-bit) and
 ``specdec-target`` loading the float32 directory with ``--dtype``/``--quantize`` until it
@@ -35,8 +39,10 @@ import numpy as np
 MODELS = Path(__file__).resolve().parents[2] / "models"
 GIB = 1024**3
 
-# The hub's t5-large, t5-3b and t5-11b: relu FFN, tied embeddings, 24 encoder and 24 decoder layers.
+# The hub's t5-small (a draft: 6+6 layers), t5-large, t5-3b and t5-11b (24+24): relu FFN, tied embeddings.
 SHAPES = {
+    "small": dict(d_model=512, d_kv=64, num_heads=8, d_ff=2048, num_layers=6, num_decoder_layers=6,
+                  vocab_size=32128),
     "large": dict(d_model=1024, d_kv=64, num_heads=16, d_ff=4096, num_layers=24, num_decoder_layers=24,
                   vocab_size=32128),
     "3b": dict(d_model=1024, d_kv=128, num_heads=32, d_ff=16384, num_layers=24, num_decoder_layers=24,
@@ -88,8 +94,9 @@ def hf_tensor_shapes(shape: dict[str, int]) -> dict[str, tuple[int, ...]]:
 
 
 def generate(out: Path, shape: dict[str, int], shard_bytes: int = 2 * GIB, seed: int = 0,
-             dtype: str = "float32") -> Path:
-    """Write the random checkpoint in ``dtype`` (float32 or bfloat16); return ``out``."""
+             dtype: str = "float32", tokenizer: str = "demo") -> Path:
+    """Write the random checkpoint in ``dtype`` (float32 or bfloat16) with ``tokenizer`` ("demo",
+    "t5" or a directory to copy spiece.model and tokenizer_config.json from); return ``out``."""
     import mlx.core as mx
 
     out.mkdir(parents=True, exist_ok=True)
@@ -126,10 +133,20 @@ def generate(out: Path, shape: dict[str, int], shard_bytes: int = 2 * GIB, seed:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(hf_config(shape) | {"torch_dtype": dtype}, indent=2) + "\n")
-    for name in ("spiece.model", "tokenizer_config.json"):  # any tokenizer will do for memory figures
-        shutil.copy(MODELS / "demo-target" / name, out / name)
+    write_tokenizer(out, tokenizer)
     print(f"{out}: {sum(int(np.prod(d)) for d in shapes.values()):,} parameters, {total / GIB:.2f} GiB {dtype}")
     return out
+
+
+def write_tokenizer(out: Path, tokenizer: str) -> None:
+    if tokenizer == "t5":
+        from specdec_tools.t5_pair import TOKENIZER_PIECES, _train_tokenizer
+
+        _train_tokenizer(out, TOKENIZER_PIECES)
+        return
+    source = MODELS / "demo-target" if tokenizer == "demo" else Path(tokenizer)
+    for name in ("spiece.model", "tokenizer_config.json"):
+        shutil.copy(source / name, out / name)
 
 
 def to_pytorch_bin(source: Path, out: Path) -> Path:
@@ -210,28 +227,36 @@ def _served_bytes(log: Path) -> int:
     return int(float(match.group(1)) * 1e9)
 
 
-def measure(source: Path, work: Path, which: list[str]) -> list[Measurement]:
+def measure(source: Path, work: Path, which: list[str], keep: bool = False) -> list[Measurement]:
+    """Run ``which`` in order. A quantized conversion is deleted (disk) once no later run serves it
+    (``serve-converted-...``), unless ``keep``."""
     work.mkdir(parents=True, exist_ok=True)
     results: list[Measurement] = []
     runs = {
         "convert-bf16": lambda: measure_convert(source, work / "bf16", ["--dtype", "bfloat16"]),
         "convert-q8": lambda: measure_convert(source, work / "q8", ["--dtype", "bfloat16", "--quantize", "8"]),
         "convert-q4": lambda: measure_convert(source, work / "q4", ["--dtype", "bfloat16", "--quantize", "4"]),
-        "convert-q4-fp32": lambda: measure_convert(source, work / "q4-fp32", ["--quantize", "4"]),
+        "convert-q4-fp32": lambda: measure_convert(source, work / "q4-fp32", ["--dtype", "float32", "--quantize", "4"]),
         "serve-bf16": lambda: measure_serve(source, ["--dtype", "bfloat16"], work / "serve-bf16.log"),
         "serve-q8": lambda: measure_serve(source, ["--dtype", "bfloat16", "--quantize", "8"],
                                           work / "serve-q8.log"),
         "serve-q4": lambda: measure_serve(source, ["--dtype", "bfloat16", "--quantize", "4"],
                                           work / "serve-q4.log"),
         "serve-converted-bf16": lambda: measure_serve(work / "bf16", [], work / "serve-converted.log"),
+        "serve-converted-q4": lambda: measure_serve(work / "q4", [], work / "serve-converted-q4.log"),
+        "serve-converted-q4-fp32": lambda: measure_serve(work / "q4-fp32", [], work / "serve-converted-q4-fp32.log"),
     }
-    for name in which:
+    unknown = [name for name in which if name not in runs]
+    if unknown:
+        raise SystemExit(f"--only: unknown run {unknown[0]!r}; choose from {', '.join(runs)}")
+    for position, name in enumerate(which):
         result = runs[name]()
         results.append(result)
         print(f"{name}: peak {result.peak_rss_bytes / GIB:.2f} GiB, payload {result.payload_bytes / GIB:.2f} GiB, "
               f"bound {result.bound_bytes / GIB:.2f} GiB, {result.seconds:.0f} s  ({result.command})", flush=True)
-        if name.startswith("convert-q"):
-            shutil.rmtree(work / name.removeprefix("convert-"), ignore_errors=True)  # disk, not needed again
+        converted = name.removeprefix("convert-").removeprefix("serve-converted-")
+        if converted.startswith("q") and not keep and f"serve-converted-{converted}" not in which[position + 1:]:
+            shutil.rmtree(work / converted, ignore_errors=True)  # disk, not needed again
     return results
 
 
@@ -247,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--shard-gib", type=float, default=2.0, help="largest shard (default 2 GiB)")
     make.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                       help="stored dtype (default float32; bfloat16 halves the disk)")
+    make.add_argument("--tokenizer", default="demo", metavar="demo|t5|DIR",
+                      help="demo: the demo models' 65 characters (default); t5: a 32,100-token T5-layout "
+                           "sentencepiece (trained here in about a minute); DIR: copy that checkpoint's")
     to_bin = commands.add_parser("to-bin", help="rewrite a generated checkpoint as pytorch_model.bin")
     to_bin.add_argument("--source", required=True, type=Path)
     to_bin.add_argument("--out", required=True, type=Path)
@@ -255,17 +283,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--work", required=True, type=Path, help="where conversions and logs go")
     run.add_argument("--only", nargs="*", default=["convert-bf16", "convert-q8", "convert-q4", "convert-q4-fp32",
                                                    "serve-bf16", "serve-q8", "serve-q4", "serve-converted-bf16"])
+    run.add_argument("--keep", action="store_true", help="keep the quantized conversions (default: deleted "
+                     "once measured and served)")
     run.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.command == "generate":
         shape = SHAPES[args.shape] | ({"num_layers": args.layers, "num_decoder_layers": args.layers}
                                       if args.layers else {})
-        generate(args.out, shape, int(args.shard_gib * GIB), dtype=args.dtype)
+        generate(args.out, shape, int(args.shard_gib * GIB), dtype=args.dtype, tokenizer=args.tokenizer)
         return 0
     if args.command == "to-bin":
         to_pytorch_bin(args.source, args.out)
         return 0
-    results = measure(args.source, args.work, args.only)
+    results = measure(args.source, args.work, args.only, args.keep)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) | {"bound_bytes": r.bound_bytes} for r in results], indent=2))
     return 0
