@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from ring import fail_ring_start, skip_without_ring_backend
-from tp_rank import run_greedy
+from tp_rank import KV_BITS, run_greedy
 
 from specdec_core.checkpoint import load_model, save_model
 from specdec_core.errors import CheckpointError
@@ -98,7 +98,8 @@ def _launch(out: Path, checkpoints: list[Path]) -> str:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory: pytest.TempPathFactory, t5_v10_dir: Path, t5_v11_dir: Path):
-    """Per family: (the unsharded model's run, the two ranks' runs, the unsharded model)."""
+    """Per family: (the unsharded model's run, the two ranks' runs, the unsharded model, its run with
+    a KV_BITS cache)."""
     skip_without_ring_backend()  # a ring that is available but does not start fails (tests/ring.py)
     out = tmp_path_factory.mktemp("tp")
     checkpoints = [t5_v10_dir, t5_v11_dir]
@@ -110,19 +111,20 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory, t5_v10_dir: Path, t5_v11
         files = [out / f"{i}-{rank}.npz" for rank in range(RANKS)]
         assert all(f.is_file() for f in files), f"a rank failed on {checkpoint.name}:\n{output[-6000:]}"
         unsharded = load_model(checkpoint)
-        results[checkpoint.name] = (run_greedy(unsharded.model), [dict(np.load(f)) for f in files], unsharded)
+        results[checkpoint.name] = (run_greedy(unsharded.model), [dict(np.load(f)) for f in files], unsharded,
+                                    run_greedy(unsharded.model, KV_BITS))
     return results
 
 
 def test_ranks_compute_identical_logits(two_ranks) -> None:
-    for _, ranks, _ in two_ranks.values():
-        for key in ("cached", "uncached", "split_cached", "tokens"):
+    for _, ranks, *_ in two_ranks.values():
+        for key in ("cached", "uncached", "split_cached", "tokens", "kv_cached", "kv_tokens"):
             assert np.array_equal(ranks[0][key], ranks[1][key]), key
 
 
 def test_logits_match_the_unsharded_model(two_ranks) -> None:
     """Cached block + single steps, the uncached pass, and a model split after full loading."""
-    for name, (expected, ranks, _) in two_ranks.items():
+    for name, (expected, ranks, *_) in two_ranks.items():
         got = ranks[0]
         for key, reference in (("cached", "cached"), ("uncached", "uncached"), ("split_cached", "cached")):
             err = float(np.abs(got[key] - expected[reference]).max())
@@ -132,14 +134,24 @@ def test_logits_match_the_unsharded_model(two_ranks) -> None:
 
 
 def test_greedy_tokens_match_the_unsharded_model(two_ranks) -> None:
-    for expected, ranks, _ in two_ranks.values():
+    for expected, ranks, *_ in two_ranks.values():
         assert ranks[0]["tokens"].tolist() == expected["tokens"].tolist()
+
+
+def test_a_quantized_cache_on_two_ranks_matches_the_unsharded_model_with_the_same_cache(two_ranks) -> None:
+    """--kv-bits on a tensor-parallel target: each rank quantizes the K/V of its own heads, per
+    position and head, as the unsharded model quantizes the same heads."""
+    for name, (_, ranks, _, expected) in two_ranks.items():
+        err = float(np.abs(ranks[0]["kv_cached"] - expected["cached"]).max())
+        print(f"{name} {KV_BITS}-bit cache: max |sharded - unsharded| = {err:.3g}")
+        assert err <= ATOL, f"{name}: {err:.3g} > {ATOL}"
+        assert ranks[0]["kv_tokens"].tolist() == expected["tokens"].tolist()
 
 
 def test_each_rank_holds_half_of_the_split_weights(two_ranks) -> None:
     """Per rank: every replicated byte plus exactly half of all others; and loading it never
     held more than the whole unsharded model (no full copy was materialised)."""
-    for name, (_, ranks, unsharded) in two_ranks.items():
+    for name, (_, ranks, unsharded, _) in two_ranks.items():
         params = dict(tree_flatten(unsharded.model.parameters()))
         replicated = sum(v.nbytes for k, v in params.items() if REPLICATED.search(k))
         split = weight_nbytes(unsharded.model) - replicated

@@ -22,8 +22,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import LoopThread, RunningOrchestrator, start_orchestrator_in
@@ -182,6 +184,51 @@ def test_sampling_on_two_ranks_matches_the_target_distribution(services: Service
     finally:
         orch.stop()
     assert _chi_square_p(observed, exact) > 1e-3
+
+
+def _greedy_alone(engine: Any, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    """The target alone in this process, one token per pass (EOS cut, as the stream sends)."""
+    state, out = engine.start(prompt_ids), []
+    while len(out) < max_tokens:
+        token = int(np.argmax(engine.forward(state, 1)[-1]))
+        if token == engine.args.eos_token_id:
+            break
+        out.append(token)
+        state.tokens.append(token)
+    return out
+
+
+def test_a_quantized_cache_on_two_ranks_gives_the_one_process_targets_output_with_that_cache(
+        services: Services, reference: GreedyReference, target_dir: Path, tmp_path: Path) -> None:
+    """``--tensor-parallel 2 --kv-bits 4``: both ranks quantize their heads' K/V (the follower gets
+    the flag from rank 0's command line); speculative greedy output, alone and batched, is the
+    4-bit-cache target's own (in this process), which here is not the unquantized target's."""
+    from specdec_core.checkpoint import load_model
+    from specdec_core.engine import ModelEngine
+
+    tp = ServiceProcess("target", ["--model", str(target_dir), "--port", "0", "--log-level", "INFO",
+                                   "--tensor-parallel", str(RANKS), "--kv-bits", "4"],
+                        tmp_path / "tp-kv4.log", env=dict(os.environ, OPENBLAS_NUM_THREADS="1"), new_session=True)
+    try:
+        tp.wait_port(START_TIMEOUT_S)
+        info = tp.info()
+        assert (info.tensor_parallel, info.kv_bits, info.kv_group_size) == (RANKS, 4, 32)
+        engine = ModelEngine(load_model(target_dir), kv_bits=4)
+        expected = {p: _greedy_alone(engine, reference.tokenizer(p).input_ids, MAX_TOKENS) for p in PROMPTS}
+        assert any(expected[p] != reference(p, MAX_TOKENS) for p in PROMPTS)
+        orch = start_orchestrator_in(services.loop, [services.draft.address], [tp.address], connect_timeout_s=30)
+        try:
+            with _client(orch) as client, ThreadPoolExecutor(len(PROMPTS)) as pool:
+                assert list(client.generate(PROMPTS[0], max_tokens=MAX_TOKENS, num_draft=NUM_DRAFT).token_ids
+                            ) == expected[PROMPTS[0]]
+                responses = list(pool.map(
+                    lambda p: client.generate(p, max_tokens=MAX_TOKENS, num_draft=NUM_DRAFT), PROMPTS))
+            for prompt, response in zip(PROMPTS, responses, strict=True):
+                assert list(response.token_ids) == expected[prompt], prompt
+        finally:
+            orch.stop()
+    finally:
+        _kill_group(tp)
 
 
 def test_killed_rank_fails_over_and_reports_not_serving(services: Services, reference: GreedyReference) -> None:
