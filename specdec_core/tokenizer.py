@@ -10,13 +10,25 @@ from typing import Any
 
 from .errors import CheckpointError
 
+# T5 places tokens by relative position: no prompt length breaks it. A checkpoint's
+# tokenizer_config "model_max_length" (512 for t5-*, 64 for the demo pair) only makes transformers
+# warn that a longer prompt "will result in indexing errors"; the real limits are --max-prompt-tokens.
+NO_LENGTH_LIMIT = int(1e30)  # transformers' own value for "no limit"
+
 
 def load_tokenizer(directory: str | os.PathLike[str]) -> Any:
-    """The tokenizer stored beside a checkpoint (spiece.model or tokenizer.json).
+    """The tokenizer stored beside a checkpoint (spiece.model or tokenizer.json), without a
+    maximum length (see NO_LENGTH_LIMIT).
 
     Always ``from_pretrained(dir)``: in transformers 5, ``T5Tokenizer(vocab_file=...)``
     silently builds a ~100-token vocabulary.
     """
+    tokenizer = _load(directory)
+    tokenizer.model_max_length = NO_LENGTH_LIMIT
+    return tokenizer
+
+
+def _load(directory: str | os.PathLike[str]) -> Any:
     path = Path(directory)
     if not path.is_dir():
         raise CheckpointError(f"tokenizer directory {path} does not exist")

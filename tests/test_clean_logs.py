@@ -1,10 +1,12 @@
 """Logs that tell the truth: ordinary requests, a request that runs out of time and a cancelled
 stream leave no ERROR line and no traceback in any service's log; the deadline is one WARNING
 line, the cancel one INFO line. Ctrl-C in ``specdec generate`` prints what came so far, no
-traceback. Real processes (a draft, a target, an orchestrator) at --log-level INFO."""
+traceback. Real processes (a draft, a target, an orchestrator) at --log-level INFO. And a prompt
+longer than a tokenizer's model_max_length brings no false "indexing errors" warning."""
 
 from __future__ import annotations
 
+import logging
 import re
 import signal
 import subprocess
@@ -124,3 +126,18 @@ def test_no_error_or_traceback_in_any_log_and_one_line_for_a_deadline_and_a_canc
         errors = [line for line in text.splitlines() if re.search(r" (ERROR|CRITICAL) ", line)]
         assert not errors, f"{log.name}: {errors[:3]}"
         assert "Traceback" not in text, f"{log.name}:\n{text[-3000:]}"
+
+
+def test_a_prompt_longer_than_the_tokenizers_model_max_length_is_no_warning(caplog: pytest.LogCaptureFixture,
+                                                                          capfd: pytest.CaptureFixture[str]
+                                                                          ) -> None:
+    """The demo tokenizer's config says model_max_length 64; T5 has no such limit, so a longer
+    prompt must not bring transformers' "will result in indexing errors" warning."""
+    from specdec_core.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(REPO / "models" / "demo-target")
+    with caplog.at_level(logging.WARNING):
+        ids = tokenizer("spell " + " ".join(["704316"] * 40)).input_ids
+    assert len(ids) > 64
+    printed = capfd.readouterr()
+    assert "indexing errors" not in caplog.text + printed.out + printed.err
