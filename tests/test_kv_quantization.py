@@ -228,3 +228,21 @@ def test_a_four_bit_cache_changes_the_output_so_the_guarantee_is_per_setting(nea
     outputs = {bits: _generate(draft, ModelEngine(load_model(target_dir), kv_bits=bits), TINY_PROMPTS, False, 0)
                for bits in (None, 4)}
     assert outputs[None] != outputs[4]
+
+
+# -- the flag ------------------------------------------------------------------------------------------
+
+
+def test_the_flag_reaches_the_engine_and_info_and_the_ngram_draft_refuses_it() -> None:
+    from specdec_grpc.worker import WorkerConfig, build_host, build_parser, info_response
+
+    assert build_parser("target").parse_args([]).kv_bits is None
+    with pytest.raises(SystemExit):
+        build_parser("draft").parse_args(["--kv-bits", "3"])
+    for role, bits, group in (("target", None, 0), ("target", 8, 32), ("draft", 4, 32)):
+        args = build_parser(role).parse_args(["--model", str(MODELS / f"demo-{role}")]
+                                             + ([] if bits is None else ["--kv-bits", str(bits)]))
+        info = info_response(build_host(WorkerConfig.from_args(role, args)))
+        assert (info.kv_bits, info.kv_group_size) == (bits or 0, group)
+    with pytest.raises(CheckpointError, match="the ngram draft has none"):
+        build_host(WorkerConfig(role="draft", model=str(MODELS / "demo-draft"), method="ngram", kv_bits=8))

@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--requests", type=int,
                         help=f"with --concurrency: timed requests per client at each concurrency (default "
                              f"{FULL_REQUESTS}; quick {QUICK_REQUESTS})")
+    parser.add_argument("--kv-bits", metavar="SETTING,...",
+                        help="with --concurrency: the target's K/V cache settings side by side instead (none = the "
+                             "model's dtype, 8, 4; the first is the baseline), e.g. none,8,4: a target and an "
+                             "orchestrator per setting beside one draft; greedy agreement with the baseline on "
+                             "every prompt, the serving phases of each setting, bytes per session; writes "
+                             "kv_cache.json and kv_cache.md")
     parser.add_argument("--worker-flags", default="",
                         help="with --concurrency: extra flags for draft and target, e.g. "
                              "\"--max-batch 8 --batch-wait-ms 2\"")
@@ -148,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     preset = QUICK if args.quick else FULL
     if args.concurrency and args.drafting:
         raise SystemExit("--concurrency and --drafting are separate benchmarks; pick one")
+    if args.kv_bits:
+        from .kv_cache import parse_kv_bits
+
+        parse_kv_bits(args.kv_bits)  # checked now, before any pair is built
+        if not args.concurrency:
+            raise SystemExit("--kv-bits compares the K/V cache settings through the serving benchmark: give "
+                             "--concurrency too (e.g. --concurrency 1,8)")
     # the serving mode checks its flags now, before any pair is built; it takes every prompt in turn
     # (prompts cost nothing there) and is greedy unless asked
     serving = serving_settings(args) if args.concurrency else None
@@ -179,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         from .drafting import drafting_main
 
         return drafting_main(args, settings, env, info, workloads, skipped, out, started)
+    if serving and args.kv_bits:
+        from .kv_cache import kv_cache_main
+
+        return kv_cache_main(args, settings, serving, env, info, workloads, skipped, out, started)
     if serving:
         return serving_main(args, settings, serving, env, info, workloads, skipped, out, started)
     report: dict[str, Any] = {
