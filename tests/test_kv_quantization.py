@@ -23,6 +23,7 @@ import pytest
 
 from orchestrator.params import GenerationParams
 from orchestrator.speculative import SpeculativeGeneration
+from specdec_core.cache_bytes import KV_GROUP_SIZE, CacheShape
 from specdec_core.checkpoint import load_model
 from specdec_core.decoder_state import CHUNK
 from specdec_core.engine import ModelEngine
@@ -158,6 +159,21 @@ def test_eight_bits_halve_a_bfloat16_sessions_bytes_and_four_bits_quarter_them(d
     assert sizes[4] == per_head * (d_kv // 2 + groups * 2 * 2)
     assert sizes[8] / sizes[None] == pytest.approx(0.53125)  # 8 bits and 4 bytes of scales per 64 values
     assert sizes[4] / sizes[None] == pytest.approx(0.28125)
+
+
+@pytest.mark.parametrize(("d_kv", "dtype"), [(16, mx.float32), (64, mx.bfloat16), (96, mx.float32)])
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_the_budgets_formula_counts_a_quantized_sessions_bytes(d_kv: int, dtype: mx.Dtype, bits: int | None) -> None:
+    """cache_bytes.CacheShape (what --cache-memory counts) with this cache's bits and group size equals
+    the nbytes of a session's arrays, padding of narrow heads included, after growing a chunk."""
+    model = _model(d_kv, dtype=dtype)
+    spec = None if bits is None else KVQuantization.for_heads(bits, d_kv)
+    cache = model.make_cache(_encoded(model, 23, 7), spec)
+    model.decode_sessions([[0, *_tokens(model, CHUNK + 9, 8)]], [cache], [1])
+    assert cache.capacity == 2 * CHUNK
+    shape = CacheShape.of_model(model.args, "float32" if dtype == mx.float32 else "bfloat16", bits,
+                                spec.group_size if spec else KV_GROUP_SIZE)
+    assert shape.session_bytes(23, cache.capacity) == _session_array_bytes(cache)
 
 
 def test_bits_other_than_8_and_4_are_refused() -> None:
