@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,13 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from . import tensor_files
+from .checkpoint_config import check_config
+from .checkpoint_files import read_json
 from .errors import CheckpointError
 from .t5 import T5, ModelArgs, is_hf_layout
 
 logger = logging.getLogger(__name__)
+_CONFIG_DEFAULTS = {f.name: f.default for f in fields(ModelArgs)}  # what an absent config field means
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 QUANT_BITS = (4, 8)
@@ -90,26 +95,19 @@ def resolve_model_path(name_or_dir: str | os.PathLike[str]) -> Path:
 
 
 def read_config(path: Path) -> dict[str, Any]:
+    """``config.json`` of checkpoint directory ``path``, every field the model reads checked."""
     config_file = path / "config.json"
-    if not config_file.is_file():
+    if not os.path.lexists(config_file):
         raise CheckpointError(f"{path} has no config.json; is it a T5 checkpoint directory?")
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from exc
-
-
-def safetensors_files(path: Path) -> list[Path]:
-    """``model.safetensors``, or the shards ``model.safetensors.index.json`` names; [] if neither."""
-    return tensor_files.safetensors_files(path)[0]
+    return check_config(read_json(config_file), config_file, _CONFIG_DEFAULTS)
 
 
 def open_tensors(path: Path) -> tensor_files.TensorSource:
     """The weights of a checkpoint directory, to be read tensor by tensor."""
     try:
-        files, weight_map = tensor_files.safetensors_files(path)
-        if files:
-            return tensor_files.SafetensorsFiles(files, weight_map)
+        safetensors = tensor_files.open_safetensors(path)
+        if safetensors is not None:
+            return safetensors
         bins = tensor_files.torch_bin_files(path)
         if bins:
             return tensor_files.TorchBins(bins)
@@ -182,6 +180,7 @@ class CheckpointStream:
             {ours: self.source.shape(theirs) for ours, theirs in self._stored.items()},
             self.path,
         )
+        check_dtypes(model, self._stored, self.source, self.path)
         if quantize_bits is not None and stored_quant is None:
             qualifies = _quantize_predicate(group_size)
             self._quantize_now = {f"{p}.weight" for p, m in model.named_modules() if qualifies(p, m)}
@@ -307,6 +306,16 @@ def cast_floating(value: mx.array, dtype: str) -> mx.array:
     return value.astype(DTYPES[dtype]) if mx.issubdtype(value.dtype, mx.floating) else value
 
 
+def check_dtypes(model: T5, stored: dict[str, str], source: tensor_files.TensorSource, path: Path) -> None:
+    """Raise a CheckpointError naming a stored tensor whose dtype cannot be the parameter it is
+    loaded into: a floating parameter is stored as F32, F16 or BF16, a quantized weight as U32."""
+    for ours, value in tree_flatten(model.parameters()):
+        allowed = ("F32", "F16", "BF16") if mx.issubdtype(value.dtype, mx.floating) else ("U32",)
+        if ours in stored and source.dtype(stored[ours]) not in allowed:
+            raise CheckpointError(f"stored as {source.dtype(stored[ours])}; specdec reads it from "
+                                  f"{', '.join(allowed)}", file=path, field=stored[ours])
+
+
 def check_shapes(
     expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], path: Path
 ) -> None:
@@ -357,17 +366,25 @@ def convert_checkpoint(
     out = Path(out_dir).expanduser()
     if out.resolve() == stream.path.resolve():
         raise CheckpointError(f"--out {out_dir} is the source directory; write the conversion somewhere else")
-    out.mkdir(parents=True, exist_ok=True)
-    writer = tensor_files.ShardWriter(out, max_shard_bytes, metadata={"format": "mlx"})
+    # Everything is written to a directory inside ``out`` and moved in at the end, so a conversion
+    # that fails leaves ``out`` as it found it (and no ``out`` at all where it made it).
+    created = next((d for d in reversed([out, *out.parents]) if not d.exists()), None)
     try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".specdec-convert-", dir=out))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write there: {exc.strerror}", file=out, field="--out") from None
+    try:
+        writer = tensor_files.ShardWriter(staging, max_shard_bytes, metadata={"format": "mlx"})
         for name, value in stream.tensors(f"converting {stream.path.name}"):
             writer.add(name, value)
+        writer.finish()
+        _write_config_and_tokenizer(stream.path, staging, stream.model_id, stream.dtype, stream.quantization,
+                                    stream.args.scale_decoder_outputs)
+        files = [f for f in tensor_files.move_into(staging, out) if f.suffix == ".safetensors"]
     except BaseException:
-        writer.abort()
+        shutil.rmtree(created or staging, ignore_errors=True)
         raise
-    files = writer.finish()
-    _write_config_and_tokenizer(stream.path, out, stream.model_id, stream.dtype, stream.quantization,
-                                stream.args.scale_decoder_outputs)
     return Conversion(stream, files, writer.total_bytes, writer.total_elements, time.perf_counter() - started)
 
 

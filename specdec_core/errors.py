@@ -3,6 +3,8 @@ them to status codes in one place (``specdec_grpc.status``), so no model code kn
 
 from __future__ import annotations
 
+import os
+
 
 class SpecdecError(Exception):
     """Base class: a failure a person can act on, reported with its message."""
@@ -32,7 +34,16 @@ class Unavailable(SpecdecError):
 
 
 class CheckpointError(SpecdecError, ValueError):
-    """A checkpoint directory or hub name that cannot be loaded: missing files, not T5, bad shapes."""
+    """A checkpoint directory or hub name that cannot be loaded: missing files, not T5, bad shapes.
+
+    One line, ``<file>: <field>: <problem>`` (the file and the field where they are known), so a
+    command line tool or a service prints it as it is.
+    """
+
+    def __init__(self, problem: str, *, file: str | os.PathLike[str] | None = None, field: str | None = None):
+        self.problem, self.file, self.field = problem, file, field
+        text = ": ".join(str(part) for part in (file, field, problem) if part is not None)
+        super().__init__(" ".join(text.split()))  # a nested error's newlines would break the one line
 
 
 class DeadlineExceeded(SpecdecError):

@@ -1,10 +1,11 @@
 """Checkpoint tensors read and written one at a time, so no step holds a whole model.
 
-``open_tensors`` reads safetensors (one file or the shards of an index) and
-``pytorch_model*.bin`` (torch's memory-mapped loading); ``ShardWriter`` writes safetensors
-shards with a ``model.safetensors.index.json``, as the hub lays them out. Broken files
-(truncated, a tensor missing from the shard its index names) raise a ``CheckpointError`` that
-names the file.
+``SafetensorsFiles`` is the one safetensors reader (checkpoint loading, conversion and the
+tensor-parallel loader all read through it): one file or the shards of an index, every header
+and shard name checked first (``checkpoint_files``). ``TorchBins`` reads ``pytorch_model*.bin``
+(torch's memory-mapped loading); ``ShardWriter`` writes safetensors shards with a
+``model.safetensors.index.json``, as the hub lays them out. A broken file raises a one-line
+``CheckpointError`` naming the file and the field.
 """
 
 from __future__ import annotations
@@ -22,12 +23,19 @@ from typing import Any, Protocol
 import mlx.core as mx
 import numpy as np
 
+from .checkpoint_files import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    TensorEntry,
+    check_regular,
+    open_regular,
+    read_header,
+    safetensors_layout,
+)
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 * 1000**3  # a few shards for T5-3B/11B; each written from memory at once
 
 # safetensors dtype -> numpy dtype to read its bytes as (bfloat16 as uint16, viewed in MLX).
@@ -43,6 +51,7 @@ class TensorSource(Protocol):
 
     def names(self) -> list[str]: ...
     def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> str: ...  # as safetensors names it (F32, BF16, U32, ...), as read
     def nbytes(self, name: str) -> int: ...
     def read(self, name: str) -> mx.array: ...  # an evaluated array that owns its memory
     def release(self, name: str) -> None: ...  # the tensor will not be read again
@@ -53,87 +62,75 @@ class TensorSource(Protocol):
 
 class SafetensorsFiles:
     """Tensors of one or more safetensors files, each read with plain ``read`` calls: only the
-    tensor being read is in memory (no mapping of the file stays resident)."""
+    tensor being read is in memory (no mapping of the file stays resident). ``read_slice`` reads
+    part of a tensor (a tensor-parallel rank's), mapping only that tensor's bytes.
 
-    def __init__(self, files: list[Path], index: dict[str, str] | None = None) -> None:
-        self._where: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
+    Every header is checked when the files are opened (``checkpoint_files.read_header``), so
+    reads trust offsets, dtypes and shapes."""
+
+    def __init__(self, files: list[Path], weight_map: dict[str, Path] | None = None) -> None:
+        self._where: dict[str, tuple[Path, TensorEntry]] = {}
         for file in files:
-            for name, (dtype, shape, begin, end) in _read_header(file).items():
-                self._where[name] = (file, dtype, shape, begin, end)
-        for name, shard in (index or {}).items():
-            if name not in self._where or self._where[name][0].name != shard:
+            for name, entry in read_header(file, INDEX_FILE if weight_map else None).items():
+                if name in self._where:
+                    raise CheckpointError(f"also in {self._where[name][0]}; a tensor lives in one shard only",
+                                          file=file, field=name)
+                self._where[name] = (file, entry)
+        for name, shard in (weight_map or {}).items():
+            if name not in self._where or self._where[name][0] != shard:
                 raise CheckpointError(
-                    f"{INDEX_FILE} puts {name} in {files[0].parent / shard}, but that file does not hold it; "
-                    "the shard is damaged or from another checkpoint: download or copy it again"
+                    f"puts {name} in {shard}, but that file does not hold it; the shard is damaged or from "
+                    "another checkpoint: download or copy it again", file=shard.parent / INDEX_FILE, field="weight_map"
                 )
 
     def names(self) -> list[str]:
         return list(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._where[name][2]
+        return self._where[name][1].shape
+
+    def dtype(self, name: str) -> str:
+        return self._where[name][1].dtype
 
     def nbytes(self, name: str) -> int:
-        _, _, _, begin, end = self._where[name]
-        return end - begin
+        return self._where[name][1].nbytes
 
     def read(self, name: str) -> mx.array:
-        file, dtype, shape, begin, end = self._where[name]
-        buffer = np.empty(end - begin, dtype=np.uint8)
-        with open(file, "rb", buffering=0) as f:
-            f.seek(begin)
-            if f.readinto(memoryview(buffer)) != end - begin:
-                raise CheckpointError(f"{file} ended while reading {name}: the file is truncated")
-        array = mx.array(buffer.view(_NUMPY_DTYPES[dtype]).reshape(shape))
-        return array.view(mx.bfloat16) if dtype == "BF16" else array
+        file, entry = self._where[name]
+        buffer = np.empty(entry.nbytes, dtype=np.uint8)
+        with open_regular(file) as f:
+            f.seek(entry.begin)
+            if f.readinto(memoryview(buffer)) != entry.nbytes:
+                raise CheckpointError(f"ended while reading {name}: the file was truncated after it was opened",
+                                      file=file)
+        return _as_mlx(buffer.view(_NUMPY_DTYPES[entry.dtype]).reshape(entry.shape), entry.dtype)
+
+    def read_slice(self, name: str, index: tuple[slice, ...]) -> mx.array:
+        """``read(name)[index]``, reading from disk only the pages the slice touches."""
+        file, entry = self._where[name]
+        if entry.nbytes == 0:
+            return self.read(name)[index]  # nothing to map
+        with open_regular(file) as f:
+            mapped = np.memmap(f, dtype=_NUMPY_DTYPES[entry.dtype], mode="r", offset=entry.begin, shape=entry.shape)
+            part = np.ascontiguousarray(mapped[index])
+        del mapped
+        return _as_mlx(part, entry.dtype)
 
     def release(self, name: str) -> None:
         pass  # nothing is kept between reads
 
 
-def _read_header(file: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
-    """name -> (dtype, shape, first byte, end byte) in ``file``, checked against its size."""
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            if size < 8 or length > size - 8:
-                raise CheckpointError(f"{file} is truncated or not a safetensors file "
-                                      f"(header of {length:,} bytes, file of {size:,})")
-            header = json.loads(f.read(length))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{file} is missing (named by {INDEX_FILE})") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{file} is not a safetensors file: its header is not JSON ({exc})") from exc
-    header.pop("__metadata__", None)
-    data_start, data_size = 8 + length, size - 8 - length
-    tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-    for name, entry in header.items():
-        begin, end = entry["data_offsets"]
-        if end > data_size:
-            raise CheckpointError(
-                f"{file} is truncated: {name} ends at byte {data_start + end:,} of a file of {size:,} bytes; "
-                "download or copy it again"
-            )
-        if entry["dtype"] not in _NUMPY_DTYPES:
-            raise CheckpointError(f"{file}: {name} has dtype {entry['dtype']}, which specdec cannot read")
-        tensors[name] = (entry["dtype"], tuple(entry["shape"]), data_start + begin, data_start + end)
-    return tensors
+def _as_mlx(array: np.ndarray, dtype: str) -> mx.array:
+    """A tensor's elements in MLX (bfloat16 travels as uint16: numpy has no bfloat16)."""
+    result = mx.array(array)
+    return result.view(mx.bfloat16) if dtype == "BF16" else result
 
 
-def safetensors_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
-    """``model.safetensors``, or the shards ``model.safetensors.index.json`` names with its
-    weight map; ([], None) if neither."""
-    single, index = path / SINGLE_FILE, path / INDEX_FILE
-    if single.is_file():
-        return [single], None
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index} is not a safetensors index (no weight_map): {exc}") from exc
-        return [path / shard for shard in sorted(set(weight_map.values()))], weight_map
-    return [], None
+def open_safetensors(path: Path) -> SafetensorsFiles | None:
+    """The safetensors weights of checkpoint directory ``path`` (one file, or the shards of its
+    index), headers and index checked; None if it has none."""
+    files, weight_map = safetensors_layout(path)
+    return SafetensorsFiles(files, weight_map) if files else None
 
 
 # -- pytorch_model.bin ----------------------------------------------------------------------------
@@ -157,28 +154,49 @@ class TorchBins:
         self._tensors: dict[str, Any] = {}
         self._mapped: set[str] = set()  # names whose bytes are in a file mapping (not a copy)
         for file in files:
-            mapped = True
+            state, mapped = self._load(file)
+            for name, tensor in state.items():
+                if name in self._tensors:
+                    raise CheckpointError("also in another pytorch_model*.bin; a tensor lives in one file only",
+                                          file=file, field=name)
+                self._tensors[name] = tensor
+                if mapped:
+                    self._mapped.add(name)
+
+    def _load(self, file: Path) -> tuple[dict[str, Any], bool]:
+        """``file``'s state dict, and whether its tensors are memory-mapped."""
+        torch = self._torch
+        check_regular(file)  # torch.load would block on a FIFO
+        mapped = True
+        try:
             try:
                 state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as exc:
                 if "mmap" not in str(exc):
-                    raise CheckpointError(f"cannot read {file}: {exc}") from exc
+                    raise
                 logger.warning("%s is in torch's legacy (pre-1.6) format, which cannot be memory-mapped: "
                                "it is read whole into memory", file)
                 state = torch.load(file, map_location="cpu", weights_only=True)
                 mapped = False
-            except Exception as exc:
-                raise CheckpointError(f"cannot read {file}: {exc}") from exc
-            for name, tensor in state.items():
-                self._tensors[name] = tensor
-                if mapped:
-                    self._mapped.add(name)
+        except Exception as exc:  # torch raises anything from pickle errors to zip errors
+            raise CheckpointError(f"cannot be read by torch.load: {exc}", file=file) from exc
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise CheckpointError("is not a state dict (tensors by name)", file=file)
+        return state, mapped
 
     def names(self) -> list[str]:
         return list(self._tensors)
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._tensors[name].shape)
+
+    def dtype(self, name: str) -> str:
+        tensor = self._tensors[name]
+        if tensor.is_floating_point():
+            return "F32"  # read as float32
+        return _TORCH_DTYPES.get(str(tensor.dtype).removeprefix("torch."), str(tensor.dtype))
 
     def nbytes(self, name: str) -> int:
         tensor = self._tensors[name]
@@ -195,6 +213,9 @@ class TorchBins:
             _drop_pages(self._tensors[name].data_ptr(), self.nbytes(name))
         del self._tensors[name]
 
+
+# torch's integer dtypes by safetensors' names for them.
+_TORCH_DTYPES = {"int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
 _libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
 
@@ -250,12 +271,6 @@ class ShardWriter:
         self._pending_bytes = 0
         mx.clear_cache()  # give the shard's buffers back rather than keep them for reuse
 
-    def abort(self) -> None:
-        """Remove the shards written so far (a conversion that failed part-way)."""
-        for partial, _ in self._written:
-            partial.unlink(missing_ok=True)
-        self._written, self._pending = [], {}
-
     def finish(self) -> list[Path]:
         """Flush the last shard, give the shards their final names; the files written."""
         if self._pending or not self._written:
@@ -276,6 +291,20 @@ class ShardWriter:
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return files
+
+
+def move_into(staging: Path, out: Path) -> list[Path]:
+    """Move every file of ``staging`` (a finished conversion) into ``out`` and remove ``staging``;
+    the weight files of an earlier conversion in ``out`` go first, so one file and shards never
+    mix. The moved files' new paths."""
+    for stale in [out / SINGLE_FILE, out / INDEX_FILE, *out.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    moved = []
+    for file in sorted(staging.iterdir()):
+        moved.append(out / file.name)
+        os.replace(file, moved[-1])
+    staging.rmdir()
+    return moved
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB)?\s*$", re.IGNORECASE)

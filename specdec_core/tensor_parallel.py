@@ -24,34 +24,31 @@ slice of each tensor from safetensors, so no rank ever holds the whole checkpoin
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx.utils import tree_flatten
-from safetensors import safe_open
 
 from .checkpoint import (
     LoadedModel,
     cast_floating,
     check_dtype,
+    check_dtypes,
     check_shapes,
     choose_dtype,
     drop_tied_head,
     our_names,
     read_config,
     resolve_model_path,
-    safetensors_files,
 )
 from .errors import CheckpointError
 from .t5 import T5, Attention, FeedForward, ModelArgs
+from .tensor_files import SafetensorsFiles, open_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -188,52 +185,6 @@ def shard_model(model: T5, group: mx.distributed.Group) -> T5:
 # -- loading only this rank's slices -----------------------------------------------------------
 
 
-class SafetensorsSlices:
-    """Reads parts of tensors from safetensors files; only the bytes of the part are read."""
-
-    def __init__(self, files: list[Path]) -> None:
-        self._file: dict[str, Path] = {}
-        self._shape: dict[str, tuple[int, ...]] = {}
-        self._dtype: dict[str, str] = {}
-        for file in files:
-            with safe_open(str(file), framework="numpy") as f:
-                for name in f.keys():
-                    tensor = f.get_slice(name)
-                    self._file[name] = file
-                    self._shape[name] = tuple(tensor.get_shape())
-                    self._dtype[name] = tensor.get_dtype()
-        self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
-
-    def names(self) -> list[str]:
-        return list(self._file)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._shape[name]
-
-    def read(self, name: str, index: tuple[slice, ...]) -> mx.array:
-        if self._dtype[name] == "BF16":
-            return self._read_bfloat16(name, index)
-        with safe_open(str(self._file[name]), framework="numpy") as f:
-            return mx.array(f.get_slice(name)[index])
-
-    def _read_bfloat16(self, name: str, index: tuple[slice, ...]) -> mx.array:
-        # safetensors' numpy framework cannot hold bfloat16 ("data type 'bfloat16' not
-        # understood"): map the tensor's bytes as uint16, copy the slice, reinterpret in MLX.
-        file = self._file[name]
-        header_size, header = self._header(file)
-        begin, _ = header[name]["data_offsets"]
-        raw = np.memmap(file, dtype=np.uint16, mode="r", offset=8 + header_size + begin,
-                        shape=self._shape[name])
-        return mx.array(np.ascontiguousarray(raw[index])).view(mx.bfloat16)
-
-    def _header(self, file: Path) -> tuple[int, dict[str, Any]]:
-        if file not in self._headers:
-            with open(file, "rb") as f:
-                size = int.from_bytes(f.read(8), "little")  # the format: u64 header length, JSON
-                self._headers[file] = (size, json.loads(f.read(size)))
-        return self._headers[file]
-
-
 def load_sharded(
     name_or_dir: str | os.PathLike[str],
     group: mx.distributed.Group,
@@ -260,7 +211,7 @@ def load_sharded(
 
     def read(ours: str) -> mx.array:
         theirs = stored[ours]
-        return tensors.read(theirs, shard_index(ours, tensors.shape(theirs), rank, size))
+        return tensors.read_slice(theirs, shard_index(ours, tensors.shape(theirs), rank, size))
 
     # The replicated embedding and head first: whether the head is tied, and the stored dtype.
     replicated = {name: read(name) for name in ("shared.weight", "lm_head.weight") if name in stored}
@@ -276,6 +227,7 @@ def load_sharded(
         {ours: tensors.shape(theirs) for ours, theirs in stored.items()},
         path,
     )
+    check_dtypes(model, stored, tensors, path)
     if size > 1:
         _shard_modules(model, group)
     weights: list[tuple[str, mx.array]] = []
@@ -290,14 +242,11 @@ def load_sharded(
     return LoadedModel(model, args, path, str(name_or_dir), chosen, None)
 
 
-def _open_safetensors(path: Path) -> SafetensorsSlices:
-    try:
-        files = safetensors_files(path)
-        if files:
-            return SafetensorsSlices(files)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read the weights in {path}: {exc}") from exc
-    raise CheckpointError(
-        f"{path} has no safetensors weights; tensor-parallel loading reads slices of "
-        "model.safetensors (or its sharded index): convert the checkpoint with specdec-convert"
-    )
+def _open_safetensors(path: Path) -> SafetensorsFiles:
+    files = open_safetensors(path)
+    if files is None:
+        raise CheckpointError(
+            f"{path} has no safetensors weights; tensor-parallel loading reads slices of "
+            "model.safetensors (or its sharded index): convert the checkpoint with specdec-convert"
+        )
+    return files

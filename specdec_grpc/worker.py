@@ -316,7 +316,13 @@ def run_worker(
     ranks = TensorParallel.join(config, sys.argv[1:] if argv is None else argv)
     if ranks is not None and ranks.group.rank() != 0:
         ranks.follow(config)  # never returns
-    host = ranks.build_host(config) if ranks is not None else None
+    try:
+        host = ranks.build_host(config) if ranks is not None else build_host(config)
+    except CheckpointError as error:  # a checkpoint it cannot load: one line (file, field, problem), no traceback
+        if ranks is not None:
+            ranks.stop_followers()
+        print(f"specdec-{role}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
     async def serve() -> None:
         running, started = await start_worker(config, servicer_class, add_to_server, service_name, host)

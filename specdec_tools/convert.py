@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  specdec-convert --model google/flan-t5-small --out models/flan-t5-small\n"
             "  specdec-convert --model t5-11b --out models/t5-11b-q4 --dtype bfloat16 --quantize 4\n"
+            "\n"
+            "exit status: 0 converted; 2 a bad flag, or a checkpoint it cannot read, told in one line\n"
+            "(specdec-convert: error: <file>: <field>: <problem>). A failed conversion leaves --out as it\n"
+            "was: a directory it created is removed, an existing one keeps only what it held.\n"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -209,11 +209,11 @@ def test_truncated_shard(sharded_dir: Path, tmp_path: Path, capsys: pytest.Captu
     shard = sorted(broken.glob("model-*-of-*.safetensors"))[1]
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size - 1000)
-    with pytest.raises(CheckpointError, match=rf"{shard} is truncated: .* ends at byte"):
+    with pytest.raises(CheckpointError, match=rf"{shard}: .*\.data_offsets: ends at byte .* the file is truncated"):
         load_model(broken)
     assert convert(["--model", str(broken), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("specdec-convert: error:") and f"{shard} is truncated" in err
+    assert err.startswith(f"specdec-convert: error: {shard}: ") and "the file is truncated" in err
     assert "Traceback" not in err
 
 
@@ -221,7 +221,7 @@ def test_shard_named_by_the_index_is_missing(sharded_dir: Path, tmp_path: Path) 
     broken = _copy(sharded_dir, tmp_path / "broken")
     shard = sorted(broken.glob("model-*-of-*.safetensors"))[-1]
     shard.unlink()
-    with pytest.raises(CheckpointError, match=rf"{shard} is missing \(named by model.safetensors.index.json\)"):
+    with pytest.raises(CheckpointError, match=rf"{shard}: does not exist \(model.safetensors.index.json names it\)"):
         load_model(broken)
 
 
@@ -252,7 +252,7 @@ def test_failed_conversion_leaves_no_partial_shards(sharded_dir: Path, tmp_path:
     monkeypatch.setattr(tensor_files.SafetensorsFiles, "read", read_then_fail)
     out = tmp_path / "out"
     assert convert(["--model", str(sharded_dir), "--out", str(out), "--max-shard-size", "16MB"]) == 2
-    assert list(out.iterdir()) == []
+    assert not out.exists()  # it made the directory, and took it away again
 
 
 def test_benchmark_generator_writes_a_loadable_sharded_checkpoint(tmp_path: Path) -> None:

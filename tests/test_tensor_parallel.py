@@ -29,7 +29,8 @@ from tp_rank import KV_BITS, run_greedy
 
 from specdec_core.checkpoint import load_model, save_model
 from specdec_core.errors import CheckpointError
-from specdec_core.tensor_parallel import SafetensorsSlices, load_sharded, shard_model, weight_nbytes
+from specdec_core.tensor_files import SafetensorsFiles
+from specdec_core.tensor_parallel import load_sharded, shard_model, weight_nbytes
 
 ATOL = 1e-4
 RANKS = 2
@@ -196,7 +197,7 @@ def test_sizes_that_do_not_divide_are_refused(t5_v10_dir: Path) -> None:
 def test_sliced_loading_equals_splitting_the_loaded_model(t5_v11_dir: Path, tmp_path: Path, dtype: str) -> None:
     """Per rank, reading slices gives the parameters that splitting the full model gives; the
     ranks' parts together are the whole. bfloat16 is a converted (our names) directory, which
-    takes the raw-bytes path of SafetensorsSlices."""
+    is read as raw bytes (numpy has no bfloat16)."""
     source = save_model(load_model(t5_v11_dir, dtype="bfloat16"), tmp_path) if dtype == "bfloat16" else t5_v11_dir
     full = _params(load_model(source).model)
     parts = []
@@ -219,8 +220,8 @@ def test_bfloat16_slices_read_only_the_part(tmp_path: Path) -> None:
     file = tmp_path / "model.safetensors"
     table = mx.arange(6 * 8, dtype=mx.float32).reshape(6, 8).astype(mx.bfloat16)
     mx.save_safetensors(str(file), {"a": mx.ones((3,)), "t": table})
-    slices = SafetensorsSlices([file])
+    slices = SafetensorsFiles([file])
     assert slices.shape("t") == (6, 8)
-    got = slices.read("t", (slice(None), slice(4, 8)))
+    got = slices.read_slice("t", (slice(None), slice(4, 8)))
     assert got.dtype == mx.bfloat16 and mx.array_equal(got, table[:, 4:]).item()
-    assert mx.array_equal(slices.read("t", (slice(2, 4), slice(None))), table[2:4]).item()
+    assert mx.array_equal(slices.read_slice("t", (slice(2, 4), slice(None))), table[2:4]).item()
