@@ -15,6 +15,7 @@ from specdec_core.errors import CheckpointError
 from specdec_core.limits import add_limit_arguments, limits_from_args
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
 from specdec_grpc.metrics import serve_metrics
+from specdec_grpc.ports import require_free
 from specdec_grpc.server import (
     DEFAULT_MAX_MESSAGE_MB,
     RunningServer,
@@ -245,6 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     config = OrchestratorConfig.from_args(args)
+    require_free(config.host, config.port)  # before waiting for the replicas (--connect-timeout)
+    if config.metrics_port:
+        require_free(config.host, config.metrics_port, "--metrics-port")
 
     async def serve() -> None:
         running, pool, orchestrator = await start_orchestrator(config)

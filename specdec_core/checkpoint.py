@@ -29,6 +29,7 @@ from . import tensor_files
 from .checkpoint_config import check_config
 from .checkpoint_files import read_json
 from .errors import CheckpointError
+from .model_names import missing_model
 from .t5 import T5, ModelArgs, is_hf_layout
 
 logger = logging.getLogger(__name__)
@@ -69,11 +70,10 @@ def resolve_model_path(name_or_dir: str | os.PathLike[str]) -> Path:
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
         return path
+    problem = missing_model(name_or_dir)  # a file, or a local-looking path that is not there
+    if problem is not None:
+        raise CheckpointError(problem)
     text = str(name_or_dir)
-    if path.exists():
-        raise CheckpointError(f"{text} is a file; --model takes a checkpoint directory or a hub name")
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or not text:
-        raise CheckpointError(f"checkpoint directory {text} does not exist")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:  # pragma: no cover - a dependency of transformers

@@ -28,6 +28,7 @@ from specdec_core.limits import add_limit_arguments, limits_from_args
 from specdec_core.session_host import SessionHost
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
 from specdec_grpc.metrics import WorkerMetrics, serve_metrics
+from specdec_grpc.ports import require_free
 from specdec_grpc.server import (
     RunningServer,
     Security,
@@ -316,6 +317,10 @@ def run_worker(
     ranks = TensorParallel.join(config, sys.argv[1:] if argv is None else argv)
     if ranks is not None and ranks.group.rank() != 0:
         ranks.follow(config)  # never returns
+    # Before the model loads (minutes for a large one): a port in use stops it now, in one line.
+    require_free(config.host, config.port)
+    if config.metrics_port:
+        require_free(config.host, config.metrics_port, "--metrics-port")
     try:
         host = ranks.build_host(config) if ranks is not None else build_host(config)
     except CheckpointError as error:  # a checkpoint it cannot load: one line (file, field, problem), no traceback

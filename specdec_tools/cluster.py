@@ -1,8 +1,12 @@
 """Start, stop and inspect a local specdec cluster: ``scripts/up``, ``scripts/down``, ``scripts/status``.
 
-``up`` starts N drafts and M targets on free ports (they print their port), waits until
-each reports SERVING, then starts the orchestrator on ``--port`` (default 50051) and waits
-for it too. Every service serves Prometheus metrics on a free port (``--metrics-port 0``).
+``up`` checks what it can before it starts anything (each model directory exists, the
+orchestrator's port is free), starts N drafts and M targets on free ports (they print their
+port), waits until each reports SERVING, then starts the orchestrator on ``--port`` (default
+50051) and waits for it too. Every service serves Prometheus metrics on a free port
+(``--metrics-port 0``). ``--draft-args``/``--target-args``/``--worker-args``/``--orchestrator-args``
+pass further flags to those services. Ctrl-C while it starts stops what it started. The commands
+it prints at the end run as printed from the repository root.
 Logs, pids, addresses and metrics addresses go to a run directory (default ``runs/current``);
 ``down`` stops exactly the processes recorded there, by pid; a tensor-parallel target
 (``--target-tp N``) is a process group (rank 0 and the ranks it started), stopped as a group.
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -21,12 +26,17 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from specdec_core.model_names import missing_model
+from specdec_grpc.ports import port_problem
 from specdec_tools.service_process import ServiceProcess
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUN_DIR = REPO_ROOT / "runs" / "current"
 DEMO_DRAFT = REPO_ROOT / "models" / "demo-draft"
 DEMO_TARGET = REPO_ROOT / "models" / "demo-target"
+DEMO_PROMPT = "spell 704316"  # a number the demo pair never saw in training
+# For a pair of your own: a task every T5 checkpoint (t5-*, flan-t5-*) was trained on.
+T5_PROMPT = "translate English to German: The house is wonderful."
 
 
 def wait_serving(address: str, timeout: float) -> None:
@@ -51,14 +61,60 @@ def _start(run_dir: Path, name: str, role: str, args: list[str], host: str) -> d
             "host": host, "_service": service}
 
 
+def shown(path: str | Path) -> str:
+    """A path as a command printed for the repository root takes it: relative inside, else absolute."""
+    absolute = Path(path).absolute()
+    try:
+        return shlex.quote(str(absolute.relative_to(REPO_ROOT)))
+    except ValueError:
+        return shlex.quote(str(absolute))
+
+
+def specdec_command() -> str:
+    """The ``specdec`` next to this Python (``.venv/bin/specdec``: not on the PATH unless the venv
+    is activated), or this Python running its module."""
+    script = Path(sys.executable).with_name("specdec")
+    return shown(script) if script.exists() else f"{shown(sys.executable)} -m orchestrator.cli"
+
+
+def problems_before_start(args: argparse.Namespace) -> list[str]:
+    """What would fail once the services load (minutes for a large model), found now."""
+    problems = [f"--{flag}: {problem}" for flag, model in (("draft-model", args.draft_model),
+                                                          ("target-model", args.target_model))
+                if (problem := missing_model(model))]
+    if args.tokenizer and not Path(args.tokenizer).is_dir():
+        problems.append(f"--tokenizer {args.tokenizer}: no such directory")
+    if args.targets < 1:
+        problems.append("--targets must be >= 1 (a cluster needs a target)")
+    if args.drafts < 0:
+        problems.append("--drafts must be >= 0 (0: the target alone)")
+    if (problem := port_problem(args.host, args.port)) is not None:
+        problems.append(f"--port {args.port}: cannot bind {args.host}:{args.port}: {problem}; "
+                        f"pick another (e.g. --port {args.port + 1}) or run scripts/down first")
+    for flag in ("worker_args", "draft_args", "target_args", "orchestrator_args"):
+        try:
+            shlex.split(getattr(args, flag))
+        except ValueError as error:
+            problems.append(f"--{flag.replace('_', '-')}: {error}")
+    return problems
+
+
 def up(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if (run_dir / "cluster.json").exists() and _alive(json.loads((run_dir / "cluster.json").read_text())):
-        print(f"a cluster is already running from {run_dir}; run scripts/down first", file=sys.stderr)
+        default = run_dir.absolute() == DEFAULT_RUN_DIR
+        down = "scripts/down" + ("" if default else f" --run-dir {shown(run_dir)}")
+        print(f"a cluster is already running from {run_dir}; run {down} first", file=sys.stderr)
         return 1
+    problems = problems_before_start(args)
+    for problem in problems:
+        print(f"scripts/up: {problem}", file=sys.stderr)
+    if problems:
+        return 2
     run_dir.mkdir(parents=True, exist_ok=True)
     members: list[dict] = []
     extra = ["--log-level", args.log_level, "--metrics-port", "0"]
+    interrupted = False
     try:
         for role, count, model in (("draft", args.drafts, args.draft_model), ("target", args.targets, args.target_model)):
             for i in range(count):
@@ -68,6 +124,8 @@ def up(args: argparse.Namespace) -> int:
                 tensor_parallel = role == "target" and getattr(args, "target_tp", 1) > 1
                 if tensor_parallel:
                     service_args += ["--tensor-parallel", str(args.target_tp)]
+                # Passed-through flags last: on a flag given twice, the service takes the last.
+                service_args += [*shlex.split(args.worker_args), *shlex.split(getattr(args, f"{role}_args"))]
                 members.append(_start(run_dir, f"{role}-{i}", role, service_args, args.host))
                 members[-1]["process_group"] = tensor_parallel  # pid is the group's id (new session)
         for member in members:
@@ -79,8 +137,11 @@ def up(args: argparse.Namespace) -> int:
         service_args = ["--host", args.host, "--port", str(args.port), *extra]
         for member in members:
             service_args += [f"--{member['role']}", member["address"]]
+        if args.drafts == 0:
+            service_args.append("--no-draft")
         if args.tokenizer:
             service_args += ["--tokenizer", str(args.tokenizer)]
+        service_args += shlex.split(args.orchestrator_args)
         orchestrator = _start(run_dir, "orchestrator", "orchestrator", service_args, args.host)
         members.append(orchestrator)
         port = orchestrator["_service"].wait_port(args.timeout)
@@ -92,15 +153,35 @@ def up(args: argparse.Namespace) -> int:
         print(f"scripts/up failed: {error}", file=sys.stderr)
         _stop([m for m in members if "pid" in m], grace=5)
         return 1
+    except KeyboardInterrupt:  # the services run in sessions of their own: Ctrl-C reaches only us
+        interrupted = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        print(f"\nscripts/up: interrupted; stopping the {len(members)} process(es) it started",
+              file=sys.stderr)
+        _stop([m for m in members if "pid" in m], grace=5)
+        return 130
     finally:
         records = [{k: v for k, v in m.items() if not k.startswith("_")} for m in members]
-        (run_dir / "cluster.json").write_text(json.dumps(records, indent=2))
-    address = members[-1]["address"]
-    print(f"\nspecdec is up (logs and pids in {run_dir}). Try:\n"
-          f"  specdec generate \"spell 704316\" --address {address}\n"
-          f"  specdec status --address {address}\n"
-          f"  scripts/down")
+        state = run_dir / "cluster.json"
+        if interrupted:
+            state.unlink(missing_ok=True)
+        else:
+            state.write_text(json.dumps(records, indent=2))
+    print(f"\nspecdec is up (logs and pids in {run_dir}). Try, from the repository root:\n"
+          + "".join(f"  {command}\n" for command in next_commands(args, members[-1]["address"])), end="")
     return 0
+
+
+def next_commands(args: argparse.Namespace, address: str) -> list[str]:
+    """What to run next, each as it runs from the repository root: the demo prompt only for the
+    demo pair, the run directory only when it is not the default."""
+    specdec = specdec_command()
+    demo = Path(args.target_model).absolute() == DEMO_TARGET
+    prompt = shlex.quote(DEMO_PROMPT if demo else T5_PROMPT)
+    run_dir = "" if Path(args.run_dir).absolute() == DEFAULT_RUN_DIR else f" --run-dir {shown(args.run_dir)}"
+    return [f"{specdec} generate {prompt} --address {address}",
+            f"{specdec} status --address {address}",
+            f"scripts/down{run_dir}"]
 
 
 def _metrics_url(record: dict) -> str:
@@ -219,40 +300,58 @@ def status(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
-def _parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR), help="where logs and pids live")
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR),
+                        help="where logs and pids live "
+                             f"(default {DEFAULT_RUN_DIR.relative_to(REPO_ROOT)} in the repository)")
     return parser
 
 
 def up_main(argv: list[str] | None = None) -> None:
-    parser = _parser("Start drafts, targets and an orchestrator in the background.")
-    parser.add_argument("--drafts", type=int, default=1, help="draft replicas (default 1)")
+    parser = _parser("scripts/up", "Start drafts, targets and an orchestrator in the background.")
+    parser.add_argument("--drafts", type=int, default=1,
+                        help="draft replicas; 0 runs the target alone (default 1)")
     parser.add_argument("--targets", type=int, default=1, help="target replicas (default 1)")
-    parser.add_argument("--draft-model", default=str(DEMO_DRAFT), help="default: the bundled demo draft")
+    parser.add_argument("--draft-model", default=str(DEMO_DRAFT),
+                        help="checkpoint directory or hub name "
+                             "(default models/demo-draft, the bundled demo draft)")
     parser.add_argument("--draft-method", choices=["model", "ngram", "hybrid"], default="model",
                         help="how the drafts propose (specdec-draft --method): model (default), ngram (prompt "
                              "lookup, no weights: --draft-model gives the tokenizer), hybrid")
-    parser.add_argument("--target-model", default=str(DEMO_TARGET), help="default: the bundled demo target")
+    parser.add_argument("--target-model", default=str(DEMO_TARGET),
+                        help="checkpoint directory or hub name (default models/demo-target, the bundled demo "
+                             "target)")
     parser.add_argument("--target-tp", type=int, default=1, metavar="N",
                         help="split each target over N ranks on this machine (specdec-target "
                              "--tensor-parallel N: a loopback MLX ring; default 1, one process)")
     parser.add_argument("--tokenizer", help="tokenizer directory for the orchestrator (default: the target's)")
-    parser.add_argument("--host", default="127.0.0.1", help="interface every process binds")
-    parser.add_argument("--port", type=int, default=50051, help="orchestrator port (workers pick free ports)")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for each process")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface every process binds (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=50051,
+                        help="orchestrator port; workers pick free ports (default 50051)")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds to wait for each process to serve (default 300)")
+    parser.add_argument("--log-level", default="INFO", help="every service's --log-level (default INFO)")
+    for flag, to in (("worker", "every draft and target"), ("draft", "every draft (specdec-draft)"),
+                     ("target", "every target (specdec-target)"), ("orchestrator", "the orchestrator")):
+        parser.add_argument(f"--{flag}-args", default="", metavar="FLAGS",
+                            help=f"more flags for {to}, one quoted string, e.g. "
+                                 + ('"--max-batch 32 --watchdog-s 120"' if flag != "orchestrator"
+                                    else '"--max-generations 64"')
+                                 + " (default none; up's own --model, --host, --port and --metrics-port "
+                                   "come first, so a flag given here wins)")
     sys.exit(up(parser.parse_args(argv)))
 
 
 def down_main(argv: list[str] | None = None) -> None:
-    parser = _parser("Stop the processes scripts/up started (by pid).")
-    parser.add_argument("--grace", type=float, default=15.0, help="seconds before SIGKILL")
+    parser = _parser("scripts/down", "Stop the processes scripts/up started (by pid).")
+    parser.add_argument("--grace", type=float, default=15.0, help="seconds before SIGKILL (default 15)")
     sys.exit(down(parser.parse_args(argv)))
 
 
 def status_main(argv: list[str] | None = None) -> None:
-    sys.exit(status(_parser("Show the processes scripts/up started.").parse_args(argv)))
+    sys.exit(status(_parser("scripts/status", "Show the processes scripts/up started.").parse_args(argv)))
 
 
 if __name__ == "__main__":

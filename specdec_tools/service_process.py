@@ -101,7 +101,10 @@ class ServiceProcess:
         code = self.process.poll()
         self.kill()
         why = f"exited with code {code}" if code is not None else f"did not announce a port within {timeout:g} s"
-        tail = self.log.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+        text = self.log.read_text(errors="replace")
+        tail = text[-LOG_TAIL_CHARS:]
+        if len(text) > LOG_TAIL_CHARS and "\n" in tail:
+            tail = tail.split("\n", 1)[1]  # whole lines: an excerpt that starts mid-word reads as garbage
         raise RuntimeError(f"specdec-{self.role} {why}: {shlex.join(self.argv)}\n"
                            f"its log ({self.log}) ends:\n{tail}")
 

@@ -88,11 +88,12 @@ def test_ctrl_c_in_generate_prints_what_came_and_no_traceback(services: Services
     assert match and 0 < int(match.group(1)) < LONG, out[-500:]
     # The server was told: the request ended there, as a cancel, in one line.
     wait_until(lambda: [e for e in services.endings() if e[0] == request_id], 30, what="the request's end")
-    assert [(level, what.split(" after")[0]) for rid, level, what in services.endings() if rid == request_id] \
-        == [("INFO", "cancelled by the client")]
+    ended = [(level, what.split(" after")[0]) for rid, level, what in services.endings() if rid == request_id]
+    assert ended == [("INFO", "cancelled by the client")]
 
 
-def test_no_error_or_traceback_in_any_log_and_one_line_for_a_deadline_and_a_cancel(services: Services) -> None:
+def test_no_error_or_traceback_in_any_log_and_one_line_for_a_deadline_and_a_cancel(services: Services
+                                                                                  ) -> None:
     client = SpecdecClient(services.orchestrator.address, timeout=60)
     try:
         for prompt in PROMPTS[:3]:  # ordinary requests: unary, streamed, the target alone

@@ -39,7 +39,7 @@ def test_a_typo_in_a_flag_prints_the_subcommands_usage_and_the_nearest_flag(caps
                                                                             ) -> None:
     err = _usage_error(["generate", "x", "--max-tokns", "3"], capsys)
     assert err.startswith("usage: specdec generate ")
-    assert "specdec generate: error: unrecognized arguments: --max-tokns 3 (did you mean --max-tokens?)" in err
+    assert "error: unrecognized arguments: --max-tokns 3 (did you mean --max-tokens?)" in err
     err = _usage_error(["status", "--jsn"], capsys)
     assert err.startswith("usage: specdec status ") and "(did you mean --json?)" in err
 
@@ -51,7 +51,8 @@ def _stats(**fields: object) -> pb.GenerateStats:
 
 
 def test_the_stats_line_counts_in_the_singular_for_one() -> None:
-    line = cli.format_stats(_stats(tokens=1, target_passes=1, proposed=3, accepted=0, draft_passes=1), "length")
+    one = _stats(tokens=1, target_passes=1, proposed=3, accepted=0, draft_passes=1)
+    line = cli.format_stats(one, "length")
     assert line.startswith("[1 token, length,") and "1 target pass," in line and "1 draft pass," in line
     line = cli.format_stats(_stats(proposed=6, accepted=5, draft_passes=6), "eos")
     assert line.startswith("[8 tokens, eos,") and "2 target passes" in line and "6 draft passes" in line
