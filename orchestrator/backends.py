@@ -104,11 +104,12 @@ class GrpcBackend:
     """
 
     def __init__(self, role: str, address: str, stub: Any, metadata: Sequence[tuple[str, str]] = (),
-                 streams: bool = True):
+                 streams: bool = True, owner: str = ""):
         self.role = role
         self.address = address
         self.stub = stub
         self.metadata = tuple(metadata)
+        self.owner = owner  # the orchestrator process's owner id: the worker frees its sessions if it goes silent
         self.max_draft = 0  # the replica's --max-draft once its Info is known (0: unknown)
         self.draft_method = ""  # a draft's Info.draft_method: "model", "ngram", "hybrid" ("": unknown)
         self.processor = ("", "")  # (Info.hostname, Info.device): where it computes ("": unknown)
@@ -117,7 +118,7 @@ class GrpcBackend:
         self._open_streams: dict[str, Any] = {}  # session id -> its step stream (a grpc.aio call)
 
     async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str:
-        request = pb.OpenSessionRequest(prompt_ids=prompt_ids, client_tag=request_id)
+        request = pb.OpenSessionRequest(prompt_ids=prompt_ids, client_tag=request_id, owner=self.owner)
         return (await self._call(self.stub.OpenSession, request, timeout)).session_id
 
     async def step(self, request: StepRequest) -> Proposal | Verdict:

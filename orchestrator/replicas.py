@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,9 @@ FAILURE_CODES = {
     # next health check. Simpler than a load penalty, and new sessions avoid it meanwhile.
     grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+# A worker's --owner-lease must cover this many health checks: each renews this orchestrator's lease
+# on its sessions (the Info it sends), so it may miss the rest in a row without losing one.
+LEASE_RENEWALS = 3
 # Fields draft and target must agree on, or their tokens mean different things.
 COMPATIBILITY_FIELDS = (
     "vocab_size", "eos_token_id", "pad_token_id", "decoder_start_token_id", "tokenizer_fingerprint",
@@ -108,13 +112,17 @@ class ReplicaPool:
             raise StartupError("at least one --target address is needed")
         self.metadata = tuple(metadata)
         self.health_interval_s = health_interval_s
+        # Who owns the sessions this pool's requests open (one pool per orchestrator process): sent
+        # with every OpenSession, renewed by the Info at every health check (docs/configuration.md).
+        self.owner = secrets.token_hex(8)
         self.replicas: list[Replica] = []
         for role, addresses in (("draft", drafts), ("target", targets)):
             for address in addresses:
                 channel = channel_factory(address)
                 stub = pb_grpc.DraftStub(channel) if role == "draft" else pb_grpc.TargetStub(channel)
                 self.replicas.append(
-                    Replica(address, role, channel, GrpcBackend(role, address, stub, self.metadata, step_streams),
+                    Replica(address, role, channel,
+                            GrpcBackend(role, address, stub, self.metadata, step_streams, self.owner),
                             health_pb2_grpc.HealthStub(channel))
                 )
         self._by_backend = {id(r.backend): r for r in self.replicas}
@@ -164,10 +172,22 @@ class ReplicaPool:
                     f"session (--max-decoder-tokens) and a request may need {decoder_tokens_needed} (the "
                     "start token, --max-tokens-cap tokens and a block of --max-num-draft drafts): raise "
                     "the worker's --max-decoder-tokens or lower those orchestrator flags")
+            self._check_lease(replica)
             replica.healthy = True
         for replica in pending:
             logger.warning("%s %s not reachable yet; will use it once it answers", replica.role, replica.address)
         self._watch = asyncio.get_running_loop().create_task(self._health_watch())
+
+    def _check_lease(self, replica: Replica) -> None:
+        """Refuse a worker whose owner lease is too short for this pool's health checks to renew
+        (its sessions would be freed under running requests). 0: a worker without leases."""
+        lease = replica.info.limits.owner_lease_s if replica.info is not None else 0.0
+        if 0 < lease < LEASE_RENEWALS * self.health_interval_s:
+            raise IncompatibleReplicas(
+                f"refusing to start: {replica.role} {replica.address} frees the sessions of an orchestrator "
+                f"it has not heard from for {lease:g}s (--owner-lease), and this one renews at every health "
+                f"check, {self.health_interval_s:g}s apart (--health-interval): the lease must cover "
+                f"{LEASE_RENEWALS} checks; raise the worker's --owner-lease or lower --health-interval")
 
     def incompatibility(self, info: pb.InfoResponse | None) -> str:
         if info is None or self.reference is None:
@@ -180,7 +200,8 @@ class ReplicaPool:
 
     async def _fetch_info(self, replica: Replica, timeout: float) -> bool:
         try:
-            replica.info = await replica.backend.stub.Info(pb.InfoRequest(), timeout=timeout, metadata=self.metadata)
+            replica.info = await replica.backend.stub.Info(pb.InfoRequest(owner=self.owner), timeout=timeout,
+                                                           metadata=self.metadata)
         except grpc.aio.AioRpcError as error:
             replica.last_error = f"{error.code().name}: {error.details()}"
             return False
@@ -228,11 +249,11 @@ class ReplicaPool:
 
     async def _read_load(self, replica: Replica) -> None:
         """Refresh a serving replica's live load from its Info (a cheap call answered off the
-        model thread). A failed read leaves no figures rather than stale ones; health stays
-        the health check's business."""
+        model thread), which also renews this pool's lease on its sessions there. A failed read
+        leaves no figures rather than stale ones; health stays the health check's business."""
         try:
-            info = await replica.backend.stub.Info(pb.InfoRequest(), timeout=max(0.5, self.health_interval_s),
-                                                   metadata=self.metadata)
+            info = await replica.backend.stub.Info(pb.InfoRequest(owner=self.owner),
+                                                   timeout=max(0.5, self.health_interval_s), metadata=self.metadata)
         except grpc.aio.AioRpcError as error:
             logger.debug("%s %s: Info failed: %s", replica.role, replica.address, error.code().name)
             replica.load = None

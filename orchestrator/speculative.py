@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 MAX_FAILOVERS = 8  # per request: past this a flapping cluster is reported, not retried forever
 DEFAULT_CALL_TIMEOUT_S = 60.0  # per call when the request has no deadline: a hung replica is failed over
-# Closes of sessions abandoned by a failover run off the request path; keep them referenced.
+# Closes of sessions abandoned by a failover or a cancelled request run off the request path;
+# keep them referenced.
 _ABANDONED: set[asyncio.Task[None]] = set()
 
 
@@ -110,8 +111,7 @@ class SpeculativeGeneration:
             if backend is None:
                 return  # a draft lane: finish with the target alone
             try:
-                timeout = self._call_deadline() - time.monotonic()
-                session_id = await backend.open(self.prompt_ids, self.request_id, timeout)
+                session_id = await self._open_session(backend)
             except ReplicaError as error:
                 self._replica_failed(lane, backend, error)
                 continue
@@ -127,6 +127,18 @@ class SpeculativeGeneration:
                 lane.opening = None
             lane.attach(backend, session_id)
             return
+
+    async def _open_session(self, backend: Any) -> str:
+        """Open a session for this request on ``backend``. If the request is cancelled meanwhile,
+        the open still runs to its end and the session it returns is closed: a worker that
+        answered just as the request gave up would otherwise hold the session until its TTL."""
+        timeout = self._call_deadline() - time.monotonic()
+        opening = asyncio.ensure_future(backend.open(self.prompt_ids, self.request_id, timeout))
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(lambda done: _close_opened(backend, done))
+            raise
 
     async def _open_lanes(self) -> None:
         """Open the target's session and, when speculating, the draft's. Pipelined, both at once
@@ -213,11 +225,13 @@ class SpeculativeGeneration:
     async def _reopen(self, lane: Lane, backend: Any) -> bool:
         """Open a new session for the lane on the same replica; False if that fails too."""
         try:
-            session_id = await backend.open(self.prompt_ids, self.request_id,
-                                            self._call_deadline() - time.monotonic())
+            session_id = await self._open_session(backend)
         except (ReplicaError, ResourceExhausted) as error:
             logger.info("req=%s reopening on %s failed: %s", self.request_id, backend.address, error)
             return False
+        except BaseException:  # cancelled: the lane holds no session there, so nothing else hands it back
+            self.source.release(backend)
+            raise
         lane.attach(backend, session_id)
         return True
 
@@ -245,16 +259,7 @@ class SpeculativeGeneration:
         refuses at once, one that merely failed this call frees it now, not at its TTL."""
         backend, session_id = lane.backend, lane.session_id
         lane.backend = None
-
-        async def close_quietly() -> None:
-            try:
-                await backend.close(session_id)
-            except Exception as error:  # noqa: BLE001 - the replica's TTL frees it instead
-                logger.debug("closing abandoned session on %s failed: %s", backend.address, error)
-
-        task = asyncio.get_running_loop().create_task(close_quietly())
-        _ABANDONED.add(task)
-        task.add_done_callback(_ABANDONED.discard)
+        _close_in_background(backend, session_id)
 
     async def close(self) -> None:
         """Close both sessions, at once; safe on every exit path (errors here are only logged)."""
@@ -445,6 +450,26 @@ class SpeculativeGeneration:
         stats.draft_model_s += record.propose_model_s
         stats.target_model_s += record.verify_model_s
         stats.draft_passes += proposed + record.ahead_drafted
+
+
+def _close_in_background(backend: Any, session_id: str) -> None:
+    """Close a session no request holds any more, off the request path (errors only logged)."""
+
+    async def close_quietly() -> None:
+        try:
+            await backend.close(session_id)
+        except Exception as error:  # noqa: BLE001 - the worker's owner lease or TTL frees it instead
+            logger.debug("closing abandoned session on %s failed: %s", backend.address, error)
+
+    task = asyncio.get_running_loop().create_task(close_quietly())
+    _ABANDONED.add(task)
+    task.add_done_callback(_ABANDONED.discard)
+
+
+def _close_opened(backend: Any, opening: asyncio.Future[str]) -> None:
+    """An open whose request was cancelled has ended: close the session it opened, if any."""
+    if not opening.cancelled() and opening.exception() is None:
+        _close_in_background(backend, opening.result())
 
 
 async def _all(*calls: Any) -> list[Any]:

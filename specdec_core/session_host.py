@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import ModelEngine
-from .errors import InvalidArgument, PrefixMismatch, SpecdecError, Unavailable
+from .errors import DeadlineExceeded, InvalidArgument, PrefixMismatch, SpecdecError, Unavailable
 from .host_limits import HostLimits
 from .session_store import Session, SessionStore, capacity_for
 from .step_scheduler import QueuedStep, StepScheduler, restore
@@ -53,7 +53,8 @@ class SessionHost:
         self.limits = limits
         self.role = role
         self.tokenizer_fingerprint = tokenizer_fingerprint
-        self.store = SessionStore(limits.max_sessions, limits.max_cached_tokens, limits.session_ttl_s)
+        self.store = SessionStore(limits.max_sessions, limits.max_cached_tokens, limits.session_ttl_s,
+                                  owner_lease_s=limits.owner_lease_s)
         self.metrics = HostMetrics()
         # Called on the event loop after every step that reached the model thread (metrics).
         self.step_listeners: list[Callable[[StepTiming], None]] = []
@@ -103,12 +104,18 @@ class SessionHost:
             listener()
 
     async def _expire_loop(self) -> None:
-        period = max(0.05, min(5.0, self.limits.session_ttl_s / 4))
+        """One sweep frees what the idle TTL and the owner lease no longer hold, as a close does."""
+        period = max(0.05, min(5.0, self.limits.session_ttl_s / 4, self.limits.owner_lease_s / 4))
         while True:
             await asyncio.sleep(period)
             for session in self.store.expire_idle():
+                self._forget(session)
                 logger.info("%s req=%s session %s expired after %gs idle", self.role, session.tag,
                             session.id[:8], self.limits.session_ttl_s)
+            for session in self.store.reclaim_orphaned():
+                self._forget(session)
+                logger.info("%s req=%s session %s freed: its owner %s was not heard from for %gs (--owner-lease)",
+                            self.role, session.tag, session.id[:8], session.owner[:8], self.limits.owner_lease_s)
 
     async def _watchdog_loop(self) -> None:
         limit = self.limits.watchdog_s
@@ -169,7 +176,11 @@ class SessionHost:
             raise Unavailable(f"the {self.role} service is draining (shutting down); use another replica")
 
     # -- operations ---------------------------------------------------------------------------
-    async def open(self, prompt_ids: list[int], tag: str = "", deadline: float | None = None) -> Session:
+    async def open(self, prompt_ids: list[int], tag: str = "", deadline: float | None = None,
+                   owner: str = "") -> Session:
+        """A new session on the prompt, owned by ``owner`` ("": none; see ``SessionStore``). A caller
+        that gave up meanwhile (cancelled, or its deadline passed during the encode) gets no
+        session: nothing is kept for it, its reservation is given back."""
         self._check_serving()
         if self.wedged:
             raise Unavailable(
@@ -193,7 +204,11 @@ class SessionHost:
             state = await self._scheduler.submit(opening)
         finally:
             self.store.release(reserved)
-        session = self.store.add(state, request_tag(tag))  # no await since release: still fits
+        if deadline is not None and time.monotonic() >= deadline:
+            logger.info("%s req=%s open dropped: the caller's deadline passed while it encoded", self.role,
+                        request_tag(tag))
+            raise DeadlineExceeded("the deadline passed while the prompt was encoded; no session was kept")
+        session = self.store.add(state, request_tag(tag), owner)  # no await since release: still fits
         logger.info("%s req=%s session %s opened (%d prompt tokens)", self.role, session.tag, session.id[:8],
                     len(prompt_ids))
         return session
@@ -326,9 +341,17 @@ class SessionHost:
     async def close(self, session_id: str) -> bool:
         session = self.store.pop(session_id)
         if session is not None:
-            self._scheduler.forget(session.state)
+            self._forget(session)
             logger.info("%s req=%s session %s closed", self.role, session.tag, session_id[:8])
         return session is not None
+
+    def _forget(self, session: Session) -> None:
+        """A session left the store (closed, expired, reclaimed): no batch waits for it."""
+        self._scheduler.forget(session.state)
+
+    def renew(self, owner: str) -> None:
+        """The owner is alive (it sent an Info): its sessions stay (``SessionStore.heard``)."""
+        self.store.heard(owner)
 
     def snapshot(self) -> dict[str, Any]:
         """Live figures for Info."""
@@ -337,6 +360,7 @@ class SessionHost:
             "cached_tokens": self.store.cached_tokens,
             "sessions_opened": self.store.opened,
             "sessions_expired": self.store.expired,
+            "sessions_reclaimed": self.store.reclaimed,
             "forward_passes": self.engine.forward_passes,
             "steps": self.metrics.steps,
             "request_bytes": self.metrics.request_bytes,

@@ -3,6 +3,10 @@
 Holds each session's decoder state behind a lock, enforces the session limit and the
 cache-token budget (RESOURCE_EXHAUSTED instead of running out of memory), and evicts
 sessions idle past a TTL. Session ids are unguessable (``secrets.token_urlsafe``).
+
+Ownership: a session opened with an owner (an orchestrator process's random id) is freed once
+that owner has not been heard from (``heard``: its Info, or a call on one of its sessions) for
+the owner lease, so a crashed orchestrator's sessions come back in seconds, not after the TTL.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ class Session:
     state: DecoderState
     tag: str = ""
     last_used: float = 0.0
+    owner: str = ""  # the orchestrator process that opened it; "": none (the idle TTL only)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -38,11 +43,14 @@ class SessionStore:
         max_cached_tokens: int,
         ttl_s: float,
         clock: Callable[[], float] = time.monotonic,
+        owner_lease_s: float = float("inf"),
     ):
         self.max_sessions = max_sessions
         self.max_cached_tokens = max_cached_tokens
         self.ttl_s = ttl_s
         self.clock = clock
+        self.owner_lease_s = owner_lease_s
+        self._heard: dict[str, float] = {}  # owner -> when it was last heard from (clock)
         self._sessions: dict[str, Session] = {}
         # Room held for sessions being opened (encoding): counted by check_room like live
         # sessions, so concurrent opens cannot all pass the check and overshoot together.
@@ -50,6 +58,7 @@ class SessionStore:
         self._reserved_tokens = 0
         self.opened = 0
         self.expired = 0
+        self.reclaimed = 0  # freed because their owner went silent
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -91,9 +100,10 @@ class SessionStore:
         if extra > 0:
             self.check_room(extra, new_session=False)
 
-    def add(self, state: DecoderState, tag: str = "") -> Session:
-        session = Session(id=secrets.token_urlsafe(18), state=state, tag=tag, last_used=self.clock())
+    def add(self, state: DecoderState, tag: str = "", owner: str = "") -> Session:
+        session = Session(id=secrets.token_urlsafe(18), state=state, tag=tag, last_used=self.clock(), owner=owner)
         self._sessions[session.id] = session
+        self.heard(owner)
         self.opened += 1
         return session
 
@@ -104,7 +114,13 @@ class SessionStore:
                 f"session {session_id[:12]!r} is unknown, closed or expired (idle TTL {self.ttl_s:g}s)"
             )
         session.last_used = self.clock()
+        self.heard(session.owner)
         return session
+
+    def heard(self, owner: str) -> None:
+        """The owner is alive (it sent an Info, or a call on one of its sessions): renew its lease."""
+        if owner:
+            self._heard[owner] = self.clock()
 
     def pop(self, session_id: str) -> Session | None:
         return self._sessions.pop(session_id, None)
@@ -114,6 +130,19 @@ class SessionStore:
         deadline = self.clock() - self.ttl_s
         stale = [s for s in self._sessions.values() if s.last_used < deadline and not s.lock.locked()]
         for session in stale:
-            del self._sessions[session.id]
+            self.pop(session.id)
         self.expired += len(stale)
         return stale
+
+    def reclaim_orphaned(self) -> list[Session]:
+        """Drop the sessions of owners not heard from within the lease that no call is using (a
+        session in use is its owner's call, or one it left running: taken once it ends); return
+        them. Owners silent past the lease are forgotten."""
+        silent_since = self.clock() - self.owner_lease_s
+        self._heard = {owner: at for owner, at in self._heard.items() if at >= silent_since}
+        orphaned = [s for s in self._sessions.values()
+                    if s.owner and s.owner not in self._heard and not s.lock.locked()]
+        for session in orphaned:
+            self.pop(session.id)
+        self.reclaimed += len(orphaned)
+        return orphaned

@@ -174,3 +174,5 @@ class _HostCollector(Collector):
                      live["sessions_opened"])
         yield family(CounterMetricFamily, "specdec_worker_sessions_expired", "Sessions evicted after their "
                      "idle TTL", live["sessions_expired"])
+        yield family(CounterMetricFamily, "specdec_worker_sessions_reclaimed", "Sessions freed because the "
+                     "orchestrator that owned them went unheard for --owner-lease", live["sessions_reclaimed"])

@@ -199,7 +199,8 @@ class SessionServicer:
         self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> pb.OpenSessionResponse:
         self.wire_limits.check_open(request)  # before the ids become a list
-        session = await self.host.open(list(request.prompt_ids), request.client_tag, deadline_of(context))
+        session = await self.host.open(list(request.prompt_ids), request.client_tag, deadline_of(context),
+                                       request.owner)
         return pb.OpenSessionResponse(session_id=session.id, length=session.state.length)
 
     @grpc_method
@@ -217,6 +218,7 @@ class SessionServicer:
 
     @grpc_method
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        self.host.renew(request.owner)  # the orchestrator's health watch: its sessions stay
         return info_response(self.host)
 
     def counted(self, request: Message, response: M) -> M:
@@ -253,6 +255,7 @@ def info_response(host: SessionHost) -> pb.InfoResponse:
         metrics=pb.Metrics(
             sessions_opened=live["sessions_opened"],
             sessions_expired=live["sessions_expired"],
+            sessions_reclaimed=live["sessions_reclaimed"],
             forward_passes=live["forward_passes"],
             steps=live["steps"],
             response_bytes=live["response_bytes"],

@@ -21,6 +21,7 @@ from harness import LoopThread, start_orchestrator_in, start_worker_in
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.client import SpecdecClient
+from specdec_core.host_limits import HostLimits
 from specdec_pb import specdec_pb2 as pb
 from specdec_pb import specdec_pb2_grpc as pb_grpc
 from specdec_tools.service_process import ServiceProcess
@@ -224,8 +225,9 @@ def test_the_monitoring_table_lists_every_metric_the_services_export(cluster) ->
 def test_failovers_by_role_and_a_failed_requests_code(loop: LoopThread, draft_dir: Path, target_dir: Path) -> None:
     """A draft that died unnoticed (no health check in between) is failed over from and the
     target finishes alone; then the same with the only target: the request fails UNAVAILABLE."""
-    draft = start_worker_in(loop, "draft", draft_dir)
-    target = start_worker_in(loop, "target", target_dir)
+    unrenewed = HostLimits(owner_lease_s=3 * 3600)  # no health check renews the lease: it must outlast the test
+    draft = start_worker_in(loop, "draft", draft_dir, unrenewed)
+    target = start_worker_in(loop, "target", target_dir, unrenewed)
     orch = start_orchestrator_in(loop, [draft.address], [target.address], metrics_port=0,
                                  health_interval_s=3600)
     try:

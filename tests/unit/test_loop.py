@@ -485,6 +485,56 @@ def test_a_request_cancelled_while_its_sessions_open_hands_every_replica_back(ca
     assert_clean(replicas, source)
 
 
+class AnswerInFlight(FakeReplica):
+    """Its open number ``held`` makes the session on the replica, then holds the answer back until
+    ``answer`` is set: a worker that opened the session as the request gave up (cancelling the
+    caller cannot undo what the worker did)."""
+
+    def __init__(self, role: str, address: str, held: int, faults: list[Fault] | None = None):
+        super().__init__(role, address, faults or [])
+        self.held = held
+        self.answer = asyncio.Event()
+
+    async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str:
+        number = self.calls["open"]
+        session_id = await super().open(prompt_ids, request_id, timeout)
+        if number == self.held:
+            await self.answer.wait()
+        return session_id
+
+
+@pytest.mark.parametrize("role, pipeline, held, faults", [
+    ("target", True, 0, []), ("draft", True, 0, []), ("target", False, 0, []), ("draft", False, 0, []),
+    ("target", True, 1, [Fault("step", 1, "lost")]),  # the reopen after a lost session
+])
+def test_an_open_answered_after_the_request_was_cancelled_is_closed(role: str, pipeline: bool, held: int,
+                                                                    faults: list[Fault]) -> None:
+    replicas = [FakeReplica("draft", "d0"), FakeReplica("target", "t0")]
+    index = 0 if role == "draft" else 1
+    slow = replicas[index] = AnswerInFlight(role, replicas[index].address, held, faults)
+    source = FakeSource(replicas)
+    params = GenerationParams(max_tokens=40, num_draft=3, sampling=SamplingParams(), seed=1, pipeline=pipeline)
+    generation = SpeculativeGeneration(source, PROMPT, params, START, EOS)
+
+    async def consume() -> None:
+        async for _ in generation.run():
+            pass
+
+    async def run() -> None:
+        task = asyncio.ensure_future(consume())
+        while slow.opened <= held:  # until the held open has made its session
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert sum(source.in_use.values()) == 0  # every replica handed back at once
+        slow.answer.set()  # the answer arrives after the request is gone
+        await asyncio.sleep(0.01)  # background closes
+
+    asyncio.run(run())
+    assert_clean(replicas, source)
+
+
 class StallingReplica(FakeReplica):
     """Answers its first ``steps`` steps, then holds each step until its deadline and fails it
     as a call that ran out of time (DEADLINE_EXCEEDED), as a replica behind a slow link."""
