@@ -93,11 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", parents=[common], help="generate a completion, streamed")
     gen.add_argument("prompt", help="input text")
     gen.add_argument("--max-tokens", type=_max_tokens, help="most tokens to generate (default: server's, 64)")
-    gen.add_argument("--num-draft", type=_num_draft, default=0,
+    gen.add_argument("--num-draft", type=_num_draft,
                      help="draft tokens per step k, or 'auto' to adapt (default: server's, 5)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0, help="top-k filter, 0 = off")
-    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus filter, 1 = off")
+    gen.add_argument("--top-k", type=int, default=0, help="top-k filter, 0 = off (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus filter, 1 = off (default)")
     gen.add_argument("--delta", type=float, default=0.0,
                      help="lenience in [0, 1]: accept with min(1, p/q + delta); 0 = exact (default)")
     gen.add_argument("--seed", type=int, help="seed for reproducible sampling")
@@ -194,7 +194,7 @@ class PartialStats:
 
 def _generate(args: argparse.Namespace, client: SpecdecClient) -> int:
     options = dict(
-        max_tokens=args.max_tokens or 0, num_draft=args.num_draft, temperature=args.temperature,
+        max_tokens=args.max_tokens or 0, num_draft=args.num_draft or 0, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, delta=args.delta, seed=args.seed,
         speculative=not args.no_speculation,
         pipeline=False if args.no_pipeline else None,

@@ -159,9 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "over one long-lived ProposeStream/VerifyStream call, ~0.3-0.6 ms cheaper "
                              "per step; use this behind a proxy that does not pass bidirectional streams)")
     parser.add_argument("--connect-timeout", type=float, default=60.0,
-                        help="seconds to wait for replicas at start-up")
+                        help="seconds to wait for replicas at start-up (default 60)")
     parser.add_argument("--health-interval", type=float, default=1.0,
-                        help="seconds between health checks of replicas")
+                        help="seconds between health checks of replicas (default 1)")
     parser.add_argument("--worker-tls-ca", help="PEM CA that signed the workers' certificates (TLS to workers)")
     parser.add_argument("--worker-tls-cert", help="PEM client certificate for mutual TLS to workers")
     parser.add_argument("--worker-tls-key", help="PEM private key of --worker-tls-cert")

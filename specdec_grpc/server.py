@@ -98,13 +98,13 @@ def add_server_arguments(
     parser.add_argument("--max-message-mb", type=int, default=default_max_message_mb,
                         help=max_message_help or f"largest request/response accepted, MiB (default {default_max_message_mb})")
     parser.add_argument("--grace", type=float, default=10.0,
-                        help="seconds in-flight calls get to finish on SIGTERM")
+                        help="seconds in-flight calls get to finish on SIGTERM (default 10)")
     parser.add_argument("--tls-cert", help="PEM certificate: serve over TLS")
     parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
     parser.add_argument("--tls-client-ca", help="PEM CA; clients must present a certificate it signed (mTLS)")
     parser.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN' on every call")
     parser.add_argument("--auth-token-file", help="read the bearer token from this file instead")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     parser.add_argument("--log-format", choices=["text", "json"], default="text",
                         help="text (default) or json: one JSON object per line with time, level, logger, "
                              "message and, on lines about a request, its request_id")

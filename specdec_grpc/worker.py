@@ -107,7 +107,7 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default=str(DEMO_MODELS[role]),
                         help="checkpoint directory (HF or specdec-convert output) or hub name "
-                             f"(default: the bundled demo {role})")
+                             f"(default models/demo-{role}, the bundled demo {role})")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="parameter dtype (default: as stored; float16 overflows in T5)")
     parser.add_argument("--quantize", type=int, choices=[4, 8], help="quantize linear layers at load")

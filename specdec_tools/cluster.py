@@ -308,7 +308,7 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def up_main(argv: list[str] | None = None) -> None:
+def build_up_parser() -> argparse.ArgumentParser:
     parser = _parser("scripts/up", "Start drafts, targets and an orchestrator in the background.")
     parser.add_argument("--drafts", type=int, default=1,
                         help="draft replicas; 0 runs the target alone (default 1)")
@@ -341,17 +341,29 @@ def up_main(argv: list[str] | None = None) -> None:
                                     else '"--max-generations 64"')
                                  + " (default none; up's own --model, --host, --port and --metrics-port "
                                    "come first, so a flag given here wins)")
-    sys.exit(up(parser.parse_args(argv)))
+    return parser
+
+
+def build_down_parser() -> argparse.ArgumentParser:
+    parser = _parser("scripts/down", "Stop the processes scripts/up started (by pid).")
+    parser.add_argument("--grace", type=float, default=15.0, help="seconds before SIGKILL (default 15)")
+    return parser
+
+
+def build_status_parser() -> argparse.ArgumentParser:
+    return _parser("scripts/status", "Show the processes scripts/up started.")
+
+
+def up_main(argv: list[str] | None = None) -> None:
+    sys.exit(up(build_up_parser().parse_args(argv)))
 
 
 def down_main(argv: list[str] | None = None) -> None:
-    parser = _parser("scripts/down", "Stop the processes scripts/up started (by pid).")
-    parser.add_argument("--grace", type=float, default=15.0, help="seconds before SIGKILL (default 15)")
-    sys.exit(down(parser.parse_args(argv)))
+    sys.exit(down(build_down_parser().parse_args(argv)))
 
 
 def status_main(argv: list[str] | None = None) -> None:
-    sys.exit(status(_parser("scripts/status", "Show the processes scripts/up started.").parse_args(argv)))
+    sys.exit(status(build_status_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

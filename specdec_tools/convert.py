@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=list(DTYPES),
         default=None,
-        help="parameter dtype to store (default: the checkpoint's own; float16 is promoted to "
-        "float32 because T5 overflows in it)",
+        help="parameter dtype to store (default: the checkpoint's own, except that a float16 checkpoint "
+        "is stored as float32, since T5 overflows in float16; --dtype float16 is stored as float16, with "
+        "a warning)",
     )
     parser.add_argument(
         "--quantize",

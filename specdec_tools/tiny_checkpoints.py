@@ -3,10 +3,16 @@
 Used by the tests (against transformers' PyTorch T5) and by the benchmark's synthetic pair.
 Checkpoints are written by transformers' own ``save_pretrained``, so they are real HF
 directories; needs the ``test`` extra (torch, sentencepiece).
+
+    python -m specdec_tools.tiny_checkpoints --out DIR
+
+writes the tests' speculative pair (DIR/draft, DIR/target, sharing DIR/tokenizer) to try
+conversion and serving offline: random weights, so the text is noise, but every path runs.
 """
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import io
 import json
@@ -155,3 +161,38 @@ def _untie_lm_head(out: Path, seed: int) -> None:
     config["tie_word_embeddings"] = False
     config.pop("scale_decoder_outputs", None)  # as in a pre-transformers-5 flan-t5 config
     (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def build_pair(out_dir: str | os.PathLike[str], seed: int = 2) -> tuple[Path, Path]:
+    """The tests' speculative pair under ``out_dir``: a v1.1 target and a smaller v1.1 draft
+    sharing one tokenizer (tests/conftest.py builds the same); returns (draft, target)."""
+    out = Path(out_dir)
+    tokenizer = train_tokenizer(out / "tokenizer")
+    target = build_t5(out / "target", tokenizer, "v1_1", seed=seed)
+    draft = build_t5(out / "draft", tokenizer, "v1_1", seed=seed + 1, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                     num_heads=4)
+    return draft, target
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m specdec_tools.tiny_checkpoints",
+        description="Write a tiny random T5 pair (HF layout: config.json, model.safetensors, tokenizer) to try "
+                    "specdec-convert, scripts/up and specdec-bench without the internet. Random weights: the "
+                    "text is noise. Needs the test extra (torch).",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="directory to write DIR/draft, DIR/target and DIR/tokenizer into")
+    parser.add_argument("--seed", type=int, default=2, help="the target's seed; the draft's is one more (default 2)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    draft, target = build_pair(args.out, args.seed)
+    print(f"wrote {draft} and {target}; serve them with:\n"
+          f"  scripts/up --draft-model {draft} --target-model {target}")
+
+
+if __name__ == "__main__":
+    main()

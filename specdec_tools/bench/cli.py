@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Benchmark speculative decoding through the services against the target alone, the "
                     "same loop in one process, and transformers' assisted generation.",
     )
-    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output directory")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"),
+                        help="output directory (default bench-out)")
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK['prompts']} prompts, {QUICK['repeats']} repeats, k "
                              f"{'/'.join(QUICK_KS)}, max_tokens {QUICK['max_tokens']} "
@@ -61,9 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, help="timed repeats of every prompt (default 3; quick 2)")
     parser.add_argument("--max-tokens", type=int, help="cap on each workload's max_tokens")
     parser.add_argument("--threads", type=int, default=1,
-                        help="OpenBLAS/torch threads in every process (0: the libraries' defaults)")
+                        help="OpenBLAS/torch threads in every process "
+                             "(default 1; 0: the libraries' defaults)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "as-stored"],
-                        help="dtype MLX loads both models in (transformers always runs float32)")
+                        help="dtype MLX loads both models in "
+                             "(default float32; transformers always runs float32)")
     parser.add_argument("--pair-dir", type=Path,
                         help="where the synthetic pair is cached (default OUT/synthetic-pair)")
     parser.add_argument("--t5-pair-dir", type=Path, default=T5_PAIR_DIR,
@@ -76,14 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-from", type=Path, metavar="BENCH_JSON",
                         help="run nothing: derive the figures of a bench.json made before again from its stored "
                              "runs and write bench.json, bench.md and bench.png into --out")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO",
+                        help="the benchmark's own log level (default INFO)")
     parser.add_argument("--drafting", action="store_true",
                         help="compare draft methods instead: --draft-methods drafts against the target alone, "
                              "through the services; writes drafting.json and drafting.md (e.g. --workloads copy)")
     parser.add_argument("--draft-methods", default="model,ngram,hybrid",
                         help="with --drafting: comma-separated draft methods (default model,ngram,hybrid)")
     parser.add_argument("--draft-flags", default="",
-                        help="with --drafting: extra flags for every draft, e.g. \"--ngram-max 3 --hybrid-min-match 2\"")
+                        help="with --drafting: extra flags for every draft, "
+                             "e.g. \"--ngram-max 3 --hybrid-min-match 2\" (default none)")
     parser.add_argument("--concurrency", metavar="C,C,...",
                         help="the serving benchmark instead: at each number of concurrent streaming clients, "
                              "speculative and the target alone through one set of services; writes "
@@ -99,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "kv_cache.json and kv_cache.md")
     parser.add_argument("--worker-flags", default="",
                         help="with --concurrency: extra flags for draft and target, e.g. "
-                             "\"--max-batch 8 --batch-wait-ms 2\"")
+                             "\"--max-batch 8 --batch-wait-ms 2\" (default none)")
     return parser
 
 

@@ -21,20 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def up_args(*argv: str) -> argparse.Namespace:
     """The namespace ``scripts/up ARGV`` parses to."""
-    parser_of: dict[str, argparse.Namespace] = {}
-
-    def capture(args: argparse.Namespace) -> int:
-        parser_of["args"] = args
-        return 0
-
-    original = cluster.up
-    cluster.up = capture  # type: ignore[assignment]
-    try:
-        with pytest.raises(SystemExit):
-            cluster.up_main(list(argv))
-    finally:
-        cluster.up = original  # type: ignore[assignment]
-    return parser_of["args"]
+    return cluster.build_up_parser().parse_args(list(argv))
 
 
 def test_the_printed_commands_run_from_the_repository_root(tmp_path: Path) -> None:
