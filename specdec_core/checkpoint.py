@@ -25,9 +25,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from . import tensor_files
+from . import numerics, tensor_files
 from .checkpoint_config import check_config
 from .checkpoint_files import read_json
+from .cpu_quantized import use_cpu_kernels
+from .device import compute_device
 from .errors import CheckpointError
 from .model_names import missing_model
 from .t5 import T5, ModelArgs, is_hf_layout
@@ -63,6 +65,12 @@ class LoadedModel:
     @cached_property
     def num_parameters(self) -> int:  # Info reports it on every call; the model never changes
         return sum(v.size for _, v in tree_flatten(self.model.parameters()))
+
+    @property
+    def activation_dtype(self) -> str:
+        """What it computes in, and so its K/V cache's dtype: float32 on a CPU (``numerics``)."""
+        chosen = self.model.activation_dtype
+        return self.dtype if chosen is None else str(chosen).removeprefix("mlx.core.")
 
 
 def resolve_model_path(name_or_dir: str | os.PathLike[str]) -> Path:
@@ -268,11 +276,25 @@ def load_model(
     model.eval()
     mx.eval(model.parameters())
     mx.clear_cache()  # the source tensors' freed buffers: not needed again
+    choose_activations(model, stream.dtype, (stream.quantization or {}).get("bits"))
     loaded = LoadedModel(model, stream.args, stream.path, stream.model_id, stream.dtype, stream.quantization,
                          load_seconds=time.perf_counter() - started)
-    logger.info("loaded %s in %.1f s: %.2f GB of weights (%s, quantization %s)", stream.model_id,
-                loaded.load_seconds, weight_nbytes(model) / 1e9, loaded.dtype, loaded.quantization or "none")
+    logger.info("loaded %s in %.1f s: %.2f GB of weights (%s, quantization %s, computing in %s)", stream.model_id,
+                loaded.load_seconds, weight_nbytes(model) / 1e9, loaded.dtype, loaded.quantization or "none",
+                loaded.activation_dtype)
     return loaded
+
+
+def choose_activations(model: T5, weights_dtype: str, quantize_bits: int | None) -> None:
+    """Set the model's activation dtype for the device it computes on, and warn once (at load,
+    so at a worker's start-up) where its weights' dtype or quantization is slow there."""
+    device = compute_device()
+    model.activation_dtype = DTYPES[numerics.activation_dtype(weights_dtype, device)]
+    if device == "cpu":
+        use_cpu_kernels(model)
+    warning = numerics.slow_combination(weights_dtype, quantize_bits, device)
+    if warning:
+        logger.warning("%s", warning)
 
 
 def weight_nbytes(model: nn.Module) -> int:

@@ -295,6 +295,15 @@ class T5(nn.Module):
         self.decoder_norm = RMSNorm(args.d_model, args.layer_norm_epsilon)
         if args.untied_lm_head:
             self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
+        # The activations' dtype; None: the weights'. The loader sets float32 on a CPU, where
+        # 16-bit math is slow (specdec_core/numerics.py).
+        self.activation_dtype: mx.Dtype | None = None
+
+    def embed(self, ids: mx.array) -> mx.array:
+        """Token embeddings, in ``activation_dtype``: every later activation follows them."""
+        x = self.shared(ids)
+        wanted = self.activation_dtype
+        return x if wanted is None or wanted == x.dtype else x.astype(wanted)
 
     # -- validation ---------------------------------------------------------------------
     def check_token_ids(self, ids: mx.array, what: str) -> None:
@@ -311,7 +320,7 @@ class T5(nn.Module):
     def encode(self, input_ids: mx.array, mask: mx.array | None = None) -> mx.array:
         """(B, L) token ids -> (B, L, d_model) encoder output. ``mask`` is 1 for real tokens."""
         self.check_token_ids(input_ids, "input_ids")
-        x = self.shared(input_ids)
+        x = self.embed(input_ids)
         L = input_ids.shape[1]
         bias = self.encoder_bias(0, L, L)
         padding = _padding_bias(mask)
@@ -367,7 +376,7 @@ class T5(nn.Module):
         bias = self._self_bias(0, n)
         cross_kvs = [layer.cross_attn.project_kv(encoder_output) for layer in self.decoder_layers]
         cross_bias = _padding_bias(encoder_mask)
-        x = self.shared(tokens)
+        x = self.embed(tokens)
         for i, layer in enumerate(self.decoder_layers):
             x = layer(x, bias, cross_kvs[i], cross_bias)
         if num_logits is not None:
@@ -404,7 +413,7 @@ class T5(nn.Module):
             biases = [self._self_bias(caches[0].length, spans[0][1])]
         else:
             biases = self._self_biases([cache.length for cache in caches], [b - a for a, b in spans])
-        x = self.shared(mx.array(flat, dtype=mx.int32)[None])
+        x = self.embed(mx.array(flat, dtype=mx.int32)[None])
         for i, layer in enumerate(self.decoder_layers):
             x = layer.ragged(x, spans, biases, [cache.layers[i] for cache in caches],
                              [cache.cross[i] for cache in caches])

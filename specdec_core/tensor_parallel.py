@@ -40,6 +40,7 @@ from .checkpoint import (
     check_dtype,
     check_dtypes,
     check_shapes,
+    choose_activations,
     choose_dtype,
     drop_tied_head,
     our_names,
@@ -238,6 +239,7 @@ def load_sharded(
     model.load_weights(weights, strict=True)
     model.eval()
     mx.eval(model.parameters())
+    choose_activations(model, chosen, None)
     logger.info("rank %d/%d holds %.1f MB of weights", rank, size, weight_nbytes(model) / 1e6)
     return LoadedModel(model, args, path, str(name_or_dir), chosen, None)
 

@@ -12,9 +12,11 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from doc_prompts import PROMPTS as DOC_PROMPTS
+from mlx.utils import tree_map
 from safetensors.numpy import load_file, save_file
 
 from specdec_core.checkpoint import LoadedModel, load_model
+from specdec_core.cpu_quantized import CpuQuantizedLinear
 from specdec_core.errors import CheckpointError
 from specdec_core.t5 import T5
 from specdec_core.tokenizer import load_tokenizer
@@ -100,6 +102,41 @@ def test_bfloat16_conversion_is_close(t5_v11_dir: Path, tmp_path: Path) -> None:
     err = np.abs(ours - reference).max() / np.abs(reference).max()
     assert err < 0.05, f"bfloat16 logits differ by {err:.3f} of max |logit|"
     assert (ours.argmax(-1) == reference.argmax(-1)).mean() >= 0.8
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_bfloat16_weights_compute_in_float32_on_the_cpu(
+    family_dir: Path, bits: int | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a CPU, where MLX's 16-bit matmuls are slow, bfloat16 weights stay bfloat16 in memory but
+    every activation is float32: the logits are those of the same rounded weights held in float32.
+    Quantized, it warns once at load, naming the faster choice."""
+    with caplog.at_level("WARNING", logger="specdec_core.checkpoint"):
+        loaded = load_model(family_dir, dtype="bfloat16", quantize_bits=bits)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == (0 if bits is None else 1)
+    if bits:
+        assert "--dtype bfloat16 without --quantize" in warnings[0]
+    assert loaded.model.shared.weight.dtype == mx.bfloat16 and loaded.dtype == "bfloat16"
+    assert loaded.activation_dtype == "float32"
+    assert loaded.model.encode(mx.array([[5, 6, 7, 1]])).dtype == mx.float32
+    widened = load_model(family_dir, dtype="bfloat16", quantize_bits=bits)
+    widened.model.update(tree_map(lambda v: v.astype(mx.float32) if v.dtype == mx.bfloat16 else v,
+                                  widened.model.parameters()))
+    np.testing.assert_allclose(_logits(loaded), _logits(widened), rtol=0, atol=1e-4)
+
+
+def test_quantized_blocks_on_the_cpu_dequantize_to_the_same_logits(family_dir: Path) -> None:
+    """On a CPU every quantized layer runs blocks of 3+ rows as a float32 matmul of its dequantized
+    weights (MLX's quantized matmul costs grow with the rows there): the same logits as MLX's
+    quantized matmul, which one-row steps keep."""
+    loaded = load_model(family_dir, quantize_bits=8)
+    layers = [m for _, m in loaded.model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert layers and all(isinstance(m, CpuQuantizedLinear) for m in layers)
+    dequantized = _logits(loaded)  # 9 decoder rows, 15 encoder rows
+    for module in layers:
+        module.__class__ = nn.QuantizedLinear
+    np.testing.assert_allclose(dequantized, _logits(loaded), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
