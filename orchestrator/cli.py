@@ -57,7 +57,8 @@ def _max_tokens(value: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--max-tokens takes a number >= 1, not {value!r}") from None
     if n < 1:
-        raise argparse.ArgumentTypeError("--max-tokens must be >= 1 (leave it out for the server's default, 64)")
+        raise argparse.ArgumentTypeError(
+            "--max-tokens must be >= 1 (leave it out for the server's default, 64)")
     return n
 
 
@@ -65,7 +66,8 @@ class _Parser(argparse.ArgumentParser):
     """A flag the subcommand does not know is reported with the subcommand's usage (argparse
     would show the top-level one), with the nearest flag it has when there is one."""
 
-    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+    def parse_args(self, args: Any = None,  # type: ignore[override]
+                   namespace: Any = None) -> argparse.Namespace:
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:
             command = self._subcommands.get(getattr(parsed, "command", None) or "", self)
