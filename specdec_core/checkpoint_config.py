@@ -6,12 +6,11 @@ Needs no MLX: the defaults of absent fields come from the caller (``ModelArgs``'
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .checkpoint_files import is_int, json_kind
+from .checkpoint_files import is_int, json_kind, show
 from .errors import CheckpointError
 
 MAX_VOCAB = 2**24  # 16.7M ids, 500x T5's 32,128: what a config may claim (the weights must then match)
@@ -40,7 +39,7 @@ def check_config(config: object, file: Path, defaults: Mapping[str, Any]) -> dic
     def integer(field: str, low: int, high: int) -> int:
         value = config.get(field, defaults.get(field))
         if not is_int(value) or not low <= value <= high:
-            raise fail(field, f"{_show(value)}; expected an integer in [{low:,}, {high:,}]")
+            raise fail(field, f"{show(value)}; expected an integer in [{low:,}, {high:,}]")
         return value
 
     vocab = integer("vocab_size", 1, MAX_VOCAB)
@@ -58,14 +57,14 @@ def check_config(config: object, file: Path, defaults: Mapping[str, Any]) -> dic
     integer("relative_attention_max_distance", buckets // 2 + 1, MAX_DISTANCE)
 
     epsilon = config.get("layer_norm_epsilon", defaults.get("layer_norm_epsilon"))
-    if type(epsilon) not in (int, float) or not math.isfinite(epsilon) or epsilon <= 0:
-        raise fail("layer_norm_epsilon", f"{_show(epsilon)}; expected a finite number > 0")
+    if type(epsilon) not in (int, float) or not 0 < epsilon < 1:  # (NaN compares false)
+        raise fail("layer_norm_epsilon", f"{show(epsilon)}; expected a number in (0, 1)")
     ffn = config.get("feed_forward_proj", defaults.get("feed_forward_proj"))
     if ffn not in FEED_FORWARD_PROJ:
-        raise fail("feed_forward_proj", f"{_show(ffn)}; expected one of {', '.join(FEED_FORWARD_PROJ)}")
+        raise fail("feed_forward_proj", f"{show(ffn)}; expected one of {', '.join(FEED_FORWARD_PROJ)}")
     for field in ("tie_word_embeddings", "scale_decoder_outputs", "untied_lm_head"):
         if field in config and not isinstance(config[field], bool):
-            raise fail(field, f"{_show(config[field])}; expected true or false")
+            raise fail(field, f"{show(config[field])}; expected true or false")
 
     for field in ("decoder_start_token_id", "pad_token_id"):
         value = config.get(field)
@@ -84,7 +83,7 @@ def check_config(config: object, file: Path, defaults: Mapping[str, Any]) -> dic
 
 def _token_id(fail: Any, field: str, value: object, vocab: int) -> None:
     if not is_int(value) or not 0 <= value < vocab:  # type: ignore[operator]
-        raise fail(field, f"{_show(value)}; expected a token id in [0, {vocab:,}) (vocab_size {vocab:,})")
+        raise fail(field, f"{show(value)}; expected a token id in [0, {vocab:,}) (vocab_size {vocab:,})")
 
 
 def _check_specdec_section(section: object, fail: Any) -> None:
@@ -102,10 +101,4 @@ def _check_specdec_section(section: object, fail: Any) -> None:
     for key, allowed in QUANTIZATION.items():
         if quantization.get(key) not in allowed or not is_int(quantization.get(key)):
             raise fail(f"specdec.quantization.{key}",
-                       f"{_show(quantization.get(key))}; expected one of {', '.join(map(str, allowed))}")
-
-
-def _show(value: object) -> str:
-    """A field's value for a message: JSON-like and short."""
-    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+                       f"{show(quantization.get(key))}; expected one of {', '.join(map(str, allowed))}")

@@ -126,6 +126,16 @@ def json_kind(value: object) -> str:
     return {dict: "object", list: "array", str: "string", int: "number", float: "number"}.get(type(value), "value")
 
 
+def show(value: object, limit: int = 60) -> str:
+    """A value from a file, for a message: as JSON writes it, cut short (a header may be 100 MB)."""
+    return clip(json.dumps(value), limit)
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """A name from a file, for a message, cut short."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def is_int(value: object) -> bool:
     """A JSON integer (true and false are not numbers, 64.0 is not an integer)."""
     return type(value) is int
@@ -168,12 +178,12 @@ def _check_metadata(metadata: object, file: Path) -> None:
     for key, value in metadata.items():
         if not isinstance(value, str):
             raise CheckpointError(f"a JSON {json_kind(value)}; metadata values are strings", file=file,
-                                  field=f"__metadata__.{key}")
+                                  field=f"__metadata__.{clip(key)}")
 
 
 def _entry(name: str, entry: object, data_start: int, data_size: int, file: Path) -> TensorEntry:
     def fail(field: str, problem: str) -> CheckpointError:
-        return CheckpointError(problem, file=file, field=f"{name}{field}")
+        return CheckpointError(problem, file=file, field=clip(name) + field)
 
     if not isinstance(entry, dict):
         raise fail("", f"a JSON {json_kind(entry)}; a tensor is an object of dtype, shape and data_offsets")
@@ -183,11 +193,11 @@ def _entry(name: str, entry: object, data_start: int, data_size: int, file: Path
                    + "; ".join([*(f"{k} is missing" for k in missing), *(f"{k} is not one" for k in extra)]))
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if dtype not in ITEM_BYTES:
-        raise fail(".dtype", f"{dtype!r} is not a dtype specdec reads ({', '.join(ITEM_BYTES)})")
+        raise fail(".dtype", f"{show(dtype)} is not a dtype specdec reads ({', '.join(ITEM_BYTES)})")
     if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
-        raise fail(".shape", f"{json.dumps(shape)} is not a list of non-negative integers")
+        raise fail(".shape", f"{show(shape)} is not a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
-        raise fail(".data_offsets", f"{json.dumps(offsets)} is not a pair of integers [begin, end]")
+        raise fail(".data_offsets", f"{show(offsets)} is not a pair of integers [begin, end]")
     begin, end = offsets
     if not 0 <= begin <= end:
         raise fail(".data_offsets", f"[{begin}, {end}] is not a byte range: 0 <= begin <= end")
@@ -196,7 +206,7 @@ def _entry(name: str, entry: object, data_start: int, data_size: int, file: Path
                    "bytes: the file is truncated; download or copy it again")
     expected = math.prod(shape) * ITEM_BYTES[dtype]
     if end - begin != expected:
-        raise fail("", f"{dtype} {tuple(shape)} is {expected:,} bytes, but data_offsets [{begin}, {end}] hold "
+        raise fail("", f"{dtype} {show(shape)} is {expected:,} bytes, but data_offsets [{begin}, {end}] hold "
                    f"{end - begin:,}")
     return TensorEntry(dtype, tuple(shape), data_start + begin, data_start + end)
 
@@ -205,8 +215,8 @@ def _check_no_overlap(tensors: dict[str, TensorEntry], file: Path) -> None:
     ordered = sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end))
     for (before, a), (after, b) in zip(ordered, ordered[1:], strict=False):
         if b.begin < a.end:
-            raise CheckpointError(f"overlap the bytes of {before}: every tensor has bytes of its own",
-                                  file=file, field=f"{after}.data_offsets")
+            raise CheckpointError(f"overlap the bytes of {clip(before)}: every tensor has bytes of its own",
+                                  file=file, field=f"{clip(after)}.data_offsets")
 
 
 # -- the shard index -------------------------------------------------------------------------------
@@ -228,7 +238,7 @@ def read_index(directory: Path) -> dict[str, Path]:
     for tensor, shard in weight_map.items():
         if not isinstance(shard, str):
             raise CheckpointError(f"a JSON {json_kind(shard)}; shard names are strings", file=index,
-                                  field=f"weight_map[{tensor!r}]")
+                                  field=f"weight_map[{show(tensor, 200)}]")
         if shard not in shards:
             shards[shard] = _shard_path(directory, tensor, shard, index)
         result[tensor] = shards[shard]
@@ -238,8 +248,8 @@ def read_index(directory: Path) -> dict[str, Path]:
 def _shard_path(directory: Path, tensor: str, shard: str, index: Path) -> Path:
     name = PurePosixPath(shard)
     if not shard or "\0" in shard or name.is_absolute() or ".." in name.parts:
-        raise CheckpointError(f"{shard!r} is not a file name inside the checkpoint directory", file=index,
-                              field=f"weight_map[{tensor!r}]")
+        raise CheckpointError(f"{show(shard)} is not a file name inside the checkpoint directory", file=index,
+                              field=f"weight_map[{show(tensor, 200)}]")
     path = directory / name
     check_regular(path, INDEX_FILE)
     return path

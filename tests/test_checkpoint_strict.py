@@ -170,11 +170,11 @@ CASES = [
     Case("quantized-to-3-bits", _config(lambda c: c.update(specdec={"quantization": {"bits": 3, "group_size": 64}})),
          "config.json", "specdec.quantization.bits"),
     # the shard index
-    Case("shard-is-an-absolute-path", _index_points(Q, "/etc/passwd"), INDEX, f"weight_map['{Q}']"),
-    Case("shard-escapes-the-directory", _index_points(Q, "../../x"), INDEX, f"weight_map['{Q}']"),
+    Case("shard-is-an-absolute-path", _index_points(Q, "/etc/passwd"), INDEX, f'weight_map["{Q}"]'),
+    Case("shard-escapes-the-directory", _index_points(Q, "../../x"), INDEX, f'weight_map["{Q}"]'),
     Case("shard-is-a-fifo", _shard_is_a_fifo, "fifo.safetensors", ""),
     Case("shard-links-to-a-directory", _shard_is_a_directory_elsewhere, "linked.safetensors", ""),
-    Case("shard-name-not-a-string", _index_points(Q, 7), INDEX, f"weight_map['{Q}']"),
+    Case("shard-name-not-a-string", _index_points(Q, 7), INDEX, f'weight_map["{Q}"]'),
     Case("weight-map-a-list", lambda d: (_split_into_shards(d), (d / INDEX).write_text('{"weight_map": []}')),
          INDEX, "weight_map"),
     # pytorch_model.bin
