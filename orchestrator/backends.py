@@ -111,6 +111,7 @@ class GrpcBackend:
         self.metadata = tuple(metadata)
         self.owner = owner  # the orchestrator process's owner id: the worker frees its sessions if it goes silent
         self.max_draft = 0  # the replica's --max-draft once its Info is known (0: unknown)
+        self.max_batch = 0  # its --max-batch, likewise (the most steps a reply's batch may hold)
         self.draft_method = ""  # a draft's Info.draft_method: "model", "ngram", "hybrid" ("": unknown)
         self.processor = ("", "")  # (Info.hostname, Info.device): where it computes ("": unknown)
         self.streams = streams

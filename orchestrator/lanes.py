@@ -3,6 +3,7 @@ committed tokens, and the request each call sends; plus the checks on a replica'
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -157,3 +158,40 @@ def check_reply(role: str, request: StepRequest, result: Any, address: str) -> N
     found = [p for p in problems if p]
     if found:
         raise ReplicaError(address, grpc.StatusCode.INTERNAL, "malformed reply: " + "; ".join(found))
+
+
+# A worker's model time lies within the call that carried it: past the wall time the orchestrator
+# measured around the call by more than this (clock granularity), the report is not believed.
+MODEL_TIME_SLACK_MS = 1.0
+
+
+def timing_problem(role: str, request: StepRequest, result: Any, wall_s: float, max_batch: int = 0,
+                   max_draft: int = 0) -> str:
+    """What makes a well-formed reply's timing impossible, in words ("" if nothing): a model time
+    that is not finite, negative or longer than the call (``wall_s``), a batch outside 1..the
+    worker's --max-batch, or a Verify batch's rows outside what its steps can score (each 1..its
+    worker's --max-draft + 1, this step's k + 1). ``max_batch``, ``max_draft``: 0 when unknown.
+
+    The policy on such a reply: its tokens are checked apart (``check_reply``) and used; its timing
+    is dropped (``drop_timing``), so it never reaches the k policy's shared costs or the stats."""
+    model_ms, batch = result.model_ms, result.batch_size
+    problems = [
+        not (math.isfinite(model_ms) and 0 <= model_ms <= wall_s * 1e3 + MODEL_TIME_SLACK_MS)
+        and f"model_ms {model_ms!r} in a call of {wall_s * 1e3:.1f} ms",
+        not 1 <= batch <= (max_batch or batch) and f"batch_size {batch} (--max-batch {max_batch})",
+    ]
+    if role == "target" and result.batch_rows and not problems[1]:
+        own, others = request.num_draft + 1, batch - 1  # rows: this step's, and the others' 1 or more each
+        most = own + others * (max_draft + 1) if max_draft or not others else result.batch_rows
+        if not own + others <= result.batch_rows <= most:
+            problems.append(f"batch_rows {result.batch_rows} for {batch} steps (k={request.num_draft}, "
+                            f"--max-draft {max_draft})")
+    return "; ".join(p for p in problems if p)
+
+
+def drop_timing(result: Any) -> None:
+    """Keep a reply's tokens, forget its timing (``timing_problem``): it teaches nothing and adds
+    nothing to the stats' model times."""
+    result.timed, result.model_ms, result.batch_size = False, 0.0, 1
+    if hasattr(result, "batch_rows"):
+        result.batch_rows = 0

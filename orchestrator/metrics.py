@@ -58,6 +58,11 @@ class OrchestratorMetrics:
         self.target_alone = Counter("specdec_target_alone_requests", "Finished requests the target "
                                     "decoded alone: speculation turned off by the request (requested), or "
                                     "no draft replica was available (no_draft)", ["reason"], registry=r)
+        self.dropped = Counter("specdec_dropped_worker_reports", "Worker reports dropped as impossible, never "
+                               "folded into shared state: a step's timing (step; its tokens were used) or a "
+                               "load reading from Info (info)", ["role", "report"], registry=r)
+        self._dropped = {(role, report): self.dropped.labels(role, report)
+                         for role in ("draft", "target") for report in ("step", "info")}
         self.live = Gauge("specdec_live_generations", "Generations in flight", registry=r)
         self.ttft = Histogram("specdec_time_to_first_token_seconds", "Arrival to the first token (EOS "
                               "aside), of requests that finished", buckets=TTFT_BUCKETS, registry=r)
@@ -77,6 +82,13 @@ class OrchestratorMetrics:
         ``report_failure`` is one failover in a request's stats (``Stats.failovers``)."""
         return _CountingSource(source, self._failovers)
 
+    def dropped_report(self, role: str, report: str, count: int = 1) -> None:
+        """``count`` reports of a worker of ``role`` dropped as impossible (``report``: step or info);
+        ``ReplicaPool.on_dropped_report``."""
+        child = self._dropped.get((role, report))
+        if child is not None:
+            child.inc(count)
+
     def request_ended(self, params: Any, stats: Any, error: BaseException | None, elapsed_s: float) -> None:
         """One request ended: ``stats`` (None if refused before it started) are final; ``error``
         is None if it finished (the client got its last message and stats)."""
@@ -88,6 +100,8 @@ class OrchestratorMetrics:
             return
         self.tokens.inc(stats.tokens)
         self.steps.inc(stats.steps)
+        for role, count in stats.dropped_timings.items():
+            self.dropped_report(role, "step", count)
         proposed = stats.proposed_per_position
         accepted = stats.accepted_per_position
         if proposed:

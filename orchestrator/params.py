@@ -73,6 +73,9 @@ class Stats:
     draft_model_s: float = 0.0  # what the workers reported as model time (the rest is wire)
     target_model_s: float = 0.0
     time_to_first_token_s: float = 0.0  # set by the caller that saw the request arrive
+    # By role: step replies whose reported timing was impossible; their tokens were used, their
+    # times dropped (``lanes.timing_problem``; the metric specdec_dropped_worker_reports_total).
+    dropped_timings: dict[str, int] = field(default_factory=dict)
 
     @property
     def target_passes(self) -> int:

@@ -35,7 +35,7 @@ from .backends import ReplicaError
 from .drafting_ahead import DraftAhead
 from .k_costs import drafts_overlap
 from .k_policy import KMemory, KPolicy, StepRecord
-from .lanes import BackendSource, Lane, check_reply, draft_token_probs
+from .lanes import BackendSource, Lane, check_reply, draft_token_probs, drop_timing, timing_problem
 from .params import GenerationParams, Stats, StepEvent, new_request_id
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class SpeculativeGeneration:
         ready = self.ahead.ready = await self._call(self.draft, [], k, self.params.seed, ahead=True)
         if ready is not None:
             self.stats.draft_passes += len(ready.tokens)
-            if self.k_policy is not None:
+            if self.k_policy is not None and ready.timed:
                 self.k_policy.costs.observe_ahead(len(ready.tokens), ready.model_ms / 1e3, ready.batch_size)
 
     async def _call(self, lane: Lane, block: list[int], num_draft: int, seed: int,
@@ -195,7 +195,9 @@ class SpeculativeGeneration:
                        if ahead else lane.request(block, num_draft, self.params.sampling, seed,
                                                   self._call_deadline(), draft_distributions))
             try:
+                sent = time.perf_counter()
                 result = await backend.step(request)
+                wall_s = time.perf_counter() - sent
                 check_reply(lane.role, request, result, backend.address)
             except ReplicaError as error:
                 self._abandon(lane)
@@ -219,8 +221,22 @@ class SpeculativeGeneration:
                 continue
             lane.record(result.length, block + result.added_tokens)
             self.stats.wire_bytes += result.wire_bytes
+            self._check_timing(lane.role, request, result, wall_s, backend)
             return result
         return None
+
+    def _check_timing(self, role: str, request: Any, result: Any, wall_s: float, backend: Any) -> None:
+        """Drop an impossible timing report (``lanes.timing_problem``), keeping the reply's tokens;
+        counted in the stats, and said at WARNING once per request."""
+        problem = timing_problem(role, request, result, wall_s, getattr(backend, "max_batch", 0),
+                                 getattr(backend, "max_draft", 0))
+        if not problem:
+            return
+        drop_timing(result)
+        dropped = self.stats.dropped_timings
+        logger.log(logging.DEBUG if dropped else logging.WARNING, "req=%s %s %s reported an impossible timing "
+                   "(%s): dropped, its tokens used", self.request_id, role, backend.address, problem)
+        dropped[role] = dropped.get(role, 0) + 1
 
     async def _reopen(self, lane: Lane, backend: Any) -> bool:
         """Open a new session for the lane on the same replica; False if that fails too."""
@@ -423,7 +439,9 @@ class SpeculativeGeneration:
             requested=k if proposal is not None else 0,  # a draft lane that closed asked for nothing
             accepted=outcome.accepted,
             drafted=len(drafted),
-            timed=self._sessions() == sessions,
+            # (no failover or reopen inside, and every reply's timing believed)
+            timed=self._sessions() == sessions and verdict.timed
+            and all(p.timed for p in (proposal, predrafted) if p is not None),
             propose_s=proposed_at - started,
             propose_model_s=proposal.model_ms / 1e3 if proposal is not None else 0.0,
             propose_batch=proposal.batch_size if proposal is not None else 1,

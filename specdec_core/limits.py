@@ -61,7 +61,16 @@ def above(low: float, high: float | None = None) -> Range:
 
 
 def _number(value: float | None) -> str:
-    return "" if value is None else str(int(value)) if float(value).is_integer() else f"{value:g}"
+    """A bound for a person: 2^31-1 rather than 2147483647 (from 2^20 up), else as written."""
+    if value is None:
+        return ""
+    if not float(value).is_integer():
+        return f"{value:g}"
+    whole = int(value)
+    for power in range(20, 64):
+        if whole in (2**power, 2**power - 1):
+            return f"2^{power}" if whole == 2**power else f"2^{power}-1"
+    return str(whole)
 
 
 def limit(default: float, flag: str, help: str, parse: Callable[[str], Any] | None = None,

@@ -121,6 +121,7 @@ class Proposal:
     wire_bytes: int = 0  # request + response bytes, when it crossed the wire
     model_ms: float = 0.0  # the worker's model time for this step (its whole batch's)
     batch_size: int = 1  # steps in that batch
+    timed: bool = True  # False: the reported timing was impossible and dropped (orchestrator.lanes)
 
     @property
     def added_tokens(self) -> list[int]:
@@ -141,6 +142,7 @@ class Verdict:
     model_ms: float = 0.0  # the worker's model time for this step (its whole batch's)
     batch_size: int = 1  # steps in that batch
     batch_rows: int = 0  # positions the batch's pass scored (sum of k+1; 0: not reported)
+    timed: bool = True  # False: the reported timing was impossible and dropped (orchestrator.lanes)
 
     @property
     def added_tokens(self) -> list[int]:

@@ -267,11 +267,13 @@ def test_pipelined_start_drafts_the_first_block_while_the_target_opens(pipeline:
 
 
 class DraftReportingModelTime(FakeReplica):
-    """A draft whose worker reports 0.7 ms of model time per drafted token."""
+    """A draft whose worker takes and reports 0.7 ms of model time per drafted token (a model time
+    longer than the call would be dropped as impossible)."""
 
     async def step(self, request: StepRequest) -> Proposal | Verdict:
         result = await super().step(request)
         result.model_ms = 0.7 * len(result.tokens)
+        await asyncio.sleep(result.model_ms / 1e3)
         return result
 
 
