@@ -2,7 +2,7 @@
 
     specdec generate "PROMPT" [--max-tokens N] [--num-draft K|auto] [--temperature T]
                      [--top-k K] [--top-p P] [--delta D] [--seed S] [--no-speculation] [--no-pipeline]
-                     [--json] [--color --tokenizer DIR] [--address HOST:PORT]
+                     [--json] [--color [--tokenizer DIR]] [--address HOST:PORT]
     specdec status [--json] [--address HOST:PORT]
 """
 
@@ -31,10 +31,10 @@ TARGET_COLOR = "\033[35m"  # magenta
 RESET = "\033[0m"
 COLOR_HELP = (
     "colour the text by who wrote it: accepted draft tokens green, tokens the target wrote "
-    "(corrections, bonus tokens) magenta. Exact to the character: the stream flags every token, and "
-    "the client decodes the token ids with the tokenizer (--tokenizer) to find each token's "
-    "characters, checking its decoding against the server's text (from a disagreement on, the rest "
-    "is plain). Only on a terminal: plain text when stdout is not a TTY or NO_COLOR is set"
+    "(corrections, bonus tokens) magenta. Exact to the character: the orchestrator splits the text "
+    "by who wrote it with its tokenizer (with --tokenizer the client does it instead, checking its "
+    "decoding against the server's text; from a disagreement on, the rest is plain). Only on a "
+    "terminal: plain text when stdout is not a TTY or NO_COLOR is set"
 )
 
 
@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print one JSON object: text, token_ids, from_draft, finish_reason, stats")
     gen.add_argument("--color", action="store_true", help=COLOR_HELP)
     gen.add_argument("--tokenizer", default=os.environ.get("SPECDEC_TOKENIZER"),
-                     help="directory with the models' tokenizer files (e.g. the target's model directory), "
-                          "which --color needs (default $SPECDEC_TOKENIZER)")
+                     help="directory with the models' tokenizer files (e.g. the target's model directory): "
+                          "--color then attributes the text on the client (default $SPECDEC_TOKENIZER; "
+                          "unset: the orchestrator attributes it)")
 
     status = sub.add_parser("status", parents=[common],
                             help="replicas behind the orchestrator: health and live load")
@@ -213,15 +214,20 @@ def _generate(args: argparse.Namespace, client: SpecdecClient) -> int:
         }))
         return 0
     attribution = _attribution(args)
+    server_spans = attribution is None and color_wanted(args.color)  # the orchestrator attributes the text
+    unattributed = False  # text that came without spans: printed plain
     final: pb.GenerateStreamResponse | None = None
     seen = PartialStats()
-    call = client.stream(args.prompt, **options)
+    call = client.stream(args.prompt, **options, text_spans=server_spans)
     try:
         for chunk in call:
             seen.push(chunk)
             if attribution is not None:
                 sys.stdout.write(colored(attribution.push(chunk.token_ids, chunk.from_draft, chunk.text)))
+            elif server_spans and chunk.spans:
+                sys.stdout.write(colored([(span.text, span.from_draft) for span in chunk.spans]))
             else:
+                unattributed = unattributed or (server_spans and bool(chunk.text))
                 sys.stdout.write(chunk.text)
             sys.stdout.flush()
             if chunk.finish_reason:
@@ -239,20 +245,18 @@ def _generate(args: argparse.Namespace, client: SpecdecClient) -> int:
     if attribution is not None and not attribution.agrees:
         print(f"specdec: the tokenizer in {args.tokenizer} decodes the tokens differently from the server; "
               "the text from there on is not coloured", file=sys.stderr)
+    if unattributed:
+        print("specdec: the orchestrator sent part of the text without saying who wrote it (one older than "
+              "text spans, or text its tokenizer decodes unusually); that part is not coloured", file=sys.stderr)
     if final is not None:
         print(format_stats(final.stats, final.finish_reason))
     return 0
 
 
 def _attribution(args: argparse.Namespace) -> TextAttribution | None:
-    """What --color needs, when colour applies: the text attributed with the tokenizer. Without a
-    tokenizer the text is printed plain, with a note: a colour the client cannot place exactly
-    would be a guess."""
-    if not color_wanted(args.color):
-        return None
-    if not args.tokenizer:
-        print("specdec: --color needs the tokenizer to place each token's text (--tokenizer DIR or "
-              "$SPECDEC_TOKENIZER); printing plain text", file=sys.stderr)
+    """The client-side attribution of --color, when colour applies and a tokenizer is given
+    (without one, the orchestrator's text spans are used)."""
+    if not color_wanted(args.color) or not args.tokenizer:
         return None
     from specdec_core.errors import CheckpointError
     from specdec_core.tokenizer import load_tokenizer

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -105,3 +106,62 @@ class TextStream:
             self.sent = text
             return text[common:]
         return ""
+
+
+class TextAttribution:
+    """Which characters of a generation's text came from accepted draft tokens, exactly.
+
+    The wire carries one ``from_draft`` flag per token id, but not where one token's text ends
+    inside a message's text: a step's tokens are accepted drafts followed by one token of the
+    target's, and the server holds text back while a later token could still change it, so a
+    message's text need not even be its own tokens' text. With the tokenizer (the same files
+    the orchestrator uses) the text is attributed character by character: after each token the
+    token ids so far are decoded as the server decodes them (``skip_special_tokens``), and the
+    characters that token added, or changed, belong to it. A character built from several
+    tokens (byte pieces of one UTF-8 character) belongs to the token that completed it.
+
+    Feed every message of a stream (or one whole ``GenerateResponse``) to ``push``, in order.
+    The server's text is what is returned, split into runs ``(text, from_draft)``; the decoding
+    is checked against it, and from the first disagreement on (another tokenizer) the text comes
+    back unattributed, as ``(text, None)``: never a guessed colour.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self.from_draft: list[bool] = []
+        self.decoded = ""  # the token ids so far, decoded
+        self.owner: list[int] = []  # per character of ``decoded``: the index of the token that wrote it
+        self.text = ""  # the server's text so far
+        self.agrees = True
+
+    def push(self, token_ids: Sequence[int], from_draft: Sequence[bool], text: str) -> list[tuple[str, bool | None]]:
+        """One message's token ids, flags and text; returns the text as runs of one source."""
+        if len(from_draft) != len(token_ids):
+            self.agrees = False  # a server without the flags: nothing to attribute
+        for token, flag in zip(token_ids, from_draft, strict=False):
+            self.token_ids.append(int(token))
+            self.from_draft.append(bool(flag))
+            decoded = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+            common = 0
+            for a, b in zip(self.decoded, decoded, strict=False):
+                if a != b:
+                    break
+                common += 1
+            self.owner[common:] = [len(self.token_ids) - 1] * (len(decoded) - common)
+            self.decoded = decoded
+        start = len(self.text)
+        self.text += text
+        if not text:
+            return []
+        if not (self.agrees and self.decoded.startswith(self.text)):
+            self.agrees = False
+            return [(text, None)]
+        runs: list[tuple[str, bool | None]] = []
+        for offset, char in enumerate(text):
+            flag = self.from_draft[self.owner[start + offset]]
+            if runs and runs[-1][1] == flag:
+                runs[-1] = (runs[-1][0] + char, flag)
+            else:
+                runs.append((char, flag))
+        return runs

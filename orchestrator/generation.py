@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from specdec_core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from specdec_core.limits import limit
 
-from .detokenize import TextStream
+from .detokenize import TextAttribution, TextStream
 from .k_policy import KMemory
 from .lanes import BackendSource
 from .params import GenerationParams, Stats, new_request_id
@@ -59,6 +59,8 @@ class TextEvent:
     finish_reason: str | None = None
     stats: Stats | None = None
     from_draft: list[bool] = field(default_factory=list)  # per token: an accepted draft token?
+    # With text_spans: the text as (piece, from_draft) runs; empty where it cannot be attributed
+    spans: list[tuple[str, bool]] = field(default_factory=list)
 
 
 class Orchestrator:
@@ -120,8 +122,11 @@ class Orchestrator:
             self._ended(None, None, error, 0.0)
             raise
 
-    async def generate(self, prompt: str, params: GenerationParams, timeout_s: float | None) -> AsyncIterator[TextEvent]:
-        """Stream text deltas; the last event has the finish reason and the stats.
+    async def generate(self, prompt: str, params: GenerationParams, timeout_s: float | None,
+                       text_spans: bool = False) -> AsyncIterator[TextEvent]:
+        """Stream text deltas; the last event has the finish reason and the stats. With
+        ``text_spans`` each event also splits its text by who wrote it (``TextAttribution``: it
+        decodes after every token, so only requests that ask pay for it).
 
         Cheap refusals come first (draining, prompt size, a free slot); the slot is held while
         the prompt is tokenized, which runs in a thread so a long prompt does not stall the
@@ -156,6 +161,7 @@ class Orchestrator:
                 self.k_memory,
             )
             text = TextStream(self.tokenizer)
+            attribution = TextAttribution(self.tokenizer) if text_spans else None
             async for step in generation.run():
                 if step.tokens and not generation.stats.time_to_first_token_s:
                     generation.stats.time_to_first_token_s = time.monotonic() - arrived
@@ -167,9 +173,11 @@ class Orchestrator:
                                f"acceptance {stats.acceptance_rate:.2f}, {stats.total_s * 1e3:.0f} ms, "
                                f"draft {stats.draft_replica or '-'}, target {stats.target_replica}")
                     finished_at = time.monotonic()
-                    yield TextEvent(delta, step.tokens, step.finish_reason, stats, step.from_draft)
+                    yield TextEvent(delta, step.tokens, step.finish_reason, stats, step.from_draft,
+                                    _spans(attribution, step.tokens, step.from_draft, delta))
                 else:
-                    yield TextEvent(delta, step.tokens, from_draft=step.from_draft)
+                    yield TextEvent(delta, step.tokens, from_draft=step.from_draft,
+                                    spans=_spans(attribution, step.tokens, step.from_draft, delta))
         except BaseException as error:
             if finished_at is None:  # not the consumer closing us after the last event
                 outcome = _failure(error, deadline, generation)
@@ -198,3 +206,15 @@ def _failure(error: BaseException, deadline: float | None, generation: Speculati
     if cancelled:
         return f"cancelled by the client after {tokens} tokens"
     return f"failed: {type(error).__name__}: {error}"
+
+
+def _spans(attribution: TextAttribution | None, tokens: list[int], from_draft: list[bool], text: str
+           ) -> list[tuple[str, bool]]:
+    """An event's text as runs by who wrote it; [] when not asked, or when any of it cannot be
+    attributed exactly (the client then prints the text plain, never a guessed colour)."""
+    if attribution is None:
+        return []
+    runs = attribution.push(tokens, from_draft, text)
+    if any(flag is None for _, flag in runs):
+        return []
+    return [(piece, bool(flag)) for piece, flag in runs]

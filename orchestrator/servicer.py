@@ -62,6 +62,10 @@ def stats_to_pb(stats: Stats) -> pb.GenerateStats:
     )
 
 
+def _spans_to_pb(spans: list[tuple[str, bool]]) -> list[pb.TextSpan]:
+    return [pb.TextSpan(text=piece, from_draft=flag) for piece, flag in spans]
+
+
 def _timeout(context: grpc.aio.ServicerContext) -> float | None:
     return context.time_remaining()
 
@@ -74,7 +78,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     async def _events(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                       ) -> AsyncIterator[TextEvent]:
         params = params_from_pb(self.orchestrator, request)
-        events = self.orchestrator.generate(request.prompt, params, _timeout(context))
+        events = self.orchestrator.generate(request.prompt, params, _timeout(context), request.text_spans)
         async with contextlib.aclosing(events):
             async for event in events:
                 yield event
@@ -89,13 +93,23 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     async def _collect(events: AsyncIterator[TextEvent]) -> pb.GenerateResponse:
         response = pb.GenerateResponse()
         text: list[str] = []
+        spans: list[tuple[str, bool]] = []
+        attributed = True  # every event's text came with its spans (all or none are sent)
         async for event in events:
             text.append(event.text)
             response.token_ids.extend(event.token_ids)
             response.from_draft.extend(event.from_draft)
+            attributed = attributed and (bool(event.spans) or not event.text)
+            for piece, flag in event.spans:
+                if spans and spans[-1][1] == flag:
+                    spans[-1] = (spans[-1][0] + piece, flag)
+                else:
+                    spans.append((piece, flag))
             if event.finish_reason is not None:
                 assert event.stats is not None
                 response.text = "".join(text)
+                if attributed:
+                    response.spans.extend(_spans_to_pb(spans))
                 response.finish_reason = event.finish_reason
                 response.stats.CopyFrom(stats_to_pb(event.stats))
                 return response
@@ -106,7 +120,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                              ) -> AsyncIterator[pb.GenerateStreamResponse]:
         async for event in self._events(request, context):
             message = pb.GenerateStreamResponse(text=event.text, token_ids=event.token_ids,
-                                                from_draft=event.from_draft)
+                                                from_draft=event.from_draft, spans=_spans_to_pb(event.spans))
             if event.finish_reason is not None:
                 message.finish_reason = event.finish_reason
                 message.stats.CopyFrom(stats_to_pb(event.stats))

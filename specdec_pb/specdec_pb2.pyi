@@ -247,7 +247,7 @@ class VerifyResponse(_message.Message):
     def __init__(self, argmax: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Iterable[float]] = ..., resampled: _Optional[_Iterable[int]] = ..., length: _Optional[int] = ..., model_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., batch_rows: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "max_tokens", "num_draft", "num_draft_auto", "temperature", "top_k", "top_p", "delta", "seed", "speculative", "pipeline")
+    __slots__ = ("prompt", "max_tokens", "num_draft", "num_draft_auto", "temperature", "top_k", "top_p", "delta", "seed", "speculative", "pipeline", "text_spans")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_DRAFT_FIELD_NUMBER: _ClassVar[int]
@@ -259,6 +259,7 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     PIPELINE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_SPANS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     max_tokens: int
     num_draft: int
@@ -270,7 +271,16 @@ class GenerateRequest(_message.Message):
     seed: int
     speculative: bool
     pipeline: bool
-    def __init__(self, prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., num_draft: _Optional[int] = ..., num_draft_auto: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., delta: _Optional[float] = ..., seed: _Optional[int] = ..., speculative: _Optional[bool] = ..., pipeline: _Optional[bool] = ...) -> None: ...
+    text_spans: bool
+    def __init__(self, prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., num_draft: _Optional[int] = ..., num_draft_auto: _Optional[bool] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., delta: _Optional[float] = ..., seed: _Optional[int] = ..., speculative: _Optional[bool] = ..., pipeline: _Optional[bool] = ..., text_spans: _Optional[bool] = ...) -> None: ...
+
+class TextSpan(_message.Message):
+    __slots__ = ("text", "from_draft")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FROM_DRAFT_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    from_draft: bool
+    def __init__(self, text: _Optional[str] = ..., from_draft: _Optional[bool] = ...) -> None: ...
 
 class GenerateStats(_message.Message):
     __slots__ = ("proposed", "accepted", "acceptance_rate", "target_passes", "draft_passes", "steps", "draft_ms", "verify_ms", "orchestration_ms", "total_ms", "tokens", "target_tokens", "final_num_draft", "seed", "draft_replica", "target_replica", "wire_bytes", "accepted_per_position", "proposed_per_position", "time_to_first_token_ms", "draft_model_ms", "target_model_ms", "failovers", "steps_per_num_draft", "predrafts", "predraft_hits", "wasted_draft_tokens")
@@ -331,32 +341,36 @@ class GenerateStats(_message.Message):
     def __init__(self, proposed: _Optional[int] = ..., accepted: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., target_passes: _Optional[int] = ..., draft_passes: _Optional[int] = ..., steps: _Optional[int] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., orchestration_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., tokens: _Optional[int] = ..., target_tokens: _Optional[int] = ..., final_num_draft: _Optional[int] = ..., seed: _Optional[int] = ..., draft_replica: _Optional[str] = ..., target_replica: _Optional[str] = ..., wire_bytes: _Optional[int] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., proposed_per_position: _Optional[_Iterable[int]] = ..., time_to_first_token_ms: _Optional[float] = ..., draft_model_ms: _Optional[float] = ..., target_model_ms: _Optional[float] = ..., failovers: _Optional[int] = ..., steps_per_num_draft: _Optional[_Iterable[int]] = ..., predrafts: _Optional[int] = ..., predraft_hits: _Optional[int] = ..., wasted_draft_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "token_ids", "finish_reason", "stats", "from_draft")
+    __slots__ = ("text", "token_ids", "finish_reason", "stats", "from_draft", "spans")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     FROM_DRAFT_FIELD_NUMBER: _ClassVar[int]
+    SPANS_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
     stats: GenerateStats
     from_draft: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., stats: _Optional[_Union[GenerateStats, _Mapping]] = ..., from_draft: _Optional[_Iterable[bool]] = ...) -> None: ...
+    spans: _containers.RepeatedCompositeFieldContainer[TextSpan]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., stats: _Optional[_Union[GenerateStats, _Mapping]] = ..., from_draft: _Optional[_Iterable[bool]] = ..., spans: _Optional[_Iterable[_Union[TextSpan, _Mapping]]] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("text", "token_ids", "finish_reason", "stats", "from_draft")
+    __slots__ = ("text", "token_ids", "finish_reason", "stats", "from_draft", "spans")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     FROM_DRAFT_FIELD_NUMBER: _ClassVar[int]
+    SPANS_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: str
     stats: GenerateStats
     from_draft: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., stats: _Optional[_Union[GenerateStats, _Mapping]] = ..., from_draft: _Optional[_Iterable[bool]] = ...) -> None: ...
+    spans: _containers.RepeatedCompositeFieldContainer[TextSpan]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., stats: _Optional[_Union[GenerateStats, _Mapping]] = ..., from_draft: _Optional[_Iterable[bool]] = ..., spans: _Optional[_Iterable[_Union[TextSpan, _Mapping]]] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

@@ -190,14 +190,58 @@ def test_color_off_a_terminal_is_plain_text(cluster, target_dir, capsys, monkeyp
     assert out.startswith(client.generate(PROMPTS[1], max_tokens=MAX_TOKENS, num_draft=3).text + "\n")
 
 
-def test_color_without_a_tokenizer_prints_plain_text_and_says_why(cluster) -> None:
+@pytest.mark.parametrize("index", range(2))
+def test_color_without_a_tokenizer_uses_the_orchestrators_spans(cluster, tokenizer, index) -> None:
+    """No --tokenizer: the orchestrator splits the text by who wrote it, and the colours are the
+    same as the tokenizer's pieces give."""
     client, orch = cluster
-    output, errors = run_in_pty(["generate", PROMPTS[0], *OPTIONS, "--color", "--address", orch.address],
+    prompt = PROMPTS[index]
+    reference = client.generate(prompt, max_tokens=MAX_TOKENS, num_draft=3)
+    expected = piece_runs(tokenizer, list(reference.token_ids), list(reference.from_draft))
+    output, errors = run_in_pty(["generate", prompt, *OPTIONS, "--color", "--address", orch.address],
                                 plain_env())
-    assert "\x1b" not in output
-    assert "--color needs the tokenizer" in errors
-    assert output.startswith(client.generate(PROMPTS[0], max_tokens=MAX_TOKENS, num_draft=3).text + "\n")
+    runs, _ = parse_colours(output)
+    assert runs == expected and all(flag is not None for _, flag in runs)
+    assert errors == ""
 
+
+def merged(spans) -> list[tuple[str, bool]]:
+    runs: list[tuple[str, bool]] = []
+    for span in spans:
+        if runs and runs[-1][1] == span.from_draft:
+            runs[-1] = (runs[-1][0] + span.text, span.from_draft)
+        elif span.text:
+            runs.append((span.text, span.from_draft))
+    return runs
+
+
+def test_text_spans_join_to_the_text_and_agree_with_the_tokenizers_attribution(cluster, tokenizer) -> None:
+    """Asked for (text_spans), every message's spans join to its text, and the runs they make are
+    the client-side TextAttribution's over the same stream (and the tokenizer's pieces); the unary
+    reply carries the same runs. Not asked, no spans."""
+    client, _ = cluster
+    for prompt in PROMPTS[:4]:
+        chunks = list(client.stream(prompt, max_tokens=MAX_TOKENS, num_draft=3, text_spans=True))
+        attribution = TextAttribution(tokenizer)
+        client_side: list[tuple[str, bool | None]] = []
+        for chunk in chunks:
+            assert "".join(span.text for span in chunk.spans) == chunk.text
+            client_side += attribution.push(chunk.token_ids, chunk.from_draft, chunk.text)
+        token_ids = [t for chunk in chunks for t in chunk.token_ids]
+        from_draft = [f for chunk in chunks for f in chunk.from_draft]
+        server_side = merged([span for chunk in chunks for span in chunk.spans])
+        assert server_side == merged(_Span(text, flag) for text, flag in client_side)
+        assert server_side == piece_runs(tokenizer, token_ids, from_draft)
+        reply = client.generate(prompt, max_tokens=MAX_TOKENS, num_draft=3, text_spans=True)
+        assert merged(reply.spans) == server_side and "".join(s.text for s in reply.spans) == reply.text
+    plain = client.generate(PROMPTS[0], max_tokens=MAX_TOKENS, num_draft=3)
+    assert not plain.spans and all(not chunk.spans for chunk in client.stream(PROMPTS[0], max_tokens=4))
+
+
+class _Span:
+    def __init__(self, text: str, from_draft: bool | None):
+        assert from_draft is not None
+        self.text, self.from_draft = text, from_draft
 
 def test_stream_and_json_carry_flags_that_agree_with_the_stats(cluster, capsys) -> None:
     client, orch = cluster
