@@ -165,7 +165,7 @@ def read_header(file: Path, named_by: str | None = None) -> dict[str, TensorEntr
     _check_metadata(header.pop("__metadata__", None), file)
     data_start, data_size = 8 + length, size - 8 - length
     tensors = {name: _entry(name, value, data_start, data_size, file) for name, value in header.items()}
-    _check_no_overlap(tensors, file)
+    _check_contiguous(tensors, data_start, size, file)
     return tensors
 
 
@@ -211,12 +211,25 @@ def _entry(name: str, entry: object, data_start: int, data_size: int, file: Path
     return TensorEntry(dtype, tuple(shape), data_start + begin, data_start + end)
 
 
-def _check_no_overlap(tensors: dict[str, TensorEntry], file: Path) -> None:
+def _check_contiguous(tensors: dict[str, TensorEntry], data_start: int, file_size: int, file: Path) -> None:
+    """The format indexes the whole data buffer: tensors neither overlap nor leave bytes that no
+    tensor owns (a hole could carry a second file inside the checkpoint). Overlaps are named first:
+    a tensor moved onto another's bytes also leaves a hole where it was."""
     ordered = sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end))
     for (before, a), (after, b) in zip(ordered, ordered[1:], strict=False):
         if b.begin < a.end:
             raise CheckpointError(f"overlap the bytes of {clip(before)}: every tensor has bytes of its own",
                                   file=file, field=f"{clip(after)}.data_offsets")
+    position = data_start
+    for name, entry in ordered:
+        if entry.begin > position:
+            raise CheckpointError(f"start {entry.begin - position:,} bytes after the previous tensor's end: the "
+                                  "format leaves no bytes that no tensor owns", file=file,
+                                  field=f"{clip(name)}.data_offsets")
+        position = entry.end
+    if position != file_size:
+        raise CheckpointError(f"{file_size - position:,} bytes after the last tensor belong to none: the format "
+                              "leaves no bytes that no tensor owns", file=file, field="data")
 
 
 # -- the shard index -------------------------------------------------------------------------------

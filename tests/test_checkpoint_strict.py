@@ -35,6 +35,7 @@ INDEX = "model.safetensors.index.json"
 Q = "encoder.block.0.layer.0.SelfAttention.q.weight"  # float32 (64, 64): 16,384 bytes, as are K's
 K = "encoder.block.0.layer.0.SelfAttention.k.weight"
 FIRST = "decoder.block.0.layer.0.SelfAttention.k.weight"  # the tensor at data offset 0
+SECOND = "decoder.block.0.layer.0.SelfAttention.o.weight"  # the one after it
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
 
 
@@ -78,6 +79,16 @@ def _shift_first_tensor_into_the_header(header: dict) -> None:
     begin, end = header[FIRST]["data_offsets"]
     assert begin == 0
     header[FIRST]["data_offsets"] = [begin - 8, end - 8]
+
+
+def _bytes_after_the_last_tensor(directory: Path) -> None:
+    header, data = _read(directory / WEIGHTS)
+    _write(directory / WEIGHTS, header, data + bytes(16))
+
+
+def _drop_the_first_tensor(header: dict) -> None:
+    """Its bytes stay in the file, owned by no tensor: a hole before the tensor that followed it."""
+    del header[FIRST]
 
 
 def _claim_a_header_over_100mb(directory: Path) -> None:
@@ -144,6 +155,9 @@ CASES = [
     Case("bool-offsets", _header(lambda h: h[Q].update(data_offsets=[False, True])), WEIGHTS, f"{Q}.data_offsets"),
     Case("overlapping-tensors", _header(lambda h: h[K].update(data_offsets=h[Q]["data_offsets"])), WEIGHTS,
          f"{Q}.data_offsets: overlap the bytes of {K}"),
+    Case("bytes-after-the-last-tensor", _bytes_after_the_last_tensor, WEIGHTS, "data"),
+    Case("hole-before-a-tensor", _header(_drop_the_first_tensor), WEIGHTS,
+         f"{SECOND}.data_offsets: start 16,384 bytes after"),
     Case("header-over-100mb", _claim_a_header_over_100mb, WEIGHTS, "header length"),
     Case("header-not-an-object", _header(lambda h: [h]), WEIGHTS, "header"),
     Case("metadata-not-strings", _header(lambda h: h.update(__metadata__={"format": 1})), WEIGHTS,
