@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from specdec_core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from specdec_core.limits import limit
+from specdec_core.limits import INT32_MAX, at_least, limit
 
 from .detokenize import TextAttribution, TextStream
 from .k_policy import KMemory
@@ -32,15 +32,23 @@ class OrchestratorLimits:
     # default prompt token, far above what 2048 tokens of real text take (T5 pieces average
     # ~4 characters), far below the 64 MiB a message may carry.
     max_prompt_chars: int = limit(65_536, "--max-prompt-chars",
-                                  "longest prompt in characters, refused before tokenizing")
-    max_prompt_tokens: int = limit(2048, "--max-prompt-tokens", "longest prompt in tokens")
-    max_tokens_cap: int = limit(2048, "--max-tokens-cap", "largest max_tokens a request may ask for")
-    default_max_tokens: int = limit(64, "--default-max-tokens", "max_tokens of a request that sets none")
-    max_num_draft: int = limit(16, "--max-num-draft", "largest k, and the ceiling of num_draft=auto")
+                                  "longest prompt in characters, refused before tokenizing",
+                                  valid=at_least(1, INT32_MAX))
+    max_prompt_tokens: int = limit(2048, "--max-prompt-tokens", "longest prompt in tokens",
+                                   valid=at_least(1, INT32_MAX))
+    max_tokens_cap: int = limit(2048, "--max-tokens-cap", "largest max_tokens a request may ask for",
+                                valid=at_least(1, INT32_MAX))
+    default_max_tokens: int = limit(64, "--default-max-tokens", "max_tokens of a request that sets none",
+                                    valid=at_least(1, INT32_MAX))
+    # At most 256: no worker takes a larger k (its --max-draft).
+    max_num_draft: int = limit(16, "--max-num-draft", "largest k, and the ceiling of num_draft=auto",
+                               valid=at_least(1, 256))
     # The published anchor's k=7 is for T5-XXL; 5 suits small pairs.
-    default_num_draft: int = limit(5, "--default-num-draft", "k of a request that sets none and not auto")
+    default_num_draft: int = limit(5, "--default-num-draft", "k of a request that sets none and not auto",
+                                   valid=at_least(1, 256))
     max_generations: int = limit(32, "--max-generations",
-                                 "generations in flight at once; more get RESOURCE_EXHAUSTED")
+                                 "generations in flight at once; more get RESOURCE_EXHAUSTED",
+                                 valid=at_least(1, INT32_MAX))
     pipeline: bool = True  # pipelined drafting unless a request says otherwise (--no-pipeline)
 
 

@@ -29,6 +29,8 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from specdec_core.limits import Checked, at_least
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"  # loopback unless told otherwise: no stranger gets in by default
@@ -36,6 +38,10 @@ DEFAULT_HOST = "127.0.0.1"  # loopback unless told otherwise: no stranger gets i
 # target (k <= 16 float16 distributions over the vocabulary) is ~1 MiB for T5. Workers size
 # theirs from their own limits (specdec_grpc.worker.needed_message_mb).
 DEFAULT_MAX_MESSAGE_MB = 16
+PORTS = at_least(0, 65535)  # 0: a free one
+# gRPC takes a message cap in bytes as a C int: 2047 MiB is the most it holds.
+MESSAGE_MB = at_least(1, 2047)
+GRACE_S = at_least(0)  # 0: in-flight calls are cut at once
 
 
 @dataclass
@@ -93,25 +99,49 @@ def add_server_arguments(
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network: "
                              "use TLS and a token there)")
-    parser.add_argument("--port", type=int, default=default_port,
+    parser.add_argument("--port", type=Checked(int, PORTS), default=default_port,
                         help=f"port to bind; 0 picks a free one and prints it (default {default_port})")
-    parser.add_argument("--max-message-mb", type=int, default=default_max_message_mb,
+    parser.add_argument("--max-message-mb", type=Checked(int, MESSAGE_MB), default=default_max_message_mb,
                         help=max_message_help or f"largest request/response accepted, MiB (default {default_max_message_mb})")
-    parser.add_argument("--grace", type=float, default=10.0,
-                        help="seconds in-flight calls get to finish on SIGTERM (default 10)")
+    parser.add_argument("--grace", type=Checked(float, GRACE_S), default=10.0,
+                        help=f"seconds in-flight calls get to finish on SIGTERM (default 10; {GRACE_S})")
     parser.add_argument("--tls-cert", help="PEM certificate: serve over TLS")
     parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
     parser.add_argument("--tls-client-ca", help="PEM CA; clients must present a certificate it signed (mTLS)")
-    parser.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN' on every call")
+    parser.add_argument("--auth-token", help="require 'authorization: Bearer TOKEN' on every call, and on "
+                        "/metrics (--metrics-port)")
     parser.add_argument("--auth-token-file", help="read the bearer token from this file instead")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="DEBUG, INFO, WARNING or ERROR (any case; default INFO)")
     parser.add_argument("--log-format", choices=["text", "json"], default="text",
                         help="text (default) or json: one JSON object per line with time, level, logger, "
                              "message and, on lines about a request, its request_id")
-    parser.add_argument("--metrics-port", type=int, default=None,
+    parser.add_argument("--metrics-port", type=Checked(int, PORTS), default=None,
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (same host as the "
                              "service; over TLS with --tls-cert); 0 picks a free port and prints it "
                              "(default: off)")
+
+
+def bearer_matches(header: str | bytes | None, token: str) -> bool:
+    """Does an Authorization header carry ``token`` in the Bearer scheme? The scheme's name in any
+    case ("bearer", "BEARER": RFC 7235), one or more spaces, then the token (compared in constant time)."""
+    text = header.decode("latin-1") if isinstance(header, bytes) else header or ""
+    scheme, _, credentials = text.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.lstrip(" ").encode(), token.encode())
+
+
+def require_bearer_token(app: Callable[..., Any], token: str) -> Callable[..., Any]:
+    """A WSGI app that answers 401 unless the request carries ``token`` as every gRPC call must
+    (``bearer_matches``): /metrics of a service started with --auth-token."""
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if bearer_matches(environ.get("HTTP_AUTHORIZATION"), token):
+            return app(environ, start_response)
+        start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
+                                            ("WWW-Authenticate", 'Bearer realm="specdec"')])
+        return [b"missing or wrong bearer token: send 'Authorization: Bearer TOKEN' (the service's --auth-token)\n"]
+
+    return guarded
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -120,7 +150,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+        self._token = token
 
         async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
@@ -148,9 +178,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if details.method.startswith(self.OPEN_SERVICES):
             return await continuation(details)
         metadata = dict(details.invocation_metadata or ())
-        given = metadata.get("authorization", "")
-        given_bytes = given.encode() if isinstance(given, str) else given
-        if hmac.compare_digest(given_bytes, self._expected):
+        if bearer_matches(metadata.get("authorization"), self._token):
             return await continuation(details)
         handler = await continuation(details)
         if handler is not None and handler.request_streaming:
