@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
@@ -54,7 +55,19 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception, method: st
         message = f"internal error in {method}: {type(error).__name__}: {error}"
     else:
         message = str(error)
-    await context.abort(code, message)
+    await send_status(context, code, message)
+
+
+async def send_status(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End the call with ``code``; if it has already ended under us (its deadline passed or its
+    caller cancelled: gRPC told the caller so), there is nobody to tell, and it ends as cancelled
+    rather than as a failed send that gRPC would log at ERROR with a traceback."""
+    try:
+        await context.abort(code, message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:  # noqa: BLE001 - grpc's ExecuteBatchError: the call is over
+        raise asyncio.CancelledError from None
 
 
 def _report(servicer: Any, method: str, code: grpc.StatusCode) -> None:
@@ -73,8 +86,8 @@ def grpc_method(fn: Callable[..., Any]) -> Callable[..., Any]:
         if remaining is not None and remaining <= 0:
             # Queued past its deadline: the caller has given up, so do not run the work.
             _report(self, fn.__name__, grpc.StatusCode.DEADLINE_EXCEEDED)
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"the deadline passed before {fn.__name__} started; nothing was done")
+            await send_status(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"the deadline passed before {fn.__name__} started; nothing was done")
         try:
             return await fn(self, request, context)
         except grpc.aio.AbortError:
