@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from specdec_tools.bench import main
-from specdec_tools.bench.analysis import expected_tokens, fit_alpha, speedup_bound
+from specdec_tools.bench.analysis import derive, expected_tokens, fit_alpha, speedup_bound
+from specdec_tools.bench.cells import Cell
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("torch")
@@ -46,18 +47,47 @@ def test_expected_tokens_and_alpha_fit_match_a_simulation(alpha: float, k: int) 
     assert fit_alpha(float(mean), k) == pytest.approx(alpha, abs=5 * stderr / slope + 1e-6)
 
 
+def test_grpc_time_per_step_is_the_serial_services_over_the_serial_loop() -> None:
+    """Drafting ahead makes (b)'s loop step shorter than (c)'s serial one by draft time, which is no
+    wire cost: the gRPC figure is (b') - (c) at the same fixed k, and none under auto."""
+    def cell(loop_ms: float) -> dict:
+        return {"loop_ms_per_step": loop_ms, "wall_ms_per_step": loop_ms + 1, "cpu_ms_per_step": None,
+                "draft_ms_per_step": 10.0, "verify_ms_per_step": 20.0, "ms_per_token": 10.0,
+                "target_ms_per_pass": 20.0, "draft_ms_per_token": 2.0, "drafted_per_step": 2.0,
+                "tokens_per_target_pass": 2.0, "alpha": 0.5}
+    cells = {Cell(0.0, "inproc-target", None): cell(20.0), Cell(0.0, "services-target", None): cell(21.0)}
+    for k in ("2", "auto"):
+        cells |= {Cell(0.0, "inproc-spec", k): cell(30.0), Cell(0.0, "services-spec", k): cell(26.0),
+                  Cell(0.0, "services-serial", k): cell(31.5)}
+    derive(cells, [0.0], ["2", "auto"])
+    assert cells[Cell(0.0, "services-spec", "2")]["grpc_ms_per_step"] == pytest.approx(1.5)
+    assert cells[Cell(0.0, "services-serial", "2")]["grpc_ms_per_step"] == pytest.approx(1.5)
+    assert cells[Cell(0.0, "services-spec", "auto")]["grpc_ms_per_step"] is None
+
+
 def test_alpha_fit_at_the_edges() -> None:
     assert fit_alpha(1.0, 4) == 0.0 and fit_alpha(5.0, 4) == 1.0
     assert expected_tokens(1.0, 4) == 5 and expected_tokens(0.0, 4) == 1
 
 
 @pytest.mark.timeout(180)
-def test_quick_bench_writes_json_markdown_and_plot(tmp_path: Path) -> None:
+def test_quick_bench_writes_json_markdown_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench"
     code = main(["--quick", "--tiny", "--out", str(out), "--workloads", "synthetic,demo",
                  "--models-dir", str(tmp_path / "no-models"), "--ks", "2", "--prompts", "1",
-                 "--repeats", "1", "--max-tokens", "6", "--log-level", "WARNING"])
+                 "--repeats", "1", "--max-tokens", "6"])
     assert code == 0
+    # The run ends with the verdict, not the tables (they stay in bench.md); the in-process systems'
+    # INFO lines and the services' logs went to files, not to the console.
+    printed = capsys.readouterr()
+    assert printed.out.startswith("Verdict:\n  synthetic T=0: speculative through the services runs ")
+    assert "greedy output equals the target alone's in every cell" in printed.out
+    assert "| k |" not in printed.out and str(out / "bench.md") in printed.out
+    assert "req=" not in printed.err and "logs of this run" in printed.err
+    logs = out / "logs"
+    assert "req=" in (logs / "bench.log").read_text()  # (c)'s per-request lines
+    assert {"synthetic-draft.log", "synthetic-target.log", "synthetic-orchestrator.log"} <= {
+        p.name for p in logs.iterdir()}
     for name in ("bench.json", "bench.md", "bench.png"):
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "bench.json").read_text())
@@ -87,6 +117,13 @@ def test_quick_bench_writes_json_markdown_and_plot(tmp_path: Path) -> None:
     assert exact["T=0 services-serial k=2"] == 1.0 and exact["T=0 services-unary k=2"] == 1.0
     markdown = (out / "bench.md").read_text()
     assert "Machine:" in markdown and "| k |" in markdown and "skipped" in markdown
+    assert markdown.index("Verdict:") < markdown.index("| k |")
+    # gRPC ms/step compares the serial services with the serial loop in process, at the same k
+    by_system = {(c["temperature"], c["system"]): c for c in cells}
+    for temperature in (0.0, 1.0):
+        serial, inproc = by_system[(temperature, "services-serial")], by_system[(temperature, "inproc-spec")]
+        assert by_system[(temperature, "services-spec")]["grpc_ms_per_step"] == pytest.approx(
+            serial["loop_ms_per_step"] - inproc["loop_ms_per_step"])
     # --report-from derives the same figures again from the stored runs, running nothing
     again = tmp_path / "again"
     assert main(["--report-from", str(out / "bench.json"), "--out", str(again), "--log-level", "WARNING"]) == 0

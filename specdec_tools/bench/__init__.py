@@ -45,14 +45,17 @@ Figures per workload, temperature and k:
 - ``alpha``: accepted / proposed draft tokens (what the services report);
   ``alpha_hat``: Leviathan's per-token acceptance probability, fitted so that
   (1 - a^(k+1)) / (1 - a) equals the measured tokens per target pass.
-- ``tokens_per_target_pass``; ``grpc_ms_per_step``: (b) minus (c) in the orchestrator's
+- ``tokens_per_target_pass``; ``grpc_ms_per_step``: (b') minus (c) in the orchestrator's
   loop time per speculative step (``stats.total_ms / steps``: two RPCs per step; the
   client's one Generate call is outside it; ``grpc_wall_ms_per_step`` includes it;
   ``grpc_propose_ms_per_step`` and ``grpc_verify_ms_per_step`` split it by RPC);
   ``grpc_cpu_ms_per_step``: the same difference in CPU time, summed over this process and the
   three services (``/proc/PID/task/*/schedstat``; Linux only): what the gRPC path costs in
   work, which a busy machine inflates far less than wall time (it includes the services'
-  once-a-second health checks);
+  once-a-second health checks). Both are serial at the same fixed k, so the difference is the
+  wire's: (b) drafts ahead, which shortens its step by draft time, and under ``auto`` each run
+  picks its own k, so neither is compared with (c) (the figures are None there, never negative);
+  ``unary_ms_per_step`` of (b''): what a unary call per step adds over (b)'s streams;
   ``wire_bytes_per_step``: ``stats.wire_bytes / steps`` of (b).
 - ``bound``: the theoretical speedup (1 - a^(k+1)) / ((1 - a)(k c + 1)) with a = alpha_hat
   (``bound_rate`` uses a = alpha instead, which undercounts for k > 1: drafts after a
@@ -63,8 +66,11 @@ Figures per workload, temperature and k:
   over in-process target, (d) over (e)); ``speedup_vs_a``: (a) over the system.
 
 Outputs in ``--out``: ``bench.json`` (everything, per cell and per run), ``bench.md`` (the
-tables and a line describing the machine) and ``bench.png`` (speedup vs k per system, one
-panel per workload and temperature).
+verdict, the tables and a line describing the machine), ``bench.png`` (speedup vs k per system,
+one panel per workload and temperature) and ``logs/`` (every service's log, and this process's
+own library lines in ``bench.log``, so they do not drown the progress on the console). The run
+ends by printing the verdict: per workload and temperature, speculative's speedup over the target
+alone at its best k, both sides' ms/token and tokens/s, the acceptance, and greedy equality.
 
     specdec-bench --quick --out bench-out     # < 5 minutes: 2 prompts, 2 repeats, k 1/3/auto,
                                               # max_tokens 24

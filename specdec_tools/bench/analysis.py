@@ -124,14 +124,25 @@ def derive(cells: dict[Cell, dict[str, Any]], temperatures: list[float], ks: lis
             b = get("services-spec", k) if ran("services-spec", k) else c  # (b) left out: (c)'s own figures
             d = get("hf-assisted", k) if ran("hf-assisted", k) else None
             unary = get("services-unary", k) if ran("services-unary", k) else None
-            for services in [cell for cell in (b, unary) if cell is not None and cell is not c]:  # gRPC over (c)
-                for key, name in (("loop_ms_per_step", "grpc_ms_per_step"),
-                                  ("wall_ms_per_step", "grpc_wall_ms_per_step"),
-                                  ("cpu_ms_per_step", "grpc_cpu_ms_per_step"),
-                                  ("draft_ms_per_step", "grpc_propose_ms_per_step"),
-                                  ("verify_ms_per_step", "grpc_verify_ms_per_step")):
-                    services[name] = (services[key] - c[key] if services[key] is not None and c[key] is not None
-                                      else None)
+            serial = get("services-serial", k) if ran("services-serial", k) else None
+            # What gRPC adds to a step: (b') minus (c), both serial at the same fixed k. (b) and (b'')
+            # draft ahead, which hides draft time inside the Verify (their step is shorter than (c)'s
+            # by that, not faster on the wire), and under auto each run picks its own k: neither is a
+            # wire cost, so the figures are left out there rather than shown negative.
+            grpc = {}
+            for key, name in (("loop_ms_per_step", "grpc_ms_per_step"),
+                              ("wall_ms_per_step", "grpc_wall_ms_per_step"),
+                              ("cpu_ms_per_step", "grpc_cpu_ms_per_step"),
+                              ("draft_ms_per_step", "grpc_propose_ms_per_step"),
+                              ("verify_ms_per_step", "grpc_verify_ms_per_step")):
+                grpc[name] = (serial[key] - c[key] if serial is not None and k != "auto"
+                              and serial[key] is not None and c[key] is not None else None)
+            for services in [cell for cell in (b, serial) if cell is not None and cell is not c]:
+                services.update(grpc)
+            if unary is not None and b is not c:  # a unary call per step over a stream, both drafting ahead
+                unary["unary_ms_per_step"] = (unary["loop_ms_per_step"] - b["loop_ms_per_step"]
+                                              if k != "auto" and unary["loop_ms_per_step"] is not None
+                                              and b["loop_ms_per_step"] is not None else None)
             if b is not c:
                 b["vs_hf_assisted"] = d["ms_per_token"] / b["ms_per_token"] if d is not None else None
             if ran("services-serial", k):  # < 1: pipelining made the services faster

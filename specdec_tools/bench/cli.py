@@ -13,7 +13,8 @@ from typing import Any
 
 from .cells import BASELINE_OF, SYSTEMS, Settings
 from .machine import limit_threads, machine, machine_line
-from .report import markdown, plot, workload_entry, write_outputs
+from .progress import route_logs
+from .report import markdown, plot, verdict, workload_entry, write_outputs
 from .runner import rederive, run_workload
 from .serving import FULL_REQUESTS, QUICK_REQUESTS, serving_main, serving_settings
 from .workloads import CUSTOM_MAX_TOKENS, DEMO_DIR, T5_PAIR_DIR, WORKLOADS, CustomPair, load_workloads
@@ -147,15 +148,14 @@ def workload_names(args: argparse.Namespace) -> tuple[list[str], CustomPair | No
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    log_dir = route_logs(args.out, getattr(logging, args.log_level.upper(), logging.INFO))
     import transformers
 
     transformers.logging.set_verbosity_error()
     if args.report_from:
         report = rederive(json.loads(args.report_from.read_text()))
         args.out.mkdir(parents=True, exist_ok=True)
-        return write_outputs(args.out, "bench", report, markdown(report), plot)
+        return write_outputs(args.out, "bench", report, markdown(report), plot, verdict(report))
     preset = QUICK if args.quick else FULL
     if args.concurrency and args.drafting:
         raise SystemExit("--concurrency and --drafting are separate benchmarks; pick one")
@@ -211,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         "workloads": [],
     }
     for workload in workloads:
-        workload.results = run_workload(workload, settings, env)
+        workload.results = run_workload(workload, settings, env, log_dir)
         report["workloads"].append(workload_entry(workload, workload.results))
     report["wall_s"] = time.perf_counter() - started
     report["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    return write_outputs(out, "bench", report, markdown(report), plot)
+    return write_outputs(out, "bench", report, markdown(report), plot, verdict(report))

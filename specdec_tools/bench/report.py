@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .cells import SYSTEMS
+from .cells import BASELINE_OF, SYSTEMS
 from .machine import machine_line
 
 logger = logging.getLogger("specdec.bench")
@@ -22,8 +22,9 @@ def workload_entry(workload: Any, results: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_outputs(out: Path, stem: str, report: dict[str, Any], markdown_text: str,
-                  plot_fn: Callable[[dict[str, Any], Path], None] | None = None) -> int:
-    """Write STEM.json, STEM.md (and STEM.png with ``plot_fn``) into ``out``; print the markdown."""
+                  plot_fn: Callable[[dict[str, Any], Path], None] | None = None, summary: str | None = None) -> int:
+    """Write STEM.json, STEM.md (and STEM.png with ``plot_fn``) into ``out``; print ``summary`` and
+    where the tables are, or (no summary) the markdown."""
     written = [out / f"{stem}.json", out / f"{stem}.md"]
     written[0].write_text(json.dumps(report, indent=1) + "\n")
     written[1].write_text(markdown_text)
@@ -31,8 +32,37 @@ def write_outputs(out: Path, stem: str, report: dict[str, Any], markdown_text: s
         written.append(out / f"{stem}.png")
         plot_fn(report, written[-1])
     logger.info("wrote %s (%.0f s)", ", ".join(str(p) for p in written), report["wall_s"])
-    print(markdown_text)
+    print(markdown_text if summary is None else f"{summary}\nEvery figure: {written[1]} (tables), {written[0]}")
     return 0
+
+
+def verdict(report: dict[str, Any]) -> str:
+    """The figures a run is for, per workload and temperature: speculative's speedup over the
+    target alone at its best k (through the services; in process when they did not run), both
+    sides' ms/token and tokens/s, the acceptance, and whether greedy output equalled the target's."""
+    lines = ["Verdict:"]
+    for workload in report["workloads"]:
+        cells = workload["results"]["cells"]
+        exact = workload["results"]["exact_greedy"]
+        for temperature in sorted({c["temperature"] for c in cells}):
+            spec = [c for c in cells if c["temperature"] == temperature and c["system"] == "services-spec"] or [
+                c for c in cells if c["temperature"] == temperature and c["system"] == "inproc-spec"]
+            if not spec:
+                continue
+            best = max(spec, key=lambda c: c.get("speedup") or 0.0)
+            where = "through the services" if best["system"] == "services-spec" else "in process"
+            alone = next(c for c in cells if c["temperature"] == temperature
+                         and c["system"] == BASELINE_OF[best["system"]])
+            line = (f"  {workload['name']} T={temperature:g}: speculative {where} runs {fmt(best.get('speedup'))}x "
+                    f"the target alone at k={best['k']} ({best['ms_per_token']:.1f} vs {alone['ms_per_token']:.1f} "
+                    f"ms/token: {1e3 / best['ms_per_token']:.1f} vs {1e3 / alone['ms_per_token']:.1f} tokens/s), "
+                    f"acceptance {fmt(best.get('alpha'))}")
+            if temperature == 0:
+                unequal = [label for label, share in exact.items() if share < 1.0 and "transformers" not in label]
+                line += ("; greedy output equals the target alone's in every cell" if not unequal
+                         else f"; greedy output DIFFERS from the target alone's in {', '.join(unequal)}")
+            lines.append(line)
+    return "\n".join(lines) if len(lines) > 1 else "Verdict: no speculative cell ran"
 
 
 def fmt(value: Any, digits: int = 2, suffix: str = "") -> str:
@@ -44,7 +74,7 @@ def fmt(value: Any, digits: int = 2, suffix: str = "") -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = ["# specdec benchmark", "", machine_line(report["machine"]), ""]
+    lines = ["# specdec benchmark", "", machine_line(report["machine"]), "", "```", verdict(report), "```", ""]
     s = report["settings"]
     lines.append(f"Settings: {s['prompts']} prompts x {s['repeats']} repeats per cell, k in "
                  f"{', '.join(s['ks'])}, temperatures {', '.join(f'{t:g}' for t in s['temperatures'])}, "
@@ -83,7 +113,7 @@ def markdown(report: dict[str, Any]) -> str:
                 "| (c) speedup vs in-proc target | (d) speedup vs (e) | (b) vs (d) | alpha | alpha_hat "
                 "| tokens/target pass | gRPC ms/step | gRPC CPU ms/step | wire B/step | bound | block cost | predicted "
                 "| (b') no pipelining ms/tok | (b)/(b') | (b)/(c) | (b'') unary steps ms/tok | (b)/(b'') "
-                "| (b'') gRPC ms/step | ahead: drafted/step, used, wasted tok/step "
+                "| (b'') - (b) ms/step | ahead: drafted/step, used, wasted tok/step "
                 "| k chosen (steps at k=0,1,..) |",
                 "|---|" + "---:|" * 24,
             ]
@@ -105,7 +135,7 @@ def markdown(report: dict[str, Any]) -> str:
                     f"{fmt(cells.get((temperature, 'services-serial', k), {}).get('ms_per_token'), 1)} | "
                     f"{fmt(b.get('vs_serial'), 2, 'x')} | {fmt(b.get('vs_inproc_serial'), 2, 'x')} | "
                     f"{fmt(unary.get('ms_per_token'), 1)} | {fmt(b.get('vs_unary'), 2, 'x')} | "
-                    f"{fmt(unary.get('grpc_ms_per_step'))} | "
+                    f"{fmt(unary.get('unary_ms_per_step'))} | "
                     f"{fmt(b.get('predrafts_per_step'))}, {fmt(b.get('predraft_hit_rate'))}, "
                     f"{fmt(b.get('wasted_draft_tokens_per_step'))} | "
                     f"{' '.join(str(n) for n in (b or c).get('steps_per_k', [])) or '-'} |"
@@ -122,15 +152,16 @@ def markdown(report: dict[str, Any]) -> str:
         "Columns: ms/tok = wall time per generated token seen by the caller (median over repeats); "
         "speedup = the system's own target-alone ms/token over its ms/token; (b) vs (d) = HF assisted "
         "ms/token over (b)'s (> 1: the services are faster); alpha = accepted/proposed; alpha_hat = "
-        "per-token acceptance fitted to tokens/target pass; gRPC ms/step = (b) minus (c) loop time per "
-        "step; gRPC CPU ms/step = the same in CPU time summed over all processes (robust to a busy "
+        "per-token acceptance fitted to tokens/target pass; gRPC ms/step = (b') minus (c) loop time per "
+        "step, both serial at a fixed k (drafting ahead shortens (b)'s step by draft time, not wire "
+        "time, and under auto each run picks its own k: '-' there); gRPC CPU ms/step = the same in CPU time summed over all processes (robust to a busy "
         "machine); bound = (1 - a^(k+1)) / ((1 - a)(k c + 1)) with a = alpha_hat (for auto, k = mean "
         "drafted per step); block cost = (c)'s Verify of k+1 positions over a one-token target pass, in "
         "process; predicted = (c)'s tokens/target pass over (k c + block cost): the cost model's speedup "
         "from the measured parts, to compare with (c)'s and (b)'s speedups; (b') = (b) with drafting only after each verdict; (b)/(b') and (b)/(c) = "
         "ms/token ratios (< 1: pipelined services faster than serial services / than the serial loop in "
         "one process); (b'') = (b) with a unary Propose/Verify call per step instead of one stream per "
-        "session, with its own gRPC ms/step; (b)/(b'') < 1: the streams made (b) faster; ahead = blocks "
+        "session; (b'') - (b) ms/step = what the unary calls add to a step; (b)/(b'') < 1: the streams made (b) faster; ahead = blocks "
         "drafted ahead per step, the share of them used, draft tokens "
         "drafted ahead in vain per step; k chosen = steps of (b) at each k, over all its runs (alpha, alpha_hat, tokens/target pass and k chosen are (c)'s when (b) was left out).", "",
     ]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from .analysis import derive, exactness, summarize
 from .cells import SYSTEMS, Cell, Run, Settings, cells_for, seed
 from .hugging_face import HuggingFace
 from .in_process import InProcess
+from .progress import Progress
 from .report import fmt
 from .services import Services
 from .workloads import Workload
@@ -29,9 +31,11 @@ def start_hugging_face(workload: Workload) -> tuple[HuggingFace | None, str]:
         return None, reason
 
 
-def run_workload(workload: Workload, settings: Settings, env: dict[str, str]) -> dict[str, Any]:
+def run_workload(workload: Workload, settings: Settings, env: dict[str, str], log_dir: Path | None = None
+                 ) -> dict[str, Any]:
     """Start every system on the workload's pair, run all cells (see the package docstring for
-    the order), stop the systems, and return the cells' runs and figures (``bench.json``'s)."""
+    the order), stop the systems, and return the cells' runs and figures (``bench.json``'s). The
+    services log into ``log_dir`` (a temporary directory when None)."""
     log = logger.info
     wanted = {system.split("-")[0] for system in settings.systems}  # services, inproc, hf
     log("%s: starting %s", workload.name, ", ".join(
@@ -44,7 +48,8 @@ def run_workload(workload: Workload, settings: Settings, env: dict[str, str]) ->
     try:
         if "services" in wanted:
             systems["services"] = Services(workload.draft, workload.target, settings.dtype, env,
-                                           unary_steps_baseline="services-unary" in settings.systems)
+                                           unary_steps_baseline="services-unary" in settings.systems,
+                                           log_dir=log_dir, log_prefix=f"{workload.name}-")
         systems["inproc"] = InProcess(workload.draft, workload.target, settings.dtype)
         if "hf" in wanted:
             hf, reason = start_hugging_face(workload)
@@ -71,6 +76,7 @@ def run_workload(workload: Workload, settings: Settings, env: dict[str, str]) ->
         runs: dict[Cell, list[list[Run]]] = {cell: [] for cell in cells}
         rounds = settings.repeats * len(workload.prompts)
         timer = time.perf_counter()
+        progress = Progress(f"{workload.name}: timed rounds")
         for repeat in range(settings.repeats):
             for cell in cells:
                 runs[cell].append([])
@@ -81,7 +87,8 @@ def run_workload(workload: Workload, settings: Settings, env: dict[str, str]) ->
                     runs[cell][repeat].append(one(cell, prompt, repeat, workload.max_tokens))
                 done = turn + 1
                 eta = (time.perf_counter() - timer) / done * (rounds - done)
-                log("%s: round %d/%d done, about %.0f s left", workload.name, done, rounds, eta)
+                progress.update(f"{done}/{rounds} done, about {eta:.0f} s left")
+        progress.done(f"{rounds}/{rounds} done in {time.perf_counter() - timer:.0f} s")
         for cell in cells:
             for repeat in runs[cell]:
                 repeat.sort(key=lambda run: run.prompt)

@@ -21,13 +21,16 @@ class Services:
     """Draft, target and orchestrator as three processes; (a) and (b) call the orchestrator."""
 
     def __init__(self, draft: Path, target: Path, dtype: str | None, env: dict[str, str],
-                 unary_steps_baseline: bool = True):
+                 unary_steps_baseline: bool = True, log_dir: Path | None = None, log_prefix: str = ""):
         """Start draft and target (they load while the caller does other work; see ``connect``).
-        ``unary_steps_baseline``: ``connect`` also starts the (b'') orchestrator."""
+        ``unary_steps_baseline``: ``connect`` also starts the (b'') orchestrator. Each service logs
+        to ``log_dir/PREFIXROLE.log`` (kept), or to a temporary directory removed on ``close``."""
         model_args = ["--dtype", dtype] if dtype else []
         self.env = env
         self.unary_steps_baseline = unary_steps_baseline
         self.logs = tempfile.TemporaryDirectory(prefix="specdec-bench-")  # shown if a start fails
+        self.log_dir = log_dir or Path(self.logs.name)
+        self.log_prefix = log_prefix
         self.processes: list[ServiceProcess] = []
         self.client: Any = None
         self.unary_client: Any = None  # (b''): an orchestrator with --unary-steps
@@ -61,7 +64,7 @@ class Services:
 
     def _start(self, role: str, args: list[str], log_name: str = "") -> ServiceProcess:
         process = ServiceProcess(role, [*args, "--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING"],
-                                 Path(self.logs.name) / f"{log_name or role}.log", env=self.env)
+                                 self.log_dir / f"{self.log_prefix}{log_name or role}.log", env=self.env)
         self.processes.append(process)
         return process
 
