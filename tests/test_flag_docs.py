@@ -18,7 +18,7 @@ import pytest
 from orchestrator import cli
 from orchestrator import server as orchestrator_server
 from specdec_grpc import worker
-from specdec_tools import bench, cluster, convert
+from specdec_tools import bench, cluster, convert, make_pair
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -38,6 +38,7 @@ PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "specdec-target": lambda: worker.build_parser("target"),
     "specdec-convert": convert.build_parser,
     "specdec-bench": bench.build_parser,
+    "specdec-make-pair": make_pair.build_parser,
     "scripts/up": cluster.build_up_parser,
     "scripts/down": cluster.build_down_parser,
     "scripts/status": cluster.build_status_parser,
