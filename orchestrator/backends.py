@@ -85,7 +85,7 @@ def _left(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-def _loop_time(monotonic: float) -> float:
+def loop_time(monotonic: float) -> float:
     """A ``time.monotonic()`` instant on the running event loop's clock."""
     loop = asyncio.get_running_loop()
     return loop.time() + (monotonic - time.monotonic())
@@ -148,7 +148,7 @@ class GrpcBackend:
                 message.timeout_ms = max(1e-3, (deadline - time.monotonic()) * 1e3)
             sent = False
             try:
-                async with asyncio.timeout_at(None if deadline is None else _loop_time(deadline)):
+                async with asyncio.timeout_at(None if deadline is None else loop_time(deadline)):
                     try:
                         await call.write(message)
                         sent = True

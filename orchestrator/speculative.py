@@ -31,7 +31,7 @@ from specdec_core.sampling import ACCEPT_STREAM, position_uniforms
 from specdec_core.steps import Proposal, Verdict
 
 from .acceptance import StepOutcome, accept_greedy, accept_sampled
-from .backends import ReplicaError
+from .backends import ReplicaError, loop_time
 from .drafting_ahead import DraftAhead
 from .k_costs import drafts_overlap
 from .k_policy import KMemory, KPolicy, StepRecord
@@ -129,15 +129,21 @@ class SpeculativeGeneration:
             return
 
     async def _open_session(self, backend: Any) -> str:
-        """Open a session for this request on ``backend``. If the request is cancelled meanwhile,
-        the open still runs to its end and the session it returns is closed: a worker that
-        answered just as the request gave up would otherwise hold the session until its TTL."""
-        timeout = self._call_deadline() - time.monotonic()
-        opening = asyncio.ensure_future(backend.open(self.prompt_ids, self.request_id, timeout))
+        """Open a session for this request on ``backend``. If the request is cancelled or its
+        deadline passes meanwhile, the open still runs to its end and the session it returns is
+        closed: a worker that answered just as the request gave up would otherwise hold the session
+        until its TTL. So the call itself carries only the per-call limit: cut by the request's
+        deadline, it could lose the id of a session the worker had just made."""
+        if self.deadline is not None and self.deadline <= time.monotonic():
+            raise DeadlineExceeded("the request's deadline passed during generation")
+        opening = asyncio.ensure_future(backend.open(self.prompt_ids, self.request_id, DEFAULT_CALL_TIMEOUT_S))
         try:
-            return await asyncio.shield(opening)
-        except asyncio.CancelledError:
+            async with asyncio.timeout_at(None if self.deadline is None else loop_time(self.deadline)):
+                return await asyncio.shield(opening)
+        except (asyncio.CancelledError, TimeoutError) as error:
             opening.add_done_callback(lambda done: _close_opened(backend, done))
+            if isinstance(error, TimeoutError):
+                raise DeadlineExceeded("the request's deadline passed while its session opened") from None
             raise
 
     async def _open_lanes(self) -> None:

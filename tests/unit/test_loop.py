@@ -537,6 +537,43 @@ def test_an_open_answered_after_the_request_was_cancelled_is_closed(role: str, p
     assert_clean(replicas, source)
 
 
+class LateOpen(FakeReplica):
+    """Makes the session at once but answers ``delay_s`` later; a call whose timeout ends first
+    fails DEADLINE_EXCEEDED, as gRPC's would, and the session the worker made stays there."""
+
+    delay_s = 0.1
+
+    async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str:
+        session_id = await super().open(prompt_ids, request_id, timeout)
+        if timeout is not None and timeout < self.delay_s:
+            await asyncio.sleep(timeout)
+            raise ReplicaError(self.address, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        await asyncio.sleep(self.delay_s)
+        return session_id
+
+
+@pytest.mark.parametrize("role", ["draft", "target"])
+def test_an_open_answered_after_the_request_deadline_is_closed(role: str) -> None:
+    """The request's deadline passes while its session opens: the request fails DEADLINE_EXCEEDED
+    at its deadline, and the session the worker made meanwhile is closed when its answer comes
+    (an open call cut at the request's deadline would have lost the session's id)."""
+    replicas = [FakeReplica("draft", "d0"), FakeReplica("target", "t0")]
+    index = 0 if role == "draft" else 1
+    replicas[index] = LateOpen(role, replicas[index].address)
+    source = FakeSource(replicas)
+    params = GenerationParams(max_tokens=40, num_draft=3, sampling=SamplingParams(), seed=1)
+
+    async def run() -> None:
+        generation = SpeculativeGeneration(source, PROMPT, params, START, EOS, time.monotonic() + 0.03)
+        with pytest.raises(DeadlineExceeded):
+            async for _ in generation.run():
+                pass
+        await asyncio.sleep(LateOpen.delay_s + 0.05)  # the answer, then the background close
+
+    asyncio.run(run())
+    assert_clean(replicas, source)
+
+
 class StallingReplica(FakeReplica):
     """Answers its first ``steps`` steps, then holds each step until its deadline and fails it
     as a call that ran out of time (DEADLINE_EXCEEDED), as a replica behind a slow link."""
