@@ -72,6 +72,10 @@ class LoadedModel:
         chosen = self.model.activation_dtype
         return self.dtype if chosen is None else str(chosen).removeprefix("mlx.core.")
 
+    @cached_property
+    def weight_bytes(self) -> int:  # the default cache budget counts them as in use
+        return sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+
 
 def resolve_model_path(name_or_dir: str | os.PathLike[str]) -> Path:
     """A local directory as is; otherwise a hub repository id, downloaded with a progress bar."""

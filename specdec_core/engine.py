@@ -14,6 +14,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from .cache_bytes import KV_GROUP_SIZE, CacheShape
 from .checkpoint import LoadedModel
 from .decoder_state import CHUNK, DecoderState
 from .errors import InvalidArgument
@@ -43,10 +44,18 @@ class ModelEngine(RequestChecks):
         self.model = loaded.model
         self.args = loaded.args
         self.max_draft = max_draft
-        self.forward_passes = 0
         # Every session's K/V in kv_bits (None: the model's dtype); the output is then this
         # model's with this cache, not the unquantized model's.
         self.kv_quantization = None if kv_bits is None else KVQuantization.for_heads(kv_bits, self.args.d_kv)
+        self.forward_passes = 0
+
+    @property
+    def cache_cost(self) -> CacheShape:
+        """What a session's cached positions cost (``cache_bytes``): the model's decoder shape, the
+        dtype it computes in (its K/V's: float32 on a CPU whatever the weights) and the K/V bits."""
+        kv = self.kv_quantization
+        return CacheShape.of_model(self.args, self.loaded.activation_dtype, kv.bits if kv else None,
+                                   kv.group_size if kv else KV_GROUP_SIZE)
 
     def start(self, prompt_ids: list[int]) -> DecoderState:
         """Encode the prompt once and build the session's cache (cross K/V included)."""

@@ -12,9 +12,10 @@ cache stays consistent with the session's tokens (rollbacks included).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from .cache_bytes import NGRAM_BYTES_PER_POSITION, CacheShape
 from .checkpoint import LoadedModel
 from .engine import DecoderState, Drafting, ModelEngine
 from .errors import InvalidArgument
@@ -47,6 +48,11 @@ class HybridEngine(ModelEngine):
         check_ngram_sizes(min_match, ngram_max)
         self.min_match = min_match
         self.ngram_max = ngram_max
+
+    @property
+    def cache_cost(self) -> CacheShape:
+        """The model's K/V and, beside them, each session's n-gram index."""
+        return replace(super().cache_cost, index_bytes=NGRAM_BYTES_PER_POSITION)
 
     def _new_state(self, prompt_ids: list[int], cache: Any) -> HybridState:
         state = super()._new_state(prompt_ids, cache)

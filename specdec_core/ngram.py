@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .cache_bytes import IndexCost
 from .decoder_state import CHUNK, DecoderState
 from .errors import InvalidArgument
 from .request_checks import RequestChecks
@@ -186,17 +187,17 @@ class ModelConfig:
     dtype: str = ""
     quantization: dict[str, int] | None = None
     num_parameters: int = 0
+    weight_bytes: int = 0
     load_seconds: float = 0.0
 
 
 class IndexPositions:
     """An n-gram session's stand-in for a KV cache. Nothing is cached (``length`` 0, so a
-    rollback has no K/V to drop). What the session counts against the worker's budget
-    (``--max-cached-tokens``) are the positions it indexes: the prompt (``encoder_length``) and
-    the decoder tokens in the store's chunks (``capacity``), exactly as a model session of the
-    same lengths counts them. That overstates its bytes (~50 per position, not K/V) but
-    keeps the store's reservation and growth checks exact, and the budget still bounds the
-    index's memory; raise --max-cached-tokens on an n-gram worker to hold more sessions."""
+    rollback has no K/V to drop). The positions it indexes, the prompt (``encoder_length``) and
+    the decoder tokens in the store's chunks (``capacity``), are counted against the worker's
+    budget (``--cache-memory``) exactly as a model session's, at the engine's ``IndexCost`` (~50
+    bytes a position: the index and the token lists, no K/V), so the store's reservation and
+    growth checks work unchanged."""
 
     length = 0
 
@@ -236,6 +237,7 @@ class NgramEngine(RequestChecks):
         self.ngram_min = ngram_min
         self.ngram_max = ngram_max
         self.forward_passes = 0  # no model: never a forward pass
+        self.cache_cost = IndexCost()
 
     def start(self, prompt_ids: list[int]) -> NgramState:
         self.check_prompt(prompt_ids)

@@ -40,12 +40,13 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
+from .cache_bytes import CacheShape
 from .checkpoint import LoadedModel
 from .decoder_state import DecoderState
 from .engine import ModelEngine
@@ -137,6 +138,12 @@ class MirroredEngine(ModelEngine):
         super().__init__(loaded, max_draft, kv_bits)
         self.mirror = mirror
         self.tensor_parallel = mirror.size
+
+    @property
+    def cache_cost(self) -> CacheShape:
+        """Rank 0's share of a session's cache: its heads only (every rank holds as much)."""
+        shape = super().cache_cost
+        return replace(shape, heads=shape.heads // self.tensor_parallel)
 
     def start(self, prompt_ids: list[int]) -> DecoderState:
         self.check_prompt(prompt_ids)  # a refused prompt never reaches the followers

@@ -14,13 +14,23 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from .cache_bytes import TYPICAL_PROMPT_TOKENS, typical_session_bytes
 from .engine import ModelEngine
-from .errors import DeadlineExceeded, InvalidArgument, PrefixMismatch, SpecdecError, Unavailable
+from .errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    PrefixMismatch,
+    ResourceExhausted,
+    SpecdecError,
+    Unavailable,
+)
 from .host_limits import HostLimits
-from .session_store import Session, SessionStore, capacity_for
+from .machine_memory import machine_budget
+from .session_store import Session, SessionStore
+from .sizes import format_bytes
 from .step_scheduler import QueuedStep, StepScheduler, restore
 from .steps import Proposal, StepRequest, Verdict
 
@@ -48,13 +58,15 @@ class StepTiming:
 
 
 class SessionHost:
-    def __init__(self, engine: ModelEngine, limits: HostLimits, role: str, tokenizer_fingerprint: str):
+    def __init__(self, engine: ModelEngine, limits: HostLimits, role: str, tokenizer_fingerprint: str,
+                 ranks_on_machine: int = 1):
         self.engine = engine
-        self.limits = limits
+        # ranks_on_machine: tensor-parallel ranks sharing this machine, for the default budget.
+        self.limits = limits = with_cache_budget(limits, engine, role, ranks_on_machine)
         self.role = role
         self.tokenizer_fingerprint = tokenizer_fingerprint
-        self.store = SessionStore(limits.max_sessions, limits.max_cached_tokens, limits.session_ttl_s,
-                                  owner_lease_s=limits.owner_lease_s)
+        self.store = SessionStore(limits.max_sessions, limits.cache_memory_bytes, limits.session_ttl_s,
+                                  owner_lease_s=limits.owner_lease_s, cost=engine.cache_cost)
         self.metrics = HostMetrics()
         # Called on the event loop after every step that reached the model thread (metrics).
         self.step_listeners: list[Callable[[StepTiming], None]] = []
@@ -194,8 +206,7 @@ class SessionHost:
         self.engine.check_prompt(prompt_ids)
         # The new session's positions (encoder + the decoder's first chunk) are reserved while it
         # encodes, so concurrent opens cannot all pass the budget check and overshoot together.
-        reserved = len(prompt_ids) + capacity_for(1)
-        self.store.reserve(reserved)
+        reserved = self.store.reserve(len(prompt_ids))
 
         # Opens waiting together encode together (prompts of similar length in one padded pass).
         opening = QueuedStep("open", None, None, [], time.perf_counter(), prompt=list(prompt_ids),
@@ -358,6 +369,8 @@ class SessionHost:
         return {
             "live_sessions": len(self.store),
             "cached_tokens": self.store.cached_tokens,
+            "cache_bytes_used": self.store.bytes_used,
+            "typical_sessions_free": self.store.typical_sessions_free(),
             "sessions_opened": self.store.opened,
             "sessions_expired": self.store.expired,
             "sessions_reclaimed": self.store.reclaimed,
@@ -368,6 +381,26 @@ class SessionHost:
             "batches": self.metrics.batches,
             "batched_steps": self.metrics.batched_steps,
         }
+
+
+def with_cache_budget(limits: HostLimits, engine: Any, role: str, ranks_on_machine: int = 1) -> HostLimits:
+    """``limits`` with the cache budget settled: ``--cache-memory``, or with 0 the machine's
+    (``machine_memory``); logged with what a session costs. ResourceExhausted if the machine has
+    nothing left for caches."""
+    cost = engine.cache_cost
+    budget, source = limits.cache_memory_bytes, "--cache-memory"
+    if budget <= 0:
+        machine = machine_budget(getattr(engine.loaded, "weight_bytes", 0), ranks_on_machine)
+        budget, source = machine.bytes, f"from the machine: {machine.describe()}"
+        if budget <= 0:
+            raise ResourceExhausted(f"no memory is left for session caches ({source}); give --cache-memory "
+                                    "explicitly, or serve a smaller or more quantized model")
+    typical = typical_session_bytes(cost)
+    logger.info("%s cache budget %s (%s); a position costs %s, a typical session (%d-token prompt, its first "
+                "decoder chunk) %s: %d fit", role, format_bytes(budget), source,
+                format_bytes(cost.bytes_per_position), TYPICAL_PROMPT_TOKENS, format_bytes(typical),
+                budget // typical)
+    return replace(limits, cache_memory_bytes=budget)
 
 
 def request_tag(tag: str) -> str:

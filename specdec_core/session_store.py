@@ -1,8 +1,9 @@
 """The session store shared by the draft and target services.
 
 Holds each session's decoder state behind a lock, enforces the session limit and the
-cache-token budget (RESOURCE_EXHAUSTED instead of running out of memory), and evicts
-sessions idle past a TTL. Session ids are unguessable (``secrets.token_urlsafe``).
+cache budget in bytes (``--cache-memory``; a session's bytes from ``cache_bytes``: RESOURCE_EXHAUSTED
+naming the bytes needed and free, instead of running out of memory), and evicts sessions idle
+past a TTL. Session ids are unguessable (``secrets.token_urlsafe``).
 
 Ownership: a session opened with an owner (an orchestrator process's random id) is freed once
 that owner has not been heard from (``heard``: its Info, or a call on one of its sessions) for
@@ -17,8 +18,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .cache_bytes import IndexCost, SessionCost, capacity_for, typical_session_bytes
 from .decoder_state import CHUNK, DecoderState
 from .errors import ResourceExhausted, SessionNotFound
+from .sizes import format_bytes
+
+# One byte a position: a store whose budget counts positions (tests of the store alone).
+POSITION_COST = IndexCost(bytes_per_position=1)
 
 
 @dataclass
@@ -31,22 +37,19 @@ class Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
-def capacity_for(length: int) -> int:
-    """Decoder slots the cache allocates to hold ``length`` positions (whole chunks)."""
-    return -(-length // CHUNK) * CHUNK
-
-
 class SessionStore:
     def __init__(
         self,
         max_sessions: int,
-        max_cached_tokens: int,
+        cache_memory_bytes: int,
         ttl_s: float,
         clock: Callable[[], float] = time.monotonic,
         owner_lease_s: float = float("inf"),
+        cost: SessionCost = POSITION_COST,
     ):
         self.max_sessions = max_sessions
-        self.max_cached_tokens = max_cached_tokens
+        self.cache_memory_bytes = cache_memory_bytes
+        self.cost = cost  # what a session's positions cost (the engine's CacheShape or IndexCost)
         self.ttl_s = ttl_s
         self.clock = clock
         self.owner_lease_s = owner_lease_s
@@ -55,7 +58,7 @@ class SessionStore:
         # Room held for sessions being opened (encoding): counted by check_room like live
         # sessions, so concurrent opens cannot all pass the check and overshoot together.
         self._reserved_sessions = 0
-        self._reserved_tokens = 0
+        self._reserved_bytes = 0
         self.opened = 0
         self.expired = 0
         self.reclaimed = 0  # freed because their owner went silent
@@ -65,40 +68,74 @@ class SessionStore:
 
     @property
     def cached_tokens(self) -> int:
+        """Positions the live sessions hold memory for (encoder and decoder; for display)."""
         return sum(s.state.cached_tokens for s in self._sessions.values())
 
-    def check_room(self, extra_tokens: int, new_session: bool) -> None:
-        """Raise ResourceExhausted unless ``extra_tokens`` more positions fit the budget."""
+    def session_bytes(self, state: DecoderState) -> int:
+        """What a live session holds: its prompt and its decoder capacity (at least the first chunk,
+        which its first step allocates and its open reserved)."""
+        return self.cost.session_bytes(state.cache.encoder_length, max(state.cache.capacity, CHUNK))
+
+    def opening_bytes(self, prompt_tokens: int) -> int:
+        """What a new session of ``prompt_tokens`` reserves: its prompt and the first chunk."""
+        return self.cost.session_bytes(prompt_tokens, capacity_for(1))
+
+    @property
+    def bytes_used(self) -> int:
+        """Bytes the live sessions hold, and the sessions being opened have reserved."""
+        return sum(self.session_bytes(s.state) for s in self._sessions.values()) + self._reserved_bytes
+
+    @property
+    def bytes_free(self) -> int:
+        return max(0, self.cache_memory_bytes - self.bytes_used)
+
+    def typical_sessions_free(self) -> int:
+        """How many more sessions of a typical size (``cache_bytes.TYPICAL_*``) fit: the budget's
+        room and the session limit's."""
+        by_bytes = self.bytes_free // max(1, typical_session_bytes(self.cost))
+        return max(0, min(by_bytes, self.max_sessions - len(self._sessions) - self._reserved_sessions))
+
+    def check_room(self, extra_bytes: int, new_session: bool, what: str = "the request") -> None:
+        """Raise ResourceExhausted unless ``extra_bytes`` more fit the budget (``what`` needs them)."""
         sessions = len(self._sessions) + self._reserved_sessions
         if new_session and sessions >= self.max_sessions:
             raise ResourceExhausted(
                 f"session limit reached: {sessions} of max_sessions={self.max_sessions} "
                 "open or opening; close sessions or raise --max-sessions"
             )
-        used = self.cached_tokens + self._reserved_tokens
-        if used + extra_tokens > self.max_cached_tokens:
+        used = self.bytes_used
+        if used + extra_bytes > self.cache_memory_bytes:
             raise ResourceExhausted(
-                f"cache budget reached: {used} + {extra_tokens} token positions would exceed "
-                f"max_cached_tokens={self.max_cached_tokens}; close sessions or raise --max-cached-tokens"
+                f"cache budget reached: {what} needs {format_bytes(extra_bytes)}, "
+                f"{format_bytes(max(0, self.cache_memory_bytes - used))} free of "
+                f"{format_bytes(self.cache_memory_bytes)} (--cache-memory); close sessions or raise "
+                "--cache-memory"
             )
 
-    def reserve(self, tokens: int) -> None:
-        """Hold room for one new session of ``tokens`` positions while it is being built
-        (ResourceExhausted if it does not fit); ``release`` it once it is added or failed."""
-        self.check_room(tokens, new_session=True)
+    def reserve(self, prompt_tokens: int) -> int:
+        """Hold room for one new session of ``prompt_tokens`` while it is being built
+        (ResourceExhausted if it does not fit); ``release`` the bytes returned once it is added
+        or failed."""
+        needed = self.opening_bytes(prompt_tokens)
+        self.check_room(needed, new_session=True, what=f"a session of {prompt_tokens} prompt tokens")
         self._reserved_sessions += 1
-        self._reserved_tokens += tokens
+        self._reserved_bytes += needed
+        return needed
 
-    def release(self, tokens: int) -> None:
+    def release(self, reserved_bytes: int) -> None:
         self._reserved_sessions -= 1
-        self._reserved_tokens -= tokens
+        self._reserved_bytes -= reserved_bytes
 
     def check_growth(self, session: Session, new_length: int) -> None:
         """Budget check before a step makes a session's decoder ``new_length`` long."""
         # The first chunk is already reserved (counted) from the moment the session opened.
-        extra = capacity_for(new_length) - max(session.state.cache.capacity, CHUNK)
+        held = max(session.state.cache.capacity, CHUNK)
+        extra = capacity_for(new_length) - held
         if extra > 0:
-            self.check_room(extra, new_session=False)
+            self.check_room(
+                extra * self.cost.bytes_per_position, new_session=False,
+                what=f"growing session {session.id[:12]!r} from {held} to {capacity_for(new_length)} decoder "
+                     "positions")
 
     def add(self, state: DecoderState, tag: str = "", owner: str = "") -> Session:
         session = Session(id=secrets.token_urlsafe(18), state=state, tag=tag, last_used=self.clock(), owner=owner)

@@ -93,7 +93,10 @@ class TensorParallel:
         logger.info("%s rank 0 of %d loaded its shard of %s (%s, %.1f MB of weights); BLAS: %s", config.role,
                     self.group.size(), config.model, loaded.dtype, weight_nbytes(loaded.model) / 1e6,
                     blas.active_blas)
-        return SessionHost(engine, config.limits, config.role, tokenizer_fingerprint(load_tokenizer(loaded.path)))
+        # Ranks this process started share its machine (and the default cache budget); under
+        # mlx.launch each rank sizes its own machine's.
+        return SessionHost(engine, config.limits, config.role, tokenizer_fingerprint(load_tokenizer(loaded.path)),
+                           ranks_on_machine=1 + len(self.followers))
 
     def follow(self, config: WorkerConfig) -> None:
         """A follower rank: load the shard, replay rank 0's passes until the group closes, exit."""

@@ -77,7 +77,7 @@ class InfoRequest(_message.Message):
     def __init__(self, owner: _Optional[str] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_id", "model_path", "vocab_size", "eos_token_id", "pad_token_id", "decoder_start_token_id", "tokenizer_fingerprint", "dtype", "quantization_bits", "num_parameters", "role", "limits", "live_sessions", "cached_tokens", "metrics", "blas", "draft_method", "tensor_parallel", "load_seconds", "device", "hostname", "kv_bits", "kv_group_size")
+    __slots__ = ("model_id", "model_path", "vocab_size", "eos_token_id", "pad_token_id", "decoder_start_token_id", "tokenizer_fingerprint", "dtype", "quantization_bits", "num_parameters", "role", "limits", "live_sessions", "cached_tokens", "metrics", "blas", "draft_method", "tensor_parallel", "load_seconds", "device", "hostname", "kv_bits", "kv_group_size", "cache_bytes_used", "cache_bytes_per_position", "typical_session_bytes", "typical_sessions_free")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,10 @@ class InfoResponse(_message.Message):
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     KV_BITS_FIELD_NUMBER: _ClassVar[int]
     KV_GROUP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_PER_POSITION_FIELD_NUMBER: _ClassVar[int]
+    TYPICAL_SESSION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TYPICAL_SESSIONS_FREE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_path: str
     vocab_size: int
@@ -124,12 +128,15 @@ class InfoResponse(_message.Message):
     hostname: str
     kv_bits: int
     kv_group_size: int
-    def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., decoder_start_token_id: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization_bits: _Optional[int] = ..., num_parameters: _Optional[int] = ..., role: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., live_sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., blas: _Optional[str] = ..., draft_method: _Optional[str] = ..., tensor_parallel: _Optional[int] = ..., load_seconds: _Optional[float] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ..., kv_bits: _Optional[int] = ..., kv_group_size: _Optional[int] = ...) -> None: ...
+    cache_bytes_used: int
+    cache_bytes_per_position: int
+    typical_session_bytes: int
+    typical_sessions_free: int
+    def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., decoder_start_token_id: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization_bits: _Optional[int] = ..., num_parameters: _Optional[int] = ..., role: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., live_sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., blas: _Optional[str] = ..., draft_method: _Optional[str] = ..., tensor_parallel: _Optional[int] = ..., load_seconds: _Optional[float] = ..., device: _Optional[str] = ..., hostname: _Optional[str] = ..., kv_bits: _Optional[int] = ..., kv_group_size: _Optional[int] = ..., cache_bytes_used: _Optional[int] = ..., cache_bytes_per_position: _Optional[int] = ..., typical_session_bytes: _Optional[int] = ..., typical_sessions_free: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_sessions", "max_cached_tokens", "max_prompt_tokens", "max_draft", "session_ttl_s", "max_batch", "batch_wait_ms", "max_decoder_tokens", "owner_lease_s")
+    __slots__ = ("max_sessions", "max_prompt_tokens", "max_draft", "session_ttl_s", "max_batch", "batch_wait_ms", "max_decoder_tokens", "owner_lease_s", "cache_memory_bytes")
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
-    MAX_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_DRAFT_FIELD_NUMBER: _ClassVar[int]
     SESSION_TTL_S_FIELD_NUMBER: _ClassVar[int]
@@ -137,8 +144,8 @@ class Limits(_message.Message):
     BATCH_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_DECODER_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OWNER_LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_sessions: int
-    max_cached_tokens: int
     max_prompt_tokens: int
     max_draft: int
     session_ttl_s: float
@@ -146,7 +153,8 @@ class Limits(_message.Message):
     batch_wait_ms: float
     max_decoder_tokens: int
     owner_lease_s: float
-    def __init__(self, max_sessions: _Optional[int] = ..., max_cached_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_draft: _Optional[int] = ..., session_ttl_s: _Optional[float] = ..., max_batch: _Optional[int] = ..., batch_wait_ms: _Optional[float] = ..., max_decoder_tokens: _Optional[int] = ..., owner_lease_s: _Optional[float] = ...) -> None: ...
+    cache_memory_bytes: int
+    def __init__(self, max_sessions: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_draft: _Optional[int] = ..., session_ttl_s: _Optional[float] = ..., max_batch: _Optional[int] = ..., batch_wait_ms: _Optional[float] = ..., max_decoder_tokens: _Optional[int] = ..., owner_lease_s: _Optional[float] = ..., cache_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class Metrics(_message.Message):
     __slots__ = ("sessions_opened", "sessions_expired", "forward_passes", "steps", "response_bytes", "request_bytes", "batches", "batched_steps", "sessions_reclaimed")
@@ -377,28 +385,40 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ReplicaStatus(_message.Message):
-    __slots__ = ("address", "role", "healthy", "active_sessions", "last_error", "live_sessions", "cached_tokens", "max_cached_tokens", "steps_per_s", "kv_bits")
+    __slots__ = ("address", "role", "healthy", "active_sessions", "last_error", "live_sessions", "steps_per_s", "kv_bits", "cache_bytes_used", "cache_memory_bytes", "typical_sessions_free", "batches", "batched_steps", "tokens", "draft_proposed", "draft_accepted")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     LIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
-    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    MAX_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_S_FIELD_NUMBER: _ClassVar[int]
     KV_BITS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_USED_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TYPICAL_SESSIONS_FREE_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     address: str
     role: str
     healthy: bool
     active_sessions: int
     last_error: str
     live_sessions: int
-    cached_tokens: int
-    max_cached_tokens: int
     steps_per_s: float
     kv_bits: int
-    def __init__(self, address: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., active_sessions: _Optional[int] = ..., last_error: _Optional[str] = ..., live_sessions: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., max_cached_tokens: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., kv_bits: _Optional[int] = ...) -> None: ...
+    cache_bytes_used: int
+    cache_memory_bytes: int
+    typical_sessions_free: int
+    batches: int
+    batched_steps: int
+    tokens: int
+    draft_proposed: int
+    draft_accepted: int
+    def __init__(self, address: _Optional[str] = ..., role: _Optional[str] = ..., healthy: _Optional[bool] = ..., active_sessions: _Optional[int] = ..., last_error: _Optional[str] = ..., live_sessions: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., kv_bits: _Optional[int] = ..., cache_bytes_used: _Optional[int] = ..., cache_memory_bytes: _Optional[int] = ..., typical_sessions_free: _Optional[int] = ..., batches: _Optional[int] = ..., batched_steps: _Optional[int] = ..., tokens: _Optional[int] = ..., draft_proposed: _Optional[int] = ..., draft_accepted: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("replicas", "active_generations", "max_generations")
