@@ -77,6 +77,12 @@ def specdec_command() -> str:
     return shown(script) if script.exists() else f"{shown(sys.executable)} -m orchestrator.cli"
 
 
+def _as_given(model: str) -> str:
+    """A local path as the user typed it, from where they typed it (the services run in the
+    repository root); a hub name as it is."""
+    return str(Path(model).absolute()) if Path(model).exists() else str(model)
+
+
 def problems_before_start(args: argparse.Namespace) -> list[str]:
     """What would fail once the services load (minutes for a large model), found now."""
     problems = [f"--{flag}: {problem}" for flag, model in (("draft-model", args.draft_model),
@@ -118,7 +124,7 @@ def up(args: argparse.Namespace) -> int:
     try:
         for role, count, model in (("draft", args.drafts, args.draft_model), ("target", args.targets, args.target_model)):
             for i in range(count):
-                service_args = ["--model", str(model), "--host", args.host, "--port", "0", *extra]
+                service_args = ["--model", _as_given(model), "--host", args.host, "--port", "0", *extra]
                 if role == "draft" and getattr(args, "draft_method", "model") != "model":
                     service_args += ["--method", args.draft_method]
                 tensor_parallel = role == "target" and getattr(args, "target_tp", 1) > 1
@@ -140,7 +146,7 @@ def up(args: argparse.Namespace) -> int:
         if args.drafts == 0:
             service_args.append("--no-draft")
         if args.tokenizer:
-            service_args += ["--tokenizer", str(args.tokenizer)]
+            service_args += ["--tokenizer", _as_given(args.tokenizer)]
         service_args += shlex.split(args.orchestrator_args)
         orchestrator = _start(run_dir, "orchestrator", "orchestrator", service_args, args.host)
         members.append(orchestrator)

@@ -86,3 +86,13 @@ def test_a_failed_start_shows_whole_lines_of_its_log(tmp_path: Path, monkeypatch
         process.wait_port(30)
     excerpt = str(failed.value).split("ends:\n", 1)[1]
     assert excerpt.splitlines()[0] in lines and excerpt.splitlines()[-1] == lines[-1]
+
+
+def test_a_relative_model_path_reaches_the_services_as_typed_from_where_it_was_typed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The services run in the repository root; a path typed elsewhere must still name the same
+    directory there. A hub name passes through."""
+    (tmp_path / "mine").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert cluster._as_given("mine") == str(tmp_path / "mine")
+    assert cluster._as_given("google/flan-t5-small") == "google/flan-t5-small"
