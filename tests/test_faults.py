@@ -26,6 +26,7 @@ from harness import LoopThread, RunningOrchestrator, start_orchestrator_in
 from procs import GreedyReference, Pacer, ServiceProcess, free_port, start_all, start_worker, wait_until
 
 from orchestrator.client import SpecdecClient
+from orchestrator.speculative import DEFAULT_CALL_TIMEOUT_S
 from specdec_pb import specdec_pb2 as pb
 from specdec_tools.tiny_checkpoints import corpus_lines
 
@@ -213,22 +214,27 @@ def test_deadline_frees_sessions_and_is_passed_downstream(fresh: Cluster) -> Non
     freed_s = wait_sessions_closed(fresh, expired_before, "sessions freed after the deadline")
     wait_until(lambda: fresh.client.status().active_generations == 0, FREED_DEADLINE_S,
                what="the generation ended")
-    # Every Open/Propose/Verify carried the time the client had left, no more. The server's
-    # deadline is at most ``timeout`` after the request arrived, which is before the first call
-    # was sent. Draft and target calls overlap (pipelining), but a session's calls do not: each
-    # later call to a replica was prepared after its previous one was answered and paced.
+    # Every Propose/Verify carried the time the client had left, no more. The server's deadline
+    # is at most ``timeout`` after the request arrived, which is before the first call was sent.
+    # Draft and target calls overlap (pipelining), but a session's calls do not: each later call
+    # to a replica was prepared after its previous one was answered and paced. An OpenSession
+    # carries the per-call limit instead: the request's deadline bounds only the wait for it, so
+    # a session made as the deadline passes still reaches the loop, which closes it.
     calls = fresh.pacer.since(started)
     assert {c.method for c in calls} == {"OpenSession", "Propose", "Verify"}
+    opens = [c for c in calls if c.method == "OpenSession"]
+    assert all(c.timeout == pytest.approx(DEFAULT_CALL_TIMEOUT_S) for c in opens), opens
+    steps = [c for c in calls if c.method != "OpenSession"]
     wire_rounding = 0.001  # gRPC sends the remaining time rounded up to its unit
     deadline_at_most = calls[0].time + timeout + wire_rounding
-    for call in calls:
+    for call in steps:
         assert call.timeout is not None and 0 < call.timeout <= timeout + wire_rounding, call
-    for address in {c.address for c in calls}:
-        mine = [c for c in calls if c.address == address]
+    for address in {c.address for c in steps}:
+        mine = [c for c in steps if c.address == address]
         for previous, call in zip(mine, mine[1:], strict=False):
             prepared_after = previous.time + fresh.pacer.delay_s
             assert call.timeout <= deadline_at_most - prepared_after, call
-    assert all(a.timeout > b.timeout for a, b in zip(calls, calls[1:], strict=False)), "the time left must shrink"
+    assert all(a.timeout > b.timeout for a, b in zip(steps, steps[1:], strict=False)), "the time left must shrink"
     print(f"deadline: sessions freed {freed_s * 1e3:.0f} ms after the client gave up")
 
 
