@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 from draft_service.servicer import SERVICE_NAME as DRAFT_SERVICE
@@ -54,6 +55,16 @@ def start_worker_in(loop: LoopThread, role: str, model_dir: Any, limits: HostLim
     cfg = WorkerConfig(role=role, model=str(model_dir), limits=limits or HostLimits(), port=0, **config)
     running, host = loop.call(start_worker(cfg, servicer, add, name))
     return Worker(loop, running, host, role)
+
+
+def position_bytes(model_dir: Any) -> int:
+    """What one cached position (a prompt token or a decoder slot) costs a session of this float32
+    test model, worked out by hand: K and V of d_kv float32 values per decoder layer and head."""
+    from specdec_core.checkpoint import read_config
+    from specdec_core.t5 import ModelArgs
+
+    args = ModelArgs.from_dict(read_config(Path(model_dir)))
+    return 2 * args.num_decoder_layers * args.num_heads * args.d_kv * 4
 
 
 def run_sync(loop: LoopThread, fn: Callable[[], Awaitable[T]]) -> T:

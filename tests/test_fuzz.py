@@ -40,7 +40,8 @@ ALLOWED = {
 }
 VOCAB = 512  # the tiny checkpoints' vocabulary
 PROMPT = [37, 12, 99, 250, 8, 41, 1]
-WORKER_LIMITS = HostLimits(max_sessions=8, max_cached_tokens=4096, max_prompt_tokens=256, max_draft=16)
+# 4 MiB of cache: 4096 positions of the tiny models (2 decoder layers x 4 heads x 16 x K and V x 4 bytes).
+WORKER_LIMITS = HostLimits(max_sessions=8, cache_memory_bytes=4 * 2**20, max_prompt_tokens=256, max_draft=16)
 ORCHESTRATOR_LIMITS = OrchestratorLimits(max_prompt_tokens=64, max_tokens_cap=8, max_num_draft=8,
                                          max_generations=4)
 FUZZED: Counter[str] = Counter()  # requests sent per rpc

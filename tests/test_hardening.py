@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import LoopThread, Worker, start_worker_in
+from harness import LoopThread, Worker, position_bytes, start_worker_in
 from procs import wait_until
 
 from orchestrator.backends import ReplicaError
@@ -227,9 +227,9 @@ def test_a_long_append_is_fed_in_slices_with_the_same_logits(target_dir: Path) -
 
 
 def test_concurrent_opens_never_exceed_the_cache_budget(spare, loop: LoopThread, draft_dir: Path) -> None:
-    per_session = 256 + len(PROMPT)  # the decoder's first chunk plus the encoder
+    per_session = (256 + len(PROMPT)) * position_bytes(draft_dir)  # the decoder's first chunk and the encoder
     budget = 2 * per_session + 8
-    worker = spare("draft", draft_dir, HostLimits(max_cached_tokens=budget))
+    worker = spare("draft", draft_dir, HostLimits(cache_memory_bytes=budget))
     host = worker.host
 
     async def open_many(n: int) -> list[Any]:
@@ -240,14 +240,14 @@ def test_concurrent_opens_never_exceed_the_cache_budget(spare, loop: LoopThread,
     refused = [r for r in results if isinstance(r, BaseException)]
     assert all(isinstance(r, ResourceExhausted) for r in refused), refused
     assert len(opened) == 2
-    assert host.store.cached_tokens == 2 * per_session <= budget
+    assert host.store.bytes_used == 2 * per_session <= budget
     # A failed open gives its reservation back: after closing one, one (and only one) more opens.
     loop.call(host.close(opened[0].id))
     with pytest.raises(DeadlineExceeded):  # the deadline passed while it waited to encode
         loop.call(host.open(PROMPT, deadline=0.0))
     results = loop.call(open_many(3))
     assert sum(not isinstance(r, BaseException) for r in results) == 1
-    assert host.store.cached_tokens <= budget
+    assert host.store.bytes_used <= budget
 
 
 # -- 3. a wedged worker stops taking new sessions -------------------------------------------------------------

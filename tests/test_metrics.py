@@ -164,7 +164,7 @@ def test_worker_metrics_agree_with_info_and_the_requests(cluster, served) -> Non
             assert scrape.value(f"{histogram}_count", role=role, kind=kind, outcome="ok") == reply.metrics.steps
             assert scrape.value(f"{histogram}_count", role=role, kind=kind, outcome="error") == 0
         assert scrape.value("specdec_worker_step_model_seconds_sum", role=role, kind=kind, outcome="ok") > 0
-        assert scrape.value("specdec_worker_cached_tokens_budget", role=role) == reply.limits.max_cached_tokens
+        assert scrape.value("specdec_worker_cache_memory_bytes", role=role) == reply.limits.cache_memory_bytes > 0
         assert scrape.value("specdec_worker_max_sessions", role=role) == reply.limits.max_sessions
         # Batching: every step ran in a batch; the histogram of batch sizes sums what Info counts
         # (each step observes its batch's size, so the sum is the steps-weighted total).
@@ -185,6 +185,11 @@ def test_worker_metrics_agree_with_info_and_the_requests(cluster, served) -> Non
             assert reply.live_sessions == 1 and reply.cached_tokens > 0
             assert scrape.value("specdec_worker_live_sessions", role="draft") == reply.live_sessions
             assert scrape.value("specdec_worker_cached_tokens", role="draft") == reply.cached_tokens
+            assert scrape.value("specdec_worker_cache_bytes_used", role="draft") == reply.cache_bytes_used == (
+                reply.cached_tokens * reply.cache_bytes_per_position)
+            assert scrape.value("specdec_worker_cache_bytes_free", role="draft") == (
+                reply.limits.cache_memory_bytes - reply.cache_bytes_used)
+            assert scrape.value("specdec_worker_typical_sessions_free", role="draft") == reply.typical_sessions_free > 0
         finally:
             stub.CloseSession(pb.CloseSessionRequest(session_id=opened.session_id), timeout=30)
         assert Scrape(draft.running.metrics_port).value("specdec_worker_live_sessions", role="draft") == 0

@@ -22,6 +22,7 @@ from test_orchestrator import _chi_square_p, _exact_two_token_distribution, _sam
 from transformers import T5ForConditionalGeneration
 
 from orchestrator.client import SpecdecClient
+from specdec_core.cache_bytes import NGRAM_BYTES_PER_POSITION
 from specdec_core.session_host import HostLimits
 from specdec_core.tokenizer import load_tokenizer
 from specdec_pb import specdec_pb2 as pb
@@ -221,8 +222,8 @@ def test_rollback_equals_fresh_session(copy_cluster: Cluster, copy_pair: CopyPai
 
 def test_ngram_draft_keeps_the_session_contract(loop: LoopThread, copy_pair: CopyPair) -> None:
     prompt = load_tokenizer(copy_pair.target)(COPY_PROMPTS[2]).input_ids
-    limits = HostLimits(max_sessions=3, max_cached_tokens=3 * (len(prompt) + 256), max_draft=6,
-                        max_decoder_tokens=300)
+    session_bytes = (len(prompt) + 256) * NGRAM_BYTES_PER_POSITION  # its prompt and a chunk, no K/V
+    limits = HostLimits(max_sessions=4, cache_memory_bytes=3 * session_bytes, max_draft=6, max_decoder_tokens=300)
     worker = start_worker_in(loop, "draft", copy_pair.draft, limits=limits, method="ngram")
     try:
         with grpc.insecure_channel(worker.address) as channel:
@@ -246,12 +247,14 @@ def test_ngram_draft_keeps_the_session_contract(loop: LoopThread, copy_pair: Cop
                                                   num_draft=4)).length == 8
             # Budget: each session counts its prompt and a chunk of decoder positions, as a model's.
             info = stub.Info(pb.InfoRequest())
-            assert (info.live_sessions, info.cached_tokens) == (1, len(prompt) + 256)
+            assert (info.live_sessions, info.cached_tokens, info.cache_bytes_used) == (1, len(prompt) + 256,
+                                                                                    session_bytes)
             others = [open_session(stub, prompt) for _ in range(2)]
-            expect_error(CODE.RESOURCE_EXHAUSTED, stub.OpenSession, pb.OpenSessionRequest(prompt_ids=prompt))
+            assert "(--cache-memory)" in expect_error(CODE.RESOURCE_EXHAUSTED, stub.OpenSession,
+                                                      pb.OpenSessionRequest(prompt_ids=prompt))
             for other in others:
                 stub.CloseSession(pb.CloseSessionRequest(session_id=other))
-            assert stub.Info(pb.InfoRequest()).cached_tokens == len(prompt) + 256
+            assert stub.Info(pb.InfoRequest()).cache_bytes_used == session_bytes
     finally:
         worker.stop()
 

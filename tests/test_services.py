@@ -26,6 +26,7 @@ from harness import LoopThread, Worker, start_worker_in
 from specdec_core.checkpoint import load_model
 from specdec_core.engine import ModelEngine
 from specdec_core.session_host import HostLimits
+from specdec_core.sizes import GIB, format_bytes
 from specdec_core.steps import Distribution, SamplingParams
 from specdec_grpc.server import shutdown
 from specdec_pb import specdec_pb2 as pb
@@ -35,7 +36,7 @@ from specdec_tools.service_process import ServiceProcess
 PROMPT = [37, 12, 99, 250, 8, 41, 1]
 OTHER_PROMPTS = [[(7 * i + j * 13) % 500 + 3 for j in range(3 + i % 5)] + [1] for i in range(16)]
 # The shared servers must outlast every test of this module without hitting a limit.
-ROOMY = HostLimits(max_sessions=1024, max_cached_tokens=10_000_000)
+ROOMY = HostLimits(max_sessions=1024, cache_memory_bytes=GIB)
 GREEDY = pb.SamplingParams()
 SAMPLED = pb.SamplingParams(temperature=1.0)
 SAMPLED_SPARSE = pb.SamplingParams(temperature=0.8, top_k=20, top_p=0.9)
@@ -607,22 +608,29 @@ def test_session_limit_is_resource_exhausted(spare_worker: Callable[..., Worker]
         assert_draft_works(stub, first, 4, greedy_proposal)
 
 
-def test_cache_budget_is_resource_exhausted(spare_worker: Callable[..., Worker],
+def test_cache_budget_is_resource_exhausted(spare_worker: Callable[..., Worker], local_draft: ModelEngine,
                                             greedy_proposal: list[int]) -> None:
-    per_session = 256 + len(PROMPT)  # one chunk of decoder positions plus the encoder
-    worker = spare_worker("draft", HostLimits(max_cached_tokens=2 * per_session + 8))
+    args = local_draft.args  # float32: per decoder layer and head, d_kv keys and d_kv values of 4 bytes
+    position = 2 * args.num_decoder_layers * args.num_heads * args.d_kv * 4
+    per_session = (len(PROMPT) + 256) * position  # the prompt plus one chunk of decoder positions
+    budget = 2 * per_session + 8 * position
+    worker = spare_worker("draft", HostLimits(cache_memory_bytes=budget))
     with grpc.insecure_channel(worker.address) as channel:
         stub = pb_grpc.DraftStub(channel)
         first, second = open_session(stub), open_session(stub)
         for session_id in (first, second):
             stub.Propose(pb.ProposeRequest(session_id=session_id, expected_length=1, num_draft=3))
-        assert stub.Info(pb.InfoRequest()).cached_tokens == 2 * per_session
+        info = stub.Info(pb.InfoRequest())
+        assert (info.cache_bytes_used, info.limits.cache_memory_bytes) == (2 * per_session, budget)
+        assert (info.cache_bytes_per_position, info.typical_sessions_free) == (position, 0)
         message = expect_error(CODE.RESOURCE_EXHAUSTED, stub.OpenSession, pb.OpenSessionRequest(prompt_ids=PROMPT))
-        assert "max_cached_tokens" in message
+        assert (f"needs {format_bytes(per_session)}, {format_bytes(8 * position)} free of {format_bytes(budget)} "
+                "(--cache-memory)") in message
         # Growing a session past its first chunk needs another 256 positions: refused, untouched.
-        expect_error(CODE.RESOURCE_EXHAUSTED, stub.Propose,
-                     pb.ProposeRequest(session_id=first, expected_length=4, append_tokens=[5] * 260, num_draft=1))
-        assert stub.Info(pb.InfoRequest()).cached_tokens == 2 * per_session
+        message = expect_error(CODE.RESOURCE_EXHAUSTED, stub.Propose, pb.ProposeRequest(
+            session_id=first, expected_length=4, append_tokens=[5] * 260, num_draft=1))
+        assert f"needs {format_bytes(256 * position)}, {format_bytes(8 * position)} free" in message
+        assert stub.Info(pb.InfoRequest()).cache_bytes_used == 2 * per_session
         assert_draft_works(stub, first, 4, greedy_proposal, new_session=False)
         stub.CloseSession(pb.CloseSessionRequest(session_id=second))
         assert_draft_works(stub, first, 4, greedy_proposal)
@@ -739,11 +747,13 @@ def test_info_reports_model_load_and_metrics(spare_worker: Callable[..., Worker]
         assert info.device == ("gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu")
         assert info.hostname == socket.gethostname()
         assert (info.limits.max_sessions, info.limits.max_draft) == (7, 9)
-        assert (info.live_sessions, info.cached_tokens, info.metrics.steps) == (0, 0, 0)
+        assert (info.live_sessions, info.cached_tokens, info.cache_bytes_used, info.metrics.steps) == (0, 0, 0, 0)
 
         session_id = open_session(stub)
         # The encoder plus the first decoder chunk, reserved at open so the budget holds.
-        assert stub.Info(pb.InfoRequest()).cached_tokens == len(PROMPT) + 256
+        opened = stub.Info(pb.InfoRequest())
+        assert opened.cached_tokens == len(PROMPT) + 256
+        assert opened.cache_bytes_used == (len(PROMPT) + 256) * info.cache_bytes_per_position
         sampled = pb.SamplingParams(temperature=1.0)
         q = pb.Distribution(probs_f16=np.full(info.vocab_size, 1 / info.vocab_size, "<f2").tobytes())
         sizes = []

@@ -1,11 +1,12 @@
-"""Status reports each replica's live load (sessions, cached token positions and their budget,
-steps per second), read by the orchestrator's health watch from the replicas' own Info, and
+"""Status reports each replica's live load (sessions, cache bytes used and their budget, typical
+sessions that still fit, steps per second), read by the orchestrator's health watch from the replicas' own Info, and
 ``specdec status`` prints it. The reference is each worker's Info, asked directly."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -13,19 +14,20 @@ from pathlib import Path
 
 import grpc
 import pytest
-from harness import LoopThread, speculative_cluster, start_orchestrator_in, start_worker_in
+from harness import LoopThread, position_bytes, speculative_cluster, start_orchestrator_in, start_worker_in
 
 from orchestrator import cli
 from orchestrator.client import SpecdecClient
 from orchestrator.replicas import Load
 from specdec_core.session_host import HostLimits
+from specdec_core.sizes import format_bytes
 from specdec_pb import specdec_pb2 as pb
 from specdec_pb import specdec_pb2_grpc as pb_grpc
 from specdec_tools.tiny_checkpoints import corpus_lines
 
 PROMPTS = corpus_lines()[11:200:19][:6]
 HEALTH_S = 0.2
-BUDGET = {"draft": 50_000, "target": 70_000}  # not the default, so the budget shown is the worker's
+BUDGET = {"draft": 5 * 2**20, "target": 7 * 2**20}  # not the default, so the budget shown is the worker's
 
 
 def wait_for(condition: Callable[[], object], what: str, deadline_s: float = 60.0) -> object:
@@ -41,8 +43,8 @@ def wait_for(condition: Callable[[], object], what: str, deadline_s: float = 60.
 
 @pytest.fixture(scope="module")
 def cluster(loop: LoopThread, near_draft_dir: Path, target_dir: Path):
-    with speculative_cluster(loop, near_draft_dir, target_dir, HostLimits(max_cached_tokens=BUDGET["draft"]),
-                             HostLimits(max_cached_tokens=BUDGET["target"]), health_interval_s=HEALTH_S
+    with speculative_cluster(loop, near_draft_dir, target_dir, HostLimits(cache_memory_bytes=BUDGET["draft"]),
+                             HostLimits(cache_memory_bytes=BUDGET["target"]), health_interval_s=HEALTH_S
                              ) as (client, draft, target, orch):
         channels = {w.role: grpc.insecure_channel(w.address) for w in (draft, target)}
         stubs = {"draft": pb_grpc.DraftStub(channels["draft"]), "target": pb_grpc.TargetStub(channels["target"])}
@@ -61,13 +63,13 @@ def agrees_with_info(client: SpecdecClient, stubs) -> bool:
     for role, stub in stubs.items():
         info = stub.Info(pb.InfoRequest(), timeout=10)
         r = status[role]
-        if (r.live_sessions, r.cached_tokens, r.max_cached_tokens) != (
-                info.live_sessions, info.cached_tokens, info.limits.max_cached_tokens):
+        if (r.live_sessions, r.cache_bytes_used, r.cache_memory_bytes, r.typical_sessions_free) != (
+                info.live_sessions, info.cache_bytes_used, info.limits.cache_memory_bytes, info.typical_sessions_free):
             return False
     return True
 
 
-def test_status_reports_the_workers_sessions_and_cache(cluster) -> None:
+def test_status_reports_the_workers_sessions_and_cache(cluster, target_dir: Path) -> None:
     client, orch, stubs, _ = cluster
     for prompt in PROMPTS[:3]:
         client.generate(prompt, max_tokens=12, num_draft=3)
@@ -82,21 +84,26 @@ def test_status_reports_the_workers_sessions_and_cache(cluster) -> None:
         for role in stubs:
             r = status[role]
             assert r.healthy and r.live_sessions == 2 and r.active_sessions == 0  # none of them ours
-            assert r.max_cached_tokens == BUDGET[role] and 0 < r.cached_tokens < r.max_cached_tokens
-        # specdec status prints them: sessions and the cache share of the budget, per replica.
+            assert r.cache_memory_bytes == BUDGET[role] and 0 < r.cache_bytes_used < r.cache_memory_bytes
+            typical = (512 + 256) * position_bytes(target_dir)  # (the draft has the target's shape)
+            assert r.typical_sessions_free == (BUDGET[role] - r.cache_bytes_used) // typical > 0
+        # specdec status prints them: sessions, the cache bytes used (share of the budget) and free,
+        # and the typical sessions that still fit, per replica.
         table = capsys_free_status(orch.address)
         for role in stubs:
             r = status[role]
-            row = next(line for line in table.splitlines() if line.startswith(role)).split()
-            assert row[1:4] == [r.address, "serving", "2"]
-            assert f"{100 * r.cached_tokens / r.max_cached_tokens:.1f}%" in row
+            row = next(line for line in table.splitlines() if line.startswith(role))
+            assert row.split()[1:4] == [r.address, "serving", "2"]
+            cells = [cell.strip() for cell in re.split(r"\s{2,}", row)]
+            assert cells[5:8] == [f"{format_bytes(r.cache_bytes_used)} ({100 * r.cache_bytes_used / BUDGET[role]:.1f}%)",
+                                  format_bytes(BUDGET[role] - r.cache_bytes_used), str(r.typical_sessions_free)]
     finally:
         for role, ids in opened.items():
             for session_id in ids:
                 stubs[role].CloseSession(pb.CloseSessionRequest(session_id=session_id), timeout=10)
     wait_for(lambda: agrees_with_info(client, stubs) and by_role(client)["draft"].live_sessions == 0,
              "Status to show the sessions closed")
-    assert all(r.cached_tokens == 0 for r in client.status().replicas)
+    assert all(r.cache_bytes_used == 0 for r in client.status().replicas)
 
 
 def capsys_free_status(address: str) -> str:
@@ -145,13 +152,14 @@ def test_a_replica_that_stops_serving_shows_no_load(loop: LoopThread, near_draft
     orch = start_orchestrator_in(loop, [draft.address], [target.address], health_interval_s=HEALTH_S)
     try:
         with SpecdecClient(orch.address, timeout=60) as client:
-            wait_for(lambda: by_role(client)["draft"].max_cached_tokens > 0, "the draft's load")
+            wait_for(lambda: by_role(client)["draft"].cache_memory_bytes > 0, "the draft's load")
             draft.stop()
             wait_for(lambda: not by_role(client)["draft"].healthy, "the draft marked down")
-            down = wait_for(lambda: (r := by_role(client)["draft"]).max_cached_tokens == 0 and r,
+            down = wait_for(lambda: (r := by_role(client)["draft"]).cache_memory_bytes == 0 and r,
                             "the draft's load cleared")
-            assert (down.live_sessions, down.cached_tokens, down.steps_per_s) == (0, 0, 0.0)
-            assert by_role(client)["target"].max_cached_tokens > 0
+            assert (down.live_sessions, down.cache_bytes_used, down.typical_sessions_free, down.steps_per_s) == (
+                0, 0, 0, 0.0)
+            assert by_role(client)["target"].cache_memory_bytes > 0
             table = capsys_free_status(orch.address)
             row = next(line for line in table.splitlines() if line.startswith("draft"))
             assert "down" in row and "%" not in row
@@ -160,9 +168,9 @@ def test_a_replica_that_stops_serving_shows_no_load(loop: LoopThread, near_draft
         target.stop()
 
 
-def info(steps: int, sessions: int = 1, cached: int = 10, budget: int = 100) -> pb.InfoResponse:
-    return pb.InfoResponse(live_sessions=sessions, cached_tokens=cached, limits=pb.Limits(max_cached_tokens=budget),
-                           metrics=pb.Metrics(steps=steps))
+def info(steps: int, sessions: int = 1, used: int = 10, budget: int = 100, typical: int = 3) -> pb.InfoResponse:
+    return pb.InfoResponse(live_sessions=sessions, cache_bytes_used=used, limits=pb.Limits(cache_memory_bytes=budget),
+                           typical_sessions_free=typical, metrics=pb.Metrics(steps=steps))
 
 
 def test_load_rate_is_the_difference_of_two_readings() -> None:
@@ -170,7 +178,8 @@ def test_load_rate_is_the_difference_of_two_readings() -> None:
     assert first.steps_per_s == 0.0  # one reading: no rate yet
     second = Load.read(info(70), at=10.5, before=first)
     assert second.steps_per_s == pytest.approx(60.0)  # 30 steps in half a second
-    assert (second.live_sessions, second.cached_tokens, second.max_cached_tokens) == (1, 10, 100)
+    assert (second.live_sessions, second.cache_bytes_used, second.cache_memory_bytes,
+            second.typical_sessions_free) == (1, 10, 100, 3)
     restarted = Load.read(info(5), at=11.0, before=second)  # the counter went back: a restart
     assert restarted.steps_per_s == 0.0
     assert Load.read(info(20), at=12.0, before=restarted).steps_per_s == pytest.approx(15.0)
