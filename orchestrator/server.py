@@ -12,7 +12,14 @@ from pathlib import Path
 import grpc
 
 from specdec_core.errors import CheckpointError
-from specdec_core.limits import add_limit_arguments, limits_from_args
+from specdec_core.limits import (
+    Checked,
+    OneLineErrorParser,
+    above,
+    add_limit_arguments,
+    at_least,
+    limits_from_args,
+)
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
 from specdec_grpc.metrics import serve_metrics
 from specdec_grpc.ports import require_free
@@ -32,7 +39,7 @@ from specdec_pb import specdec_pb2_grpc as pb_grpc
 
 from .generation import Orchestrator, OrchestratorLimits
 from .metrics import OrchestratorMetrics
-from .replicas import ReplicaPool, StartupError
+from .replicas import ReplicaPool, StartupError, WorkerNeeds
 from .servicer import SERVICE_NAME, OrchestratorServicer
 
 logger = logging.getLogger(__name__)
@@ -40,6 +47,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_PORT = 50051
 DEFAULT_DRAFT = "127.0.0.1:50061"
 DEFAULT_TARGET = "127.0.0.1:50071"
+CONNECT_TIMEOUT_S = above(0)
+# Checks more often than every 0.1 s cost CPU on every replica and find a dead one no sooner than a
+# failed call does.
+HEALTH_INTERVAL_S = at_least(0.1)
 
 
 @dataclass
@@ -137,7 +148,7 @@ class OrchestratorConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="specdec-orchestrator",
         description="The specdec orchestrator: speculative generation over draft and target replicas.",
     )
@@ -158,10 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one unary Propose/Verify call per step (default: each session's steps go "
                              "over one long-lived ProposeStream/VerifyStream call, ~0.3-0.6 ms cheaper "
                              "per step; use this behind a proxy that does not pass bidirectional streams)")
-    parser.add_argument("--connect-timeout", type=float, default=60.0,
-                        help="seconds to wait for replicas at start-up (default 60)")
-    parser.add_argument("--health-interval", type=float, default=1.0,
-                        help="seconds between health checks of replicas (default 1)")
+    parser.add_argument("--connect-timeout", type=Checked(float, CONNECT_TIMEOUT_S), default=60.0,
+                        help=f"seconds to wait for replicas at start-up (default 60; {CONNECT_TIMEOUT_S})")
+    parser.add_argument("--health-interval", type=Checked(float, HEALTH_INTERVAL_S), default=1.0,
+                        help=f"seconds between health checks of replicas (default 1; {HEALTH_INTERVAL_S})")
     parser.add_argument("--worker-tls-ca", help="PEM CA that signed the workers' certificates (TLS to workers)")
     parser.add_argument("--worker-tls-cert", help="PEM client certificate for mutual TLS to workers")
     parser.add_argument("--worker-tls-key", help="PEM private key of --worker-tls-cert")
@@ -175,6 +186,11 @@ def decoder_tokens_needed(limits: OrchestratorLimits) -> int:
     """The longest decoder session a request can make: the start token, max_tokens_cap tokens and a
     block of max_num_draft drafts past the last committed token."""
     return 1 + limits.max_tokens_cap + limits.max_num_draft
+
+
+def worker_needs(limits: OrchestratorLimits) -> WorkerNeeds:
+    """What these limits let a request ask of every worker (the pool refuses workers short of it)."""
+    return WorkerNeeds(decoder_tokens_needed(limits), limits.max_num_draft, limits.max_prompt_tokens)
 
 
 def resolve_tokenizer(config: OrchestratorConfig, pool: ReplicaPool):  # type: ignore[no-untyped-def]
@@ -212,15 +228,17 @@ async def start_orchestrator(config: OrchestratorConfig) -> tuple[RunningServer,
         health_interval_s=config.health_interval_s,
         step_streams=config.step_streams,
     )
+    metrics = OrchestratorMetrics() if config.metrics_port is not None else None
+    if metrics is not None:
+        pool.on_dropped_report = metrics.dropped_report
     try:
-        await pool.start(config.connect_timeout_s, decoder_tokens_needed=decoder_tokens_needed(config.limits))
+        await pool.start(config.connect_timeout_s, worker_needs(config.limits))
         tokenizer = resolve_tokenizer(config, pool)
     except BaseException:
         await pool.close()
         raise
     reference = pool.reference
     assert reference is not None
-    metrics = OrchestratorMetrics() if config.metrics_port is not None else None
     source = metrics.count_failures(pool) if metrics is not None else pool
     orchestrator = Orchestrator(source, tokenizer, reference.decoder_start_token_id, reference.eos_token_id,
                                 config.limits)
@@ -238,7 +256,7 @@ async def start_orchestrator(config: OrchestratorConfig) -> tuple[RunningServer,
         metrics.watch(orchestrator)
         running.metrics = serve_metrics(metrics.registry, config.host, config.metrics_port,
                                         config.security.cert, config.security.key,
-                                        config.security.client_ca)
+                                        config.security.client_ca, config.security.token)
     return running, pool, orchestrator
 
 

@@ -160,6 +160,45 @@ def test_limits_table_lists_every_declared_limit_with_its_default(where: str, de
         assert float(defaults[position]) == default, (flag, row[2])
 
 
+def test_limits_table_shows_every_flags_range() -> None:
+    """The ``accepts`` cell names each ranged flag's range as the flag declares it (the range its
+    start-up refusal names), in the order the row lists its flags; every declared limit has one."""
+    from specdec_core.limits import Checked
+
+    def ranges(*parsers: object) -> dict[str, str]:
+        return {a.option_strings[0]: str(a.type.valid) for parser in parsers for a in parser._actions  # type: ignore[attr-defined]
+                if isinstance(a.type, Checked)}
+
+    orchestrator, draft, target = (orchestrator_server.build_parser(), worker.build_parser("draft"),
+                                   worker.build_parser("target"))
+    ranged = {"orchestrator": ranges(orchestrator), "draft, target": ranges(draft, target),
+              "draft": ranges(draft), "all": ranges(orchestrator, draft, target)}
+    shown = set()
+    for line in _section("docs/configuration.md", "## Limits and flags").splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) < 5 or cells[0] not in ranged:
+            continue
+        accepts = [part.strip() for part in cells[3].split(";")]
+        flags = re.findall(r"`(--[a-z-]+)`", _outside_parentheses(cells[1]))  # not those in its notes
+        assert len(accepts) == len(flags), (flags, cells[3])
+        for flag, cell in zip(flags, accepts, strict=True):
+            if flag in ranged[cells[0]]:
+                assert cell.startswith(ranged[cells[0]][flag]), (flag, cell, ranged[cells[0]][flag])
+                shown.add(flag)
+    assert set(ranged["orchestrator"]) - {"--port"} <= shown
+    assert set(ranged["draft, target"]) - {"--port", "--tensor-parallel"} <= shown
+
+
+def _outside_parentheses(text: str) -> str:
+    kept, depth = [], 0
+    for char in text:
+        depth += char == "("
+        if depth == 0:
+            kept.append(char)
+        depth -= char == ")" and depth > 0
+    return "".join(kept)
+
+
 def test_rpc_table_matches_the_protos() -> None:
     from specdec_pb import specdec_pb2
 

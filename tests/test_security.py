@@ -381,3 +381,40 @@ def test_metrics_under_mutual_tls_need_a_client_certificate(loop: LoopThread, dr
                 _scrape(port, pki, cert, key)
     finally:
         worker.stop()
+
+
+def test_a_worker_token_guards_metrics_too_and_its_scheme_is_matched_in_any_case(loop: LoopThread,
+                                                                                 draft_dir: Path) -> None:
+    """With --auth-token, /metrics answers only a scraper that sends the token as every gRPC call
+    must (401 otherwise: Prometheus' ``authorization`` setting sends it); the scheme's name is
+    case-insensitive (RFC 7235) on both, the token is not."""
+    import urllib.error
+    import urllib.request
+
+    args = worker_parser("draft").parse_args(["--model", str(draft_dir), "--port", "0", "--auth-token", TOKEN])
+    worker = start_worker_in(loop, "draft", draft_dir, security=Security.from_args(args), metrics_port=0)
+
+    def scrape(header: str | None) -> tuple[int, str]:
+        request = urllib.request.Request(f"http://127.0.0.1:{worker.running.metrics_port}/metrics")
+        if header is not None:
+            request.add_header("Authorization", header)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            assert error.headers["WWW-Authenticate"].startswith("Bearer")
+            return error.code, error.read().decode()
+
+    try:
+        for header in (f"Bearer {TOKEN}", f"bearer {TOKEN}", f"BEARER  {TOKEN}"):
+            status, text = scrape(header)
+            assert status == 200 and "specdec_worker_live_sessions" in text, header
+            assert draft_info(grpc.insecure_channel(worker.address), (("authorization", header),)).role == "draft"
+        for header in (None, "Bearer nope", f"Basic {TOKEN}", f"Bearer {TOKEN.upper()}", f"Bearer{TOKEN}"):
+            status, text = scrape(header)
+            assert status == 401 and "specdec_" not in text, header
+            if header is not None:
+                rejected(lambda h=header: draft_info(grpc.insecure_channel(worker.address), (("authorization", h),)),
+                         CODE.UNAUTHENTICATED)
+    finally:
+        worker.stop()
