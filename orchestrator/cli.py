@@ -276,21 +276,28 @@ def format_status(status: pb.StatusResponse) -> str:
     """A table: one row per replica, with this orchestrator's sessions on it and the replica's
     live load as of the orchestrator's last health check ("-" while it is not serving or not
     read yet: every worker reports a cache budget, so a zero budget means no reading)."""
-    rows = [("role", "address", "health", "sessions", "ours", "cache", "kv", "steps/s", "last error")]
+    rows = [("role", "address", "health", "sessions", "ours", "cache used", "cache free", "fit", "kv", "steps/s",
+             "last error")]
     for r in status.replicas:
-        known = r.healthy and r.max_cached_tokens > 0
+        known = r.healthy and r.cache_memory_bytes > 0
         rows.append((
             r.role, r.address, "serving" if r.healthy else "down",
             str(r.live_sessions) if known else "-", str(r.active_sessions),
-            f"{_percent(r.cached_tokens, r.max_cached_tokens)} of {r.max_cached_tokens}" if known else "-",
+            f"{format_bytes(r.cache_bytes_used)} ({_percent(r.cache_bytes_used, r.cache_memory_bytes)})"
+            if known else "-",
+            format_bytes(max(0, r.cache_memory_bytes - r.cache_bytes_used)) if known else "-",
+            str(r.typical_sessions_free) if known else "-",
+            (f"{r.kv_bits}-bit" if r.kv_bits else "dtype") if known else "-",
             f"{r.steps_per_s:.1f}" if known else "-", r.last_error or "",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
              for row in rows]
     lines.append(f"{status.active_generations}/{status.max_generations} generations in flight; sessions = "
-                 "open on the replica (every orchestrator), ours = this orchestrator's, cache = token "
-                 "positions held of its budget, kv = its K/V cache's bits (--kv-bits; dtype: the model's)")
+                 "open on the replica (every orchestrator), ours = this orchestrator's, cache used = bytes "
+                 "its sessions' caches hold (share of its --cache-memory), cache free = what is left, fit = more "
+                 f"sessions of a typical size ({TYPICAL_PROMPT_TOKENS}-token prompt, {TYPICAL_DECODER_POSITIONS} "
+                 "decoder positions) that fit, kv = its K/V cache's bits (--kv-bits; dtype: the model's)")
     return "\n".join(lines)
 
 

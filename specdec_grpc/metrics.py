@@ -24,11 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from specdec_grpc.server import require_bearer_token
 
 logger = logging.getLogger(__name__)
 
@@ -54,22 +52,16 @@ class MetricsEndpoint:
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int, certfile: str | None = None,
-                  keyfile: str | None = None, client_cafile: str | None = None,
-                  token: str | None = None) -> MetricsEndpoint:
+                  keyfile: str | None = None, client_cafile: str | None = None) -> MetricsEndpoint:
     """Serve ``registry`` over HTTP (HTTPS with a certificate) on host:port; port 0 picks a free one.
     With ``client_cafile`` (the service's --tls-client-ca) a scraper must present a certificate
-    that CA signed, as gRPC clients must (mutual TLS); with ``token`` (its --auth-token), the bearer
-    token every gRPC call carries (401 without)."""
+    that CA signed, as gRPC clients must (mutual TLS)."""
     tls = {"client_cafile": client_cafile, "client_auth_required": True} if certfile and client_cafile else {}
     try:
-        # With a token the server starts on an empty registry, and serves this one only behind the
-        # check: nothing is shown to a scraper without it, even before the check is in place.
-        server, _ = start_http_server(port, addr=host, registry=CollectorRegistry() if token else registry,
-                                      certfile=certfile, keyfile=keyfile, **tls)
+        server, _ = start_http_server(port, addr=host, registry=registry, certfile=certfile, keyfile=keyfile,
+                                      **tls)
     except OSError as error:
         raise SystemExit(f"cannot bind the metrics port {host}:{port}: {error}") from error
-    if token:
-        server.set_app(require_bearer_token(make_wsgi_app(registry), token))
     endpoint = MetricsEndpoint(host, server.server_port, server)
     logger.info("metrics on %s://%s:%d/metrics", "https" if certfile else "http", host, endpoint.port)
     return endpoint
@@ -166,8 +158,14 @@ class _HostCollector(Collector):
                      limits.max_sessions)
         yield family(GaugeMetricFamily, "specdec_worker_cached_tokens", "Token positions the sessions' "
                      "caches hold (encoder + decoder)", live["cached_tokens"])
-        yield family(GaugeMetricFamily, "specdec_worker_cached_tokens_budget", "The cache budget in token "
-                     "positions (--max-cached-tokens)", limits.max_cached_tokens)
+        yield family(GaugeMetricFamily, "specdec_worker_cache_bytes_used", "Cache bytes the sessions hold "
+                     "(and opening sessions reserved)", live["cache_bytes_used"])
+        yield family(GaugeMetricFamily, "specdec_worker_cache_bytes_free", "Cache bytes left in the budget",
+                     max(0, limits.cache_memory_bytes - live["cache_bytes_used"]))
+        yield family(GaugeMetricFamily, "specdec_worker_cache_memory_bytes", "The cache budget in bytes "
+                     "(--cache-memory, or the machine's default)", limits.cache_memory_bytes)
+        yield family(GaugeMetricFamily, "specdec_worker_typical_sessions_free", "More sessions of a typical "
+                     "size (512-token prompt, 256 decoder positions) that fit now", live["typical_sessions_free"])
         yield family(CounterMetricFamily, "specdec_worker_forward_passes", "Decoder forward passes",
                      live["forward_passes"])
         yield family(CounterMetricFamily, "specdec_worker_steps", "Propose/Verify steps that succeeded",

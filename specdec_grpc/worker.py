@@ -19,13 +19,13 @@ import grpc
 from google.protobuf.message import Message
 
 from specdec_core import blas
+from specdec_core.cache_bytes import typical_session_bytes
 from specdec_core.device import compute_device, hostname
 from specdec_core.engine_choice import EngineChoice, build_engine
 from specdec_core.errors import CheckpointError
 from specdec_core.host_limits import HostLimits
 from specdec_core.kv_cache import KV_BITS, KV_GROUP_SIZES
-from specdec_core.limits import Checked, OneLineErrorParser, add_limit_arguments, at_least, limits_from_args
-from specdec_core.ngram import MAX_NGRAM
+from specdec_core.limits import add_limit_arguments, limits_from_args
 from specdec_core.session_host import SessionHost
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
 from specdec_grpc.metrics import WorkerMetrics, serve_metrics
@@ -51,7 +51,6 @@ M = TypeVar("M", bound=Message)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODELS = {"draft": REPO_ROOT / "models" / "demo-draft", "target": REPO_ROOT / "models" / "demo-target"}
 DEFAULT_PORTS = {"draft": 50061, "target": 50071}
-NGRAM_SIZES = at_least(1, MAX_NGRAM)  # tokens in a match (--ngram-min, --ngram-max, --hybrid-min-match)
 
 
 @dataclass
@@ -103,7 +102,7 @@ class WorkerConfig:
 
 
 def build_parser(role: str) -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(
+    parser = argparse.ArgumentParser(
         prog=f"specdec-{role}",
         description=f"The specdec {role} service: one T5 model, per-session KV caches, gRPC.",
     )
@@ -128,7 +127,7 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     if role == "draft":
         add_draft_method_arguments(parser)
     else:
-        parser.add_argument("--tensor-parallel", type=Checked(int, at_least(1)), metavar="N",
+        parser.add_argument("--tensor-parallel", type=int, metavar="N",
                             help="split the model over N ranks on this machine (a loopback MLX ring; "
                                  "this process is rank 0 and serves gRPC, it starts ranks 1..N-1). "
                                  "Under mlx.launch (several machines) the group is the launcher's: "
@@ -144,31 +143,14 @@ def add_draft_method_arguments(parser: argparse.ArgumentParser) -> None:
                              "tokens in the prompt or the output; no weights are loaded, --model gives "
                              "the config and tokenizer); hybrid (the n-gram match where one is at least "
                              f"--hybrid-min-match long, the model elsewhere). Default {defaults.method}")
-    parser.add_argument("--ngram-min", type=Checked(int, NGRAM_SIZES), default=defaults.ngram_min,
+    parser.add_argument("--ngram-min", type=int, default=defaults.ngram_min,
                         help=f"shortest match the ngram draft uses (default {defaults.ngram_min}; the hybrid's "
                              "is --hybrid-min-match)")
-    parser.add_argument("--ngram-max", type=Checked(int, NGRAM_SIZES), default=defaults.ngram_max,
-                        help=f"longest match the ngram and hybrid drafts look up first (default {defaults.ngram_max}; "
-                             f"{NGRAM_SIZES})")
-    parser.add_argument("--hybrid-min-match", type=Checked(int, NGRAM_SIZES), default=defaults.hybrid_min_match,
+    parser.add_argument("--ngram-max", type=int, default=defaults.ngram_max,
+                        help=f"longest match the ngram and hybrid drafts look up first (default {defaults.ngram_max})")
+    parser.add_argument("--hybrid-min-match", type=int, default=defaults.hybrid_min_match,
                         help="the hybrid draft proposes from the n-gram lookup where the match is at "
-                             f"least this long, else from the model (default {defaults.hybrid_min_match}; "
-                             "at most --ngram-max)")
-
-
-def parse_worker_args(role: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """A worker's flags, each within its range, and consistent with each other (else one line on
-    stderr and exit status 2, before any model is loaded)."""
-    parser = build_parser(role)
-    args = parser.parse_args(argv)
-    method = getattr(args, "method", "model")
-    if method == "ngram" and args.ngram_min > args.ngram_max:
-        parser.error(f"--ngram-min {args.ngram_min} is above --ngram-max {args.ngram_max}: the shortest match "
-                     "the draft uses must not be longer than the longest it looks up")
-    if method == "hybrid" and args.hybrid_min_match > args.ngram_max:
-        parser.error(f"--hybrid-min-match {args.hybrid_min_match} is above --ngram-max {args.ngram_max}: the "
-                     "hybrid draft indexes n-grams up to --ngram-max only; raise it or lower --hybrid-min-match")
-    return args
+                             f"least this long, else from the model (default {defaults.hybrid_min_match})")
 
 
 def _varint_bytes(value: int) -> int:
@@ -271,6 +253,10 @@ def info_response(host: SessionHost) -> pb.InfoResponse:
         limits=pb.Limits(**{name: getattr(limits, name) for name in pb.Limits.DESCRIPTOR.fields_by_name}),
         live_sessions=live["live_sessions"],
         cached_tokens=live["cached_tokens"],
+        cache_bytes_used=live["cache_bytes_used"],
+        cache_bytes_per_position=host.store.cost.bytes_per_position,
+        typical_session_bytes=typical_session_bytes(host.store.cost),
+        typical_sessions_free=live["typical_sessions_free"],
         metrics=pb.Metrics(
             sessions_opened=live["sessions_opened"],
             sessions_expired=live["sessions_expired"],
@@ -322,7 +308,7 @@ async def start_worker(
         servicer.on_error = metrics.refused
         running.metrics = serve_metrics(metrics.registry, config.host, config.metrics_port,
                                         config.security.cert, config.security.key,
-                                        config.security.client_ca, config.security.token)
+                                        config.security.client_ca)
     return running, host
 
 
@@ -333,7 +319,7 @@ def run_worker(
     service_name: str,
     argv: list[str] | None = None,
 ) -> None:
-    args = parse_worker_args(role, argv)
+    args = build_parser(role).parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     config = WorkerConfig.from_args(role, args)
     ranks = TensorParallel.join(config, sys.argv[1:] if argv is None else argv)

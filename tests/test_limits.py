@@ -13,7 +13,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from harness import LoopThread, RunningOrchestrator, Worker, start_orchestrator_in, start_worker_in
+from harness import (
+    LoopThread,
+    RunningOrchestrator,
+    Worker,
+    position_bytes,
+    start_orchestrator_in,
+    start_worker_in,
+)
 from procs import Pacer, wait_until
 
 from orchestrator.client import SpecdecClient
@@ -21,6 +28,7 @@ from orchestrator.generation import OrchestratorLimits
 from orchestrator.server import OrchestratorConfig
 from orchestrator.server import build_parser as orchestrator_parser
 from specdec_core.session_host import HostLimits
+from specdec_core.sizes import format_bytes
 from specdec_grpc.worker import WorkerConfig
 from specdec_grpc.worker import build_parser as worker_parser
 from specdec_tools.tiny_checkpoints import corpus_lines
@@ -50,11 +58,11 @@ def test_orchestrator_flags_set_its_limits() -> None:
 @pytest.mark.parametrize("role", ["draft", "target"])
 def test_worker_flags_set_its_limits(role: str) -> None:
     args = worker_parser(role).parse_args([
-        "--model", "unused", "--max-sessions", "3", "--max-cached-tokens", "999", "--max-prompt-tokens", "11",
+        "--model", "unused", "--max-sessions", "3", "--cache-memory", "1.5GiB", "--max-prompt-tokens", "11",
         "--max-draft", "4", "--session-ttl", "7.5",
     ])
     config = WorkerConfig.from_args(role, args)
-    assert config.limits == HostLimits(max_sessions=3, max_cached_tokens=999, max_prompt_tokens=11,
+    assert config.limits == HostLimits(max_sessions=3, cache_memory_bytes=3 * 2**29, max_prompt_tokens=11,
                                        max_draft=4, session_ttl_s=7.5)
 
 
@@ -187,32 +195,33 @@ def test_full_draft_falls_back_to_the_target_alone(make_cluster) -> None:
     assert_still_serving(cluster)
 
 
-def test_service_cache_budget_is_resource_exhausted(make_cluster) -> None:
+def test_service_cache_budget_is_resource_exhausted(make_cluster, target_dir: Path) -> None:
     # One session holds 256 decoder slots plus its prompt (18 tokens); two do not fit in 400.
-    cluster = make_cluster(target=HostLimits(max_cached_tokens=400))
+    position = position_bytes(target_dir)
+    cluster = make_cluster(target=HostLimits(cache_memory_bytes=400 * position))
     details = second_while_first_streams(cluster)
-    assert "max_cached_tokens=400" in details
+    assert (f"needs {format_bytes(274 * position)}, {format_bytes(126 * position)} free of "
+            f"{format_bytes(400 * position)} (--cache-memory)") in details
     assert_still_serving(cluster)
 
 
-def test_cache_budget_reached_mid_generation(make_cluster) -> None:
+def test_cache_budget_reached_mid_generation(make_cluster, target_dir: Path) -> None:
     # Room for the first 256 decoder positions only: growing past them is refused mid-stream.
-    cluster = make_cluster(target=HostLimits(max_cached_tokens=300),
+    position = position_bytes(target_dir)
+    cluster = make_cluster(target=HostLimits(cache_memory_bytes=300 * position),
                            orchestrator=OrchestratorLimits(max_tokens_cap=400))
     chunks = []
     with pytest.raises(grpc.RpcError) as info:
         for chunk in cluster.client.stream(PROMPT, max_tokens=400, num_draft=3):
             chunks.append(chunk)
     assert info.value.code() == CODE.RESOURCE_EXHAUSTED
-    assert "max_cached_tokens=300" in info.value.details()
+    assert f"needs {format_bytes(256 * position)}, {format_bytes(26 * position)} free" in info.value.details()
     assert 200 < sum(len(c.token_ids) for c in chunks) < 256
     assert_still_serving(cluster)
 
 
 def test_service_request_limits_are_invalid_argument(make_cluster) -> None:
-    # (an orchestrator allowing more than its workers take refuses to start: test_startup_limits)
-    cluster = make_cluster(draft=HostLimits(max_draft=2), target=HostLimits(max_prompt_tokens=10),
-                           orchestrator=OrchestratorLimits(max_num_draft=2, max_prompt_tokens=10))
+    cluster = make_cluster(draft=HostLimits(max_draft=2), target=HostLimits(max_prompt_tokens=10))
     refused(lambda: cluster.client.generate(PROMPT, max_tokens=4), CODE.INVALID_ARGUMENT,
             "max_prompt_tokens is 10")
     refused(lambda: cluster.client.generate("spell 1", max_tokens=8, num_draft=3), CODE.INVALID_ARGUMENT,
@@ -223,9 +232,9 @@ def test_service_request_limits_are_invalid_argument(make_cluster) -> None:
 
 
 def test_info_reports_the_configured_limits(make_cluster) -> None:
-    limits = HostLimits(max_sessions=5, max_cached_tokens=12345, max_prompt_tokens=99, max_draft=7,
+    limits = HostLimits(max_sessions=5, cache_memory_bytes=12345, max_prompt_tokens=99, max_draft=7,
                         session_ttl_s=42.0)
-    cluster = make_cluster(draft=limits, orchestrator=OrchestratorLimits(max_num_draft=7, max_prompt_tokens=99))
+    cluster = make_cluster(draft=limits)
     info = cluster.orch.pool.of_role("draft")[0].info
-    assert (info.limits.max_sessions, info.limits.max_cached_tokens, info.limits.max_prompt_tokens,
+    assert (info.limits.max_sessions, info.limits.cache_memory_bytes, info.limits.max_prompt_tokens,
             info.limits.max_draft, info.limits.session_ttl_s) == (5, 12345, 99, 7, 42.0)

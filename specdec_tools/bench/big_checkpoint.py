@@ -20,6 +20,10 @@ bytes it wrote or serves. The figures in docs/bench/big_checkpoints.md come from
 
     python -m specdec_tools.bench.big_checkpoint generate --out /tmp/t5-3b-fp32
     python -m specdec_tools.bench.big_checkpoint measure --source /tmp/t5-3b-fp32 --work /tmp/big-work
+
+``cache`` serves a model and opens sessions on it, comparing the growth of the worker's resident
+memory with the cache formula's bytes (``specdec_tools.bench.cache_memory``;
+docs/bench/cache_memory.md).
 """
 
 from __future__ import annotations
@@ -286,7 +290,25 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--keep", action="store_true", help="keep the quantized conversions (default: deleted "
                      "once measured and served)")
     run.add_argument("--json", type=Path, help="also write the figures here")
+    cache = commands.add_parser("cache", help="a worker's resident memory against the cache formula: open N "
+                                "sessions, compare the growth with Info's cache_bytes_used")
+    cache.add_argument("--model", required=True, type=Path, help="the target checkpoint to serve")
+    cache.add_argument("--sessions", type=int, default=20, help="sessions to open (default 20)")
+    cache.add_argument("--prompt-tokens", type=int, default=512, help="each session's prompt (default 512)")
+    cache.add_argument("--work", type=Path, default=Path("/tmp/specdec-cache-memory"), help="where the log goes")
+    cache.add_argument("--json", type=Path, help="also write the figures here")
+    cache.add_argument("options", nargs="*", help="more specdec-target flags, after --, e.g. -- --dtype bfloat16")
     args = parser.parse_args(argv)
+    if args.command == "cache":
+        from specdec_tools.bench.cache_memory import measure_cache
+
+        result = measure_cache(args.model, args.options, args.sessions, args.prompt_tokens,
+                               args.work / "cache-target.log")
+        print(result.line(), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(asdict(result) | {"growth": result.growth, "ratio": result.ratio},
+                                            indent=2))
+        return 0
     if args.command == "generate":
         shape = SHAPES[args.shape] | ({"num_layers": args.layers, "num_decoder_layers": args.layers}
                                       if args.layers else {})
