@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from specdec_core.host_limits import HostLimits
+from specdec_core.limits import declared_limits
 from specdec_pb import specdec_pb2 as pb
 from specdec_pb import specdec_pb2_grpc as pb_grpc
 
@@ -48,6 +51,11 @@ FAILURE_CODES = {
 # A worker's --owner-lease must cover this many health checks: each renews this orchestrator's lease
 # on its sessions (the Info it sends), so it may miss the rest in a row without losing one.
 LEASE_RENEWALS = 3
+# The worker limits the orchestrator acts on (its k cap, the sessions sharing a pass, the start-up
+# checks), each in the range its flag accepts, as on any worker that started: an Info outside is
+# garbage, and that replica is refused (or kept out of rotation).
+TRUSTED_LIMITS = {f.name: f.metadata["valid"] for f in declared_limits(HostLimits)
+                  if f.name in ("max_draft", "max_batch", "max_prompt_tokens", "max_decoder_tokens")}
 # Fields draft and target must agree on, or their tokens mean different things.
 COMPATIBILITY_FIELDS = (
     "vocab_size", "eos_token_id", "pad_token_id", "decoder_start_token_id", "tokenizer_fingerprint",
@@ -59,7 +67,62 @@ class StartupError(Exception):
 
 
 class IncompatibleReplicas(StartupError):
-    """Draft and target disagree on vocabulary or special ids."""
+    """Draft and target disagree on vocabulary or special ids, or a worker cannot serve what this
+    orchestrator's limits let a request ask."""
+
+
+@dataclass(frozen=True)
+class WorkerNeeds:
+    """What this orchestrator's limits let a request ask of every worker (0: nothing). A worker
+    whose own limits fall short would refuse some valid request mid-generation, blaming the client;
+    the orchestrator refuses to start beside it instead."""
+
+    decoder_tokens: int = 0  # a session's longest decoder (``server.decoder_tokens_needed``)
+    draft: int = 0  # the largest k (--max-num-draft)
+    prompt_tokens: int = 0  # the longest prompt (--max-prompt-tokens)
+
+    def shortfall(self, limits: pb.Limits) -> str:
+        """What the worker's limits (its Info) lack, in words; "" if nothing."""
+        if limits.max_decoder_tokens < self.decoder_tokens:
+            return (f"holds {limits.max_decoder_tokens} decoder tokens per session (--max-decoder-tokens) and "
+                    f"a request may need {self.decoder_tokens} (the start token, --max-tokens-cap tokens and a "
+                    "block of --max-num-draft drafts): raise the worker's --max-decoder-tokens or lower those "
+                    "orchestrator flags")
+        if limits.max_draft < self.draft:
+            return (f"takes k up to {limits.max_draft} (its --max-draft) and a request may ask for "
+                    f"{self.draft} (this orchestrator's --max-num-draft): raise the worker's --max-draft or "
+                    "lower --max-num-draft")
+        if limits.max_prompt_tokens < self.prompt_tokens:
+            return (f"takes prompts of up to {limits.max_prompt_tokens} tokens (its --max-prompt-tokens) and "
+                    f"this orchestrator accepts {self.prompt_tokens} (its --max-prompt-tokens): raise the "
+                    "worker's or lower the orchestrator's")
+        return ""
+
+
+def unusable_limits(info: pb.InfoResponse) -> str:
+    """The limits in a worker's Info that no worker could have started with, in words ("" if none)."""
+    bad = [f"{name} {getattr(info.limits, name)!r} (its flag accepts {valid})"
+           for name, valid in TRUSTED_LIMITS.items() if getattr(info.limits, name) not in valid]
+    return "its Info reports " + ", ".join(bad) if bad else ""
+
+
+def implausible_info(info: pb.InfoResponse) -> str:
+    """What makes an Info's figures impossible, in words ("" if nothing): a number that is negative
+    or not finite (every one it carries is a count, an id, a size or a time), or more live sessions
+    than the worker's --max-sessions."""
+    bad = [f"{name} {value!r}" for name, value in _numbers(info) if not (math.isfinite(value) and value >= 0)]
+    if info.live_sessions > info.limits.max_sessions > 0:
+        bad.append(f"live_sessions {info.live_sessions} over max_sessions {info.limits.max_sessions}")
+    return ", ".join(bad)
+
+
+def _numbers(message: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Every number set in a message and the messages in it, by its dotted field name."""
+    for field, value in message.ListFields():
+        if field.message_type is not None and not field.is_repeated:
+            yield from _numbers(value, f"{prefix}{field.name}.")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            yield f"{prefix}{field.name}", value
 
 
 @dataclass
@@ -73,11 +136,14 @@ class Load:
     steps: int  # Propose/Verify calls answered since the replica started
     at: float  # when it was read (event loop clock, seconds)
     steps_per_s: float = 0.0  # over the interval since the reading before (0 for the first)
+    batches: int = 0  # batches its model thread ran since it started, and the steps in them
+    batched_steps: int = 0
 
     @classmethod
     def read(cls, info: pb.InfoResponse, at: float, before: Load | None) -> Load:
         load = cls(info.live_sessions, info.cache_bytes_used, info.limits.cache_memory_bytes,
                    info.typical_sessions_free, info.metrics.steps, at)
+        load.batches, load.batched_steps = info.metrics.batches, info.metrics.batched_steps
         # A counter that went back means the replica restarted: this reading starts afresh.
         if before is not None and at > before.at and load.steps >= before.steps:
             load.steps_per_s = (load.steps - before.steps) / (at - before.at)
@@ -96,6 +162,7 @@ class Replica:
     last_error: str = ""
     info: pb.InfoResponse | None = None
     load: Load | None = None  # None until read, and while the replica is not serving
+    load_dropped: bool = False  # its last load report was impossible (logged once per such spell)
 
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
@@ -130,19 +197,24 @@ class ReplicaPool:
                 )
         self._by_backend = {id(r.backend): r for r in self.replicas}
         self.reference: pb.InfoResponse | None = None
+        self.needs = WorkerNeeds()  # set by ``start``: what every replica's limits must serve
+        # Told (role, "info") of every worker report dropped as impossible (OrchestratorMetrics).
+        self.on_dropped_report: Callable[[str, str], None] | None = None
         self._watch: asyncio.Task[None] | None = None
 
     def of_role(self, role: str) -> list[Replica]:
         return [r for r in self.replicas if r.role == role]
 
     # -- start-up -----------------------------------------------------------------------------
-    async def start(self, connect_timeout_s: float = 30.0, decoder_tokens_needed: int = 0) -> None:
+    async def start(self, connect_timeout_s: float = 30.0, needs: WorkerNeeds | None = None) -> None:
         """Wait for replicas, check they agree, start the health watch.
 
         Refuses (StartupError with a message) when no target answers in time, when any two
-        replicas that answered disagree on vocabulary or special ids, or when one holds fewer
-        decoder tokens per session (``--max-decoder-tokens``) than ``decoder_tokens_needed``.
+        replicas that answered disagree on vocabulary or special ids, or when one's limits are
+        garbage or fall short of ``needs`` (decoder tokens, k, prompt tokens). A replica that
+        answers later is held to the same, and kept out of rotation if it falls short.
         """
+        self.needs = needs or WorkerNeeds()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + connect_timeout_s
         pending = list(self.replicas)
@@ -168,13 +240,9 @@ class ReplicaPool:
                     f"{targets[0].address}: {problem}. Draft and target must share one tokenizer and "
                     "the same special token ids."
                 )
-            held = replica.info.limits.max_decoder_tokens
-            if held < decoder_tokens_needed:
-                raise IncompatibleReplicas(
-                    f"refusing to start: {replica.role} {replica.address} holds {held} decoder tokens per "
-                    f"session (--max-decoder-tokens) and a request may need {decoder_tokens_needed} (the "
-                    "start token, --max-tokens-cap tokens and a block of --max-num-draft drafts): raise "
-                    "the worker's --max-decoder-tokens or lower those orchestrator flags")
+            problem = self.unfit(replica.info)
+            if problem:
+                raise IncompatibleReplicas(f"refusing to start: {replica.role} {replica.address} {problem}")
             self._check_lease(replica)
             replica.healthy = True
         for replica in pending:
@@ -192,6 +260,11 @@ class ReplicaPool:
                 f"check, {self.health_interval_s:g}s apart (--health-interval): the lease must cover "
                 f"{LEASE_RENEWALS} checks; raise the worker's --owner-lease or lower --health-interval")
 
+    def unfit(self, info: pb.InfoResponse) -> str:
+        """Why a replica cannot serve this orchestrator's requests ("" if it can): garbage limits or
+        figures in its Info, or limits short of ``needs``."""
+        return unusable_limits(info) or implausible_info(info) or self.needs.shortfall(info.limits)
+
     def incompatibility(self, info: pb.InfoResponse | None) -> str:
         if info is None or self.reference is None:
             return "no Info"
@@ -208,10 +281,12 @@ class ReplicaPool:
         except grpc.aio.AioRpcError as error:
             replica.last_error = f"{error.code().name}: {error.details()}"
             return False
-        replica.backend.max_draft = replica.info.limits.max_draft  # the loop caps k at it
+        if not unusable_limits(replica.info):  # (garbage: the replica is refused, its figures unused)
+            replica.backend.max_draft = replica.info.limits.max_draft  # the loop caps k at it
+            replica.backend.max_batch = replica.info.limits.max_batch  # (a step reply's batch is within it)
         replica.backend.draft_method = replica.info.draft_method  # (may it draft ahead for a seeded request?)
         replica.backend.processor = (replica.info.hostname, replica.info.device)  # (does a draft overlap?)
-        replica.load = Load.read(replica.info, asyncio.get_running_loop().time(), replica.load)
+        self._take_load(replica, replica.info)
         if replica.info.role and replica.info.role != replica.role:
             raise StartupError(
                 f"{replica.address} was given as a {replica.role} but serves as a {replica.info.role}"
@@ -235,8 +310,12 @@ class ReplicaPool:
             replica.last_error = f"health: {error.code().name}"
         if serving and not replica.healthy:
             if await self._fetch_info(replica, 2.0):
-                problem = self.incompatibility(replica.info)
+                assert replica.info is not None
+                problem = self.incompatibility(replica.info) or self.unfit(replica.info)
                 if problem:
+                    if replica.last_error != f"incompatible: {problem}":  # said once, not every check
+                        logger.warning("%s %s answers again but stays out: %s", replica.role, replica.address,
+                                       problem)
                     replica.last_error = f"incompatible: {problem}"
                     return
                 logger.info("%s %s is back", replica.role, replica.address)
@@ -261,6 +340,20 @@ class ReplicaPool:
             logger.debug("%s %s: Info failed: %s", replica.role, replica.address, error.code().name)
             replica.load = None
             return
+        self._take_load(replica, info)
+
+    def _take_load(self, replica: Replica, info: pb.InfoResponse) -> None:
+        """The replica's live load from its Info; an impossible one is dropped (no figures rather
+        than garbage that would steer the choice of replicas and k), counted and logged."""
+        problem = implausible_info(info)
+        if problem:
+            logger.log(logging.DEBUG if replica.load_dropped else logging.WARNING,
+                       "%s %s: dropped an impossible load report (%s)", replica.role, replica.address, problem)
+            replica.load, replica.load_dropped = None, True
+            if self.on_dropped_report is not None:
+                self.on_dropped_report(replica.role, "info")
+            return
+        replica.load_dropped = False
         replica.load = Load.read(info, asyncio.get_running_loop().time(), replica.load)
 
     async def close(self) -> None:
@@ -319,5 +412,6 @@ class ReplicaPool:
                 status.cache_memory_bytes = r.load.cache_memory_bytes
                 status.typical_sessions_free = r.load.typical_sessions_free
                 status.steps_per_s = r.load.steps_per_s
+                status.batches, status.batched_steps = r.load.batches, r.load.batched_steps
             statuses.append(status)
         return statuses

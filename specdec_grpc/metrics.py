@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from specdec_grpc.server import require_bearer_token
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +54,22 @@ class MetricsEndpoint:
 
 
 def serve_metrics(registry: CollectorRegistry, host: str, port: int, certfile: str | None = None,
-                  keyfile: str | None = None, client_cafile: str | None = None) -> MetricsEndpoint:
+                  keyfile: str | None = None, client_cafile: str | None = None,
+                  token: str | None = None) -> MetricsEndpoint:
     """Serve ``registry`` over HTTP (HTTPS with a certificate) on host:port; port 0 picks a free one.
     With ``client_cafile`` (the service's --tls-client-ca) a scraper must present a certificate
-    that CA signed, as gRPC clients must (mutual TLS)."""
+    that CA signed, as gRPC clients must (mutual TLS); with ``token`` (its --auth-token), the bearer
+    token every gRPC call carries (401 without)."""
     tls = {"client_cafile": client_cafile, "client_auth_required": True} if certfile and client_cafile else {}
     try:
-        server, _ = start_http_server(port, addr=host, registry=registry, certfile=certfile, keyfile=keyfile,
-                                      **tls)
+        # With a token the server starts on an empty registry, and serves this one only behind the
+        # check: nothing is shown to a scraper without it, even before the check is in place.
+        server, _ = start_http_server(port, addr=host, registry=CollectorRegistry() if token else registry,
+                                      certfile=certfile, keyfile=keyfile, **tls)
     except OSError as error:
         raise SystemExit(f"cannot bind the metrics port {host}:{port}: {error}") from error
+    if token:
+        server.set_app(require_bearer_token(make_wsgi_app(registry), token))
     endpoint = MetricsEndpoint(host, server.server_port, server)
     logger.info("metrics on %s://%s:%d/metrics", "https" if certfile else "http", host, endpoint.port)
     return endpoint

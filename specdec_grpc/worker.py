@@ -25,7 +25,8 @@ from specdec_core.engine_choice import EngineChoice, build_engine
 from specdec_core.errors import CheckpointError
 from specdec_core.host_limits import HostLimits
 from specdec_core.kv_cache import KV_BITS, KV_GROUP_SIZES
-from specdec_core.limits import add_limit_arguments, limits_from_args
+from specdec_core.limits import Checked, OneLineErrorParser, add_limit_arguments, at_least, limits_from_args
+from specdec_core.ngram import MAX_NGRAM
 from specdec_core.session_host import SessionHost
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
 from specdec_grpc.metrics import WorkerMetrics, serve_metrics
@@ -51,6 +52,7 @@ M = TypeVar("M", bound=Message)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODELS = {"draft": REPO_ROOT / "models" / "demo-draft", "target": REPO_ROOT / "models" / "demo-target"}
 DEFAULT_PORTS = {"draft": 50061, "target": 50071}
+NGRAM_SIZES = at_least(1, MAX_NGRAM)  # tokens in a match (--ngram-min, --ngram-max, --hybrid-min-match)
 
 
 @dataclass
@@ -61,8 +63,8 @@ class WorkerConfig:
     model: str
     dtype: str | None = None
     quantize: int | None = None
-    limits: HostLimits = field(default_factory=HostLimits)
     kv_bits: int | None = None  # the sessions' K/V cache in 8 or 4 bits (--kv-bits); None: the model's dtype
+    limits: HostLimits = field(default_factory=HostLimits)
     host: str = "127.0.0.1"
     port: int = 0
     max_message_mb: int | None = None  # None: sized from the limits and vocabulary (needed_message_mb)
@@ -85,8 +87,8 @@ class WorkerConfig:
             model=args.model,
             dtype=args.dtype,
             quantize=args.quantize,
-            limits=limits_from_args(HostLimits, args),
             kv_bits=args.kv_bits,
+            limits=limits_from_args(HostLimits, args),
             host=args.host,
             port=args.port,
             max_message_mb=args.max_message_mb,
@@ -102,7 +104,7 @@ class WorkerConfig:
 
 
 def build_parser(role: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog=f"specdec-{role}",
         description=f"The specdec {role} service: one T5 model, per-session KV caches, gRPC.",
     )
@@ -112,12 +114,12 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="parameter dtype (default: as stored; float16 overflows in T5)")
     parser.add_argument("--quantize", type=int, choices=[4, 8], help="quantize linear layers at load")
-    add_limit_arguments(parser, HostLimits)
     parser.add_argument("--kv-bits", type=int, choices=list(KV_BITS),
                         help="store every session's K/V cache (cross- and self-attention) in this many bits "
                              f"per value, in groups along d_kv (mx.quantize; {KV_GROUP_SIZES[0]} where d_kv "
                              "allows): ~half (8) or a quarter (4) of bfloat16's bytes. Changes the output: it "
                              "is then this model's with this cache. Default: the model's dtype")
+    add_limit_arguments(parser, HostLimits)
     add_server_arguments(
         parser, DEFAULT_PORTS[role], default_max_message_mb=None,
         max_message_help="largest request/response accepted, MiB (default: sized to the largest "
@@ -127,7 +129,7 @@ def build_parser(role: str) -> argparse.ArgumentParser:
     if role == "draft":
         add_draft_method_arguments(parser)
     else:
-        parser.add_argument("--tensor-parallel", type=int, metavar="N",
+        parser.add_argument("--tensor-parallel", type=Checked(int, at_least(1)), metavar="N",
                             help="split the model over N ranks on this machine (a loopback MLX ring; "
                                  "this process is rank 0 and serves gRPC, it starts ranks 1..N-1). "
                                  "Under mlx.launch (several machines) the group is the launcher's: "
@@ -143,14 +145,31 @@ def add_draft_method_arguments(parser: argparse.ArgumentParser) -> None:
                              "tokens in the prompt or the output; no weights are loaded, --model gives "
                              "the config and tokenizer); hybrid (the n-gram match where one is at least "
                              f"--hybrid-min-match long, the model elsewhere). Default {defaults.method}")
-    parser.add_argument("--ngram-min", type=int, default=defaults.ngram_min,
+    parser.add_argument("--ngram-min", type=Checked(int, NGRAM_SIZES), default=defaults.ngram_min,
                         help=f"shortest match the ngram draft uses (default {defaults.ngram_min}; the hybrid's "
                              "is --hybrid-min-match)")
-    parser.add_argument("--ngram-max", type=int, default=defaults.ngram_max,
-                        help=f"longest match the ngram and hybrid drafts look up first (default {defaults.ngram_max})")
-    parser.add_argument("--hybrid-min-match", type=int, default=defaults.hybrid_min_match,
+    parser.add_argument("--ngram-max", type=Checked(int, NGRAM_SIZES), default=defaults.ngram_max,
+                        help=f"longest match the ngram and hybrid drafts look up first (default {defaults.ngram_max}; "
+                             f"{NGRAM_SIZES})")
+    parser.add_argument("--hybrid-min-match", type=Checked(int, NGRAM_SIZES), default=defaults.hybrid_min_match,
                         help="the hybrid draft proposes from the n-gram lookup where the match is at "
-                             f"least this long, else from the model (default {defaults.hybrid_min_match})")
+                             f"least this long, else from the model (default {defaults.hybrid_min_match}; "
+                             "at most --ngram-max)")
+
+
+def parse_worker_args(role: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """A worker's flags, each within its range, and consistent with each other (else one line on
+    stderr and exit status 2, before any model is loaded)."""
+    parser = build_parser(role)
+    args = parser.parse_args(argv)
+    method = getattr(args, "method", "model")
+    if method == "ngram" and args.ngram_min > args.ngram_max:
+        parser.error(f"--ngram-min {args.ngram_min} is above --ngram-max {args.ngram_max}: the shortest match "
+                     "the draft uses must not be longer than the longest it looks up")
+    if method == "hybrid" and args.hybrid_min_match > args.ngram_max:
+        parser.error(f"--hybrid-min-match {args.hybrid_min_match} is above --ngram-max {args.ngram_max}: the "
+                     "hybrid draft indexes n-grams up to --ngram-max only; raise it or lower --hybrid-min-match")
+    return args
 
 
 def _varint_bytes(value: int) -> int:
@@ -245,11 +264,11 @@ def info_response(host: SessionHost) -> pb.InfoResponse:
         tokenizer_fingerprint=host.tokenizer_fingerprint,
         dtype=loaded.dtype,
         quantization_bits=(loaded.quantization or {}).get("bits", 0),
+        kv_bits=kv.bits if kv else 0,
+        kv_group_size=kv.group_size if kv else 0,
         num_parameters=loaded.num_parameters,
         load_seconds=loaded.load_seconds,
         role=host.role,
-        kv_bits=kv.bits if kv else 0,
-        kv_group_size=kv.group_size if kv else 0,
         limits=pb.Limits(**{name: getattr(limits, name) for name in pb.Limits.DESCRIPTOR.fields_by_name}),
         live_sessions=live["live_sessions"],
         cached_tokens=live["cached_tokens"],
@@ -308,7 +327,7 @@ async def start_worker(
         servicer.on_error = metrics.refused
         running.metrics = serve_metrics(metrics.registry, config.host, config.metrics_port,
                                         config.security.cert, config.security.key,
-                                        config.security.client_ca)
+                                        config.security.client_ca, config.security.token)
     return running, host
 
 
@@ -319,7 +338,7 @@ def run_worker(
     service_name: str,
     argv: list[str] | None = None,
 ) -> None:
-    args = build_parser(role).parse_args(argv)
+    args = parse_worker_args(role, argv)
     configure_logging(args.log_level, args.log_format)
     config = WorkerConfig.from_args(role, args)
     ranks = TensorParallel.join(config, sys.argv[1:] if argv is None else argv)

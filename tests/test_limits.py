@@ -221,7 +221,9 @@ def test_cache_budget_reached_mid_generation(make_cluster, target_dir: Path) -> 
 
 
 def test_service_request_limits_are_invalid_argument(make_cluster) -> None:
-    cluster = make_cluster(draft=HostLimits(max_draft=2), target=HostLimits(max_prompt_tokens=10))
+    # (an orchestrator allowing more than its workers take refuses to start: test_startup_limits)
+    cluster = make_cluster(draft=HostLimits(max_draft=2), target=HostLimits(max_prompt_tokens=10),
+                           orchestrator=OrchestratorLimits(max_num_draft=2, max_prompt_tokens=10))
     refused(lambda: cluster.client.generate(PROMPT, max_tokens=4), CODE.INVALID_ARGUMENT,
             "max_prompt_tokens is 10")
     refused(lambda: cluster.client.generate("spell 1", max_tokens=8, num_draft=3), CODE.INVALID_ARGUMENT,
@@ -234,7 +236,7 @@ def test_service_request_limits_are_invalid_argument(make_cluster) -> None:
 def test_info_reports_the_configured_limits(make_cluster) -> None:
     limits = HostLimits(max_sessions=5, cache_memory_bytes=12345, max_prompt_tokens=99, max_draft=7,
                         session_ttl_s=42.0)
-    cluster = make_cluster(draft=limits)
+    cluster = make_cluster(draft=limits, orchestrator=OrchestratorLimits(max_num_draft=7, max_prompt_tokens=99))
     info = cluster.orch.pool.of_role("draft")[0].info
     assert (info.limits.max_sessions, info.limits.cache_memory_bytes, info.limits.max_prompt_tokens,
             info.limits.max_draft, info.limits.session_ttl_s) == (5, 12345, 99, 7, 42.0)
