@@ -262,3 +262,15 @@ def test_the_flag_reaches_the_engine_and_info_and_the_ngram_draft_refuses_it() -
         assert (info.kv_bits, info.kv_group_size) == (bits or 0, group)
     with pytest.raises(CheckpointError, match="the ngram draft has none"):
         build_host(WorkerConfig(role="draft", model=str(MODELS / "demo-draft"), method="ngram", kv_bits=8))
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_the_engine_budgets_its_sessions_quantized_bytes(bits: int | None) -> None:
+    """What the worker's --cache-memory counts for a session (``ModelEngine.cache_cost``) is what the
+    session's arrays hold, with the engine's --kv-bits."""
+    engine = ModelEngine(load_model(MODELS / "demo-target"), kv_bits=bits)
+    prompt = list(range(5, 40))
+    state = engine.start(prompt)
+    state.tokens += [7, 8, 9]
+    engine.forward(state, 1)
+    assert engine.cache_cost.session_bytes(len(prompt), state.cache.capacity) == _session_array_bytes(state.cache)
