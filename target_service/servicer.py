@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
-from specdec_grpc.step_servicer import StepRpc, step_servicer
+from collections.abc import AsyncIterator
+
+import grpc
+
+from specdec_grpc.status import grpc_method, grpc_stream_method
+from specdec_grpc.step_servicer import StepServicer
 from specdec_grpc.wire import verdict_to_pb
+from specdec_pb import specdec_pb2 as pb
 from specdec_pb import specdec_pb2_grpc as pb_grpc
 
-VERIFY = StepRpc(name="Verify", service="Target", host_step="verify", to_pb=verdict_to_pb,
-                 generated_base=pb_grpc.TargetServicer, add_to_server=pb_grpc.add_TargetServicer_to_server)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Target"].full_name
+add_to_server = pb_grpc.add_TargetServicer_to_server
 
-TargetServicer = step_servicer(VERIFY)
-add_to_server = VERIFY.add_to_server
-SERVICE_NAME = VERIFY.service_name
+
+class TargetServicer(StepServicer, pb_grpc.TargetServicer):
+    """OpenSession, Rollback, CloseSession and Info (``SessionServicer``), and the target's step."""
+
+    @grpc_method
+    async def Verify(self, request: pb.VerifyRequest, context: grpc.aio.ServicerContext) -> pb.VerifyResponse:
+        return await self.step(request, context, self.host.verify, verdict_to_pb)
+
+    @grpc_stream_method
+    async def VerifyStream(self, requests: AsyncIterator[pb.VerifyRequest],
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.VerifyResponse]:
+        async for reply in self.stream_steps(requests, context, self.host.verify, verdict_to_pb):
+            yield reply
