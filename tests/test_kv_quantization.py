@@ -9,31 +9,36 @@
   hold ~half of bfloat16's bytes, 4 bits ~a quarter (the rest is a scale and a bias per group).
 - Speculative greedy output with a quantized target cache equals that target's own greedy output
   with the same cache, alone and batched, on the demo pair (the in-process loop over
-  ``LocalBackend``s), and draft and target may use different settings.
+  ``LocalBackend``s), and draft and target may use different settings; also after the target lost
+  the session and the loop reopened and resynced it (more tokens than one decoder slice at once).
+- The flag: parsed, reported in Info, refused by the n-gram draft.
 """
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
+import grpc
 import mlx.core as mx  # conftest imported specdec_core (OpenBLAS) before this
 import numpy as np
 import pytest
 
+from orchestrator.backends import ReplicaError
 from orchestrator.params import GenerationParams
 from orchestrator.speculative import SpeculativeGeneration
 from specdec_core.cache_bytes import KV_GROUP_SIZE, CacheShape
 from specdec_core.checkpoint import load_model
 from specdec_core.decoder_state import CHUNK
-from specdec_core.engine import ModelEngine
+from specdec_core.engine import DECODE_SLICE, ModelEngine
 from specdec_core.errors import CheckpointError
 from specdec_core.kv_cache import DecoderCache, KVQuantization, LayerKVCache
 from specdec_core.session_host import HostLimits, SessionHost
-from specdec_core.steps import SamplingParams
+from specdec_core.steps import SamplingParams, StepRequest
 from specdec_core.t5 import T5, ModelArgs, attend
 from specdec_core.tokenizer import load_tokenizer
-from specdec_tools.local_backends import LocalSource
+from specdec_tools.local_backends import LocalBackend, LocalSource
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 ATOL = 1e-5
@@ -274,3 +279,51 @@ def test_the_engine_budgets_its_sessions_quantized_bytes(bits: int | None) -> No
     state.tokens += [7, 8, 9]
     engine.forward(state, 1)
     assert engine.cache_cost.session_bytes(len(prompt), state.cache.capacity) == _session_array_bytes(state.cache)
+
+
+class ForgetfulTarget(LocalBackend):
+    """A target that loses the request's session once (as a TTL expiry or a restart would) when the
+    session has grown past ``forget_after`` tokens: the loop reopens it there and resyncs it, the
+    prompt and every committed token appended at once."""
+
+    def __init__(self, host: SessionHost, forget_after: int):
+        super().__init__(host, "target-0")
+        self.forget_after, self.forgot = forget_after, False
+
+    async def step(self, request: StepRequest) -> Any:
+        if not self.forgot and request.expected_length > self.forget_after:
+            self.forgot = True
+            await self.host.close(request.session_id)
+            raise ReplicaError(self.address, grpc.StatusCode.NOT_FOUND, "session expired")
+        return await super().step(request)
+
+
+def test_a_reopened_quantized_session_resyncs_to_the_same_output(near_draft_dir: Path, target_dir: Path) -> None:
+    """The resync appends more tokens than one decoder slice (``engine.DECODE_SLICE``), so the quantized
+    cache is refilled in slices; the output is still the 4-bit target alone's."""
+    draft = ModelEngine(load_model(near_draft_dir), max_draft=8)
+    target = ModelEngine(load_model(target_dir), max_draft=8, kv_bits=4)
+    prompt, max_tokens = TINY_PROMPTS[1], DECODE_SLICE + 40
+    limits = HostLimits(watchdog_s=0)
+
+    async def generate(speculative: bool, forget_after: int | None) -> tuple[list[int], bool]:
+        hosts = SessionHost(draft, limits, "draft", "fp"), SessionHost(target, limits, "target", "fp")
+        for host in hosts:
+            host.start()
+        source = LocalSource(*hosts)
+        if forget_after is not None:
+            source.backends["target"] = ForgetfulTarget(hosts[1], forget_after)
+        try:
+            params = GenerationParams(max_tokens=max_tokens, num_draft=3, sampling=SamplingParams(),
+                                      speculative=speculative)
+            run = SpeculativeGeneration(source, prompt, params, 0, 1)
+            tokens = [t async for event in run.run() for t in event.tokens]
+            return tokens, getattr(source.backends["target"], "forgot", False)
+        finally:
+            for host in hosts:
+                await host.stop()
+
+    alone, _ = asyncio.run(generate(False, None))
+    assert len(alone) == max_tokens  # no EOS before the loss below
+    resynced, forgot = asyncio.run(generate(True, DECODE_SLICE + 10))
+    assert forgot and resynced == alone
