@@ -27,15 +27,18 @@ def sessions_that_fit(physical: int, weights: int, session: int) -> int:
 
 
 def sessions_table() -> str:
-    lines = [f"| target (weights) | K/V cache | bytes per session | {' | '.join(f'{gb} GB Mac' for gb in MACS_GB)} |",
-             "|---|---|---:|" + "---:|" * len(MACS_GB)]
+    """One row per target; each cell gives the bfloat16 / 8-bit / 4-bit K/V cache figures."""
+    caches = " / ".join(CACHES)
+    lines = [f"| target (weights) | bytes per session ({caches} K/V) | "
+             + " | ".join(f"{gb} GB Mac" for gb in MACS_GB) + " |",
+             "|---|---:|" + "---:|" * len(MACS_GB)]
     for name, (shape, weight_setting, weights_gib) in TARGETS.items():
-        for cache, bits in CACHES.items():
-            session = typical_session_bytes(CacheShape(shape.layers, shape.heads, shape.d_kv, shape.element_bytes,
-                                                       kv_bits=bits))
-            fits = [sessions_that_fit(gb * GIB, int(weights_gib * GIB), session) for gb in MACS_GB]
-            lines.append(f"| {name} ({weight_setting}, {weights_gib} GiB) | {cache} | {format_bytes(session)} | "
-                         + " | ".join(map(str, fits)) + " |")
+        sessions = [typical_session_bytes(CacheShape(shape.layers, shape.heads, shape.d_kv, shape.element_bytes,
+                                                     kv_bits=bits)) for bits in CACHES.values()]
+        fits = [" / ".join(str(sessions_that_fit(gb * GIB, int(weights_gib * GIB), session)) for session in sessions)
+                for gb in MACS_GB]
+        lines.append(f"| {name} ({weight_setting}, {weights_gib} GiB) | {' / '.join(map(format_bytes, sessions))} | "
+                     + " | ".join(fits) + " |")
     return "\n".join(lines)
 
 

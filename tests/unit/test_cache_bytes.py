@@ -226,5 +226,5 @@ def test_the_readme_sessions_table_is_the_formulas() -> None:
     assert table in readme
     # Spot check against the arithmetic: an 11B session of 512 + 256 positions in bfloat16 is
     # 1.125 GiB, and a 32 GB Mac holds 32 - 12.2 (8-bit weights) - 6.4 (margin) GiB = 11 of them.
-    row = next(line for line in table.splitlines() if line.startswith("| T5-11B") and "| bfloat16 |" in line)
-    assert re.search(r"\| 1\.12 GiB \| 0 \| 11 \|", row)
+    row = next(line for line in table.splitlines() if line.startswith("| T5-11B"))
+    assert re.search(r"\| 1\.12 GiB / [^|]+ \| 0 / [^|]+ \| 11 / ", row)
