@@ -13,10 +13,12 @@ half the bytes (T5-11B: 21.1 GiB, not 42.1). The tokenizer is the demo models' 6
 ``--tokenizer DIR`` copies another checkpoint's, so a draft and its target share one.
 
 ``measure`` runs, one at a time, ``specdec-convert`` (bfloat16, 8-bit, 4-bit) and
-``specdec-target`` loading the float32 directory with ``--dtype``/``--quantize`` until it
+``specdec-target`` loading the source with ``--dtype``/``--quantize``, a converted directory
+(``serve-converted-*``) or the source over two tensor-parallel ranks (``serve-tp2``) until it
 announces its port, and reports each one's peak resident memory (the kernel's high-water
-mark: ``ru_maxrss`` of the finished converter, ``VmHWM`` of the serving target) next to the
-bytes it wrote or serves. The figures in docs/bench/big_checkpoints.md come from it::
+mark: ``ru_maxrss`` of the finished converter, ``VmHWM`` of the serving target and of each of its
+ranks) next to the bytes it wrote or serves. The figures in docs/bench/big_checkpoints.md and
+docs/bench/t5_11b.md come from it::
 
     python -m specdec_tools.bench.big_checkpoint generate --out /tmp/t5-3b-fp32
     python -m specdec_tools.bench.big_checkpoint measure --source /tmp/t5-3b-fp32 --work /tmp/big-work
@@ -35,7 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -177,8 +179,9 @@ def to_pytorch_bin(source: Path, out: Path) -> Path:
 class Measurement:
     command: str
     peak_rss_bytes: int
-    payload_bytes: int  # bytes written (convert) or weights held (serve)
+    payload_bytes: int  # bytes written (convert) or weights held (serve; rank 0's under tensor parallelism)
     seconds: float
+    rank_peaks_bytes: list[int] = field(default_factory=list)  # tensor-parallel: every rank's, rank 0 first
 
     @property
     def bound_bytes(self) -> int:  # the goal of issue 23
@@ -208,6 +211,7 @@ def measure_convert(source: Path, out: Path, options: list[str]) -> Measurement:
 
 def measure_serve(model: Path, options: list[str], log: Path) -> Measurement:
     """Peak memory of ``specdec-target --model MODEL OPTIONS`` once it serves (announced its port)."""
+    from specdec_tools.bench.cache_memory import process_memory
     from specdec_tools.service_process import ServiceProcess
 
     argv = ["--model", str(model), "--port", "0", *options]
@@ -215,20 +219,29 @@ def measure_serve(model: Path, options: list[str], log: Path) -> Measurement:
     with ServiceProcess("target", argv, log) as service:
         service.wait_port(timeout=3600)
         seconds = time.monotonic() - started
-        status = Path(f"/proc/{service.pid}/status").read_text()
-        peak = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
+        ranks = [service.pid, *_descendants(service.pid)]  # a tensor-parallel rank 0 starts the others
+        peaks = [process_memory(pid)[1] for pid in ranks]
         served = _served_bytes(log)
-    return Measurement(" ".join(["specdec-target", *argv]), peak, served, seconds)
+    return Measurement(" ".join(["specdec-target", *argv]), peaks[0], served, seconds,
+                       peaks if len(peaks) > 1 else [])
+
+
+def _descendants(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(child) for child in (task / "children").read_text().split()]
+    return [found for child in children for found in (child, *_descendants(child))]
 
 
 def _served_bytes(log: Path) -> int:
-    """The weight bytes the target's load line reports (``... GB of weights ...``)."""
+    """The weight bytes the target's load line reports (``... GB of weights``, or a tensor-parallel
+    rank 0's ``... MB of weights``)."""
     import re
 
-    match = re.search(r"([\d.]+) GB of weights", log.read_text(errors="replace"))
+    match = re.search(r"([\d.]+) ([GM])B of weights", log.read_text(errors="replace"))
     if not match:
         raise RuntimeError(f"no 'GB of weights' in {log}")
-    return int(float(match.group(1)) * 1e9)
+    return int(float(match.group(1)) * (1e9 if match.group(2) == "G" else 1e6))
 
 
 def measure(source: Path, work: Path, which: list[str], keep: bool = False) -> list[Measurement]:
@@ -249,6 +262,7 @@ def measure(source: Path, work: Path, which: list[str], keep: bool = False) -> l
         "serve-converted-bf16": lambda: measure_serve(work / "bf16", [], work / "serve-converted.log"),
         "serve-converted-q4": lambda: measure_serve(work / "q4", [], work / "serve-converted-q4.log"),
         "serve-converted-q4-fp32": lambda: measure_serve(work / "q4-fp32", [], work / "serve-converted-q4-fp32.log"),
+        "serve-tp2": lambda: measure_serve(source, ["--tensor-parallel", "2"], work / "serve-tp2.log"),
     }
     unknown = [name for name in which if name not in runs]
     if unknown:
@@ -257,7 +271,9 @@ def measure(source: Path, work: Path, which: list[str], keep: bool = False) -> l
         result = runs[name]()
         results.append(result)
         print(f"{name}: peak {result.peak_rss_bytes / GIB:.2f} GiB, payload {result.payload_bytes / GIB:.2f} GiB, "
-              f"bound {result.bound_bytes / GIB:.2f} GiB, {result.seconds:.0f} s  ({result.command})", flush=True)
+              f"bound {result.bound_bytes / GIB:.2f} GiB, {result.seconds:.0f} s  ({result.command})"
+              + (f"; ranks' peaks {', '.join(f'{b / GIB:.2f}' for b in result.rank_peaks_bytes)} GiB"
+                 if result.rank_peaks_bytes else ""), flush=True)
         converted = name.removeprefix("convert-").removeprefix("serve-converted-")
         if converted.startswith("q") and not keep and f"serve-converted-{converted}" not in which[position + 1:]:
             shutil.rmtree(work / converted, ignore_errors=True)  # disk, not needed again
