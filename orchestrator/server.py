@@ -21,18 +21,16 @@ from specdec_core.limits import (
     limits_from_args,
 )
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
+from specdec_grpc.logging_setup import configure_logging
 from specdec_grpc.metrics import serve_metrics
 from specdec_grpc.ports import require_free
+from specdec_grpc.security import Security, is_loopback, read_token
 from specdec_grpc.server import (
     DEFAULT_MAX_MESSAGE_MB,
     RunningServer,
-    Security,
     add_server_arguments,
     announce,
-    configure_logging,
     create_server,
-    is_loopback,
-    read_token,
     serve_until_signal,
 )
 from specdec_pb import specdec_pb2_grpc as pb_grpc

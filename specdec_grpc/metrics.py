@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_a
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from specdec_grpc.server import require_bearer_token
+from specdec_grpc.security import require_bearer_token
 
 logger = logging.getLogger(__name__)
 

@@ -1,35 +1,30 @@
-"""grpc.aio server set-up shared by draft, target and orchestrator.
+"""grpc.aio server set-up shared by draft, target and orchestrator: create, start, drain, stop.
 
 Health (grpc.health.v1) and reflection are always on; message sizes are capped; a request
-that is not valid protobuf is INVALID_ARGUMENT (not grpc's UNKNOWN); TLS (optionally mutual)
-and a bearer token are opt-in (a warning is logged when a non-loopback address is bound
-without either). ``serve_until_signal`` drains on SIGTERM/SIGINT: NOT_SERVING first, then a
-graceful stop. A worker's watchdog may also set NOT_SERVING while its model thread is stuck.
+that is not valid protobuf is INVALID_ARGUMENT (``interceptors.py``); TLS (optionally mutual)
+and a bearer token are opt-in (``security.py``; a warning is logged when a non-loopback address
+is bound without either). ``serve_until_signal`` drains on SIGTERM/SIGINT: NOT_SERVING first,
+then a graceful stop. A worker's watchdog may also set NOT_SERVING while its model thread is
+stuck. Log formats: ``logging_setup.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
-import inspect
-import ipaddress
-import json
 import logging
-import re
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from specdec_core.limits import Checked, at_least
+from specdec_grpc.interceptors import MalformedRequestInterceptor
+from specdec_grpc.security import BearerTokenInterceptor, Security, is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -42,51 +37,6 @@ PORTS = at_least(0, 65535)  # 0: a free one
 # gRPC takes a message cap in bytes as a C int: 2047 MiB is the most it holds.
 MESSAGE_MB = at_least(1, 2047)
 GRACE_S = at_least(0)  # 0: in-flight calls are cut at once
-
-
-@dataclass
-class Security:
-    """TLS and token settings of one server (all optional)."""
-
-    cert: str | None = None  # PEM server certificate
-    key: str | None = None  # PEM private key
-    client_ca: str | None = None  # PEM CA: when set, clients must present a cert it signed (mTLS)
-    token: str | None = None  # bearer token every call must carry ("authorization: Bearer ...")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Security:
-        token = read_token(args.auth_token, args.auth_token_file, "--auth-token")
-        return cls(args.tls_cert, args.tls_key, args.tls_client_ca, token)
-
-    def credentials(self) -> grpc.ServerCredentials | None:
-        if not self.cert and not self.key:
-            if self.client_ca:
-                raise SystemExit("--tls-client-ca needs --tls-cert and --tls-key")
-            return None
-        if not (self.cert and self.key):
-            raise SystemExit("TLS needs both --tls-cert and --tls-key")
-        pair = (Path(self.key).read_bytes(), Path(self.cert).read_bytes())
-        ca = Path(self.client_ca).read_bytes() if self.client_ca else None
-        return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
-
-
-def read_token(value: str | None, file: str | None, flag: str) -> str | None:
-    """The bearer token of ``flag`` (e.g. "--auth-token") or of its ``-file`` form (the file wins,
-    surrounding whitespace stripped); None when neither is given. A token given but empty would
-    turn authentication off without a word, so it stops the service (SystemExit, a message)."""
-    if file:
-        try:
-            token = Path(file).read_text().strip()
-        except OSError as error:
-            raise SystemExit(f"error: {flag}-file {file}: cannot read it ({error.strerror})") from None
-        if not token:
-            raise SystemExit(f"error: {flag}-file {file} holds no token (it is empty or whitespace only); "
-                             "refusing to start with authentication off: write the token into it, or drop the flag")
-        return token
-    if value is not None and not value.strip():
-        raise SystemExit(f"error: {flag} is empty; refusing to start with authentication off: "
-                         "give a token, or drop the flag")
-    return value
 
 
 def add_server_arguments(
@@ -120,162 +70,6 @@ def add_server_arguments(
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (same host as the "
                              "service; over TLS with --tls-cert); 0 picks a free port and prints it "
                              "(default: off)")
-
-
-def bearer_matches(header: str | bytes | None, token: str) -> bool:
-    """Does an Authorization header carry ``token`` in the Bearer scheme? The scheme's name in any
-    case ("bearer", "BEARER": RFC 7235), one or more spaces, then the token (compared in constant time)."""
-    text = header.decode("latin-1") if isinstance(header, bytes) else header or ""
-    scheme, _, credentials = text.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.lstrip(" ").encode(), token.encode())
-
-
-def require_bearer_token(app: Callable[..., Any], token: str) -> Callable[..., Any]:
-    """A WSGI app that answers 401 unless the request carries ``token`` as every gRPC call must
-    (``bearer_matches``): /metrics of a service started with --auth-token."""
-
-    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        if bearer_matches(environ.get("HTTP_AUTHORIZATION"), token):
-            return app(environ, start_response)
-        start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
-                                            ("WWW-Authenticate", 'Bearer realm="specdec"')])
-        return [b"missing or wrong bearer token: send 'Authorization: Bearer TOKEN' (the service's --auth-token)\n"]
-
-    return guarded
-
-
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects calls without the right bearer token (UNAUTHENTICATED). Health stays open."""
-
-    OPEN_SERVICES = ("/grpc.health.v1.Health/",)
-
-    def __init__(self, token: str):
-        self._token = token
-
-        async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or wrong bearer token (metadata 'authorization: Bearer ...')")
-
-        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
-
-        async def deny_stream(request: object, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
-            await deny(request, context)
-            yield  # pragma: no cover - abort raised first
-
-        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny_stream)
-
-        async def deny_bidi(requests: object, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
-            await deny(requests, context)
-            yield  # pragma: no cover - abort raised first
-
-        self._deny_bidi = grpc.stream_stream_rpc_method_handler(deny_bidi)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        if details.method.startswith(self.OPEN_SERVICES):
-            return await continuation(details)
-        metadata = dict(details.invocation_metadata or ())
-        if bearer_matches(metadata.get("authorization"), self._token):
-            return await continuation(details)
-        handler = await continuation(details)
-        if handler is not None and handler.request_streaming:
-            return self._deny_bidi
-        if handler is not None and handler.response_streaming:
-            return self._deny_stream
-        return self._deny_unary
-
-
-@dataclass(frozen=True)
-class _Malformed:
-    """Stands in for a request whose bytes did not parse; the handler answers INVALID_ARGUMENT."""
-
-    error: str
-
-
-class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
-    """Answers a request body that is not a valid protobuf message (corrupt wire format, bad
-    UTF-8 in a string) with INVALID_ARGUMENT; grpc's own answer is UNKNOWN. Wraps the
-    deserializer of every method once (handlers are cached per method); on a stream of
-    requests, the first malformed one ends the call."""
-
-    def __init__(self) -> None:
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = details.method
-        handler = self._handlers.get(method)
-        if handler is None:
-            handler = _tolerant(await continuation(details), method)
-            if handler is not None:  # unknown methods are not cached: callers choose their names
-                self._handlers[method] = handler
-        return handler  # type: ignore[return-value]
-
-
-def _tolerant(handler: grpc.RpcMethodHandler | None, method: str) -> grpc.RpcMethodHandler | None:
-    if handler is None or handler.request_deserializer is None:
-        return handler
-    parse = handler.request_deserializer
-
-    def deserialize(data: bytes) -> object:
-        try:
-            return parse(data)
-        except DecodeError as error:
-            return _Malformed(str(error))
-
-    async def refuse(request: _Malformed, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"the request is not a valid {method} message: {request.error}")
-
-    if handler.request_streaming:
-        if not handler.response_streaming or not inspect.isasyncgenfunction(handler.stream_stream):
-            return handler  # none of ours: left to grpc
-        bidi = handler.stream_stream
-
-        async def stream_stream(requests, context):  # type: ignore[no-untyped-def]
-            async def checked():  # type: ignore[no-untyped-def]
-                async for request in requests:
-                    if isinstance(request, _Malformed):
-                        await refuse(request, context)
-                    yield request
-
-            async for item in bidi(checked(), context):
-                yield item
-
-        return grpc.stream_stream_rpc_method_handler(stream_stream, deserialize, handler.response_serializer)
-
-    if not handler.response_streaming:
-        inner = handler.unary_unary
-
-        async def unary_unary(request: object, context: grpc.aio.ServicerContext) -> object:
-            if isinstance(request, _Malformed):
-                await refuse(request, context)
-            return await inner(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, handler.response_serializer)
-
-    inner = handler.unary_stream
-    if inspect.isasyncgenfunction(inner):
-
-        async def unary_stream(request, context):  # type: ignore[no-untyped-def]
-            if isinstance(request, _Malformed):
-                await refuse(request, context)
-            async for item in inner(request, context):
-                yield item
-    else:  # writes with context.write() (e.g. health Watch)
-
-        async def unary_stream(request, context):  # type: ignore[no-untyped-def]
-            if isinstance(request, _Malformed):
-                await refuse(request, context)
-            return await inner(request, context)
-
-    return grpc.unary_stream_rpc_method_handler(unary_stream, deserialize, handler.response_serializer)
 
 
 @dataclass
@@ -397,51 +191,9 @@ async def shutdown(
         await asyncio.to_thread(running.metrics.close)
 
 
-def is_loopback(host: str) -> bool:
-    """Whether binding ``host`` keeps a server reachable from this machine only."""
-    name = host.strip("[]").lower()
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False  # a host name (or "", all interfaces): assume the network can reach it
-
-
 def announce(role: str, host: str, port: int, metrics_port: int | None = None) -> None:
     """The line scripts and tests wait for: the bound address (port 0 picks one). With metrics
     on, a line ``specdec-<role> metrics on HOST:PORT`` comes first."""
     if metrics_port is not None:
         print(f"specdec-{role} metrics on {host}:{metrics_port}", flush=True)
     print(f"specdec-{role} listening on {host}:{port}", flush=True)
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, and request_id
-    when the message is about a request (it carries ``req=<id>``, as every such line does)."""
-
-    REQUEST_ID = re.compile(r"\breq=(\S+)")
-
-    def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
-        entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": message,
-        }
-        match = self.REQUEST_ID.search(message)
-        if match and match.group(1) != "-":  # "-": a worker call without a request id
-            entry["request_id"] = match.group(1)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        if record.stack_info:
-            entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, ensure_ascii=False)
-
-
-def configure_logging(level: str, log_format: str = "text") -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonLogFormatter() if log_format == "json"
-                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])

@@ -29,14 +29,14 @@ from specdec_core.limits import Checked, OneLineErrorParser, add_limit_arguments
 from specdec_core.ngram import MAX_NGRAM
 from specdec_core.session_host import SessionHost
 from specdec_core.tokenizer import load_tokenizer, tokenizer_fingerprint
+from specdec_grpc.logging_setup import configure_logging
 from specdec_grpc.metrics import WorkerMetrics, serve_metrics
 from specdec_grpc.ports import require_free
+from specdec_grpc.security import Security
 from specdec_grpc.server import (
     RunningServer,
-    Security,
     add_server_arguments,
     announce,
-    configure_logging,
     create_server,
     serve_until_signal,
 )

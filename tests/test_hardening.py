@@ -38,7 +38,8 @@ from specdec_core.checkpoint import load_model
 from specdec_core.engine import DECODE_SLICE, ModelEngine
 from specdec_core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from specdec_core.session_host import HostLimits
-from specdec_grpc.server import DEFAULT_MAX_MESSAGE_MB, Security, create_server, is_loopback
+from specdec_grpc.security import Security, is_loopback
+from specdec_grpc.server import DEFAULT_MAX_MESSAGE_MB, create_server
 from specdec_grpc.wire import WireLimits, step_from_pb
 from specdec_grpc.worker import WorkerConfig, needed_message_mb
 from specdec_grpc.worker import build_parser as worker_parser

@@ -18,6 +18,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import LoopThread, RunningOrchestrator, Worker, start_worker_in
 
@@ -25,16 +29,11 @@ from orchestrator.client import SpecdecClient
 from orchestrator.replicas import StartupError
 from orchestrator.server import OrchestratorConfig, start_orchestrator
 from orchestrator.server import build_parser as orchestrator_parser
-from specdec_grpc.server import Security
+from specdec_grpc.security import Security
 from specdec_grpc.worker import WorkerConfig
 from specdec_grpc.worker import build_parser as worker_parser
 from specdec_pb import specdec_pb2 as pb
 from specdec_pb import specdec_pb2_grpc as pb_grpc
-
-x509 = pytest.importorskip("cryptography.x509", reason="the security tests need the 'cryptography' package")
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
 
 CODE = grpc.StatusCode
 PROMPT = "Return a new dictionary"
