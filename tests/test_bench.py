@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import matplotlib  # noqa: F401 - the bench plots with it; declared in the test extra, so never skipped
 import numpy as np
 import pytest
+import torch  # the bench's HF systems run on it (test extra)
 
 from specdec_tools.bench import main
 from specdec_tools.bench.analysis import derive, expected_tokens, fit_alpha, speedup_bound
 from specdec_tools.bench.cells import Cell
-
-pytest.importorskip("matplotlib")
-pytest.importorskip("torch")
 
 SYSTEMS = {"services-target", "services-spec", "services-serial", "services-unary", "inproc-target", "inproc-spec",
            "hf-target", "hf-assisted"}
@@ -148,7 +147,6 @@ def convert(source: Path, out: Path, *flags: str) -> Path:
 @pytest.mark.timeout(300)
 def test_custom_workload_runs_your_pair_and_prompts(tmp_path: Path, draft_dir: Path, target_dir: Path) -> None:
     """A specdec-format draft, an HF-format target, JSON Lines prompts: every system runs."""
-    import torch
     from transformers import T5ForConditionalGeneration
 
     from specdec_core.tokenizer import load_tokenizer

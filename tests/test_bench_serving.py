@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import matplotlib  # noqa: F401 - the bench plots with it; declared in the test extra, so never skipped
 import pytest
+import torch  # noqa: F401 - the bench's HF systems run on it (test extra)
 
 from specdec_tools.bench import main
-
-pytest.importorskip("matplotlib")
-pytest.importorskip("torch")
 
 REQUESTS = 2
 PHASE_FIELDS = ("requests", "errors", "tokens", "wall_s", "tokens_per_s", "scaling", "tpot_ms_p50", "tpot_ms_p99",

@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from specdec_core.tokenizer import load_tokenizer  # noqa: E402
-from specdec_tools.t5_pair import T5PairRecipe, build_t5_pair  # noqa: E402
+from specdec_core.tokenizer import load_tokenizer
+from specdec_tools.t5_pair import T5PairRecipe, build_t5_pair
 
 
 def logits(model_dir, prompt_ids, decoder_ids):
