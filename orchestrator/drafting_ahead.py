@@ -3,27 +3,21 @@ the next one as if this one were fully accepted (docs/architecture.md, "Pipeline
 
 ``DraftAhead`` is the whole of it: one per request, holding the block drafted ahead and the first
 step's k (chosen while the target's session opened). The loop asks it four things: how much to
-draft ahead now (``size``), whether what came back is the next block (``keep``), how much of it
+draft ahead now (``size``; whether it pays is the planner's rule), whether what came back is the next block (``keep``), how much of it
 the draft session still holds (``held``), and to hand it over as a step's block (``take``)."""
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 from specdec_core.steps import Proposal
 
 from .acceptance import StepOutcome
-from .k_costs import StepRecord
 
 if TYPE_CHECKING:
-    from .k_policy import KPolicy
     from .lanes import Lane
     from .params import GenerationParams, Stats
-
-# Draft ahead only when the block drafted ahead has at least this chance of being used: else
-# the draft's work (on a shared CPU or GPU, taken from the target) is mostly wasted.
-MIN_HIT_CHANCE = 0.25
+    from .planner import Planner
 
 
 class DraftAhead:
@@ -37,30 +31,25 @@ class DraftAhead:
         self.ready: Proposal | None = None
         self.first_k: int | None = None
 
-    def size(self, lane: Lane, policy: KPolicy | None, cap: int, k: int, drafted: list[int],
-             remaining: int) -> int:
+    def size(self, lane: Lane, planner: Planner | None, cap: int, k: int, drafted: list[int],
+             remaining: int, sharing: int = 1) -> int:
         """How many tokens to draft ahead while the target verifies ``drafted`` (a step of k): the
         guess of the target's token after a fully accepted block, then the k the next step would
-        choose after it; 0: do not draft ahead.
+        choose after it; 0: do not draft ahead. Whether it is worth it is the planner's call
+        (``Planner.ahead``); what fits and what keeps a seeded request's tokens is decided here.
 
-        That k comes from the same policy, told that this block was fully accepted (the only
-        outcome in which the block drafted ahead is used). For a seeded sampled request the
-        policy is untimed, so this is exactly the k the next step chooses: which positions are
-        drafts, hence the tokens, do not depend on pipelining."""
+        For a seeded sampled request the planner is untimed, so the k it would choose after a full
+        acceptance is exactly the k the next step chooses: which positions are drafts, hence the
+        tokens, do not depend on pipelining."""
         left = remaining - len(drafted) - 1  # tokens still to generate after a full acceptance
-        useful = (self.params.pipeline and lane.backend is not None and k > 0 and len(drafted) == k
-                  and self.eos_id not in drafted and left > 1 and self._hit_chance(policy, k) >= MIN_HIT_CHANCE)
+        possible = (self.params.pipeline and planner is not None and lane.backend is not None and k > 0
+                    and len(drafted) == k and self.eos_id not in drafted and left > 1)
         # An n-gram lookup (alone or in a hybrid) depends on where its Propose starts, and a seeded
         # request's tokens must not depend on pipelining: only a model draft drafts ahead for one.
         reproducible = self.params.timed_k or getattr(lane.backend, "draft_method", "model") in ("", "model")
-        if not (useful and reproducible):
+        if not (possible and reproducible) or planner is None:
             return 0
-        if self.params.num_draft_auto and policy is not None:
-            told = policy.fork()  # told a full acceptance (untimed: its costs stay as they are)
-            told.observe(StepRecord(requested=k, accepted=k, drafted=k, timed=False))
-            k_next = told.choose(cap)
-        else:
-            k_next = self.params.num_draft
+        k_next = planner.next_k(k, cap, sharing) if self.params.num_draft_auto else self.params.num_draft
         k_next = min(k_next, left - 1)
         # The Propose asks for the guess and k_next drafts, within the draft replica's --max-draft.
         # A seeded request must not take a block cut shorter than k_next (its Verify would score
@@ -69,16 +58,7 @@ class DraftAhead:
             if not self.params.timed_k:
                 return 0
             k_next = lane.max_draft - 1
-        return 1 + k_next if k_next > 0 else 0
-
-    def _hit_chance(self, policy: KPolicy | None, k: int) -> float:
-        """The chance that a block drafted ahead is used: every one of the k drafts accepted and
-        the draft's guess of the target's next token right (taken as likely as one more draft)."""
-        if policy is not None:
-            rate = policy.acceptance.rate
-        else:
-            rate = self.stats.acceptance_rate if self.stats.proposed else 1.0
-        return math.pow(rate, k + 1)
+        return 1 + k_next if k_next > 0 and planner.ahead(k, k_next, sharing) else 0
 
     def keep(self, predrafted: Proposal | None, drafted: list[int], outcome: StepOutcome) -> None:
         """A block drafted ahead is the next block when every draft was accepted and the

@@ -14,7 +14,7 @@ from specdec_core.errors import DeadlineExceeded, InvalidArgument, ResourceExhau
 from specdec_core.limits import INT32_MAX, at_least, limit
 
 from .detokenize import TextAttribution, TextStream
-from .k_policy import KMemory
+from .estimates import PlanMemory
 from .lanes import BackendSource
 from .params import GenerationParams, Stats, new_request_id
 from .speculative import SpeculativeGeneration
@@ -83,7 +83,7 @@ class Orchestrator:
         self.draining = False  # set on SIGTERM: new requests get UNAVAILABLE, running ones finish
         # Told of every request's end: request_ended(params, stats, error, elapsed_s) (Prometheus).
         self.metrics: RequestObserver | None = None
-        self.k_memory = KMemory()  # what num_draft=auto learned, handed from request to request
+        self.plan_memory = PlanMemory()  # the planner's costs per replica pair, and what requests learned
 
     def _ended(self, params: GenerationParams | None, stats: Stats | None, error: BaseException | None,
                elapsed_s: float) -> None:
@@ -166,7 +166,7 @@ class Orchestrator:
                         params.sampling.temperature, params.seed)
             generation = SpeculativeGeneration(
                 self.source, prompt_ids, params, self.decoder_start_id, self.eos_id, deadline, request_id,
-                self.k_memory,
+                self.plan_memory,
             )
             text = TextStream(self.tokenizer)
             attribution = TextAttribution(self.tokenizer) if text_spans else None

@@ -27,7 +27,7 @@ class GenerationParams:
     @property
     def timed_k(self) -> bool:
         """May num_draft=auto choose k from measured times? Not when the output is random and
-        the caller gave the seed: k decides which positions are drafts (k_policy.py)."""
+        the caller gave the seed: k decides which positions are drafts (planner.py)."""
         random_output = not self.sampling.greedy or self.delta > 0
         return not (random_output and self.seeded)
 

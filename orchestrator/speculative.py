@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import grpc
 
@@ -33,10 +33,10 @@ from specdec_core.steps import Proposal, Verdict
 from .acceptance import StepOutcome, accept_greedy, accept_sampled
 from .backends import ReplicaError, loop_time
 from .drafting_ahead import DraftAhead
-from .k_costs import drafts_overlap
-from .k_policy import KMemory, KPolicy, StepRecord
+from .estimates import PlanMemory, StepRecord
 from .lanes import BackendSource, Lane, check_reply, draft_token_probs, drop_timing, timing_problem
 from .params import GenerationParams, Stats, StepEvent, new_request_id
+from .planner import Planner
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ DEFAULT_CALL_TIMEOUT_S = 60.0  # per call when the request has no deadline: a hu
 # Closes of sessions abandoned by a failover or a cancelled request run off the request path;
 # keep them referenced.
 _ABANDONED: set[asyncio.Task[None]] = set()
+Result = TypeVar("Result")
 
 
 class SpeculativeGeneration:
@@ -59,7 +60,7 @@ class SpeculativeGeneration:
         eos_id: int,
         deadline: float | None = None,
         request_id: str = "",
-        k_memory: KMemory | None = None,
+        plan_memory: PlanMemory | None = None,
     ):
         self.source = source
         self.prompt_ids = prompt_ids
@@ -71,8 +72,8 @@ class SpeculativeGeneration:
         self.stats = Stats(seed=params.seed, final_num_draft=params.num_draft)
         self.draft = Lane("draft", self.decoded)
         self.target = Lane("target", self.decoded)
-        self.k_memory = k_memory  # what earlier requests learned about k (timed policies only)
-        self.k_policy: KPolicy | None = None  # set once both sessions are open
+        self.plan_memory = plan_memory  # the replica pairs' costs, and what earlier requests learned
+        self.planner: Planner | None = None  # set once both sessions are open
         self.ahead = DraftAhead(params, eos_id, self.stats)  # pipelining, beside the loop
 
     # -- timing -------------------------------------------------------------------------------
@@ -150,13 +151,13 @@ class SpeculativeGeneration:
         """Open the target's session and, when speculating, the draft's. Pipelined, both at once
         (the draft encodes its prompt while the target encodes it: only the slower open is on
         the way to the first token); otherwise one after the other, the serial baseline."""
-        if not self.params.speculative:  # no draft: no k policy either
+        if not self.params.speculative:  # no draft: no planner either
             await self._open(self.target)
             return
         if not self.params.pipeline:
             await self._open(self.target)
             await self._open(self.draft)
-            self._start_k_policy()
+            self._start_planner()
             return
         # The target's replica is chosen first: with none left the request fails here, before a
         # draft replica is bothered with a session for a request that cannot run. Its open task
@@ -170,7 +171,7 @@ class SpeculativeGeneration:
         block while the target still encodes the prompt (the target's open is the longer one),
         so the first Verify goes out as soon as the target's session is open."""
         await self._open(self.draft)
-        self._start_k_policy()
+        self._start_planner()
         k = self.ahead.first_k = self._num_draft(self.params.max_tokens)
         if k == 0:
             return
@@ -178,8 +179,9 @@ class SpeculativeGeneration:
         ready = self.ahead.ready = await self._call(self.draft, [], k, self.params.seed, ahead=True)
         if ready is not None:
             self.stats.draft_passes += len(ready.tokens)
-            if self.k_policy is not None and ready.timed:
-                self.k_policy.costs.observe_ahead(len(ready.tokens), ready.model_ms / 1e3, ready.batch_size)
+            if self.planner is not None and ready.timed:
+                self.planner.pair.observe_draft(len(ready.tokens), ready.model_ms / 1e3, ready.batch_size,
+                                                time.perf_counter())
 
     async def _call(self, lane: Lane, block: list[int], num_draft: int, seed: int,
                     draft_distributions: Any = (), ahead: bool = False) -> Any:
@@ -313,22 +315,19 @@ class SpeculativeGeneration:
         return (self.draft.backend.address, target.address if target is not None else "", self.params.sampling,
                 self.params.delta)
 
-    def _start_k_policy(self) -> None:
-        """Every request with a draft feeds a policy (fixed k too: its steps teach the memory);
-        only auto k asks it. Timed or untimed: ``GenerationParams.timed_k``."""
+    def _start_planner(self) -> None:
+        """Every request with a draft has a planner (fixed k too: its steps teach the pair's costs,
+        and it decides drafting ahead); only auto k asks it for k. Timed or untimed:
+        ``GenerationParams.timed_k``."""
         if self.draft.backend is None:
             return
-        timed, key = self.params.timed_k, self._memory_key()
-        target = self.target.backend or self.target.opening
-        overlap = drafts_overlap(getattr(self.draft.backend, "processor", ("", "")),
-                                 getattr(target, "processor", ("", "")))
-        costs = self.k_memory.costs(key[:2], overlap) if self.k_memory else None  # the replica pair's, shared
-        learned = self.k_memory.recall(key) if timed and self.k_memory else None
-        self.k_policy = KPolicy(timed, costs, learned)
+        timed, key, memory = self.params.timed_k, self._memory_key(), self.plan_memory
+        pair = memory.costs(key[:2]) if memory else None  # the replica pair's, shared
+        self.planner = Planner(timed, pair, memory.recall(key) if timed and memory else None)
 
-    def _store_k_policy(self) -> None:
-        if self.k_policy is not None and self.k_memory is not None and self.draft.backend is not None:
-            self.k_memory.store(self._memory_key(), self.k_policy.learned())
+    def _store_planner(self) -> None:
+        if self.planner is not None and self.plan_memory is not None and self.draft.backend is not None:
+            self.plan_memory.store(self._memory_key(), self.planner.learned())
 
     def _num_draft(self, remaining: int) -> int:
         """This step's k: the caller's, or auto's choice (within max_num_draft and every
@@ -340,13 +339,16 @@ class SpeculativeGeneration:
             return k
         if self.draft.backend is None:  # no draft left: the target alone
             return 0
-        if not self.params.num_draft_auto or self.k_policy is None:
+        if not self.params.num_draft_auto or self.planner is None:
             return min(self.params.num_draft, remaining - 1)
-        sharing = getattr(self.source, "sessions_sharing", None)  # the pool knows; in-process: alone
-        k = self.k_policy.choose(self._auto_cap(), self.ahead.held(self.draft),
-                                 sharing(self.target.backend) if sharing is not None else 1)
+        k = self.planner.choose(self._auto_cap(), self.ahead.held(self.draft), self._sharing())
         self.stats.final_num_draft = k
         return min(k, remaining - 1)
+
+    def _sharing(self) -> int:
+        """Sessions on the target replica that could share its pass (the pool knows; in-process: 1)."""
+        sharing = getattr(self.source, "sessions_sharing", None)
+        return sharing(self.target.backend) if sharing is not None else 1
 
     def _auto_cap(self) -> int:
         """The largest k auto may choose: max_num_draft and every replica's --max-draft."""
@@ -365,14 +367,14 @@ class SpeculativeGeneration:
             loop_from: tuple[float, float] | None = None  # the last step's start, and its time in calls
             while True:
                 step_started = time.perf_counter()
-                if loop_from is not None and self.k_policy is not None:
-                    self.k_policy.observe_loop(step_started - loop_from[0] - loop_from[1])
+                if loop_from is not None and self.planner is not None:
+                    self.planner.observe_loop(step_started - loop_from[0] - loop_from[1])
                 remaining = self.params.max_tokens - produced
                 k_step = self._num_draft(remaining)
                 outcome, drafted, record = await self._step(k_step, remaining)
                 loop_from = (step_started, record.propose_s + record.verify_s)
-                if self.k_policy is not None:
-                    self.k_policy.observe(record)
+                if self.planner is not None:
+                    self.planner.observe(record)
                 self.stats.count_num_draft(record.requested)
                 emitted = outcome.emitted(drafted)
                 self.stats.steps += 1
@@ -393,7 +395,7 @@ class SpeculativeGeneration:
                 visible = [t for t in emitted if t != self.eos_id]
                 from_draft = [i < kept for i, t in enumerate(emitted) if t != self.eos_id]
                 if finish is not None:
-                    self._store_k_policy()
+                    self._store_planner()
                     # Free both sessions before the client hears we are done.
                     await asyncio.shield(self.close())
                     self.stats.total_s = time.perf_counter() - started
@@ -423,14 +425,16 @@ class SpeculativeGeneration:
         drafted = proposal.tokens if proposal is not None else []
         distributions = proposal.distributions if proposal is not None else []
         verify = self._call(self.target, drafted, len(drafted), seed, distributions)
-        ahead = self.ahead.size(self.draft, self.k_policy, self._auto_cap(), k, drafted, remaining)
+        ahead = self.ahead.size(self.draft, self.planner, self._auto_cap(), k, drafted, remaining, self._sharing())
         predrafted: Proposal | None = None
         if not ahead:
             verdict: Verdict = await verify
+            verify_end = ahead_end = time.perf_counter()
         else:
             # Drafting ahead while the target verifies (a failover loses the guess: None). Both
             # finish before the loop goes on: a draft session never has two steps at once.
-            verdict, predrafted = await _all(verify, self._call(self.draft, drafted, ahead, seed, ahead=True))
+            (verdict, verify_end), (predrafted, ahead_end) = await _all(
+                _ended(verify), _ended(self._call(self.draft, drafted, ahead, seed, ahead=True)))
         verified_at = time.perf_counter()
         uniforms = position_uniforms(seed, ACCEPT_STREAM, len(self.decoded), len(drafted))
         if sampling.greedy:
@@ -451,15 +455,18 @@ class SpeculativeGeneration:
             propose_s=proposed_at - started,
             propose_model_s=proposal.model_ms / 1e3 if proposal is not None else 0.0,
             propose_batch=proposal.batch_size if proposal is not None else 1,
+            propose_end=proposed_at,
             caught_up=caught_up,
             verify_s=verified_at - proposed_at,
             verify_model_s=verdict.model_ms / 1e3,
             verify_batch=verdict.batch_size,
             verify_rows=verdict.batch_rows,
+            verify_end=verify_end,
             drafted_ahead=was_ready,
             ahead_drafted=len(predrafted.tokens) if predrafted is not None else 0,
             ahead_model_s=predrafted.model_ms / 1e3 if predrafted is not None else 0.0,
             ahead_batch=predrafted.batch_size if predrafted is not None else 1,
+            ahead_end=ahead_end,
         )
         self._count_calls(record, 0 if was_ready else len(drafted))
         return outcome, drafted, record
@@ -494,6 +501,12 @@ def _close_opened(backend: Any, opening: asyncio.Future[str]) -> None:
     """An open whose request was cancelled has ended: close the session it opened, if any."""
     if not opening.cancelled() and opening.exception() is None:
         _close_in_background(backend, opening.result())
+
+
+async def _ended(call: Awaitable[Result]) -> tuple[Result, float]:
+    """A call's result and when it came (``time.perf_counter``): the planner places passes in time."""
+    result = await call
+    return result, time.perf_counter()
 
 
 async def _all(*calls: Any) -> list[Any]:

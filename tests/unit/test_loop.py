@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from orchestrator.backends import ReplicaError
-from orchestrator.k_costs import COST_DECAY, ReplicaCosts, StepCosts
-from orchestrator.k_policy import KPolicy
+from orchestrator.estimates import DECAY, Costs, PairCosts
 from orchestrator.params import GenerationParams
+from orchestrator.planner import Planner
 from orchestrator.speculative import SpeculativeGeneration
 from specdec_core.errors import (
     DeadlineExceeded,
@@ -277,7 +277,7 @@ class DraftReportingModelTime(FakeReplica):
         return result
 
 
-def test_the_model_time_of_blocks_drafted_ahead_reaches_the_k_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_model_time_of_blocks_drafted_ahead_reaches_the_planner(monkeypatch: pytest.MonkeyPatch) -> None:
     """A draft that always agrees has (nearly) every block drafted ahead, the first one during
     the target's open included: those Proposes are what measures its cost per token. (A fixed
     k, which feeds the policy as well: auto k on the fakes' microseconds would stop drafting.)"""
@@ -286,12 +286,12 @@ def test_the_model_time_of_blocks_drafted_ahead_reaches_the_k_policy(monkeypatch
     tokens, generation, source = generate(replicas, max_tokens=25, k=3)
     assert tokens == expected(25)
     assert generation.stats.predraft_hits >= generation.stats.steps // 2
-    policy = generation.k_policy
-    assert policy is not None
-    assert policy.costs.draft_token.value == pytest.approx(0.0007)
+    planner = generation.planner
+    assert planner is not None
+    assert planner.pair.draft_token.value == pytest.approx(0.0007)
     # One sample per Propose, drafted ahead or not (a decayed count).
     proposes = len(replicas[0].requests)
-    assert policy.costs.draft_token.weight == pytest.approx(sum(COST_DECAY**i for i in range(proposes)))
+    assert planner.pair.draft_token.weight == pytest.approx(sum(DECAY**i for i in range(proposes)))
     assert_clean(replicas, source)
 
 
@@ -300,22 +300,22 @@ def test_a_timed_request_verifies_the_whole_block_drafted_ahead(monkeypatch: pyt
     the step's Verify scores that block. Drafting pays here, so unaware of the ready block the
     policy would choose its cap, the draft replica's --max-draft (3), past the blocks drafted
     ahead (2: the guess takes the third slot of the ahead Propose)."""
-    costs = StepCosts(fixed=1.0, per_row=0.02, propose=0.1, per_draft=0.05)
-    monkeypatch.setattr(ReplicaCosts, "step_costs", lambda self, sharing=1: costs)
+    costs = Costs(fixed=1.0, per_row=0.02, propose=0.1, per_draft=0.05, share=0.0)  # drafting ahead is free
+    monkeypatch.setattr(PairCosts, "costs", lambda self, sharing=1: costs)
     asked: list[tuple[int, int, int]] = []  # (ready, cap, chosen)
-    choose = KPolicy.choose
+    choose = Planner.choose
 
-    def recording(self: KPolicy, cap: int, ready: int = 0, sharing: int = 1) -> int:
+    def recording(self: Planner, cap: int, ready: int = 0, sharing: int = 1) -> int:
         k = choose(self, cap, ready, sharing)
         asked.append((ready, cap, k))
         return k
 
-    monkeypatch.setattr(KPolicy, "choose", recording)
+    monkeypatch.setattr(Planner, "choose", recording)
     monkeypatch.setitem(globals(), "draft_next", target_next)  # a draft that always agrees
     replicas = pair()
     replicas[0].max_draft = replicas[1].max_draft = 3
     tokens, generation, _ = generate(replicas, max_tokens=40, k=3, auto=True)
-    assert tokens == expected(40) and generation.k_policy is not None and generation.k_policy.timed
+    assert tokens == expected(40) and generation.planner is not None and generation.planner.timed
     assert max(k for _, _, k in asked) == 3  # its choice without a ready block
     with_ready = [(ready, k) for ready, _, k in asked if ready > 0]
     assert len(with_ready) >= 3 and all(k == ready == 2 for ready, k in with_ready), asked
@@ -339,7 +339,7 @@ def test_auto_k_respects_the_max_draft_of_a_target_still_opening(seeded: bool,
     that replica (known from its Info when the pool hands it out) must bound it too. The fake
     target raises above its --max-draft; the draft's --max-draft is left at its default, and the
     policy drafts all it may (as one that learned a good pair from earlier requests does)."""
-    monkeypatch.setattr(KPolicy, "choose", lambda self, cap, ready=0, sharing=1: cap)
+    monkeypatch.setattr(Planner, "choose", lambda self, cap, ready=0, sharing=1: cap)
     draft, target = FakeReplica("draft", "d0"), SlowOpeningTarget("target", "t0", max_draft=3)
     target.draft = draft
     source = FakeSource([draft, target])
@@ -596,7 +596,9 @@ def test_a_deadline_that_passes_while_both_replicas_step_leaves_no_unretrieved_e
     import gc
 
     replicas = [StallingReplica("draft", "d0"), StallingReplica("target", "t0")]
-    replicas[0].steps = 3  # its 4th step drafts ahead beside the target's 3rd (a Verify): both stall
+    # The first block is missed, so the draft steps: the first block (at the open), ahead beside the
+    # target's 1st Verify, a Propose, then its 4th ahead beside the target's 2nd Verify: both stall.
+    replicas[0].steps, replicas[1].steps = 3, 1
     source = FakeSource(replicas)
     params = GenerationParams(max_tokens=40, num_draft=3, sampling=SamplingParams(), seed=1)
     problems: list[str] = []
@@ -613,7 +615,7 @@ def test_a_deadline_that_passes_while_both_replicas_step_leaves_no_unretrieved_e
         await asyncio.sleep(0.01)
 
     asyncio.run(run())
-    assert [r.calls["step"] for r in replicas] == [4, 3]
+    assert [r.calls["step"] for r in replicas] == [4, 2]
     assert problems == []
     assert_clean(replicas, source)
 

@@ -1,10 +1,10 @@
-"""num_draft=auto's k policy (``orchestrator/k_policy.py``) through the services, in-process.
+"""num_draft=auto's planner (``orchestrator/planner.py``) through the services, in-process.
 
 - A draft that never agrees with its target (two unrelated random models): greedy auto equals the
-  target alone, and the policy leaves most steps to the target alone (k = 0), probing now and then.
+  target alone, and the planner leaves most steps to the target alone (k = 0), probing now and then.
 - Timing may steer k only where the output cannot depend on it: a seeded sampled request gives
   the same tokens, and drafts at the same positions, when the target is made slow; a greedy
-  request's k, which may follow timing, does change (so the slowdown is one the policy sees).
+  request's k, which may follow timing, does change (so the slowdown is one the planner sees).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import pytest
 from harness import LoopThread, Worker, speculative_cluster
 
 from orchestrator.client import SpecdecClient
-from orchestrator.k_policy import KMemory
+from orchestrator.estimates import PlanMemory
+from orchestrator.planner import step_time
 from specdec_tools.tiny_checkpoints import corpus_lines
 
 PROMPTS = corpus_lines()[7:300:37][:3]
@@ -41,9 +42,9 @@ def unrelated(loop: LoopThread, draft_dir: Path, target_dir: Path) -> Iterator[S
 
 @pytest.fixture(scope="module")
 def related(loop: LoopThread, near_draft_dir: Path, target_dir: Path
-            ) -> Iterator[tuple[SpecdecClient, Worker, KMemory]]:
+            ) -> Iterator[tuple[SpecdecClient, Worker, PlanMemory]]:
     with speculative_cluster(loop, near_draft_dir, target_dir) as (client, _, target, orch):
-        yield client, target, orch.orchestrator.k_memory
+        yield client, target, orch.orchestrator.plan_memory
 
 
 def test_a_draft_that_never_agrees_leaves_most_steps_to_the_target_alone(unrelated: SpecdecClient) -> None:
@@ -76,16 +77,14 @@ class SlowVerify:
         self.host.verify = self.verify
 
 
-def greedy_step_cost(memory: KMemory) -> float:
-    """What the replica pair's costs say a target-alone step costs (seconds): a timed policy's."""
-    (costs,) = memory._costs.values()
-    model = costs.step_costs()
-    assert model is not None
-    return model.time(0)
+def greedy_step_cost(memory: PlanMemory) -> float:
+    """What the replica pair's costs say a target-alone step costs (seconds): a timed planner's."""
+    (costs,) = memory.pairs.values()
+    return step_time(costs.costs(), 0)
 
 
 def test_seeded_sampling_does_not_follow_timing_but_greedy_does(
-        related: tuple[SpecdecClient, Worker, KMemory]) -> None:
+        related: tuple[SpecdecClient, Worker, PlanMemory]) -> None:
     client, target, memory = related
     seeded = dict(max_tokens=MAX_TOKENS, num_draft="auto", temperature=1.0, seed=11)
     greedy = dict(max_tokens=MAX_TOKENS, num_draft="auto")
@@ -102,7 +101,7 @@ def test_seeded_sampling_does_not_follow_timing_but_greedy_does(
     assert list(fast["seeded"].token_ids) == list(slow_runs["seeded"].token_ids)
     assert list(fast["seeded"].stats.proposed_per_position) == list(slow_runs["seeded"].stats.proposed_per_position)
     assert list(fast["greedy"].token_ids) == list(slow_runs["greedy"].token_ids)
-    # The greedy policy saw the slowdown: what it learned a target step costs grew by most of
+    # The greedy planner saw the slowdown: what it learned a target step costs grew by most of
     # the delay. (Whether it then drafts more depends on the few drafts this near-draft gets
     # accepted, ~4% on this prompt: asserting on that made the test flaky.)
     drafted = (fast["greedy"].stats.proposed, slow_runs["greedy"].stats.proposed)
