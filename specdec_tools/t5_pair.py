@@ -101,6 +101,31 @@ def build_t5_pair(cache_dir: str | Path, recipe: T5PairRecipe) -> T5Pair:
     return T5Pair(base / "draft", target, recipe)
 
 
+def build_truncated_draft(target: Path, layers: int) -> Path:
+    """A costlier draft for the same target: the target itself cut to its first ``layers`` layers of
+    each stack (d_model 1024, its embedding, final norms and head), so a drafted token costs ~15% of
+    a target pass at 2 layers, not ~10% as the T5-small-shaped draft's. Cached beside the target."""
+    from safetensors.numpy import load_file, save_file
+
+    out = target.with_name(f"{target.name}-first{layers}")
+    stamp, wanted = out / "recipe.json", (target / "recipe.json").read_text() + f"first {layers} layers"
+    if stamp.is_file() and stamp.read_text() == wanted:
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    kept = {name: value for name, value in load_file(str(target / "model.safetensors")).items()
+            if ".block." not in name or int(name.split(".block.")[1].split(".")[0]) < layers}
+    config = json.loads((target / "config.json").read_text()) | {"num_layers": layers, "num_decoder_layers": layers}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(kept, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("spiece.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"):
+        if (target / name).is_file():
+            shutil.copy(target / name, out / name)
+    stamp.write_text(wanted)
+    return out
+
+
 def _base(base: Path, recipe: T5PairRecipe) -> Path:
     stamp = base / "recipe.json"
     wanted = json.dumps({key: value for key, value in asdict(recipe).items() if key != "gain"}, sort_keys=True)

@@ -52,3 +52,22 @@ def test_the_gain_perturbs_the_target(pairs):
     change = (target - draft).abs().max().item()
     assert change > 1e-2 * draft.abs().max().item()
     assert len(tokenizer) == 1100 and draft.shape[-1] == 1128  # sentinels after the pieces, T5's padding rows
+
+
+def test_the_costly_draft_is_the_targets_own_first_layers(pairs):
+    from safetensors.numpy import load_file
+
+    from specdec_tools.t5_pair import build_truncated_draft
+
+    target = pairs[0.3].target
+    draft = build_truncated_draft(target, 2)
+    assert build_truncated_draft(target, 2) == draft  # cached
+    config, target_config = (json.loads((d / "config.json").read_text()) for d in (draft, target))
+    assert (config["num_layers"], config["num_decoder_layers"]) == (2, 2) < (target_config["num_layers"],) * 2
+    assert config["d_model"] == target_config["d_model"]
+    kept, full = load_file(str(draft / "model.safetensors")), load_file(str(target / "model.safetensors"))
+    assert {name for name in full if ".block.2." not in name and ".block.3." not in name} == set(kept)
+    assert all((kept[name] == full[name]).all() for name in kept)
+    prompt = load_tokenizer(draft)("class Formatter: pass").input_ids
+    assert prompt == load_tokenizer(target)("class Formatter: pass").input_ids
+    assert logits(draft, prompt, [0, 5]).shape == logits(target, prompt, [0, 5]).shape
