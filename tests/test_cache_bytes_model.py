@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from specdec_core.checkpoint import load_model
+from specdec_core.decoder_state import CHUNK
 from specdec_core.engine import ModelEngine
 
 PROMPT = list(range(3, 40))  # 37 tokens
@@ -38,9 +39,9 @@ def test_the_formula_is_what_a_session_holds(t5_v11_dir: Path, dtype: str | None
     state = engine.start(PROMPT)
     assert held_bytes(state.cache) == cost.session_bytes(len(PROMPT), 0)  # cross K/V only, until a step
     engine.forward(state, 1)  # the first step allocates the first chunk
-    assert state.cache.capacity == 256
-    assert held_bytes(state.cache) == cost.session_bytes(len(PROMPT), 256)
-    state.tokens.extend([5] * 300)  # past the first chunk: the cache grows by whole chunks
+    assert state.cache.capacity == CHUNK
+    assert held_bytes(state.cache) == cost.session_bytes(len(PROMPT), CHUNK)
+    state.tokens.extend([5] * (CHUNK + 44))  # past the first chunk: the cache grows by whole chunks
     engine.forward(state, 1)
-    assert state.cache.capacity == 512
-    assert held_bytes(state.cache) == cost.session_bytes(len(PROMPT), 512)
+    assert state.cache.capacity == 2 * CHUNK
+    assert held_bytes(state.cache) == cost.session_bytes(len(PROMPT), 2 * CHUNK)

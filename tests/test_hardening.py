@@ -35,6 +35,7 @@ from orchestrator.replicas import ReplicaPool
 from orchestrator.server import OrchestratorConfig, WorkerCredentials
 from orchestrator.server import build_parser as orchestrator_parser
 from specdec_core.checkpoint import load_model
+from specdec_core.decoder_state import CHUNK
 from specdec_core.engine import DECODE_SLICE, ModelEngine
 from specdec_core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from specdec_core.session_host import HostLimits
@@ -228,7 +229,7 @@ def test_a_long_append_is_fed_in_slices_with_the_same_logits(target_dir: Path) -
 
 
 def test_concurrent_opens_never_exceed_the_cache_budget(spare, loop: LoopThread, draft_dir: Path) -> None:
-    per_session = (256 + len(PROMPT)) * position_bytes(draft_dir)  # the decoder's first chunk and the encoder
+    per_session = (CHUNK + len(PROMPT)) * position_bytes(draft_dir)  # the decoder's first chunk and the encoder
     budget = 2 * per_session + 8
     worker = spare("draft", draft_dir, HostLimits(cache_memory_bytes=budget))
     host = worker.host

@@ -23,6 +23,7 @@ from transformers import T5ForConditionalGeneration
 
 from orchestrator.client import SpecdecClient
 from specdec_core.cache_bytes import NGRAM_BYTES_PER_POSITION
+from specdec_core.decoder_state import CHUNK
 from specdec_core.session_host import HostLimits
 from specdec_core.tokenizer import load_tokenizer
 from specdec_pb import specdec_pb2 as pb
@@ -222,7 +223,7 @@ def test_rollback_equals_fresh_session(copy_cluster: Cluster, copy_pair: CopyPai
 
 def test_ngram_draft_keeps_the_session_contract(loop: LoopThread, copy_pair: CopyPair) -> None:
     prompt = load_tokenizer(copy_pair.target)(COPY_PROMPTS[2]).input_ids
-    session_bytes = (len(prompt) + 256) * NGRAM_BYTES_PER_POSITION  # its prompt and a chunk, no K/V
+    session_bytes = (len(prompt) + CHUNK) * NGRAM_BYTES_PER_POSITION  # its prompt and a chunk, no K/V
     limits = HostLimits(max_sessions=4, cache_memory_bytes=3 * session_bytes, max_draft=6, max_decoder_tokens=300)
     worker = start_worker_in(loop, "draft", copy_pair.draft, limits=limits, method="ngram")
     try:
@@ -247,7 +248,7 @@ def test_ngram_draft_keeps_the_session_contract(loop: LoopThread, copy_pair: Cop
                                                   num_draft=4)).length == 8
             # Budget: each session counts its prompt and a chunk of decoder positions, as a model's.
             info = stub.Info(pb.InfoRequest())
-            assert (info.live_sessions, info.cached_tokens, info.cache_bytes_used) == (1, len(prompt) + 256,
+            assert (info.live_sessions, info.cached_tokens, info.cache_bytes_used) == (1, len(prompt) + CHUNK,
                                                                                     session_bytes)
             others = [open_session(stub, prompt) for _ in range(2)]
             assert "(--cache-memory)" in expect_error(CODE.RESOURCE_EXHAUSTED, stub.OpenSession,

@@ -19,6 +19,8 @@ from harness import LoopThread, position_bytes, speculative_cluster, start_orche
 from orchestrator import cli
 from orchestrator.client import SpecdecClient
 from orchestrator.replicas import Load
+from specdec_core.cache_bytes import TYPICAL_PROMPT_TOKENS
+from specdec_core.decoder_state import CHUNK
 from specdec_core.session_host import HostLimits
 from specdec_core.sizes import format_bytes
 from specdec_pb import specdec_pb2 as pb
@@ -85,7 +87,8 @@ def test_status_reports_the_workers_sessions_and_cache(cluster, target_dir: Path
             r = status[role]
             assert r.healthy and r.live_sessions == 2 and r.active_sessions == 0  # none of them ours
             assert r.cache_memory_bytes == BUDGET[role] and 0 < r.cache_bytes_used < r.cache_memory_bytes
-            typical = (512 + 256) * position_bytes(target_dir)  # (the draft has the target's shape)
+            # a typical prompt and one chunk of decoder positions (the draft has the target's shape)
+            typical = (TYPICAL_PROMPT_TOKENS + CHUNK) * position_bytes(target_dir)
             assert r.typical_sessions_free == (BUDGET[role] - r.cache_bytes_used) // typical > 0
         # specdec status prints them: sessions, the cache bytes used (share of the budget) and free,
         # and the typical sessions that still fit, per replica.

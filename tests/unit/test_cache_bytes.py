@@ -13,7 +13,14 @@ from unittest.mock import AsyncMock, MagicMock
 
 import pytest
 
-from specdec_core.cache_bytes import CacheShape, IndexCost, capacity_for, typical_session_bytes
+from specdec_core.cache_bytes import (
+    TYPICAL_PROMPT_TOKENS,
+    CacheShape,
+    IndexCost,
+    capacity_for,
+    typical_session_bytes,
+)
+from specdec_core.decoder_state import CHUNK
 from specdec_core.errors import ResourceExhausted
 from specdec_core.host_limits import HostLimits
 from specdec_core.limits import add_limit_arguments, limits_from_args
@@ -43,7 +50,7 @@ def test_a_t5_11b_session_with_a_512_token_prompt() -> None:
     shape = CacheShape(24, 128, 128, element_bytes=2)
     assert shape.session_bytes(512, 0) == 768 * MIB  # the cross-attention alone
     assert shape.session_bytes(512, 256) == 1152 * MIB  # and 256 decoder positions: 1.125 GiB
-    assert typical_session_bytes(shape) == 1152 * MIB
+    assert typical_session_bytes(shape) == shape.session_bytes(TYPICAL_PROMPT_TOKENS, CHUNK)  # (512, 256)
 
 
 def test_quantized_positions_add_a_scale_and_a_bias_per_group() -> None:
@@ -55,8 +62,9 @@ def test_quantized_positions_add_a_scale_and_a_bias_per_group() -> None:
     assert CacheShape(6, 8, 16, 4, kv_bits=8, group_size=32).bytes_per_position == 2 * 6 * 8 * (32 + 8)
 
 
-def test_capacity_is_whole_chunks_of_256() -> None:
-    assert [capacity_for(n) for n in (1, 256, 257, 512, 513)] == [256, 256, 512, 512, 768]
+def test_capacity_is_whole_chunks() -> None:
+    assert [capacity_for(n) for n in (1, CHUNK, CHUNK + 1, 2 * CHUNK, 2 * CHUNK + 1)] == [CHUNK, CHUNK, 2 * CHUNK,
+                                                                                          2 * CHUNK, 3 * CHUNK]
 
 
 def test_an_ngram_session_costs_its_index_not_k_and_v() -> None:
@@ -152,7 +160,7 @@ def test_growth_is_checked_per_chunk_and_a_close_gives_the_bytes_back() -> None:
 
 def test_typical_sessions_free_counts_bytes_and_the_session_limit() -> None:
     typical = typical_session_bytes(SHAPE)
-    assert typical == (512 + 256) * 256
+    assert typical == (TYPICAL_PROMPT_TOKENS + CHUNK) * SHAPE.bytes_per_position  # a typical prompt, one chunk
     store = SessionStore(max_sessions=3, cache_memory_bytes=5 * typical + 100, ttl_s=60, cost=SHAPE)
     assert store.typical_sessions_free() == 3  # the session limit, not the 5 the bytes allow
     store.add(session(512, 256))
