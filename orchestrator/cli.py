@@ -3,7 +3,7 @@
     specdec generate "PROMPT" [--max-tokens N] [--num-draft K|auto] [--temperature T]
                      [--top-k K] [--top-p P] [--delta D] [--seed S] [--no-speculation] [--no-pipeline]
                      [--json] [--color [--tokenizer DIR]] [--address HOST:PORT]
-    specdec status [--json] [--address HOST:PORT]
+    specdec status [--json | --watch [SECONDS] [--count N]] [--address HOST:PORT]
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from specdec_core.sizes import format_bytes
 from specdec_pb import specdec_pb2 as pb
 
 from .client import DEFAULT_ADDRESS, SpecdecClient, TextAttribution
+from .status_watch import watch
 
 # SGR colours of --color: accepted draft tokens, tokens the target wrote; then back to plain.
 DRAFT_COLOR = "\033[32m"  # green
@@ -49,6 +50,25 @@ def _num_draft(value: str) -> int | str:
         raise argparse.ArgumentTypeError("--num-draft must be >= 1 (or 'auto'); to decode with the target "
                                          "alone, use --no-speculation")
     return k
+
+
+WATCH_SECONDS = 2.0
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--watch takes seconds between refreshes, not {value!r}") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError("--watch must be a positive number of seconds")
+    return seconds
+
+
+def _refreshes(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"--count takes a number of refreshes >= 1, not {value!r}")
+    return int(value)
 
 
 def _max_tokens(value: str) -> int:
@@ -118,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common],
                             help="replicas behind the orchestrator: health and live load")
     status.add_argument("--json", action="store_true", help="print the StatusResponse as JSON")
+    status.add_argument("--watch", type=_seconds, nargs="?", const=WATCH_SECONDS, metavar="SECONDS",
+                        help="refresh every SECONDS (default when given alone: "
+                             f"{WATCH_SECONDS:g}) with batch size, tokens/s and acceptance per replica, like "
+                             "top; plain text blocks when stdout is not a terminal; Ctrl-C stops")
+    status.add_argument("--count", type=_refreshes, metavar="N",
+                        help="with --watch: stop after N refreshes (default: until Ctrl-C)")
     parser._subcommands = {"generate": gen, "status": status}
     return parser
 
@@ -321,6 +347,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.command == "generate":
             code = _generate(args, client)
+        elif args.watch is not None:
+            try:
+                watch(client.status, args.watch, args.count, sys.stdout)
+            except KeyboardInterrupt:  # the way out of a live view: not an error
+                print(file=sys.stderr)
+            code = 0
         else:
             status = client.status()
             if args.json:

@@ -14,6 +14,7 @@ from specdec_pb import specdec_pb2_grpc as pb_grpc
 
 from .generation import Orchestrator, TextEvent
 from .params import GenerationParams, Stats
+from .replica_traffic import ReplicaTraffic
 from .replicas import ReplicaPool
 
 
@@ -74,6 +75,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     def __init__(self, orchestrator: Orchestrator, pool: ReplicaPool | None):
         self.orchestrator = orchestrator
         self.pool = pool
+        self.traffic = ReplicaTraffic()  # per replica, for Status
 
     async def _events(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                       ) -> AsyncIterator[TextEvent]:
@@ -81,6 +83,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         events = self.orchestrator.generate(request.prompt, params, _timeout(context), request.text_spans)
         async with contextlib.aclosing(events):
             async for event in events:
+                if event.stats is not None:
+                    self.traffic.record(event.stats)
                 yield event
 
     @grpc_method
@@ -128,8 +132,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     @grpc_method
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        replicas = self.pool.status() if self.pool else []
+        self.traffic.fill(replicas)
         return pb.StatusResponse(
-            replicas=self.pool.status() if self.pool else [],
+            replicas=replicas,
             active_generations=self.orchestrator.active,
             max_generations=self.orchestrator.limits.max_generations,
         )
