@@ -9,17 +9,29 @@ or a stand-in with the same ``length``/``capacity``/``encoder_length``/``rollbac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-from .errors import InvalidArgument
+from typing import Protocol
 
 CHUNK = 256  # cache positions added per growth step, and the budget's unit: big enough that growth is rare
+
+
+class PositionCache(Protocol):
+    """What the session core needs of a session's cache (``kv_cache.DecoderCache``; the n-gram
+    draft's ``ngram.IndexPositions``)."""
+
+    @property
+    def length(self) -> int: ...  # decoder positions whose K/V are valid
+    @property
+    def capacity(self) -> int: ...  # decoder positions it holds memory for
+    @property
+    def encoder_length(self) -> int: ...
+
+    def rollback_to(self, length: int) -> None: ...
 
 
 @dataclass
 class DecoderState:
     tokens: list[int]
-    cache: Any  # kv_cache.DecoderCache, or a stand-in with the same interface
+    cache: PositionCache
 
     @property
     def length(self) -> int:
@@ -30,10 +42,8 @@ class DecoderState:
         self.tokens.append(token)
 
     def rollback_to(self, length: int) -> None:
-        if not 0 < length <= len(self.tokens):
-            raise InvalidArgument(
-                f"rollback_to must be in [1, {len(self.tokens)}] (the session's length), got {length}"
-            )
+        """Keep the first ``length`` tokens, 1 <= length <= ``self.length`` (``SessionHost`` checks a
+        request's rollback before it calls this)."""
         del self.tokens[length:]
         if self.cache.length > length:
             self.cache.rollback_to(length)

@@ -3,13 +3,14 @@
 A session's decoder state is the token list it has been given or has proposed
 (``tokens[0]`` is the decoder start id) and a cache holding K/V for a prefix of it.
 Every forward pass feeds the tokens past ``cache.length``; rolling back shortens both.
+The engine trusts what it is given: ``SessionHost`` checks each request once, before it
+changes a session (``worker_engine``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -17,8 +18,7 @@ import numpy as np
 from .cache_bytes import KV_GROUP_SIZE, CacheShape
 from .checkpoint import LoadedModel
 from .decoder_state import CHUNK, DecoderState
-from .errors import InvalidArgument
-from .kv_cache import KVQuantization
+from .kv_cache import DecoderCache, KVQuantization
 from .request_checks import RequestChecks
 from .sampling import (
     DRAFT_STREAM,
@@ -30,6 +30,7 @@ from .sampling import (
     sample,
 )
 from .steps import Distribution, Proposal, SamplingParams, Verdict
+from .worker_engine import DraftJob, VerifyJob
 
 DECODE_SLICE = CHUNK  # most new decoder positions fed in one call (see ModelEngine.forward)
 
@@ -38,6 +39,7 @@ class ModelEngine(RequestChecks):
     """One loaded model and the operations the services run on its sessions."""
 
     method = "model"  # how a draft built on it proposes (Info.draft_method)
+    tensor_parallel = 1  # ranks sharing its passes (``rank_mirror.MirroredEngine``: more)
 
     def __init__(self, loaded: LoadedModel, max_draft: int = 64, kv_bits: int | None = None):
         self.loaded = loaded
@@ -66,8 +68,6 @@ class ModelEngine(RequestChecks):
         return self._start_many(prompts)
 
     def _start_many(self, prompts: Sequence[list[int]]) -> list[DecoderState]:
-        for prompt in prompts:
-            self.check_prompt(prompt)
         states: dict[int, DecoderState] = {}
         for group in encode_groups([len(p) for p in prompts]):
             longest = max(len(prompts[i]) for i in group)
@@ -81,7 +81,7 @@ class ModelEngine(RequestChecks):
                 states[i] = self._new_state(prompts[i], cache)
         return [states[i] for i in range(len(prompts))]
 
-    def _new_state(self, prompt_ids: list[int], cache: Any) -> DecoderState:
+    def _new_state(self, prompt_ids: list[int], cache: DecoderCache) -> DecoderState:
         return DecoderState(tokens=[self.args.decoder_start_token_id], cache=cache)
 
     def forward(self, state: DecoderState, num_logits: int) -> np.ndarray:
@@ -133,7 +133,6 @@ class ModelEngine(RequestChecks):
                 self._draw(draft, logits[0])
 
     def _drafting(self, state: DecoderState, k: int, params: SamplingParams, seed: int) -> Drafting:
-        self.check_k(k)
         # The token at decoder index i is drawn with the uniform keyed by position i.
         draws = None if params.greedy else position_uniforms(seed, DRAFT_STREAM, len(state.tokens), k)
         return Drafting(state, k, params, draws, len(state.tokens), self.args.eos_token_id)
@@ -150,24 +149,6 @@ class ModelEngine(RequestChecks):
         token, prob, q = draw_draft(probabilities(logits[None], draft.params)[0], draft.next_uniform())
         draft.add(token, prob, Distribution.from_dense(q))
 
-    def check_verify(self, state: DecoderState, num_draft: int, params: SamplingParams,
-                     draft_distributions: Sequence[Distribution]) -> None:
-        """Refuse a Verify before any pass (so one bad session never fails a batch)."""
-        if not 0 <= num_draft < len(state.tokens):
-            raise InvalidArgument(
-                f"num_draft must be in [0, {len(state.tokens) - 1}] for this session, got {num_draft}"
-            )
-        if num_draft > self.max_draft:
-            raise InvalidArgument(f"num_draft {num_draft} exceeds this service's limit {self.max_draft}")
-        if not params.greedy:
-            if len(draft_distributions) != num_draft:
-                raise InvalidArgument(
-                    f"sampling needs the draft's distribution for each of the {num_draft} draft "
-                    f"tokens, got {len(draft_distributions)}"
-                )
-            for distribution in draft_distributions:  # lengths, ids, values: not after the pass
-                distribution.check(self.vocab_size)
-
     def verify(
         self,
         state: DecoderState,
@@ -181,8 +162,6 @@ class ModelEngine(RequestChecks):
 
     def verify_batch(self, jobs: Sequence[VerifyJob]) -> list[Verdict]:
         """Many sessions' Verify in one decoder pass: each scores its own block of k+1."""
-        for state, num_draft, params, _, distributions in jobs:
-            self.check_verify(state, num_draft, params, distributions)
         rows = self.forward_batch([job[0] for job in jobs], [job[1] + 1 for job in jobs])
         return [self._verdict(*job, logits) for job, logits in zip(jobs, rows, strict=True)]
 
@@ -218,11 +197,6 @@ def encode_groups(lengths: Sequence[int], slack: float = 1.25, extra: int = 32) 
         groups.append([i])
     return groups
 
-
-# One session's part of a batch: (state, k, sampling, seed) for Propose; (state, num_draft,
-# sampling, seed, the draft's q per draft token) for Verify.
-DraftJob = tuple[DecoderState, int, SamplingParams, int]
-VerifyJob = tuple[DecoderState, int, SamplingParams, int, Sequence[Distribution]]
 
 
 @dataclass

@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from . import blas
 from .checkpoint import load_model, read_config, resolve_model_path
 from .engine import ModelEngine
 from .errors import CheckpointError
+from .worker_engine import WorkerEngine
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class EngineChoice:
     kv_bits: int | None = None  # the K/V cache's bits (None: the model's dtype)
 
 
-def build_engine(config: EngineChoice) -> tuple[Any, Path]:
+def build_engine(config: EngineChoice) -> tuple[WorkerEngine, Path]:
     """The engine for the configured method, and the directory its tokenizer files are in."""
     if config.method == "ngram" and config.kv_bits is not None:
         raise CheckpointError("--kv-bits quantizes a model's K/V cache; the ngram draft has none: leave it out")

@@ -13,12 +13,12 @@ cache stays consistent with the session's tokens (rollbacks included).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 from .cache_bytes import NGRAM_BYTES_PER_POSITION, CacheShape
 from .checkpoint import LoadedModel
 from .engine import DecoderState, Drafting, ModelEngine
 from .errors import InvalidArgument
+from .kv_cache import DecoderCache
 from .ngram import NgramIndex, check_ngram_sizes, point_mass
 from .steps import SamplingParams
 
@@ -54,7 +54,7 @@ class HybridEngine(ModelEngine):
         """The model's K/V and, beside them, each session's n-gram index."""
         return replace(super().cache_cost, index_bytes=NGRAM_BYTES_PER_POSITION)
 
-    def _new_state(self, prompt_ids: list[int], cache: Any) -> HybridState:
+    def _new_state(self, prompt_ids: list[int], cache: DecoderCache) -> HybridState:
         state = super()._new_state(prompt_ids, cache)
         # Only matches of min_match or more are used, so shorter n-grams are not indexed.
         return HybridState(state.tokens, state.cache, NgramIndex(prompt_ids, self.min_match, self.ngram_max))

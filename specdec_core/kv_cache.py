@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .decoder_state import CHUNK
-from .errors import CheckpointError, InvalidArgument
+from .errors import CheckpointError
 
 KV_BITS = (4, 8)
 # mx.quantize's group sizes are 32, 64 and 128: a whole head per group where d_kv allows (T5's
@@ -170,11 +170,8 @@ class DecoderCache:
         return sum(layer.nbytes for layer in self.layers) + sum(kv.nbytes for pair in self.cross for kv in pair)
 
     def rollback_to(self, length: int) -> None:
-        """Forget every position at or after ``length`` (O(1), no copy)."""
-        if not 0 <= length <= self.length:
-            raise InvalidArgument(
-                f"cannot roll the cache back to {length}: it holds {self.length} positions"
-            )
+        """Forget every position at or after ``length``, 0 <= length <= ``self.length`` (O(1), no
+        copy). Its callers derive ``length`` from a session's tokens, which ``SessionHost`` validates."""
         for layer in self.layers:
             layer.length = length
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +26,10 @@ from .decoder_state import CHUNK, DecoderState
 from .errors import InvalidArgument
 from .request_checks import RequestChecks
 from .steps import Distribution, Proposal, SamplingParams, Verdict
+from .worker_engine import DraftJob, VerifyJob
+
+if TYPE_CHECKING:
+    from .t5 import ModelArgs
 
 MAX_NGRAM = 64  # the longest n-gram a lookup may use (each size costs a vectorised pass per lookup)
 
@@ -181,7 +185,7 @@ class ModelConfig:
     """What ``Info`` says about the model family of a worker that loads no weights: the config
     (vocabulary, special ids) and where it came from; no dtype, no parameters."""
 
-    args: Any  # specdec_core.t5.ModelArgs
+    args: ModelArgs
     path: Path
     model_id: str
     dtype: str = ""
@@ -228,6 +232,8 @@ class NgramEngine(RequestChecks):
     session. ``loaded`` carries the model family's config for Info (no weights are read)."""
 
     method = "ngram"
+    kv_quantization = None  # no K/V cache to quantize
+    tensor_parallel = 1
 
     def __init__(self, loaded: ModelConfig, max_draft: int = 64, ngram_min: int = 1, ngram_max: int = 4):
         check_ngram_sizes(ngram_min, ngram_max)
@@ -240,14 +246,12 @@ class NgramEngine(RequestChecks):
         self.cache_cost = IndexCost()
 
     def start(self, prompt_ids: list[int]) -> NgramState:
-        self.check_prompt(prompt_ids)
         index = NgramIndex(prompt_ids, self.ngram_min, self.ngram_max)
         return NgramState([self.args.decoder_start_token_id], index)
 
     def propose(self, state: NgramState, k: int, params: SamplingParams, seed: int) -> Proposal:
         """Up to k tokens from the index (none when nothing matches: the step is the target
         alone), cut after EOS; q is a point mass on each."""
-        self.check_k(k)
         state.index.sync(state.tokens[1:])
         tokens = state.index.propose(k)
         eos = self.args.eos_token_id
@@ -264,19 +268,16 @@ class NgramEngine(RequestChecks):
     def start_batch(self, prompts: Sequence[list[int]]) -> list[NgramState]:
         return [self.start(prompt) for prompt in prompts]
 
-    def propose_batch(self, jobs: Sequence[tuple[NgramState, int, SamplingParams, int]]) -> list[Proposal]:
+    def propose_batch(self, jobs: Sequence[DraftJob]) -> list[Proposal]:
         """No model pass to share: each session's lookup, one after another."""
-        return [self.propose(*job) for job in jobs]
+        return [self.propose(*job) for job in jobs]  # (its own sessions: NgramStates)
 
-    def check_verify(self, state: NgramState, num_draft: int, params: SamplingParams,
+    def check_verify(self, length: int, num_draft: int, params: SamplingParams,
                      draft_distributions: Sequence[Distribution]) -> None:
-        raise InvalidArgument("an n-gram worker drafts only; verify on a target")
+        raise InvalidArgument(DRAFTS_ONLY)
 
-    def verify(self, state: NgramState, num_draft: int, params: SamplingParams, seed: int,
-               draft_distributions: list[Distribution]) -> Verdict:
-        return self.verify_batch([(state, num_draft, params, seed, draft_distributions)])[0]
+    def verify_batch(self, jobs: Sequence[VerifyJob]) -> list[Verdict]:
+        raise InvalidArgument(DRAFTS_ONLY)  # (never reached: ``check_verify`` refuses every Verify)
 
-    def verify_batch(self, jobs: Sequence[tuple[Any, ...]]) -> list[Verdict]:
-        for state, num_draft, params, _, distributions in jobs:
-            self.check_verify(state, num_draft, params, distributions)  # always refuses
-        return []
+
+DRAFTS_ONLY = "an n-gram worker drafts only; verify on a target"

