@@ -1,7 +1,10 @@
-"""How the speculative loop reaches a draft or target replica over gRPC.
+"""How the speculative loop reaches a draft or target replica over gRPC: the edge where the wire
+becomes the loop's terms.
 
-The loop (``speculative.py``) sees only the ``Backend`` interface: open a session, run one
-step (``StepRequest`` in; ``Proposal`` from a draft, ``Verdict`` from a target), close it.
+The loop (``speculative.py``) sees only the ``Backend`` interface (``backend_protocol``): open a
+session, run one step (``StepRequest`` in; ``Proposal`` from a draft, ``Verdict`` from a target),
+close it. ``GrpcBackend`` converts messages to those domain types (``specdec_grpc.wire``) and every
+failed call to a domain error (``translate``): no status code or protobuf message reaches the loop.
 The same loop runs in one process on ``specdec_tools.local_backends`` backends (the benchmark).
 """
 
@@ -11,11 +14,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
-from specdec_core.errors import InvalidArgument, ResourceExhausted, SpecdecError
+from specdec_core.errors import InvalidArgument, ResourceExhausted
 from specdec_core.steps import Proposal, StepRequest, Verdict
 from specdec_grpc.wire import (
     proposal_from_pb,
@@ -25,35 +29,22 @@ from specdec_grpc.wire import (
 )
 from specdec_pb import specdec_pb2 as pb
 
+from .backend_protocol import ReplicaError, ReplicaFailure, loop_time
+
 logger = logging.getLogger(__name__)
 
-
-class Backend(Protocol):
-    """One replica of a role, as the loop uses it."""
-
-    address: str
-    max_draft: int  # the largest k the replica takes; 0 if unknown
-    draft_method: str  # how a draft replica drafts (Info.draft_method); "" for a target or unknown
-    processor: tuple[str, str]  # (Info.hostname, Info.device); "" where unknown
-
-    async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str: ...
-    async def step(self, request: StepRequest) -> Any: ...  # Proposal (draft) or Verdict (target)
-    async def close(self, session_id: str) -> None: ...
-
-
-class ReplicaError(SpecdecError):
-    """A replica failed in a way another replica may not (down, draining, timed out, lost
-    our session). The loop fails over; ``code`` keeps the original status."""
-
-    def __init__(self, address: str, code: grpc.StatusCode, details: str):
-        super().__init__(f"{address}: {code.name}: {details}")
-        self.address = address
-        self.code = code
-
-    @property
-    def timed_out(self) -> bool:
-        """The call ran out of its timeout (the request's deadline, or the per-call limit)."""
-        return self.code == grpc.StatusCode.DEADLINE_EXCEEDED
+# How each status a replica answers with reads in the loop's terms (any other: FAILED).
+FAILURE_FOR_STATUS = {
+    grpc.StatusCode.UNAVAILABLE: ReplicaFailure.DOWN,
+    grpc.StatusCode.INTERNAL: ReplicaFailure.DOWN,
+    grpc.StatusCode.UNKNOWN: ReplicaFailure.DOWN,
+    grpc.StatusCode.CANCELLED: ReplicaFailure.DOWN,
+    grpc.StatusCode.UNAUTHENTICATED: ReplicaFailure.REFUSED,
+    grpc.StatusCode.PERMISSION_DENIED: ReplicaFailure.REFUSED,
+    grpc.StatusCode.DEADLINE_EXCEEDED: ReplicaFailure.TIMED_OUT,
+    grpc.StatusCode.NOT_FOUND: ReplicaFailure.SESSION_LOST,  # expired, or the replica restarted
+    grpc.StatusCode.ABORTED: ReplicaFailure.SESSION_LOST,  # a step lost or repeated: reopen it
+}
 
 
 def translate(error: grpc.aio.AioRpcError, address: str, role: str) -> Exception:
@@ -65,13 +56,27 @@ def translate(error: grpc.aio.AioRpcError, address: str, role: str) -> Exception
         return InvalidArgument(f"{role} {address} rejected the request: {error.details()}")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ResourceExhausted(f"{role} {address} is full: {error.details()}")
-    return ReplicaError(address, code, error.details() or "")
+    return ReplicaError(address, FAILURE_FOR_STATUS.get(code, ReplicaFailure.FAILED),
+                        f"{code.name}: {error.details() or ''}")
 
 
-# Per role: the step's rpc name, how a StepRequest goes out and how its answer comes back.
-_STEP_RPC: dict[str, tuple[str, Callable[[StepRequest], Any], Callable[[Any], Proposal | Verdict]]] = {
-    "draft": ("Propose", propose_request_to_pb, proposal_from_pb),
-    "target": ("Verify", verify_request_to_pb, verdict_from_pb),
+@dataclass(frozen=True)
+class _StepCall:
+    """A role's step on the wire: its rpc's name, its unary and stream methods on a stub, how a
+    StepRequest goes out and how its answer comes back."""
+
+    name: str
+    unary: Callable[[Any], Any]
+    stream: Callable[[Any], Any]
+    to_pb: Callable[[StepRequest], pb.ProposeRequest | pb.VerifyRequest]
+    from_pb: Callable[[Any], Proposal | Verdict]
+
+
+_STEP_CALLS = {
+    "draft": _StepCall("Propose", lambda stub: stub.Propose, lambda stub: stub.ProposeStream,
+                       propose_request_to_pb, proposal_from_pb),
+    "target": _StepCall("Verify", lambda stub: stub.Verify, lambda stub: stub.VerifyStream,
+                        verify_request_to_pb, verdict_from_pb),
 }
 
 
@@ -83,12 +88,6 @@ _ENDED_BETWEEN_STEPS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.C
 def _left(deadline: float | None) -> float | None:
     """Seconds from now to a ``time.monotonic()`` deadline (None: none), as a call's timeout."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def loop_time(monotonic: float) -> float:
-    """A ``time.monotonic()`` instant on the running event loop's clock."""
-    loop = asyncio.get_running_loop()
-    return loop.time() + (monotonic - time.monotonic())
 
 
 class GrpcBackend:
@@ -115,7 +114,7 @@ class GrpcBackend:
         self.draft_method = ""  # a draft's Info.draft_method: "model", "ngram", "hybrid" ("": unknown)
         self.processor = ("", "")  # (Info.hostname, Info.device): where it computes ("": unknown)
         self.streams = streams
-        self._rpc_name, self._to_pb, self._from_pb = _STEP_RPC[role]
+        self._rpc = _STEP_CALLS[role]
         self._open_streams: dict[str, Any] = {}  # session id -> its step stream (a grpc.aio call)
 
     async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str:
@@ -123,12 +122,15 @@ class GrpcBackend:
         return (await self._call(self.stub.OpenSession, request, timeout)).session_id
 
     async def step(self, request: StepRequest) -> Proposal | Verdict:
-        message = self._to_pb(request)
+        message = self._rpc.to_pb(request)
         if self.streams:
             response = await self._stream_step(request.session_id, message, request.deadline)
         else:
-            response = await self._call(getattr(self.stub, self._rpc_name), message, _left(request.deadline))
-        result = self._from_pb(response)
+            response = await self._call(self._rpc.unary(self.stub), message, _left(request.deadline))
+        try:
+            result = self._rpc.from_pb(response)
+        except InvalidArgument as error:  # e.g. a q of an odd number of bytes: the replica's fault
+            raise ReplicaError(self.address, ReplicaFailure.MALFORMED, f"malformed reply: {error}") from None
         result.wire_bytes = message.ByteSize() + response.ByteSize()
         return result
 
@@ -142,7 +144,7 @@ class GrpcBackend:
         reused = call is not None
         while True:
             if call is None:
-                call = self._open_streams[session_id] = getattr(self.stub, self._rpc_name + "Stream")(
+                call = self._open_streams[session_id] = self._rpc.stream(self.stub)(
                     metadata=self.metadata)
             if deadline is not None:  # what is left of it, also when the step is asked again (0: none)
                 message.timeout_ms = max(1e-3, (deadline - time.monotonic()) * 1e3)
@@ -157,8 +159,8 @@ class GrpcBackend:
                     response = await call.read()
             except TimeoutError:
                 self._drop(session_id, call)
-                raise ReplicaError(self.address, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                   f"no answer to {self._rpc_name} by its deadline") from None
+                raise ReplicaError(self.address, ReplicaFailure.TIMED_OUT,
+                                   f"DEADLINE_EXCEEDED: no answer to {self._rpc.name} by its deadline") from None
             except grpc.aio.AioRpcError as error:
                 self._drop(session_id, call)
                 # Unsent (the call had failed before this step), or the stream ended under it.
@@ -174,8 +176,8 @@ class GrpcBackend:
                 if reused:
                     reused, call = False, None
                     continue
-                raise ReplicaError(self.address, grpc.StatusCode.UNAVAILABLE,
-                                   f"the {self._rpc_name} stream ended without an answer")
+                raise ReplicaError(self.address, ReplicaFailure.DOWN,
+                                   f"UNAVAILABLE: the {self._rpc.name} stream ended without an answer")
             if self._open_streams.get(session_id) is not call:  # the session was closed meanwhile
                 call.cancel()
             return response

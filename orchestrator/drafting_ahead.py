@@ -46,7 +46,7 @@ class DraftAhead:
                     and len(drafted) == k and self.eos_id not in drafted and left > 1)
         # An n-gram lookup (alone or in a hybrid) depends on where its Propose starts, and a seeded
         # request's tokens must not depend on pipelining: only a model draft drafts ahead for one.
-        reproducible = self.params.timed_k or getattr(lane.backend, "draft_method", "model") in ("", "model")
+        reproducible = self.params.timed_k or (lane.backend is not None and lane.backend.draft_method in ("", "model"))
         if not (possible and reproducible) or planner is None:
             return 0
         k_next = planner.next_k(k, cap, sharing) if self.params.num_draft_auto else self.params.num_draft

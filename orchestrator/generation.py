@@ -7,15 +7,16 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from specdec_core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from specdec_core.limits import INT32_MAX, at_least, limit
 
+from .backend_protocol import BackendSource
 from .detokenize import TextAttribution, TextStream
 from .estimates import PlanMemory
-from .lanes import BackendSource
 from .params import GenerationParams, Stats, new_request_id
 from .speculative import SpeculativeGeneration
 
@@ -170,22 +171,23 @@ class Orchestrator:
             )
             text = TextStream(self.tokenizer)
             attribution = TextAttribution(self.tokenizer) if text_spans else None
-            async for step in generation.run():
-                if step.tokens and not generation.stats.time_to_first_token_s:
-                    generation.stats.time_to_first_token_s = time.monotonic() - arrived
-                delta = text.push(step.tokens)
-                if step.finish_reason is not None:
-                    delta += text.flush()
-                    stats = generation.stats
-                    outcome = (f"finished ({step.finish_reason}): {stats.tokens} tokens in {stats.steps} steps, "
-                               f"acceptance {stats.acceptance_rate:.2f}, {stats.total_s * 1e3:.0f} ms, "
-                               f"draft {stats.draft_replica or '-'}, target {stats.target_replica}")
-                    finished_at = time.monotonic()
-                    yield TextEvent(delta, step.tokens, step.finish_reason, stats, step.from_draft,
-                                    _spans(attribution, step.tokens, step.from_draft, delta))
-                else:
-                    yield TextEvent(delta, step.tokens, from_draft=step.from_draft,
-                                    spans=_spans(attribution, step.tokens, step.from_draft, delta))
+            async with aclosing(generation.run()) as steps:  # its sessions close when this request ends
+                async for step in steps:
+                    if step.tokens and not generation.stats.time_to_first_token_s:
+                        generation.stats.time_to_first_token_s = time.monotonic() - arrived
+                    delta = text.push(step.tokens)
+                    if step.finish_reason is not None:
+                        delta += text.flush()
+                        stats = generation.stats
+                        outcome = (f"finished ({step.finish_reason}): {stats.tokens} tokens in {stats.steps} steps, "
+                                   f"acceptance {stats.acceptance_rate:.2f}, {stats.total_s * 1e3:.0f} ms, "
+                                   f"draft {stats.draft_replica or '-'}, target {stats.target_replica}")
+                        finished_at = time.monotonic()
+                        yield TextEvent(delta, step.tokens, step.finish_reason, stats, step.from_draft,
+                                        _spans(attribution, step.tokens, step.from_draft, delta))
+                    else:
+                        yield TextEvent(delta, step.tokens, from_draft=step.from_draft,
+                                        spans=_spans(attribution, step.tokens, step.from_draft, delta))
         except BaseException as error:
             if finished_at is None:  # not the consumer closing us after the last event
                 outcome = _failure(error, deadline, generation)

@@ -4,24 +4,15 @@ committed tokens, and the request each call sends; plus the checks on a replica'
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
-import grpc
 import numpy as np
 
 from specdec_core.sampling import token_probability
-from specdec_core.steps import Proposal, SamplingParams, StepRequest
+from specdec_core.steps import Distribution, Proposal, SamplingParams, StepRequest, Verdict
 
-from .backends import Backend, ReplicaError
-
-
-class BackendSource(Protocol):
-    """Hands out replicas of a role ("draft" or "target") and hears about their failures."""
-
-    def acquire(self, role: str, exclude: set[str]) -> Backend | None: ...
-    def release(self, backend: Any) -> None: ...
-    def report_failure(self, backend: Any, error: Exception) -> None: ...
+from .backend_protocol import Backend, ReplicaError, ReplicaFailure
 
 
 @dataclass
@@ -35,13 +26,13 @@ class Lane:
 
     role: str  # "draft" or "target"
     decoded: list[int]  # the request's committed decoder tokens (the generation's own list)
-    backend: Any = None  # None: no session (a draft lane with no draft left)
+    backend: Backend | None = None  # None: no session (a draft lane with no draft left)
     session_id: str = ""
     length: int = 1  # the service session's length
     failed: set[str] = field(default_factory=set)  # replicas this request gave up on
     # The replica chosen for the session being opened, until it is attached (pipelined, draft
     # and target open at once, and the draft's first k needs the target's --max-draft).
-    opening: Any = None
+    opening: Backend | None = None
     address: str = ""  # the replica of the last session attached (kept after it closes: stats)
     _held: int = 1  # committed tokens the session held after its last call
     _block: list[int] = field(default_factory=list)  # what it holds past them
@@ -61,7 +52,7 @@ class Lane:
         """Can the request go on without this lane? A draft's, yes: the target finishes alone."""
         return self.role == "draft"
 
-    def attach(self, backend: Any, session_id: str) -> None:
+    def attach(self, backend: Backend, session_id: str) -> None:
         """A new session: it holds the decoder start token only."""
         self.backend, self.session_id, self.address = backend, session_id, backend.address
         self.length, self._held, self._block = 1, 1, []
@@ -98,10 +89,11 @@ class Lane:
         """The largest k this lane's replica takes (its --max-draft; 0: unknown, no cap). The
         pool knows it from the replica's Info, so it holds from the moment the replica is chosen,
         while its session is still opening (pipelined, the first k is chosen then)."""
-        return getattr(self.backend or self.opening, "max_draft", 0) or 0
+        backend = self.backend or self.opening
+        return backend.max_draft if backend is not None else 0
 
     def request(self, block: list[int], num_draft: int, sampling: SamplingParams, seed: int,
-                deadline: float | None, draft_distributions: Any = ()) -> StepRequest:
+                deadline: float | None, draft_distributions: Sequence[Distribution] = ()) -> StepRequest:
         """The next call: roll back to the synced prefix, append what the session lacks."""
         synced = self.synced
         return StepRequest(
@@ -124,23 +116,17 @@ def draft_token_probs(proposal: Proposal) -> list[float]:
     distributions = list(proposal.distributions)
     if len(distributions) != len(proposal.tokens):
         return list(proposal.token_probs)
-    probs = []
-    for distribution, token in zip(distributions, proposal.tokens, strict=True):
-        if hasattr(distribution, "probs_f16"):  # the wire message, forwarded untouched
-            weights = np.frombuffer(distribution.probs_f16, dtype="<f2")
-        else:  # a Distribution (in-process backends)
-            weights = np.asarray(distribution.probs)
-        probs.append(token_probability(np.asarray(distribution.token_ids), weights, token))
-    return probs
+    return [token_probability(distribution.token_ids, np.asarray(distribution.probs), token)
+            for distribution, token in zip(distributions, proposal.tokens, strict=True)]
 
 
-def check_reply(role: str, request: StepRequest, result: Any, address: str) -> None:
+def check_reply(role: str, request: StepRequest, result: Proposal | Verdict, address: str) -> None:
     """A reply must have the shape the request implies; a malformed one is the replica's fault
     (ReplicaError: fail over), never something to act on."""
     k = request.num_draft
     sampled = not request.sampling.greedy
     base = request.rollback_to or request.expected_length
-    if role == "draft":
+    if role == "draft" and isinstance(result, Proposal):
         n = len(result.tokens)
         problems = [
             n > k and f"{n} tokens for k={k}",
@@ -148,16 +134,18 @@ def check_reply(role: str, request: StepRequest, result: Any, address: str) -> N
             sampled and len(result.distributions) != n and f"{len(result.distributions)} distributions for {n} tokens",
             result.length != base + len(request.append_tokens) + n and f"length {result.length}",
         ]
-    else:
+    elif role == "target" and isinstance(result, Verdict):
         problems = [
             len(result.argmax) != k + 1 and f"{len(result.argmax)} argmax for k={k}",
             sampled and len(result.draft_probs) != k and f"{len(result.draft_probs)} p(d) for k={k}",
             sampled and len(result.resampled) != k + 1 and f"{len(result.resampled)} resampled for k={k}",
             result.length != base + len(request.append_tokens) and f"length {result.length}",
         ]
+    else:
+        problems = [f"a {type(result).__name__} from a {role}"]
     found = [p for p in problems if p]
     if found:
-        raise ReplicaError(address, grpc.StatusCode.INTERNAL, "malformed reply: " + "; ".join(found))
+        raise ReplicaError(address, ReplicaFailure.MALFORMED, "malformed reply: " + "; ".join(found))
 
 
 # A worker's model time lies within the call that carried it: past the wall time the orchestrator
@@ -165,8 +153,8 @@ def check_reply(role: str, request: StepRequest, result: Any, address: str) -> N
 MODEL_TIME_SLACK_MS = 1.0
 
 
-def timing_problem(role: str, request: StepRequest, result: Any, wall_s: float, max_batch: int = 0,
-                   max_draft: int = 0) -> str:
+def timing_problem(role: str, request: StepRequest, result: Proposal | Verdict, wall_s: float,
+                   max_batch: int = 0, max_draft: int = 0) -> str:
     """What makes a well-formed reply's timing impossible, in words ("" if nothing): a model time
     that is not finite, negative or longer than the call (``wall_s``), a batch outside 1..the
     worker's --max-batch, or a Verify batch's rows outside what its steps can score (each 1..its
@@ -180,7 +168,7 @@ def timing_problem(role: str, request: StepRequest, result: Any, wall_s: float, 
         and f"model_ms {model_ms!r} in a call of {wall_s * 1e3:.1f} ms",
         not 1 <= batch <= (max_batch or batch) and f"batch_size {batch} (--max-batch {max_batch})",
     ]
-    if role == "target" and result.batch_rows and not problems[1]:
+    if isinstance(result, Verdict) and result.batch_rows and not problems[1]:
         own, others = request.num_draft + 1, batch - 1  # rows: this step's, and the others' 1 or more each
         most = own + others * (max_draft + 1) if max_draft or not others else result.batch_rows
         if not own + others <= result.batch_rows <= most:
@@ -189,9 +177,9 @@ def timing_problem(role: str, request: StepRequest, result: Any, wall_s: float, 
     return "; ".join(p for p in problems if p)
 
 
-def drop_timing(result: Any) -> None:
+def drop_timing(result: Proposal | Verdict) -> None:
     """Keep a reply's tokens, forget its timing (``timing_problem``): it teaches nothing and adds
     nothing to the stats' model times."""
     result.timed, result.model_ms, result.batch_size = False, 0.0, 1
-    if hasattr(result, "batch_rows"):
+    if isinstance(result, Verdict):
         result.batch_rows = 0

@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from specdec_grpc.status import status_for
 
+from .backend_protocol import Backend, BackendSource
+
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -77,7 +79,7 @@ class OrchestratorMetrics:
         """Report the orchestrator's live generations, read when scraped."""
         self.live.set_function(lambda: orchestrator.active)
 
-    def count_failures(self, source: Any) -> Any:
+    def count_failures(self, source: BackendSource) -> BackendSource:
         """A ``BackendSource`` that counts replica failures by role, then passes them on: every
         ``report_failure`` is one failover in a request's stats (``Stats.failovers``)."""
         return _CountingSource(source, self._failovers)
@@ -129,17 +131,17 @@ class OrchestratorMetrics:
 
 
 class _CountingSource:
-    def __init__(self, source: Any, children: dict[str, Any]):
+    """A ``BackendSource`` that counts each failure it hears of by the replica's role."""
+
+    def __init__(self, source: BackendSource, children: dict[str, Any]):
         self._source = source
         self._children = children
         self.acquire = source.acquire
         self.release = source.release
+        self.sessions_sharing = source.sessions_sharing
 
-    def report_failure(self, backend: Any, error: Exception) -> None:
-        child = self._children.get(getattr(backend, "role", ""))
+    def report_failure(self, backend: Backend, error: Exception) -> None:
+        child = self._children.get(backend.role)
         if child is not None:
             child.inc()
         self._source.report_failure(backend, error)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._source, name)

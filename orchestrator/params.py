@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from specdec_core.errors import InvalidArgument
-from specdec_core.steps import SamplingParams
+from specdec_core.steps import Proposal, SamplingParams, Verdict
+
+if TYPE_CHECKING:
+    from .estimates import StepRecord
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,9 @@ class GenerationParams:
 
 @dataclass
 class Stats:
+    """A request's figures, as its last event carries them. The loop adds to them in two places:
+    each reply as it arrives (``count_reply``) and each step from its record (``count_step``)."""
+
     proposed: int = 0
     accepted: int = 0
     draft_passes: int = 0
@@ -76,6 +83,30 @@ class Stats:
     # By role: step replies whose reported timing was impossible; their tokens were used, their
     # times dropped (``lanes.timing_problem``; the metric specdec_dropped_worker_reports_total).
     dropped_timings: dict[str, int] = field(default_factory=dict)
+
+    def count_reply(self, role: str, reply: Proposal | Verdict, timing_dropped: bool) -> None:
+        """One Propose or Verify reply: its bytes on the wire, a draft's passes (one per token it
+        drafted, drafted ahead or not), and a timing report dropped as impossible."""
+        self.wire_bytes += reply.wire_bytes
+        if isinstance(reply, Proposal):
+            self.draft_passes += len(reply.tokens)
+        if timing_dropped:
+            self.dropped_timings[role] = self.dropped_timings.get(role, 0) + 1
+
+    def count_step(self, record: StepRecord, emitted: int, kept: int) -> None:
+        """One step: ``emitted`` tokens, ``kept`` of them drafts (an accepted EOS cuts the rest off),
+        and the wall and model times of its Propose and Verify (drafting ahead overlaps the Verify,
+        so it is not draft time: the times add up to the total)."""
+        self.steps += 1
+        self.count_num_draft(record.requested)
+        self.proposed += record.drafted
+        self.accepted += kept
+        self.count_block(record.drafted, kept)
+        self.target_tokens += int(emitted > kept)
+        self.draft_s += record.propose_s
+        self.verify_s += record.verify_s
+        self.draft_model_s += record.propose_model_s
+        self.target_model_s += record.verify_model_s
 
     @property
     def target_passes(self) -> int:

@@ -28,25 +28,23 @@ from specdec_core.limits import declared_limits
 from specdec_pb import specdec_pb2 as pb
 from specdec_pb import specdec_pb2_grpc as pb_grpc
 
-from .backends import GrpcBackend, ReplicaError
+from .backend_protocol import Backend, ReplicaError, ReplicaFailure
+from .backends import GrpcBackend
 
 logger = logging.getLogger(__name__)
 
-# Codes after which a replica is presumed down (not merely busy or confused about one session).
-FAILURE_CODES = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.PERMISSION_DENIED,
+# Failures after which a replica is presumed down (not merely busy or confused about one session).
+OUT_OF_ROTATION = {
+    ReplicaFailure.DOWN,
+    ReplicaFailure.REFUSED,
+    ReplicaFailure.MALFORMED,
     # A call that ran out of time is reported here only when the request itself still had time
     # (the loop reports its own deadline to the client instead): the replica stopped answering
     # within the per-call limit, so it is stuck or far behind. Out of rotation like a dead one,
     # and back when the health watch sees SERVING: a worker whose model thread is stuck says
     # NOT_SERVING (its --watchdog-s) until it recovers; one that was merely slow returns at the
     # next health check. Simpler than a load penalty, and new sessions avoid it meanwhile.
-    grpc.StatusCode.DEADLINE_EXCEEDED,
+    ReplicaFailure.TIMED_OUT,
 }
 # A worker's --owner-lease must cover this many health checks: each renews this orchestrator's lease
 # on its sessions (the Info it sends), so it may miss the rest in a row without losing one.
@@ -374,7 +372,7 @@ class ReplicaPool:
         replica.active_sessions += 1
         return replica.backend
 
-    def sessions_sharing(self, backend: Any) -> int:
+    def sessions_sharing(self, backend: Backend) -> int:
         """Sessions on this target replica that could share its passes: the most of ours and all
         orchestrators' (its Info at the last health check), at most its --max-batch."""
         replica = self._by_backend.get(id(backend))
@@ -384,17 +382,17 @@ class ReplicaPool:
         max_batch = replica.info.limits.max_batch if replica.info is not None else 0
         return max(1, min(sessions, max_batch) if max_batch else sessions)
 
-    def release(self, backend: Any) -> None:
+    def release(self, backend: Backend) -> None:
         replica = self._by_backend.get(id(backend))
         if replica is not None:
             replica.active_sessions = max(0, replica.active_sessions - 1)
 
-    def report_failure(self, backend: Any, error: Exception) -> None:
+    def report_failure(self, backend: Backend, error: Exception) -> None:
         replica = self._by_backend.get(id(backend))
         if replica is None:
             return
         replica.last_error = str(error)
-        if isinstance(error, ReplicaError) and error.code in FAILURE_CODES:
+        if isinstance(error, ReplicaError) and error.kind in OUT_OF_ROTATION:
             replica.healthy = False
 
     def status(self) -> list[pb.ReplicaStatus]:

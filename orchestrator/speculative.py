@@ -21,20 +21,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
-
-import grpc
 
 from specdec_core.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from specdec_core.sampling import ACCEPT_STREAM, position_uniforms
-from specdec_core.steps import Proposal, Verdict
+from specdec_core.steps import Distribution, Proposal, StepRequest, Verdict
 
 from .acceptance import StepOutcome, accept_greedy, accept_sampled
-from .backends import ReplicaError, loop_time
+from .backend_protocol import Backend, BackendSource, ReplicaError, ReplicaFailure, loop_time
 from .drafting_ahead import DraftAhead
 from .estimates import PlanMemory, StepRecord
-from .lanes import BackendSource, Lane, check_reply, draft_token_probs, drop_timing, timing_problem
+from .lanes import Lane, check_reply, draft_token_probs, drop_timing, timing_problem
 from .params import GenerationParams, Stats, StepEvent, new_request_id
 from .planner import Planner
 
@@ -75,6 +73,7 @@ class SpeculativeGeneration:
         self.plan_memory = plan_memory  # the replica pairs' costs, and what earlier requests learned
         self.planner: Planner | None = None  # set once both sessions are open
         self.ahead = DraftAhead(params, eos_id, self.stats)  # pipelining, beside the loop
+        self._closed = False  # both sessions closed (``_close_once``)
 
     # -- timing -------------------------------------------------------------------------------
     def _call_deadline(self) -> float:
@@ -87,7 +86,7 @@ class SpeculativeGeneration:
         return min(self.deadline, now + DEFAULT_CALL_TIMEOUT_S)
 
     # -- lanes --------------------------------------------------------------------------------
-    def _choose(self, lane: Lane, full: list[ResourceExhausted]) -> Any:
+    def _choose(self, lane: Lane, full: list[ResourceExhausted]) -> Backend | None:
         """A replica to open the lane's session on (``lane.opening`` until it is attached). None:
         none left for a draft lane (the target finishes alone); for the target lane that is an
         error (RESOURCE_EXHAUSTED if the last ones were full, as in ``full``)."""
@@ -102,7 +101,8 @@ class SpeculativeGeneration:
         lane.opening = backend
         return backend
 
-    async def _open(self, lane: Lane, full: list[ResourceExhausted] | None = None, chosen: Any = None) -> None:
+    async def _open(self, lane: Lane, full: list[ResourceExhausted] | None = None,
+                    chosen: Backend | None = None) -> None:
         """Open the lane's session on a replica (``chosen``, or one it chooses), failing over until
         one accepts; with none left, see ``_choose``."""
         full = list(full or [])
@@ -129,7 +129,7 @@ class SpeculativeGeneration:
             lane.attach(backend, session_id)
             return
 
-    async def _open_session(self, backend: Any) -> str:
+    async def _open_session(self, backend: Backend) -> str:
         """Open a session for this request on ``backend``. If the request is cancelled or its
         deadline passes meanwhile, the open still runs to its end and the session it returns is
         closed: a worker that answered just as the request gave up would otherwise hold the session
@@ -178,13 +178,13 @@ class SpeculativeGeneration:
         # None: the draft lane closed (no replica left)
         ready = self.ahead.ready = await self._call(self.draft, [], k, self.params.seed, ahead=True)
         if ready is not None:
-            self.stats.draft_passes += len(ready.tokens)
             if self.planner is not None and ready.timed:
                 self.planner.pair.observe_draft(len(ready.tokens), ready.model_ms / 1e3, ready.batch_size,
                                                 time.perf_counter())
 
     async def _call(self, lane: Lane, block: list[int], num_draft: int, seed: int,
-                    draft_distributions: Any = (), ahead: bool = False) -> Any:
+                    draft_distributions: Sequence[Distribution] = (), ahead: bool = False
+                    ) -> Proposal | Verdict | None:
         """One Propose or Verify on the lane, failing over (and resyncing the new replica from
         the prompt and the committed tokens) while replicas fail. None: the draft lane closed.
 
@@ -209,7 +209,7 @@ class SpeculativeGeneration:
                 check_reply(lane.role, request, result, backend.address)
             except ReplicaError as error:
                 self._abandon(lane)
-                if error.code in SESSION_LOST and backend.address not in reopened:
+                if error.kind is ReplicaFailure.SESSION_LOST and backend.address not in reopened:
                     self._raise_if_expired(error)
                     reopened.add(backend.address)
                     logger.info("req=%s %s %s lost the session (%s); reopening it there", self.request_id,
@@ -228,25 +228,25 @@ class SpeculativeGeneration:
                 await self._open(lane, [error])
                 continue
             lane.record(result.length, block + result.added_tokens)
-            self.stats.wire_bytes += result.wire_bytes
-            self._check_timing(lane.role, request, result, wall_s, backend)
+            self.stats.count_reply(lane.role, result, self._drop_impossible_timing(lane.role, request, result,
+                                                                                   wall_s, backend))
             return result
         return None
 
-    def _check_timing(self, role: str, request: Any, result: Any, wall_s: float, backend: Any) -> None:
+    def _drop_impossible_timing(self, role: str, request: StepRequest, result: Proposal | Verdict, wall_s: float,
+                                backend: Backend) -> bool:
         """Drop an impossible timing report (``lanes.timing_problem``), keeping the reply's tokens;
-        counted in the stats, and said at WARNING once per request."""
-        problem = timing_problem(role, request, result, wall_s, getattr(backend, "max_batch", 0),
-                                 getattr(backend, "max_draft", 0))
+        said at WARNING once per request. True if it was dropped."""
+        problem = timing_problem(role, request, result, wall_s, backend.max_batch, backend.max_draft)
         if not problem:
-            return
+            return False
         drop_timing(result)
-        dropped = self.stats.dropped_timings
-        logger.log(logging.DEBUG if dropped else logging.WARNING, "req=%s %s %s reported an impossible timing "
-                   "(%s): dropped, its tokens used", self.request_id, role, backend.address, problem)
-        dropped[role] = dropped.get(role, 0) + 1
+        logger.log(logging.DEBUG if self.stats.dropped_timings else logging.WARNING, "req=%s %s %s reported an "
+                   "impossible timing (%s): dropped, its tokens used", self.request_id, role, backend.address,
+                   problem)
+        return True
 
-    async def _reopen(self, lane: Lane, backend: Any) -> bool:
+    async def _reopen(self, lane: Lane, backend: Backend) -> bool:
         """Open a new session for the lane on the same replica; False if that fails too."""
         try:
             session_id = await self._open_session(backend)
@@ -259,7 +259,7 @@ class SpeculativeGeneration:
         lane.attach(backend, session_id)
         return True
 
-    def _replica_failed(self, lane: Lane, backend: Any, error: ReplicaError) -> None:
+    def _replica_failed(self, lane: Lane, backend: Backend, error: ReplicaError) -> None:
         self.source.release(backend)
         self._raise_if_expired(error)
         logger.warning("req=%s %s %s failed (%s); failing over", self.request_id, lane.role,
@@ -347,19 +347,20 @@ class SpeculativeGeneration:
 
     def _sharing(self) -> int:
         """Sessions on the target replica that could share its pass (the pool knows; in-process: 1)."""
-        sharing = getattr(self.source, "sessions_sharing", None)
-        return sharing(self.target.backend) if sharing is not None else 1
+        return self.source.sessions_sharing(self.target.backend) if self.target.backend is not None else 1
 
     def _auto_cap(self) -> int:
         """The largest k auto may choose: max_num_draft and every replica's --max-draft."""
         return min([self.params.max_num_draft, *self._replica_draft_caps()])
 
-    def _sessions(self) -> tuple[Any, ...]:
+    def _sessions(self) -> tuple[Backend | None, str, Backend | None, str]:
         """Which sessions the lanes hold: a step that changed them failed over or reopened one."""
         return (self.draft.backend, self.draft.session_id, self.target.backend, self.target.session_id)
 
     # -- the loop -----------------------------------------------------------------------------
     async def run(self) -> AsyncIterator[StepEvent]:
+        """The request's steps, as events. Both sessions are closed once, on every way out: before
+        the last event when it finishes, or as it fails or is cancelled (``_close_once``)."""
         started = time.perf_counter()
         try:
             await self._open_lanes()
@@ -375,19 +376,14 @@ class SpeculativeGeneration:
                 loop_from = (step_started, record.propose_s + record.verify_s)
                 if self.planner is not None:
                     self.planner.observe(record)
-                self.stats.count_num_draft(record.requested)
                 emitted = outcome.emitted(drafted)
-                self.stats.steps += 1
-                self.stats.proposed += len(drafted)
                 finish = None
                 if self.eos_id in emitted:
                     emitted = emitted[: emitted.index(self.eos_id) + 1]
                     finish = "eos"
                 # Draft tokens kept; an accepted EOS cuts the block (and the target's token) off.
                 kept = min(outcome.accepted, len(emitted))
-                self.stats.accepted += kept
-                self.stats.count_block(len(drafted), kept)
-                self.stats.target_tokens += int(len(emitted) > kept)
+                self.stats.count_step(record, len(emitted), kept)
                 produced += len(emitted)
                 self.decoded.extend(emitted)  # the lanes see it: their synced prefix follows
                 if finish is None and produced >= self.params.max_tokens:
@@ -396,15 +392,23 @@ class SpeculativeGeneration:
                 from_draft = [i < kept for i, t in enumerate(emitted) if t != self.eos_id]
                 if finish is not None:
                     self._store_planner()
-                    # Free both sessions before the client hears we are done.
-                    await asyncio.shield(self.close())
-                    self.stats.total_s = time.perf_counter() - started
+                    await self._close_once(started)  # both sessions freed before the client hears we are done
                     yield StepEvent(visible, finish, from_draft)
                     return
                 yield StepEvent(visible, finish, from_draft)
         finally:
-            self.stats.total_s = time.perf_counter() - started
+            await self._close_once(started)
+
+    async def _close_once(self, started: float) -> None:
+        """Close both sessions unless that is done (a cancel does not cut the close short); then the
+        request's total time."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
             await asyncio.shield(self.close())
+        finally:
+            self.stats.total_s = time.perf_counter() - started
 
     # -- one step ---------------------------------------------------------------------------------
     async def _step(self, k: int, remaining: int) -> tuple[StepOutcome, list[int], StepRecord]:
@@ -468,22 +472,10 @@ class SpeculativeGeneration:
             ahead_batch=predrafted.batch_size if predrafted is not None else 1,
             ahead_end=ahead_end,
         )
-        self._count_calls(record, 0 if was_ready else len(drafted))
         return outcome, drafted, record
 
-    def _count_calls(self, record: StepRecord, proposed: int) -> None:
-        """A step's calls in the stats: wall and model time of its Propose and Verify (drafting
-        ahead overlaps the Verify, so it is not counted as draft time: the times add up to the
-        total), and every draft pass, drafted ahead or not."""
-        stats = self.stats
-        stats.draft_s += record.propose_s
-        stats.verify_s += record.verify_s
-        stats.draft_model_s += record.propose_model_s
-        stats.target_model_s += record.verify_model_s
-        stats.draft_passes += proposed + record.ahead_drafted
 
-
-def _close_in_background(backend: Any, session_id: str) -> None:
+def _close_in_background(backend: Backend, session_id: str) -> None:
     """Close a session no request holds any more, off the request path (errors only logged)."""
 
     async def close_quietly() -> None:
@@ -497,7 +489,7 @@ def _close_in_background(backend: Any, session_id: str) -> None:
     task.add_done_callback(_ABANDONED.discard)
 
 
-def _close_opened(backend: Any, opening: asyncio.Future[str]) -> None:
+def _close_opened(backend: Backend, opening: asyncio.Future[str]) -> None:
     """An open whose request was cancelled has ended: close the session it opened, if any."""
     if not opening.cancelled() and opening.exception() is None:
         _close_in_background(backend, opening.result())
@@ -509,7 +501,7 @@ async def _ended(call: Awaitable[Result]) -> tuple[Result, float]:
     return result, time.perf_counter()
 
 
-async def _all(*calls: Any) -> list[Any]:
+async def _all(*calls: Awaitable[Any]) -> list[Any]:
     """Run calls concurrently and wait until EVERY one has finished (unlike ``gather``, none is
     left running when another fails); then their results, or the first one's error."""
     tasks = [asyncio.ensure_future(call) for call in calls]
@@ -534,6 +526,3 @@ def _take_errors(tasks: list[asyncio.Future[Any]]) -> None:
         if not task.cancelled():
             task.exception()
 
-
-# Codes that mean the replica lost our session, not that it is down.
-SESSION_LOST = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ABORTED})

@@ -6,8 +6,7 @@ It lives outside ``orchestrator/`` so that the orchestrator process never import
 
 from __future__ import annotations
 
-from typing import Any
-
+from orchestrator.backend_protocol import Backend
 from specdec_core.session_host import SessionHost
 from specdec_core.steps import Proposal, StepRequest, Verdict
 
@@ -17,9 +16,12 @@ class LocalBackend:
 
     def __init__(self, host: SessionHost, address: str = "in-process"):
         self.host = host
+        self.role = host.role
         self.address = address
         self.max_draft = host.limits.max_draft
+        self.max_batch = host.limits.max_batch
         self.draft_method = host.engine.method if host.role == "draft" else ""
+        self.processor = ("", "")  # (not told: the k policy then assumes nothing about where it computes)
 
     async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str:
         return (await self.host.open(prompt_ids, request_id)).id
@@ -41,8 +43,11 @@ class LocalSource:
         backend = self.backends[role]
         return None if backend.address in exclude else backend
 
-    def release(self, backend: Any) -> None:
+    def release(self, backend: Backend) -> None:
         pass
 
-    def report_failure(self, backend: Any, error: Exception) -> None:
+    def report_failure(self, backend: Backend, error: Exception) -> None:
         pass
+
+    def sessions_sharing(self, backend: Backend) -> int:
+        return 1  # (this request's own: the in-process baseline runs one request at a time)

@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from harness import LoopThread, Worker, position_bytes, start_worker_in
 from procs import wait_until
 
-from orchestrator.backends import ReplicaError
+from orchestrator.backend_protocol import ReplicaError, ReplicaFailure
 from orchestrator.replicas import ReplicaPool
 from orchestrator.server import OrchestratorConfig, WorkerCredentials
 from orchestrator.server import build_parser as orchestrator_parser
@@ -309,11 +309,11 @@ def test_a_replica_that_timed_out_is_out_of_rotation_until_health_says_serving()
     pool = _pool("a:1", "b:1")
     slow, other = pool.replicas
     other.active_sessions = 3  # the least-loaded choice would be the slow one
-    pool.report_failure(slow.backend, ReplicaError("a:1", CODE.DEADLINE_EXCEEDED, "no answer in 60s"))
+    pool.report_failure(slow.backend, ReplicaError("a:1", ReplicaFailure.TIMED_OUT, "DEADLINE_EXCEEDED: no answer in 60s"))
     assert not slow.healthy and "DEADLINE_EXCEEDED" in slow.last_error
     assert pool.acquire("target", set()) is other.backend
     # Busy or confused about one session is not a placement signal.
-    pool.report_failure(other.backend, ReplicaError("b:1", CODE.ABORTED, "stale step"))
+    pool.report_failure(other.backend, ReplicaError("b:1", ReplicaFailure.SESSION_LOST, "ABORTED: stale step"))
     assert other.healthy
     # The health watch puts it back once it answers SERVING (a stuck worker says NOT_SERVING).
     info = pb.InfoResponse(vocab_size=512, role="target")

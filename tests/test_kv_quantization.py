@@ -20,12 +20,11 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import grpc
 import mlx.core as mx  # conftest imported specdec_core (OpenBLAS) before this
 import numpy as np
 import pytest
 
-from orchestrator.backends import ReplicaError
+from orchestrator.backend_protocol import ReplicaError, ReplicaFailure
 from orchestrator.params import GenerationParams
 from orchestrator.speculative import SpeculativeGeneration
 from specdec_core.cache_bytes import KV_GROUP_SIZE, CacheShape
@@ -294,7 +293,7 @@ class ForgetfulTarget(LocalBackend):
         if not self.forgot and request.expected_length > self.forget_after:
             self.forgot = True
             await self.host.close(request.session_id)
-            raise ReplicaError(self.address, grpc.StatusCode.NOT_FOUND, "session expired")
+            raise ReplicaError(self.address, ReplicaFailure.SESSION_LOST, "NOT_FOUND: session expired")
         return await super().step(request)
 
 

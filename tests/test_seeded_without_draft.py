@@ -13,10 +13,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 
-from orchestrator.backends import ReplicaError
+from orchestrator.backend_protocol import ReplicaError, ReplicaFailure
 from orchestrator.params import GenerationParams
 from orchestrator.speculative import SpeculativeGeneration
 from specdec_core.checkpoint import load_model
@@ -40,7 +39,7 @@ class DyingDraft(LocalBackend):
     async def step(self, request: Any) -> Any:
         n, self.steps = self.steps, self.steps + 1
         if self.dies_at is not None and n >= self.dies_at:
-            raise ReplicaError(self.address, grpc.StatusCode.UNAVAILABLE, "the draft went down")
+            raise ReplicaError(self.address, ReplicaFailure.DOWN, "UNAVAILABLE: the draft went down")
         return await super().step(request)
 
 
@@ -59,6 +58,9 @@ class Source:
 
     def report_failure(self, backend: Any, error: Exception) -> None:
         pass
+
+    def sessions_sharing(self, backend: Any) -> int:
+        return 1
 
 
 @pytest.fixture(scope="module")

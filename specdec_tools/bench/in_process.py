@@ -50,9 +50,10 @@ class InProcess:
         async def generate() -> tuple[list[int], Any]:
             ids: list[int] = []
             stats = None
-            async for event in self.orchestrator.generate(prompt, params, None):
-                ids.extend(event.token_ids)
-                stats = event.stats or stats
+            async with contextlib.aclosing(self.orchestrator.generate(prompt, params, None)) as events:
+                async for event in events:
+                    ids.extend(event.token_ids)
+                    stats = event.stats or stats
             return ids, stats
 
         cpu = time.process_time()

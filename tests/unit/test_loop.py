@@ -8,11 +8,10 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-import grpc
 import numpy as np
 import pytest
 
-from orchestrator.backends import ReplicaError
+from orchestrator.backend_protocol import ReplicaError, ReplicaFailure
 from orchestrator.estimates import DECAY, Costs, PairCosts
 from orchestrator.params import GenerationParams
 from orchestrator.planner import Planner
@@ -67,7 +66,9 @@ class FakeReplica:
     address: str
     faults: list[Fault] = field(default_factory=list)
     max_draft: int = 0
+    max_batch: int = 0
     draft_method: str = "model"
+    processor: tuple[str, str] = ("", "")
     sessions: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)  # id -> (prompt, tokens)
     calls: dict[str, int] = field(default_factory=lambda: {"open": 0, "step": 0})
     opened: int = 0
@@ -80,7 +81,7 @@ class FakeReplica:
 
     def _raise(self, kind: str) -> None:
         if kind == "down":
-            raise ReplicaError(self.address, grpc.StatusCode.UNAVAILABLE, "connection refused")
+            raise ReplicaError(self.address, ReplicaFailure.DOWN, "connection refused")
         if kind == "full":
             raise ResourceExhausted(f"{self.role} {self.address} is full")
 
@@ -103,10 +104,10 @@ class FakeReplica:
         if kind == "lost":
             self.sessions.pop(request.session_id, None)
         if request.session_id not in self.sessions:
-            raise ReplicaError(self.address, grpc.StatusCode.NOT_FOUND, str(SessionNotFound("gone")))
+            raise ReplicaError(self.address, ReplicaFailure.SESSION_LOST, str(SessionNotFound("gone")))
         prompt, tokens = self.sessions[request.session_id]
         if request.expected_length != len(tokens):
-            raise ReplicaError(self.address, grpc.StatusCode.ABORTED, str(PrefixMismatch("length")))
+            raise ReplicaError(self.address, ReplicaFailure.SESSION_LOST, str(PrefixMismatch("length")))
         if self.max_draft and request.num_draft > self.max_draft:
             raise AssertionError(f"k={request.num_draft} above this replica's max_draft {self.max_draft}")
         if request.rollback_to:
@@ -153,6 +154,9 @@ class FakeSource:
 
     def report_failure(self, backend: FakeReplica, error: Exception) -> None:
         self.reported.append((backend.address, error))
+
+    def sessions_sharing(self, backend: FakeReplica) -> int:
+        return 1
 
 
 PROMPT = [5, 9, 4]
@@ -547,7 +551,7 @@ class LateOpen(FakeReplica):
         session_id = await super().open(prompt_ids, request_id, timeout)
         if timeout is not None and timeout < self.delay_s:
             await asyncio.sleep(timeout)
-            raise ReplicaError(self.address, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            raise ReplicaError(self.address, ReplicaFailure.TIMED_OUT, "Deadline Exceeded")
         await asyncio.sleep(self.delay_s)
         return session_id
 
@@ -586,7 +590,7 @@ class StallingReplica(FakeReplica):
         self.calls["step"] += 1
         assert request.deadline is not None
         await asyncio.sleep(max(0.0, request.deadline - time.monotonic()))
-        raise ReplicaError(self.address, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        raise ReplicaError(self.address, ReplicaFailure.TIMED_OUT, "Deadline Exceeded")
 
 
 def test_a_deadline_that_passes_while_both_replicas_step_leaves_no_unretrieved_error() -> None:
@@ -657,13 +661,13 @@ def test_acceptance_uses_q_from_the_forwarded_distribution() -> None:
 
 def test_q_of_a_draft_token_from_dense_sparse_and_point_mass_wire_q() -> None:
     from orchestrator.lanes import draft_token_probs
-    from specdec_grpc.wire import distribution_to_pb
+    from specdec_grpc.wire import distribution_from_pb, distribution_to_pb
 
     weights = np.array([0.1, 0.2, 0.3, 0.4], np.float16)
     dense = Distribution(np.zeros(0, np.int32), weights)
     sparse = Distribution(np.array([2, 7, 9], np.int32), np.array([0.25, 0.5, 0.25], np.float16))
     point = Distribution(np.array([5], np.int32), np.array([1.0], np.float16))
-    for wrap in (lambda d: d, distribution_to_pb):  # in-process, and as the wire message
+    for wrap in (lambda d: d, lambda d: distribution_from_pb(distribution_to_pb(d))):  # in-process; over the wire
         proposal = Proposal([3, 7, 5, 4], [0.0] * 4, [wrap(dense), wrap(sparse), wrap(point), wrap(sparse)])
         q = draft_token_probs(proposal)
         expected_dense = float(weights.astype(np.float64)[3] / weights.astype(np.float64).sum())

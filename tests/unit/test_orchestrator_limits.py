@@ -53,8 +53,12 @@ class RecordingTokenizer:
 class FakeTarget:
     """A target replica that writes 3 fixed tokens, then EOS."""
 
+    role: str = "target"
     address: str = "fake-target:1"
     max_draft: int = 0
+    max_batch: int = 0
+    draft_method: str = ""
+    processor: tuple[str, str] = ("", "")
     sessions: dict[str, int] = field(default_factory=dict)
 
     async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str:
@@ -85,6 +89,9 @@ class Source:
 
     def report_failure(self, backend: Any, error: Exception) -> None:
         pass
+
+    def sessions_sharing(self, backend: Any) -> int:
+        return 1
 
 
 def make(limits: OrchestratorLimits | None = None) -> tuple[Orchestrator, RecordingTokenizer]:

@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from orchestrator.backends import GrpcBackend, ReplicaError
+from orchestrator.backend_protocol import ReplicaError, ReplicaFailure
+from orchestrator.backends import GrpcBackend
 from specdec_core.errors import InvalidArgument
 from specdec_core.steps import SamplingParams, StepRequest
 from specdec_pb import specdec_pb2 as pb
@@ -169,7 +170,8 @@ def test_a_replica_without_step_streams_fails_the_step_as_a_replica_error() -> N
         server, backend = await serving(servicer)
         with pytest.raises(ReplicaError) as failed:
             await backend.step(step("a"))
-        assert failed.value.code == grpc.StatusCode.UNIMPLEMENTED and servicer.unary_steps == 0
+        assert failed.value.kind is ReplicaFailure.FAILED and "UNIMPLEMENTED" in str(failed.value)
+        assert servicer.unary_steps == 0
         await server.stop(None)
 
     run(test)
