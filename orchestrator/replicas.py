@@ -58,6 +58,9 @@ TRUSTED_LIMITS = {f.name: f.metadata["valid"] for f in declared_limits(HostLimit
 COMPATIBILITY_FIELDS = (
     "vocab_size", "eos_token_id", "pad_token_id", "decoder_start_token_id", "tokenizer_fingerprint",
 )
+# Fields every target replica must share: the output is "what this target writes alone", so a
+# failover between targets of other weights or cache settings would splice two targets' outputs.
+TARGET_FIELDS = ("num_parameters", "dtype", "quantization_bits", "kv_bits", "kv_group_size")
 
 
 class StartupError(Exception):
@@ -236,7 +239,8 @@ class ReplicaPool:
                 raise IncompatibleReplicas(
                     f"refusing to start: {replica.role} {replica.address} is incompatible with target "
                     f"{targets[0].address}: {problem}. Draft and target must share one tokenizer and "
-                    "the same special token ids."
+                    "the same special token ids; target replicas also the same weights, dtype, "
+                    "quantization and --kv-bits."
                 )
             problem = self.unfit(replica.info)
             if problem:
@@ -266,7 +270,7 @@ class ReplicaPool:
     def incompatibility(self, info: pb.InfoResponse | None) -> str:
         if info is None or self.reference is None:
             return "no Info"
-        for name in COMPATIBILITY_FIELDS:
+        for name in COMPATIBILITY_FIELDS + (TARGET_FIELDS if info.role == "target" else ()):
             mine, theirs = getattr(info, name), getattr(self.reference, name)
             if mine != theirs:
                 return f"{name} {mine!r} != {theirs!r}"

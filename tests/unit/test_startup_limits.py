@@ -127,3 +127,29 @@ def test_the_sessions_that_could_share_a_target_pass_count_every_orchestrators_u
                         at=0.0)
     assert pool.sessions_sharing(replica.backend) == 16  # no more than one pass takes
     assert pool.sessions_sharing(object()) == 1  # not one of the pool's
+
+
+def pool_with_targets(*settings: dict[str, object]) -> ReplicaPool:
+    """Targets answering Info with the same tokenizer and limits, each with its own ``settings``."""
+    def channel(address: str) -> MagicMock:
+        made = MagicMock()
+        made.close = AsyncMock()
+        return made
+
+    pool = ReplicaPool([], [f"t:{i}" for i in range(len(settings))], channel_factory=channel)
+    limits = pb.Limits(max_decoder_tokens=4096, max_draft=32, max_batch=16, max_prompt_tokens=2048)
+    for replica, setting in zip(pool.replicas, settings, strict=True):
+        info = pb.InfoResponse(vocab_size=512, role="target", limits=limits, **setting)
+        replica.backend.stub.Info = AsyncMock(return_value=info)
+    return pool
+
+
+@pytest.mark.parametrize("field, first, second", [("kv_bits", 0, 8), ("kv_group_size", 64, 32),
+                                                   ("dtype", "float32", "bfloat16"),
+                                                   ("quantization_bits", 0, 4), ("num_parameters", 10, 11)])
+def test_target_replicas_must_be_one_target(field: str, first: object, second: object) -> None:
+    """A failover moves a request to another target replica: one with other weights or another
+    cache setting writes other tokens, so the pool refuses to start with it."""
+    with pytest.raises(IncompatibleReplicas, match=f"target t:1 is incompatible .*{field}"):
+        start(pool_with_targets({field: first}, {field: second}), OrchestratorLimits())
+    start(pool_with_targets({field: first}, {field: first}), OrchestratorLimits())
