@@ -5,8 +5,10 @@ worker as users start it, its start-up warning included), opens one session on a
 ``--prompt-tokens`` ids and times, through the worker's own Verify RPC, ``--tokens`` steps of
 one token (the target alone decoding) and ``--blocks`` steps of a block of ``--block`` positions
 (a speculative Verify at k = block - 1), then reads the worker's peak resident memory (VmHWM).
-The checkpoint is a float32 one at the T5 shape (``big_checkpoint generate --shape large``), so
-every combination is cast and quantized as it loads. docs/bench/cpu_numerics.md comes from it::
+Wall times are what a caller sees; the worker's CPU time per step is what a busy machine
+inflates far less, the figure to compare on a shared one. The checkpoint is a float32 one at the
+T5 shape (``big_checkpoint generate --shape large``), so every combination is cast and quantized
+as it loads. docs/bench/cpu_numerics.md comes from it::
 
     python -m specdec_tools.bench.big_checkpoint generate --shape large --out /tmp/t5-large-fp32
     python -m specdec_tools.bench.cpu_numerics --source /tmp/t5-large-fp32 --work /tmp/numerics
@@ -47,6 +49,8 @@ class Figures:
     ms_per_token: float  # median of the one-token steps' wall time
     ms_per_block: float  # median of the block steps'
     model_ms_per_token: float  # the worker's own model time (VerifyResponse.model_ms), median
+    cpu_ms_per_token: float  # the worker's CPU time over the one-token steps, per step: what a busy
+    cpu_ms_per_block: float  # machine inflates far less than wall time (one thread computes)
     peak_rss_bytes: int  # VmHWM after all the steps
     weight_bytes: int  # the worker's "GB of weights" line
     warned: bool  # whether its start-up log has a WARNING about the combination
@@ -64,6 +68,7 @@ def measure(source: Path, work: Path, combination: Combination, tokens: int, blo
     from specdec_pb import specdec_pb2 as pb
     from specdec_pb import specdec_pb2_grpc as pb_grpc
     from specdec_tools.bench.big_checkpoint import _served_bytes
+    from specdec_tools.bench.services import process_cpu_s
     from specdec_tools.service_process import ServiceProcess
 
     log = work / f"target-{combination.dtype}-q{combination.quantize or 0}.log"
@@ -72,7 +77,8 @@ def measure(source: Path, work: Path, combination: Combination, tokens: int, blo
         with grpc.insecure_channel(service.address) as channel:
             stub = pb_grpc.TargetStub(channel)
             rng = random.Random(0)
-            prompt = [rng.randrange(3, 32000) for _ in range(prompt_tokens - 1)] + [1]
+            vocab = stub.Info(pb.InfoRequest(), timeout=30).vocab_size
+            prompt = [rng.randrange(3, vocab) for _ in range(prompt_tokens - 1)] + [1]
             session = stub.OpenSession(pb.OpenSessionRequest(prompt_ids=prompt))
             length, last = session.length, 0
 
@@ -85,21 +91,26 @@ def measure(source: Path, work: Path, combination: Combination, tokens: int, blo
                 return (time.perf_counter() - started) * 1e3, reply
 
             for _ in range(2):  # warm-up: the first passes allocate
-                _, reply = step([rng.randrange(3, 32000)], 0)
+                _, reply = step([rng.randrange(3, vocab)], 0)
             one, model = [], []
+            cpu = process_cpu_s(service.pid)
             for _ in range(tokens):
                 wall, reply = step([last], 0)
                 last = reply.argmax[-1]
                 one.append(wall)
                 model.append(reply.model_ms)
+            cpu_one = (process_cpu_s(service.pid) or 0.0) - (cpu or 0.0)
             rows = []
+            cpu = process_cpu_s(service.pid)
             for _ in range(blocks):
-                wall, reply = step([rng.randrange(3, 32000) for _ in range(block)], block - 1)
+                wall, reply = step([rng.randrange(3, vocab) for _ in range(block)], block - 1)
                 rows.append(wall)
+            cpu_rows = (process_cpu_s(service.pid) or 0.0) - (cpu or 0.0)
             peak = _peak_rss(service.pid)
     text = log.read_text(errors="replace")
     return Figures(" ".join(combination.flags), statistics.median(one), statistics.median(rows),
-                   statistics.median(model), peak, _served_bytes(log), "WARNING" in text)
+                   statistics.median(model), 1e3 * cpu_one / tokens, 1e3 * cpu_rows / blocks, peak,
+                   _served_bytes(log), "WARNING" in text)
 
 
 def median_of(runs: list[Figures]) -> Figures:
@@ -107,19 +118,22 @@ def median_of(runs: list[Figures]) -> Figures:
     first = runs[0]
     return Figures(first.flags, statistics.median(f.ms_per_token for f in runs),
                    statistics.median(f.ms_per_block for f in runs),
-                   statistics.median(f.model_ms_per_token for f in runs), max(f.peak_rss_bytes for f in runs),
+                   statistics.median(f.model_ms_per_token for f in runs),
+                   statistics.median(f.cpu_ms_per_token for f in runs),
+                   statistics.median(f.cpu_ms_per_block for f in runs), max(f.peak_rss_bytes for f in runs),
                    first.weight_bytes, any(f.warned for f in runs))
 
 
 def markdown(results: list[tuple[Combination, Figures]], block: int) -> str:
     base = next((f for c, f in results if c.dtype == "float32" and c.quantize is None), results[0][1])
-    lines = [f"| `--dtype` | `--quantize` | ms/token | vs float32 | ms per block of {block} | model ms/token "
-             "| weights GiB | peak RSS GiB | start-up warning |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [f"| `--dtype` | `--quantize` | CPU ms/token | vs float32 | CPU ms per block of {block} | vs float32 "
+             f"| wall ms/token | wall ms per block of {block} | weights GiB | peak RSS GiB | start-up warning |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for combination, f in results:
-        lines.append(f"| {combination.dtype} | {combination.quantize or 'none'} | {f.ms_per_token:.1f} | "
-                     f"{f.ms_per_token / base.ms_per_token:.2f}x | {f.ms_per_block:.1f} | "
-                     f"{f.model_ms_per_token:.1f} | {f.weight_bytes / GIB:.2f} | {f.peak_rss_bytes / GIB:.2f} | "
+        lines.append(f"| {combination.dtype} | {combination.quantize or 'none'} | {f.cpu_ms_per_token:.1f} | "
+                     f"{f.cpu_ms_per_token / base.cpu_ms_per_token:.2f}x | {f.cpu_ms_per_block:.1f} | "
+                     f"{f.cpu_ms_per_block / base.cpu_ms_per_block:.2f}x | {f.ms_per_token:.1f} | "
+                     f"{f.ms_per_block:.1f} | {f.weight_bytes / GIB:.2f} | {f.peak_rss_bytes / GIB:.2f} | "
                      f"{'yes' if f.warned else 'no'} |")
     return "\n".join(lines) + "\n"
 
@@ -148,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             figures = measure(args.source, args.work, combination, args.tokens, args.blocks, args.block,
                               args.prompt_tokens)
             runs[combination.name].append(figures)
-            print(f"round {round_ + 1}/{args.rounds} {combination.name}: {figures.ms_per_token:.1f} ms/token, "
-                  f"block of {args.block} {figures.ms_per_block:.1f} ms, peak "
+            print(f"round {round_ + 1}/{args.rounds} {combination.name}: {figures.ms_per_token:.1f} ms/token "
+                  f"(CPU {figures.cpu_ms_per_token:.1f}), block of {args.block} {figures.ms_per_block:.1f} ms "
+                  f"(CPU {figures.cpu_ms_per_block:.1f}), peak "
                   f"{figures.peak_rss_bytes / GIB:.2f} GiB", flush=True)
     results = [(c, median_of(runs[c.name])) for c in combinations]
     (args.work / "cpu_numerics.json").write_text(json.dumps({name: [asdict(f) for f in figures]
