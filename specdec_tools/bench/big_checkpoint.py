@@ -312,18 +312,29 @@ def main(argv: list[str] | None = None) -> int:
     cache.add_argument("--sessions", type=int, default=20, help="sessions to open (default 20)")
     cache.add_argument("--prompt-tokens", type=int, default=512, help="each session's prompt (default 512)")
     cache.add_argument("--work", type=Path, default=Path("/tmp/specdec-cache-memory"), help="where the log goes")
+    cache.add_argument("--until-refused", action="store_true",
+                       help="stop at the first session the worker refuses (RESOURCE_EXHAUSTED: --cache-memory "
+                            "spent), --sessions at most; also reports the peak against weights + budget + 1 GiB")
     cache.add_argument("--json", type=Path, help="also write the figures here")
     cache.add_argument("options", nargs="*", help="more specdec-target flags, after --, e.g. -- --dtype bfloat16")
     args = parser.parse_args(argv)
     if args.command == "cache":
         from specdec_tools.bench.cache_memory import measure_cache
 
-        result = measure_cache(args.model, args.options, args.sessions, args.prompt_tokens,
-                               args.work / "cache-target.log")
+        log = args.work / "cache-target.log"
+        result = measure_cache(args.model, args.options, args.sessions, args.prompt_tokens, log,
+                               until_refused=args.until_refused)
         print(result.line(), flush=True)
+        figures = asdict(result) | {"growth": result.growth, "ratio": result.ratio}
+        if args.until_refused:
+            weights = _served_bytes(log)
+            bound = weights + result.budget_bytes + GIB  # issue 30: the peak stays within this
+            figures |= {"weights_bytes": weights, "peak_bound_bytes": bound, "within_bound": result.hwm_open <= bound}
+            print(f"refused after {result.sessions} sessions: {result.refusal!r}; VmHWM {result.hwm_open / GIB:.2f} GiB "
+                  f"vs weights {weights / GIB:.2f} + budget {result.budget_bytes / GIB:.2f} + 1 GiB = "
+                  f"{bound / GIB:.2f} GiB", flush=True)
         if args.json:
-            args.json.write_text(json.dumps(asdict(result) | {"growth": result.growth, "ratio": result.ratio},
-                                            indent=2))
+            args.json.write_text(json.dumps(figures, indent=2))
         return 0
     if args.command == "generate":
         shape = SHAPES[args.shape] | ({"num_layers": args.layers, "num_decoder_layers": args.layers}

@@ -5,6 +5,10 @@ chunk), and compare the growth of the process's resident memory (``VmRSS``; its 
 Linux only (it reads ``/proc``). The figures in docs/bench/cache_memory.md come from it::
 
     python -m specdec_tools.bench.big_checkpoint cache --model models/demo-target --sessions 200
+
+``--until-refused`` opens up to N sessions and stops at the first the worker refuses
+(RESOURCE_EXHAUSTED: its ``--cache-memory`` is spent), recording the refusal and the budget, so
+the peak can be held against the weights + the budget (docs/bench/t5_11b.md).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ class CacheMeasurement:
     hwm_open: int
     rss_closed: int  # after closing them all (MLX keeps freed buffers for reuse)
     open_seconds: float
+    budget_bytes: int = 0  # Info.limits.cache_memory_bytes
+    refusal: str = ""  # until refused: the RESOURCE_EXHAUSTED message of the session it refused
 
     @property
     def growth(self) -> int:
@@ -56,9 +62,10 @@ def process_memory(pid: int) -> tuple[int, int]:
 
 
 def measure_cache(model: Path, options: list[str], sessions: int, prompt_tokens: int, log: Path,
-                  settle_s: float = 1.0) -> CacheMeasurement:
+                  settle_s: float = 1.0, until_refused: bool = False) -> CacheMeasurement:
     """Open ``sessions`` sessions of ``prompt_tokens`` on ``specdec-target --model MODEL OPTIONS``
-    and measure its resident memory before and after (see the module's docstring)."""
+    and measure its resident memory before and after (see the module's docstring); with
+    ``until_refused``, stop early at the first RESOURCE_EXHAUSTED."""
     import grpc
 
     from specdec_pb import specdec_pb2 as pb
@@ -76,11 +83,18 @@ def measure_cache(model: Path, options: list[str], sessions: int, prompt_tokens:
         time.sleep(settle_s)
         rss_before, hwm_before = process_memory(service.pid)
         started = time.monotonic()
-        opened = []
+        opened: list[str] = []
+        refusal = ""
         for _ in range(sessions):
-            session = stub.OpenSession(pb.OpenSessionRequest(prompt_ids=prompt), timeout=600).session_id
+            try:
+                session = stub.OpenSession(pb.OpenSessionRequest(prompt_ids=prompt), timeout=3600).session_id
+            except grpc.RpcError as error:
+                if not (until_refused and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    raise
+                refusal = error.details() or ""
+                break
             # The first step allocates the session's first decoder chunk (its open reserved it).
-            stub.Verify(pb.VerifyRequest(session_id=session, expected_length=1, num_draft=0), timeout=600)
+            stub.Verify(pb.VerifyRequest(session_id=session, expected_length=1, num_draft=0), timeout=3600)
             opened.append(session)
         open_seconds = time.monotonic() - started
         info = stub.Info(pb.InfoRequest(), timeout=60)
@@ -91,6 +105,6 @@ def measure_cache(model: Path, options: list[str], sessions: int, prompt_tokens:
         time.sleep(settle_s)
         rss_closed, _ = process_memory(service.pid)
         channel.close()
-    return CacheMeasurement(" ".join(["specdec-target", *argv]), sessions, prompt_tokens,
+    return CacheMeasurement(" ".join(["specdec-target", *argv]), len(opened), prompt_tokens,
                             info.cache_bytes_per_position, info.cache_bytes_used, rss_before, rss_open, hwm_before,
-                            hwm_open, rss_closed, open_seconds)
+                            hwm_open, rss_closed, open_seconds, info.limits.cache_memory_bytes, refusal)
