@@ -216,6 +216,24 @@ def _is_name(token: str) -> bool:
     return bool(re.fullmatch(IDENT, token) or (DOTTED.fullmatch(token) and not token.endswith(".py")))
 
 
+def claim_kind(token: str) -> str | None:
+    """What a span claims, by its form; None: nothing this test checks (a flag, a data file's name,
+    an expression)."""
+    if token.startswith("-") or token.endswith(DATA_SUFFIXES):
+        return None
+    if re.fullmatch(rf"def {IDENT}", token):
+        return "def"
+    if re.fullmatch(r"specdec-[\w-]+", token):
+        return "script"
+    if "/" in token:
+        return "path" if re.fullmatch(r"[\w./-]+", token) else None
+    if re.fullmatch(r"\w+\.py", token):
+        return "module"
+    if DOTTED.fullmatch(token):
+        return "dotted"
+    return "name" if re.fullmatch(IDENT, token) else None
+
+
 def _without_call(token: str) -> str:
     return re.sub(r"\(.*\)$", "", token)
 
@@ -270,29 +288,26 @@ class DocChecker:
         self._problem(f"`{module_token}` `{name}`: {name} is not defined in {module_token}")
 
     def _check_alone(self, token: str) -> None:
-        if token.startswith("-") or not token:
+        kind = claim_kind(token)
+        if kind is None:
             return
         self.checked += 1
-        if match := re.fullmatch(rf"def ({IDENT})", token):
-            if match.group(1) not in self.index.names:
-                self._problem(f"`{token}`: no function or method {match.group(1)}")
-        elif re.fullmatch(r"specdec-[\w-]+", token):
+        if kind == "def":
+            if token.removeprefix("def ") not in self.index.names:
+                self._problem(f"`{token}`: no function or method {token.removeprefix('def ')}")
+        elif kind == "script":
             if token not in self.index.scripts:
                 self._problem(f"`{token}`: not a console script in pyproject.toml")
-        elif "/" in token:
-            if re.fullmatch(r"[\w./-]+", token) and not (self.root / token.rstrip("/")).exists():
+        elif kind == "path":
+            if not (self.root / token.rstrip("/")).exists():
                 self._problem(f"`{token}`: no such file or folder")
-        elif token.endswith(".py"):
+        elif kind == "module":
             if len(self._module_of(token)) != 1:
                 self._problem(f"`{token}`: not exactly one module of that name in {', '.join(SERVING)}")
-        elif token.endswith(DATA_SUFFIXES):
-            self.checked -= 1
-        elif DOTTED.fullmatch(token):
+        elif kind == "dotted":
             self._check_dotted(token)
-        elif re.fullmatch(IDENT, token):
-            self._check_name(token)
         else:
-            self.checked -= 1
+            self._check_name(token)
 
     def _check_dotted(self, token: str) -> None:
         parts = token.split(".")
