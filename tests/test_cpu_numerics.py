@@ -20,7 +20,7 @@ def test_matrix_through_a_target_and_the_warning_only_where_quantized(t5_v11_dir
         assert run["warned"] == name.endswith("8-bit"), name
     log = (tmp_path / "target-bfloat16-q8.log").read_text()
     warnings = [line for line in log.splitlines() if "WARNING" in line]
-    assert len(warnings) == 1 and "serve --dtype bfloat16 without --quantize" in warnings[0]
+    assert len(warnings) == 1 and "leave out --quantize" in warnings[0]
     assert "computing in float32" in log
     table = (tmp_path / "cpu_numerics.md").read_text()
     assert table.count("\n") == 6 and "| bfloat16 | 8 |" in table and "| yes |" in table
