@@ -28,10 +28,15 @@ from specdec_grpc.wire import (
     verify_request_to_pb,
 )
 from specdec_pb import specdec_pb2 as pb
+from specdec_pb import specdec_pb2_grpc as pb_grpc
 
 from .backend_protocol import ReplicaError, ReplicaFailure, loop_time
 
 logger = logging.getLogger(__name__)
+
+Stub = pb_grpc.DraftStub | pb_grpc.TargetStub
+StepMessage = pb.ProposeRequest | pb.VerifyRequest
+StepReply = pb.ProposeResponse | pb.VerifyResponse
 
 # How each status a replica answers with reads in the loop's terms (any other: FAILED).
 FAILURE_FOR_STATUS = {
@@ -66,10 +71,10 @@ class _StepCall:
     StepRequest goes out and how its answer comes back."""
 
     name: str
-    unary: Callable[[Any], Any]
-    stream: Callable[[Any], Any]
-    to_pb: Callable[[StepRequest], pb.ProposeRequest | pb.VerifyRequest]
-    from_pb: Callable[[Any], Proposal | Verdict]
+    unary: Callable[[Stub], grpc.aio.UnaryUnaryMultiCallable]
+    stream: Callable[[Stub], grpc.aio.StreamStreamMultiCallable]
+    to_pb: Callable[[StepRequest], StepMessage]
+    from_pb: Callable[[StepReply], Proposal | Verdict]
 
 
 _STEP_CALLS = {
@@ -102,7 +107,7 @@ class GrpcBackend:
     per step instead.
     """
 
-    def __init__(self, role: str, address: str, stub: Any, metadata: Sequence[tuple[str, str]] = (),
+    def __init__(self, role: str, address: str, stub: Stub, metadata: Sequence[tuple[str, str]] = (),
                  streams: bool = True, owner: str = ""):
         self.role = role
         self.address = address
@@ -115,7 +120,7 @@ class GrpcBackend:
         self.processor = ("", "")  # (Info.hostname, Info.device): where it computes ("": unknown)
         self.streams = streams
         self._rpc = _STEP_CALLS[role]
-        self._open_streams: dict[str, Any] = {}  # session id -> its step stream (a grpc.aio call)
+        self._open_streams: dict[str, grpc.aio.StreamStreamCall] = {}  # session id -> its step stream
 
     async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str:
         request = pb.OpenSessionRequest(prompt_ids=prompt_ids, client_tag=request_id, owner=self.owner)
@@ -134,7 +139,7 @@ class GrpcBackend:
         result.wire_bytes = message.ByteSize() + response.ByteSize()
         return result
 
-    async def _stream_step(self, session_id: str, message: Any, deadline: float | None) -> Any:
+    async def _stream_step(self, session_id: str, message: StepMessage, deadline: float | None) -> StepReply:
         """One step on the session's stream (opened here if it has none), by ``deadline``
         (``time.monotonic()``; None: none)."""
         call = self._open_streams.get(session_id)
@@ -182,7 +187,7 @@ class GrpcBackend:
                 call.cancel()
             return response
 
-    def _drop(self, session_id: str, call: Any) -> None:
+    def _drop(self, session_id: str, call: grpc.aio.StreamStreamCall) -> None:
         """Forget and cancel a step stream that can serve no further step."""
         if self._open_streams.get(session_id) is call:
             del self._open_streams[session_id]

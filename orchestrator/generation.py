@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from specdec_core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from specdec_core.limits import INT32_MAX, at_least, limit
+from specdec_core.steps import SamplingParams
 
 from .backend_protocol import BackendSource
 from .detokenize import TextAttribution, TextStream
@@ -109,7 +110,7 @@ class Orchestrator:
             )
         return ids
 
-    def params(self, max_tokens: int, num_draft: int, num_draft_auto: bool, sampling: Any, delta: float,
+    def params(self, max_tokens: int, num_draft: int, num_draft_auto: bool, sampling: SamplingParams, delta: float,
                seed: int | None, speculative: bool, pipeline: bool | None = None) -> GenerationParams:
         """Fill defaults (0 = server default) and validate against the limits. A default above
         its cap (e.g. only --max-num-draft lowered) is clamped, not turned into an error."""

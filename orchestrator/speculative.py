@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from specdec_core.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from specdec_core.sampling import ACCEPT_STREAM, position_uniforms
-from specdec_core.steps import Distribution, Proposal, StepRequest, Verdict
+from specdec_core.steps import Distribution, Proposal, SamplingParams, StepRequest, Verdict
 
 from .acceptance import StepOutcome, accept_greedy, accept_sampled
 from .backend_protocol import Backend, BackendSource, ReplicaError, ReplicaFailure, loop_time
@@ -308,7 +308,7 @@ class SpeculativeGeneration:
         return [lane.max_draft for lane in (self.draft, self.target) if lane.max_draft > 0]
 
     # -- choosing k ---------------------------------------------------------------------------
-    def _memory_key(self) -> tuple[Any, ...]:
+    def _memory_key(self) -> tuple[str, str, SamplingParams, float]:
         """What k learned from one request carries to the next under: the same two replicas
         and the same sampling (acceptance depends on temperature, top-k, top-p and delta)."""
         target = self.target.backend or self.target.opening  # pipelined, the target may still be opening

@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,13 +33,15 @@ from typing import TYPE_CHECKING, Any
 from .decoder_state import DecoderState
 from .errors import DeadlineExceeded
 from .host_limits import HostLimits
-from .steps import StepRequest
+from .steps import Proposal, StepRequest, Verdict
 from .worker_engine import WorkerEngine
 
 if TYPE_CHECKING:
     from .session_host import HostMetrics
 
 logger = logging.getLogger(__name__)
+
+StepResult = Proposal | Verdict | DecoderState  # what a Propose, a Verify or an open gives its caller
 
 
 @dataclass(eq=False)
@@ -54,7 +56,7 @@ class QueuedStep:
     arrived: float  # time.perf_counter() when it reached the worker
     prompt: list[int] | None = None  # open: the prompt to encode
     open_deadline: float | None = None  # open: the caller's deadline
-    future: Future[Any] = field(default_factory=Future)
+    future: Future[StepResult] = field(default_factory=Future)
     started: float = 0.0  # when its batch began on the model thread
     finished: float = 0.0  # when its batch ended (0: never ran)
     batch_size: int = 0
@@ -129,7 +131,7 @@ class StepScheduler:
         self._arrived = threading.Condition()
         self._gathering = {"propose": Gathering(), "verify": Gathering()}
 
-    def submit(self, step: QueuedStep) -> Any:
+    def submit(self, step: QueuedStep) -> asyncio.Future[StepResult]:
         """Queue a step; returns an asyncio future of its result (call on the event loop)."""
         self._count_job(step.future)
         with self._arrived:
@@ -216,7 +218,7 @@ class StepScheduler:
     def _run(self, batch: list[QueuedStep]) -> None:
         started = time.perf_counter()
         ready = [step for step in batch if self._admit(step)]
-        results: list[Any] = []
+        results: Sequence[StepResult | Exception] = []
         if ready:
             try:
                 results = self._work(ready)
@@ -251,7 +253,7 @@ class StepScheduler:
             _settle(step.future, error=error)
             return False
 
-    def _work(self, steps: list[QueuedStep]) -> list[Any]:
+    def _work(self, steps: list[QueuedStep]) -> Sequence[StepResult]:
         if steps[0].kind == "open":
             return self.engine.start_batch([s.prompt for s in steps])
         if steps[0].kind == "propose":
@@ -261,7 +263,7 @@ class StepScheduler:
             [(s.state, s.request.num_draft, s.request.sampling, s.request.seed,
               list(s.request.draft_distributions)) for s in steps])
 
-    def _alone(self, step: QueuedStep) -> Any:
+    def _alone(self, step: QueuedStep) -> StepResult | Exception:
         """Put the step back as it was queued and run it by itself: its result, or its error."""
         step.restore(step.prepared)
         try:
@@ -271,7 +273,7 @@ class StepScheduler:
             return error
 
 
-def _claim(future: Future[Any]) -> bool:
+def _claim(future: Future[StepResult]) -> bool:
     """Mark a step's future running; False if it was cancelled or already answered (abort)."""
     if future.done():
         return False
@@ -281,7 +283,7 @@ def _claim(future: Future[Any]) -> bool:
         return False
 
 
-def _settle(future: Future[Any], result: Any = None, error: BaseException | None = None) -> None:
+def _settle(future: Future[StepResult], result: StepResult | None = None, error: BaseException | None = None) -> None:
     """Give a step its answer unless it has one (``abort`` may have answered it already)."""
     try:
         if error is not None:
