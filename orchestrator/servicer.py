@@ -122,13 +122,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     @grpc_stream_method
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async for event in self._events(request, context):
-            message = pb.GenerateStreamResponse(text=event.text, token_ids=event.token_ids,
-                                                from_draft=event.from_draft, spans=_spans_to_pb(event.spans))
-            if event.finish_reason is not None:
-                message.finish_reason = event.finish_reason
-                message.stats.CopyFrom(stats_to_pb(event.stats))
-            yield message
+        async with contextlib.aclosing(self._events(request, context)) as events:
+            async for event in events:
+                message = pb.GenerateStreamResponse(text=event.text, token_ids=event.token_ids,
+                                                    from_draft=event.from_draft, spans=_spans_to_pb(event.spans))
+                if event.finish_reason is not None:
+                    message.finish_reason = event.finish_reason
+                    message.stats.CopyFrom(stats_to_pb(event.stats))
+                yield message
 
     @grpc_method
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import grpc
@@ -99,14 +100,15 @@ def grpc_method(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def grpc_stream_method(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+def grpc_stream_method(fn: Callable[..., AsyncGenerator[Any, None]]) -> Callable[..., AsyncGenerator[Any, None]]:
     """The same for server-streaming methods."""
 
     @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncGenerator[Any, None]:
         try:
-            async for item in fn(self, request, context):
-                yield item
+            async with contextlib.aclosing(fn(self, request, context)) as items:  # closed with the call
+                async for item in items:
+                    yield item
         except grpc.aio.AbortError:
             raise
         except Exception as error:  # noqa: BLE001

@@ -199,3 +199,26 @@ def test_a_consumer_that_stops_early_has_both_sessions_closed_when_it_stops(
 
     asyncio.run(run())
     assert_closed_once(source, draft, target)
+
+
+def test_a_stream_the_client_leaves_closes_both_sessions_with_the_call(
+        generation_closes: list[SpeculativeGeneration]) -> None:
+    """gRPC closes a server stream whose client went away: GenerateStream, its events and the
+    generation under them are closed with it, at once."""
+    from orchestrator.servicer import OrchestratorServicer
+    from specdec_pb import specdec_pb2 as pb
+
+    draft, target, source = replicas()
+    servicer = OrchestratorServicer(Orchestrator(source, Tokenizer(), START, EOS, OrchestratorLimits()), None)
+    context = SimpleNamespace(time_remaining=lambda: None)
+
+    async def run() -> None:
+        stream = servicer.GenerateStream(pb.GenerateRequest(prompt="a prompt", max_tokens=40, num_draft=3), context)
+        first = await anext(stream)
+        assert not first.finish_reason and draft.sessions and target.sessions
+        await stream.aclose()
+        assert not draft.sessions and not target.sessions
+        assert len(generation_closes) == 1
+
+    asyncio.run(run())
+    assert_closed_once(source, draft, target)
