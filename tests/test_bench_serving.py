@@ -26,6 +26,9 @@ def test_serving_bench_at_one_and_two_clients(tmp_path: Path) -> None:
     assert code == 0
     for name in ("serving.json", "serving.md", "serving.png"):
         assert (out / name).stat().st_size > 0, name
+    # the services' logs stay in the output directory, beside this process's own
+    assert {"bench.log", "synthetic-draft.log", "synthetic-target.log", "synthetic-orchestrator.log"} <= {
+        p.name for p in (out / "logs").iterdir()}
     report = json.loads((out / "serving.json").read_text())
     assert report["machine"]["blas"] and report["machine"]["cpus"]
     assert report["settings"]["concurrency"] == [1, 2] and report["settings"]["ks"] == ["auto", "2"]

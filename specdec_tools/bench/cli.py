@@ -148,13 +148,14 @@ def workload_names(args: argparse.Namespace) -> tuple[list[str], CustomPair | No
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    log_dir = route_logs(args.out, getattr(logging, args.log_level.upper(), logging.INFO))
+    level = getattr(logging, args.log_level.upper(), logging.INFO)
     import transformers
 
     transformers.logging.set_verbosity_error()
     if args.report_from:
         report = rederive(json.loads(args.report_from.read_text()))
         args.out.mkdir(parents=True, exist_ok=True)
+        route_logs(args.out, level)
         return write_outputs(args.out, "bench", report, markdown(report), plot, verdict(report))
     preset = QUICK if args.quick else FULL
     if args.concurrency and args.drafting:
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     names, custom = workload_names(args)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    log_dir = route_logs(out, level)  # the flags are checked: from here on the run writes into OUT
     env = limit_threads(settings.threads)
     info = machine(settings)
     logger.info("%s", machine_line(info))

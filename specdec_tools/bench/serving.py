@@ -96,11 +96,12 @@ class ServingServices(Services):
     request holds a session on each worker), plus the user's ``--worker-flags`` (last, so they win)."""
 
     def __init__(self, workload: Workload, dtype: str | None, env: dict[str, str], most_clients: int,
-                 worker_flags: list[str]):
+                 worker_flags: list[str], log_dir: Path | None = None):
         # twice the clients: a finished request's sessions and slot are freed just after its last message
         self.room = str(max(64, 2 * most_clients))
         self.worker_flags = worker_flags
-        super().__init__(workload.draft, workload.target, dtype, env, unary_steps_baseline=False)
+        super().__init__(workload.draft, workload.target, dtype, env, unary_steps_baseline=False, log_dir=log_dir,
+                         log_prefix=f"{workload.name}-")
 
     def _start(self, role: str, args: list[str], log_name: str = "") -> ServiceProcess:
         if role == "orchestrator":
@@ -298,11 +299,13 @@ def auto_over_best_fixed(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_serving(workload: Workload, settings: Settings, serving: ServingSettings,
-                env: dict[str, str]) -> dict[str, Any]:
-    """Every phase of one workload (see the module docstring) on one set of services."""
+                env: dict[str, str], log_dir: Path | None = None) -> dict[str, Any]:
+    """Every phase of one workload (see the module docstring) on one set of services, which log
+    into ``log_dir`` (a temporary directory when None)."""
     started = time.perf_counter()
     logger.info("%s: starting the services (3 processes)", workload.name)
-    services = ServingServices(workload, settings.dtype, env, max(serving.concurrency), serving.worker_flags)
+    services = ServingServices(workload, settings.dtype, env, max(serving.concurrency), serving.worker_flags,
+                               log_dir)
     phases = []
     try:
         services.connect()
@@ -348,7 +351,7 @@ def serving_main(args: Any, settings: Settings, serving: ServingSettings, env: d
         "systems": SERVING_SYSTEMS, "skipped": skipped, "workloads": [],
     }
     for workload in workloads:
-        results = run_serving(workload, settings, serving, env)
+        results = run_serving(workload, settings, serving, env, out / "logs")
         report["workloads"].append(workload_entry(workload, results))
     report["wall_s"] = time.perf_counter() - started
     return write_outputs(out, "serving", report, serving_markdown(report), serving_plot)
