@@ -47,7 +47,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.shape == "tiny" and args.agreement != "t5":
         raise SystemExit("specdec-make-pair: --agreement is for --shape t5 or large")
-    draft, target = make_pair(args.out, args.shape, args.agreement)
+    try:
+        draft, target = make_pair(args.out, args.shape, args.agreement)
+    except ImportError as error:  # the tiny pair is written by transformers' PyTorch T5
+        raise SystemExit(f"specdec-make-pair: --shape {args.shape} needs {error.name or 'a package'}, which the "
+                         "test extra installs (.venv/bin/pip install -e \".[test]\"); --shape t5 needs nothing more"
+                         ) from None
     print(f"draft  {draft}\ntarget {target}\nserve them (from the repository root):\n"
           f"  scripts/up --draft-model {draft} --target-model {target}\n"
           f"or convert one first:\n  .venv/bin/specdec-convert --model {target} --out {args.out / 'target-mlx'}")
