@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .cache_bytes import SessionCost
 from .decoder_state import DecoderState
@@ -44,6 +44,7 @@ class DescribedModel(Protocol):
     def weight_bytes(self) -> int: ...
 
 
+@runtime_checkable
 class WorkerEngine(Protocol):
     """One model (or none, for the n-gram draft) and the operations a worker runs on its sessions,
     each over a batch of sessions at once, on the model thread."""
