@@ -103,6 +103,7 @@ def test_soak_churn_kills_and_restarts(tmp_path: Path) -> None:
         # Survivors: the replicas never killed; their memory is compared before and after.
         survivors = {n: cluster.procs[n] for n in ("draft1", "target1")}
         memory_before = {n: rss_mb(p) for n, p in survivors.items()}
+        memory_during: dict[str, list[float]] = {n: [] for n in survivors}  # at 1/4, 1/2 and 3/4
 
         outcomes = Counter[str]()
         lock = threading.Lock()
@@ -136,6 +137,8 @@ def test_soak_churn_kills_and_restarts(tmp_path: Path) -> None:
             # each restarted on its address after a pause.
             for fraction, name in ((0.25, "draft0"), (0.5, "target0"), (0.75, "orch")):
                 time.sleep(max(0.0, stop_at - SOAK_S * (1 - fraction) - time.monotonic()))
+                for survivor, process in survivors.items():
+                    memory_during[survivor].append(rss_mb(process))
                 cluster.kill(name)
                 kills.append((time.monotonic(), name))
                 time.sleep(2.0)
@@ -178,7 +181,9 @@ def test_soak_churn_kills_and_restarts(tmp_path: Path) -> None:
         print(f"  kills: {', '.join(name for _, name in kills)}; sessions reclaimed by the owner lease "
               f"(surviving workers): {reclaimed}; sessions back to 0 {settled_s:.1f} s after the churn")
         for name in survivors:
-            print(f"  {name}: resident {memory_before[name]:.0f} MiB before, {memory_after[name]:.0f} MiB after")
+            during = ", ".join(f"{mb:.0f}" for mb in memory_during[name])
+            print(f"  {name}: resident {memory_before[name]:.0f} MiB before, {during} at 1/4, 1/2 and 3/4, "
+                  f"{memory_after[name]:.0f} MiB after")
         assert len(kills) == 3
         assert outcomes["ok"] > 0 and outcomes["cancelled"] > 0 and outcomes["deadline"] > 0, outcomes
         assert not unexpected, (unexpected, Counter(details).most_common(5))
