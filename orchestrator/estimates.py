@@ -12,9 +12,11 @@ Costs, per replica pair (``PairCosts``), every sum and mean decayed by DECAY per
 b is pulled toward SLOPE_PRIOR (A + b) and s toward 0, each with the weight of RIDGE of the samples
 varying by one row (b) or by the mean x (s); s, within [0, 1], is the share of the draft's time that
 lands on the target: about 1 where they share a processor, 0 where they do not. Beside the line: a
-one-row pass with no drafting beside it; B, the steps per Verify batch; o, a Verify's wall time
-outside its model time plus the loop's own time per step; p, a Propose's wall time outside its model
-time; d, the draft's model time per drafted token over its batch.
+one-row pass with no drafting beside it; B, the steps per Verify batch or the sessions that could
+share it, whichever is more; c, how far a drafting step's Verify batch falls short of them, per
+drafted token ((B / batch - 1) / k); o, a Verify's wall time outside its model time plus the loop's
+own time per step; p, a Propose's wall time outside its model time; d, the draft's model time per
+drafted token over its batch.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class StepRecord:
     verify_batch: int = 1
     verify_rows: int = 0  # rows in the Verify's batch pass (0: not reported)
     verify_end: float = 0.0
+    sharing: int = 1  # sessions on the target replica that could share its pass, when the step began
     drafted_ahead: bool = False  # the block was drafted ahead: no Propose in this step
     ahead_drafted: int = 0  # tokens drafted ahead during this step's Verify (0: none)
     ahead_model_s: float = 0.0
@@ -76,13 +79,15 @@ class StepRecord:
 class Costs:
     """A replica pair's costs as the planner weighs them (seconds, or any one unit)."""
 
-    fixed: float  # A + o: what a batch's steps share
+    fixed: float  # A: the pass's part that its batch's steps share
     per_row: float  # b
     propose: float  # p
     per_draft: float  # d
-    alone: float = 0.0  # T(0) of a step that runs alone: a one-row pass + o (0: from the line)
+    wait: float = 0.0  # o
+    alone: float = 0.0  # t(0) of a step that runs alone: a one-row pass + o (0: from the line)
     batch: float = 1.0  # B
     share: float = 1.0  # s
+    split: float = 0.0  # c
 
 
 # Costs before any are measured, and always a seeded request's, in target-alone steps: a row 0.1, a
@@ -163,6 +168,7 @@ class PairCosts:
     verify: PassFit = field(default_factory=PassFit)
     one_row: Ewma = field(default_factory=Ewma)  # on a CPU a second row costs ~50% more than the first
     batch: Ewma = field(default_factory=Ewma)
+    split: Ewma = field(default_factory=Ewma)  # c: how far each drafted token splits the sessions' passes
     verify_wait: Ewma = field(default_factory=Ewma)  # o, less the loop's part
     loop: Ewma = field(default_factory=Ewma)  # o, the loop's part
     propose_wait: Ewma = field(default_factory=Ewma)
@@ -174,6 +180,8 @@ class PairCosts:
         if not step.timed:
             return
         self.batch.add(step.verify_batch)
+        if step.requested > 0:  # B_k = B / (1 + c k): this step's c, its B the sessions that could join
+            self.split.add(max(0.0, (max(step.sharing, step.verify_batch) / step.verify_batch - 1) / step.requested))
         self.verify_wait.add(max(0.0, step.verify_s - step.verify_model_s))
         # A Propose after steps at k = 0 first caught the draft up: its times are not a draft's.
         if step.requested > 0 and step.caught_up <= 1 and not step.drafted_ahead:
@@ -204,15 +212,15 @@ class PairCosts:
         for its own Propose), so the batches seen would price a step at k = 0 too high."""
         intercept, per_row, share = self.verify.fit()
         batch = max(1.0, self.batch.value, float(sharing))
-        fixed = intercept + self.verify_wait.value + self.loop.value
-        if self.verify.n == 0 or fixed / batch + per_row <= 0:
+        wait = self.verify_wait.value + self.loop.value
+        if self.verify.n == 0 or (intercept + wait) / batch + per_row <= 0:
             return SEEDED_COSTS
-        alone = self.one_row.value + self.verify_wait.value + self.loop.value
-        alone = alone if self.one_row.weight and round(batch) == 1 else 0.0
-        unit = alone or fixed / batch + per_row
+        alone = self.one_row.value + wait if self.one_row.weight and round(batch) == 1 else 0.0
+        unit = alone or (intercept + wait) / batch + per_row
         propose = self.propose_wait.value if self.propose_wait.weight else SEEDED_COSTS.propose * unit
         per_draft = self.draft_token.value if self.draft_token.weight else SEEDED_COSTS.per_draft * unit
-        return Costs(fixed, per_row, propose, per_draft, alone, batch, min(1.0, max(0.0, share)))
+        return Costs(intercept, per_row, propose, per_draft, wait, alone, batch, min(1.0, max(0.0, share)),
+                     self.split.value)
 
 
 @dataclass(frozen=True)

@@ -4,25 +4,28 @@ Each step the planner takes the k in [0, cap] with the most expected tokens per 
 E(k) / T(k), from the request's acceptance a and its replica pair's learned costs (``estimates.py``):
 
     E(k) = 1 + a + a^2 + ... + a^k
-    T(k) = t(k) + u(k) - (1 - s) (1 - 1/B) min(t(k), u(k))
-    t(k) = (A + o) / B + b (k + 1)        t(0) = the one-row pass + o where B rounds to 1
+    T(k) = t(k) + (s + (1 - s) / B) u(k)
+    t(k) = A / B_k + b (k + 1) + o / B    B_k = B / (1 + c k);  t(0) = the one-row pass + o where B rounds to 1
     u(k) = [k > 0] (p / B + d k)          u = 0 for a block already drafted ahead (no Propose)
 
-t is the step's share of the target's batch pass, u its share of the draft's. Where they share no
-processor (s = 0) a session drafts while the target serves the other B - 1 sessions, so the smaller
-part is paid 1/B; where they share one (s = 1), both in full. While the target verifies a block of
-k, the draft drafts 1 + k' tokens ahead (its guess of the target's next token, then the k' the
-planner would choose after a full acceptance) when the Propose it saves, times its hit chance
-(every draft kept and the guess right, taken as likely as one more draft), is worth more than the
-draft's time it takes from the target:
+t is the step's share of the target's pass and of the waits around it; u is its Propose. B sessions
+share the target: at k = 0 they join one pass, but a drafting session's Verify waits for its own
+Propose, so drafting splits them into cohorts of B_k (c learned; ~0.5 on the T5-shaped pair under
+load). Where the draft has a processor of its own (s = 0) a session drafts while the target serves
+the others, so it pays 1/B of u (all of it at B = 1); where they share one (s = 1), all of it.
+
+While the target verifies a block of k, the draft drafts 1 + k' tokens ahead (its guess of the
+target's next token, then the k' the planner would choose after a full acceptance) when the Propose
+it saves, times its hit chance (every draft kept and the guess right, taken as likely as one more
+draft), is worth more than the draft's time it takes from the target:
 
     a^(k+1) (T(k') - T_ready(k')) > s u(k' + 1)        T_ready: T with u = 0
 
 A seeded request with a random output must not follow timing: its k comes from its own acceptance
 and SEEDED_COSTS alone (it ignores blocks drafted ahead and load); whether it drafts ahead, which
 never changes its tokens, is decided like anyone's. At k = 0 nothing is learned about acceptance,
-so after PROBE_GAP_MIN steps the planner drafts once; each probe doubles the gap, up to
-PROBE_GAP_MAX, but one accepted while a was below a fresh request's belief (PRIOR_KEPT) probes
+so after PROBE_GAP_MIN x B steps (a probe's Verify runs a pass of its own, which B steps would have
+shared) the planner drafts once; each probe doubles the gap, up to PROBE_GAP_MAX (x B), but one accepted while a was below a fresh request's belief (PRIOR_KEPT) probes
 again at once, so a draft that starts to agree is soon back. No MLX, no I/O.
 """
 
@@ -39,7 +42,7 @@ PROBE_GAP_MAX = 64  # a draft that is always wrong costs one probe in 64 steps (
 def target_time(costs: Costs, k: int) -> float:
     if k == 0 and costs.alone:
         return costs.alone
-    return costs.fixed / costs.batch + costs.per_row * (k + 1)
+    return (costs.fixed * (1 + costs.split * k) + costs.wait) / costs.batch + costs.per_row * (k + 1)
 
 
 def draft_time(costs: Costs, k: int) -> float:
@@ -48,8 +51,8 @@ def draft_time(costs: Costs, k: int) -> float:
 
 def step_time(costs: Costs, k: int, drafting: bool = True) -> float:
     """T(k); ``drafting`` False: T_ready(k), the block was drafted ahead."""
-    t, u = target_time(costs, k), draft_time(costs, k) if drafting else 0.0
-    return t + u - (1 - costs.share) * (1 - 1 / costs.batch) * min(t, u)
+    u = draft_time(costs, k) if drafting else 0.0
+    return target_time(costs, k) + (costs.share + (1 - costs.share) / costs.batch) * u
 
 
 def best_k(rate: float, costs: Costs, low: int, high: int, drafting: bool = True) -> int:
@@ -98,7 +101,7 @@ class Planner:
             self.idle, self.gap = 0, PROBE_GAP_MIN
             return k
         self.idle += 1
-        if self.idle <= self.gap:
+        if self.idle <= self.gap * round(costs.batch):
             return 0
         self.idle, self.probing, self.probe_odds = 0, True, rate
         return best_k(rate, costs, 1, high, drafting)

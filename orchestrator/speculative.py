@@ -415,7 +415,7 @@ class SpeculativeGeneration:
         """One propose -> verify -> accept (k = 0: no Propose, the target alone; the draft
         session catches up on its next call). Every random draw is keyed by the request's seed
         and the output position it decides (``position_uniforms``), never by the step."""
-        sampling, seed = self.params.sampling, self.params.seed
+        sampling, seed, sharing = self.params.sampling, self.params.seed, self._sharing()
         sessions = self._sessions()
         caught_up = len(self.decoded) - self.draft.synced  # what the draft appends before drafting
         started = time.perf_counter()
@@ -429,7 +429,7 @@ class SpeculativeGeneration:
         drafted = proposal.tokens if proposal is not None else []
         distributions = proposal.distributions if proposal is not None else []
         verify = self._call(self.target, drafted, len(drafted), seed, distributions)
-        ahead = self.ahead.size(self.draft, self.planner, self._auto_cap(), k, drafted, remaining, self._sharing())
+        ahead = self.ahead.size(self.draft, self.planner, self._auto_cap(), k, drafted, remaining, sharing)
         predrafted: Proposal | None = None
         if not ahead:
             verdict: Verdict = await verify
@@ -466,6 +466,7 @@ class SpeculativeGeneration:
             verify_batch=verdict.batch_size,
             verify_rows=verdict.batch_rows,
             verify_end=verify_end,
+            sharing=sharing,
             drafted_ahead=was_ready,
             ahead_drafted=len(predrafted.tokens) if predrafted is not None else 0,
             ahead_model_s=predrafted.model_ms / 1e3 if predrafted is not None else 0.0,

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pair-dir", type=Path,
                         help="where the synthetic pair is cached (default OUT/synthetic-pair)")
     parser.add_argument("--t5-pair-dir", type=Path, default=T5_PAIR_DIR,
-                        help="where the T5-shaped pair (workloads t5, t5-agree, t5-lowaccept, t5-costly) is cached: ~3 GB "
+                        help="where the T5-shaped pairs (workloads t5, t5-agree, t5-lowaccept; t5-costly in DIR-costly) are cached: ~3 GB "
                              f"per agreement level (default {T5_PAIR_DIR})")
     parser.add_argument("--tiny", action="store_true",
                         help="tiny synthetic and T5-shaped pairs (for smoke tests)")

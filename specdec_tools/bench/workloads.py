@@ -20,7 +20,6 @@ DEMO_DIR = REPO_ROOT / "models"
 CUSTOM_MAX_TOKENS = 64  # the custom workload's max_tokens unless --max-tokens (the services' default)
 WORKLOADS = ("synthetic", "demo", "custom", "copy", "lowaccept", "t5", "t5-agree", "t5-lowaccept", "t5-costly")
 T5_WORKLOADS = ("t5", "t5-agree", "t5-lowaccept", "t5-costly")
-COSTLY_DRAFT_LAYERS = 2  # t5-costly's draft: the t5 target's first 2 layers of each stack
 # The T5-shaped pair is GBs (a 2.9 GB target per agreement level): cached outside the repository.
 T5_PAIR_DIR = Path(tempfile.gettempdir()) / "specdec-t5-pair"
 
@@ -181,10 +180,12 @@ def copy_workload(prompts: list[str], max_tokens: int, pair_dir: Path, tiny: boo
 def t5_workload(name: str, prompts: list[str], max_tokens: int, pair_dir: Path, tiny: bool) -> Workload:
     """The T5-shaped pair (``specdec_tools.t5_pair``) at the workload's agreement level, built once
     per level and cached (``--tiny``: the same construction at toy widths, in ``<dir>-tiny``)."""
-    from specdec_tools.t5_pair import GAINS, T5PairRecipe, build_t5_pair, build_truncated_draft
+    from specdec_tools.t5_pair import COSTLY_GAIN, GAINS, WIDE, T5PairRecipe, build_t5_pair
 
-    costly = name == "t5-costly"
-    recipe = T5PairRecipe(gain=GAINS["t5" if costly else name])
+    if name == "t5-costly":  # another draft, so its own cache
+        recipe, pair_dir = T5PairRecipe(gain=COSTLY_GAIN, draft=dict(WIDE)), pair_dir.with_name(f"{pair_dir.name}-costly")
+    else:
+        recipe = T5PairRecipe(gain=GAINS[name])
     if tiny:
         recipe, pair_dir = recipe.scaled_down(), pair_dir.with_name(f"{pair_dir.name}-tiny")
     logger.info("%s: building or reusing the T5-shaped pair in %s (minutes and ~3 GB the first time)",
@@ -194,9 +195,4 @@ def t5_workload(name: str, prompts: list[str], max_tokens: int, pair_dir: Path, 
     about = (f"T5-shaped pair: draft d_model {d['d_model']}, {d['layers']}+{d['layers']} layers; target d_model "
              f"{t['d_model']}, {t['layers']}+{t['layers']} layers, embedding the draft (extra parts x{recipe.gain:g}); "
              f"vocabulary {recipe.vocab}")
-    if costly:
-        about = (f"T5-shaped target as in t5; a costlier draft: the target's first {COSTLY_DRAFT_LAYERS} layers of "
-                 f"each stack (d_model {t['d_model']}); vocabulary {recipe.vocab}")
-        return Workload(name, build_truncated_draft(pair.target, COSTLY_DRAFT_LAYERS), pair.target, prompts,
-                        max_tokens, about)
     return Workload(name, pair.draft, pair.target, prompts, max_tokens, about)
