@@ -1,6 +1,6 @@
 """Numbers a worker reports are checked where they enter the orchestrator (issue 31.2): a step
 reply's timing (model_ms, batch_size, batch_rows) and an Info's load. An impossible one is dropped
-and counted, never folded into the k policy's shared costs, the stats or the replica choice; a
+and counted, never folded into the planner's shared costs, the stats or the replica choice; a
 reply whose tokens are fine keeps its tokens."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 from test_loop import FakeReplica, FakeSource, assert_clean, expected
 
 import orchestrator.speculative as speculative
+from orchestrator.estimates import SEEDED_COSTS
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.params import GenerationParams, Stats
 from orchestrator.replicas import ReplicaPool
@@ -108,16 +109,16 @@ BAD_REPORTS = [
 
 @pytest.mark.parametrize("role, bad", BAD_REPORTS, ids=[f"{r}-{next(iter(b))}={next(iter(b.values()))}"
                                                         for r, b in BAD_REPORTS])
-def test_a_bad_report_changes_nothing_the_k_policy_learns_or_chooses(monkeypatch: pytest.MonkeyPatch, role: str,
+def test_a_bad_report_changes_nothing_the_planner_learns_or_chooses(monkeypatch: pytest.MonkeyPatch, role: str,
                                                                       bad: dict[str, float]) -> None:
     """The same sequence with the bad report and with no report at that step: the same ks chosen
     at every step, the same costs and model times after, and the drop counted."""
     with_bad, ks_with_bad = run(monkeypatch, role, bad=bad)
     without, ks_without = run(monkeypatch, role, absent=True)
     assert ks_with_bad == ks_without
-    assert with_bad.k_policy is not None and without.k_policy is not None
-    assert with_bad.k_policy.costs.step_costs() == without.k_policy.costs.step_costs()
-    assert without.k_policy.costs.step_costs() is not None
+    assert with_bad.planner is not None and without.planner is not None
+    assert with_bad.planner.costs() == without.planner.costs()
+    assert without.planner.costs() != SEEDED_COSTS  # measured
     stats = with_bad.stats
     assert (stats.draft_model_s, stats.target_model_s) == (without.stats.draft_model_s, without.stats.target_model_s)
     assert math.isfinite(stats.draft_model_s) and math.isfinite(stats.target_model_s)
