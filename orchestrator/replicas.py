@@ -59,8 +59,9 @@ COMPATIBILITY_FIELDS = (
     "vocab_size", "eos_token_id", "pad_token_id", "decoder_start_token_id", "tokenizer_fingerprint",
 )
 # Fields every target replica must share: the output is "what this target writes alone", so a
-# failover between targets of other weights or cache settings would splice two targets' outputs.
-TARGET_FIELDS = ("num_parameters", "dtype", "quantization_bits", "kv_bits", "kv_group_size")
+# failover between targets of other numerics or cache settings would splice two targets' outputs.
+# (Not num_parameters: a tensor-parallel rank 0 reports its own shard's.)
+TARGET_FIELDS = ("dtype", "quantization_bits", "kv_bits", "kv_group_size")
 
 
 class StartupError(Exception):
@@ -239,8 +240,8 @@ class ReplicaPool:
                 raise IncompatibleReplicas(
                     f"refusing to start: {replica.role} {replica.address} is incompatible with target "
                     f"{targets[0].address}: {problem}. Draft and target must share one tokenizer and "
-                    "the same special token ids; target replicas also the same weights, dtype, "
-                    "quantization and --kv-bits."
+                    "the same special token ids; target replicas also the same dtype, quantization "
+                    "and --kv-bits."
                 )
             problem = self.unfit(replica.info)
             if problem:

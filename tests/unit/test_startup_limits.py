@@ -146,9 +146,9 @@ def pool_with_targets(*settings: dict[str, object]) -> ReplicaPool:
 
 @pytest.mark.parametrize("field, first, second", [("kv_bits", 0, 8), ("kv_group_size", 64, 32),
                                                    ("dtype", "float32", "bfloat16"),
-                                                   ("quantization_bits", 0, 4), ("num_parameters", 10, 11)])
+                                                   ("quantization_bits", 0, 4)])
 def test_target_replicas_must_be_one_target(field: str, first: object, second: object) -> None:
-    """A failover moves a request to another target replica: one with other weights or another
+    """A failover moves a request to another target replica: one with other numerics or another
     cache setting writes other tokens, so the pool refuses to start with it."""
     with pytest.raises(IncompatibleReplicas, match=f"target t:1 is incompatible .*{field}"):
         start(pool_with_targets({field: first}, {field: second}), OrchestratorLimits())
