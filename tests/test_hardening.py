@@ -316,7 +316,9 @@ def test_a_replica_that_timed_out_is_out_of_rotation_until_health_says_serving()
     pool.report_failure(other.backend, ReplicaError("b:1", ReplicaFailure.SESSION_LOST, "ABORTED: stale step"))
     assert other.healthy
     # The health watch puts it back once it answers SERVING (a stuck worker says NOT_SERVING).
-    info = pb.InfoResponse(vocab_size=512, role="target")
+    # (with the limits every worker reports, an Info without them is garbage and refused; and room)
+    limits = pb.Limits(max_decoder_tokens=4096, max_draft=32, max_batch=16, max_prompt_tokens=2048)
+    info = pb.InfoResponse(vocab_size=512, role="target", limits=limits, typical_sessions_free=8)
     pool.reference = info
     slow.backend.stub.Info = AsyncMock(return_value=info)
     slow.health.Check = AsyncMock(return_value=health_pb2.HealthCheckResponse(status=NOT_SERVING))
