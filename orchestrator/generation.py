@@ -19,7 +19,7 @@ from .backend_protocol import BackendSource
 from .detokenize import TextAttribution, TextStream
 from .estimates import PlanMemory
 from .params import GenerationParams, Stats, new_request_id
-from .speculative import SpeculativeGeneration
+from .speculative import DEFAULT_CALL_TIMEOUT_S, SpeculativeGeneration
 
 logger = logging.getLogger(__name__)
 CANCEL_AT_DEADLINE_S = 0.01  # a cancel this close to the deadline is the deadline's
@@ -51,6 +51,12 @@ class OrchestratorLimits:
     max_generations: int = limit(32, "--max-generations",
                                  "generations in flight at once; more get RESOURCE_EXHAUSTED",
                                  valid=at_least(1, INT32_MAX))
+    # A hung replica is failed over after this; a pass of a large target on a slow CPU can take
+    # longer (an 11B-shaped 4-bit target on 2 shared cores: over 60 s for a 4-token block).
+    call_timeout_s: float = limit(DEFAULT_CALL_TIMEOUT_S, "--call-timeout",
+                                  "seconds one call to a worker (open a session, a step) may take before "
+                                  "its replica is failed over; a request's own deadline still applies",
+                                  valid=at_least(1))
     pipeline: bool = True  # pipelined drafting unless a request says otherwise (--no-pipeline)
 
 
@@ -168,7 +174,7 @@ class Orchestrator:
                         params.sampling.temperature, params.seed)
             generation = SpeculativeGeneration(
                 self.source, prompt_ids, params, self.decoder_start_id, self.eos_id, deadline, request_id,
-                self.plan_memory,
+                self.plan_memory, self.limits.call_timeout_s,
             )
             text = TextStream(self.tokenizer)
             attribution = TextAttribution(self.tokenizer) if text_spans else None

@@ -39,7 +39,7 @@ from .planner import Planner
 logger = logging.getLogger(__name__)
 
 MAX_FAILOVERS = 8  # per request: past this a flapping cluster is reported, not retried forever
-DEFAULT_CALL_TIMEOUT_S = 60.0  # per call when the request has no deadline: a hung replica is failed over
+DEFAULT_CALL_TIMEOUT_S = 60.0  # --call-timeout's default: past it a hung replica is failed over
 # Closes of sessions abandoned by a failover or a cancelled request run off the request path;
 # keep them referenced.
 _ABANDONED: set[asyncio.Task[None]] = set()
@@ -59,8 +59,10 @@ class SpeculativeGeneration:
         deadline: float | None = None,
         request_id: str = "",
         plan_memory: PlanMemory | None = None,
+        call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
     ):
         self.source = source
+        self.call_timeout_s = call_timeout_s  # the most one call to a worker may take (--call-timeout)
         self.prompt_ids = prompt_ids
         self.params = params
         self.eos_id = eos_id
@@ -80,10 +82,10 @@ class SpeculativeGeneration:
         """A downstream call's deadline: the request's, at most the per-call limit from now."""
         now = time.monotonic()
         if self.deadline is None:
-            return now + DEFAULT_CALL_TIMEOUT_S
+            return now + self.call_timeout_s
         if self.deadline <= now:
             raise DeadlineExceeded("the request's deadline passed during generation")
-        return min(self.deadline, now + DEFAULT_CALL_TIMEOUT_S)
+        return min(self.deadline, now + self.call_timeout_s)
 
     # -- lanes --------------------------------------------------------------------------------
     def _choose(self, lane: Lane, full: list[ResourceExhausted]) -> Backend | None:
@@ -137,7 +139,7 @@ class SpeculativeGeneration:
         deadline, it could lose the id of a session the worker had just made."""
         if self.deadline is not None and self.deadline <= time.monotonic():
             raise DeadlineExceeded("the request's deadline passed during generation")
-        opening = asyncio.ensure_future(backend.open(self.prompt_ids, self.request_id, DEFAULT_CALL_TIMEOUT_S))
+        opening = asyncio.ensure_future(backend.open(self.prompt_ids, self.request_id, self.call_timeout_s))
         try:
             async with asyncio.timeout_at(None if self.deadline is None else loop_time(self.deadline)):
                 return await asyncio.shield(opening)

@@ -361,10 +361,8 @@ def test_hung_draft_is_failed_over_after_the_call_timeout(fresh: Cluster, refere
     """SIGSTOP, not SIGKILL: the call hangs instead of failing. With no client deadline each call
     has the orchestrator's per-call timeout; past it the loop fails over, the health watch takes
     the replica out, and once it runs again its abandoned session is closed and it comes back."""
-    import orchestrator.speculative as speculative
-
     call_timeout_s = 1.0
-    monkeypatch.setattr(speculative, "DEFAULT_CALL_TIMEOUT_S", call_timeout_s)
+    monkeypatch.setattr(fresh.orch.orchestrator.limits, "call_timeout_s", call_timeout_s)  # --call-timeout
     prompt = PROMPTS[6]
     victims: list[ServiceProcess] = []
     chunks: list[pb.GenerateStreamResponse] = []

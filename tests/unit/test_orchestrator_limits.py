@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,3 +177,33 @@ def test_tokenizing_a_long_prompt_does_not_stall_the_event_loop() -> None:
     assert tokenizer.released_in_time == [True], "the short request waited for the long prompt's tokenizer"
     assert first == second == "<5><6><7>"
     assert orchestrator.active == 0
+
+
+@dataclass
+class TimedTarget(FakeTarget):
+    """``FakeTarget`` that records the timeout of every open and the deadline of every step."""
+
+    open_timeouts: list[float | None] = field(default_factory=list)
+    step_deadlines: list[float | None] = field(default_factory=list)
+
+    async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str:
+        self.open_timeouts.append(timeout)
+        return await super().open(prompt_ids, request_id, timeout)
+
+    async def step(self, request: StepRequest) -> Verdict:
+        self.step_deadlines.append(request.deadline)
+        return await super().step(request)
+
+
+def test_call_timeout_bounds_every_call_to_a_worker() -> None:
+    """--call-timeout: with no client deadline, an open and every step may take that long before the
+    replica is failed over (a large target on a slow CPU needs minutes where 60 s is the default)."""
+    target = TimedTarget()
+    orchestrator = Orchestrator(Source(target), RecordingTokenizer(), START, EOS,
+                                OrchestratorLimits(call_timeout_s=600.0))
+    started = time.monotonic()
+    assert asyncio.run(collect(orchestrator, "one two")) == "<5><6><7>"
+    ended = time.monotonic()
+    assert target.open_timeouts == [600.0]
+    assert len(target.step_deadlines) == 4  # three tokens and EOS, one step each
+    assert all(d is not None and started + 600 <= d <= ended + 600 for d in target.step_deadlines)
