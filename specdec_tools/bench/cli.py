@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--worker-flags", default="",
                         help="with --concurrency: extra flags for draft and target, e.g. "
                              "\"--max-batch 8 --batch-wait-ms 2\" (default none)")
+    parser.add_argument("--orchestrator-flags", default="",
+                        help="with --concurrency: extra flags for the orchestrator, e.g. \"--call-timeout 600\" "
+                             "for a target whose pass takes over a minute (default none)")
     return parser
 
 

@@ -59,12 +59,13 @@ REQUEST_TIMEOUT_S = 600.0
 @dataclass
 class ServingSettings:
     """What the serving mode runs on top of ``Settings``: the client counts, each client's requests,
-    the speculative system's k, and extra flags for both workers."""
+    the speculative system's k, and extra flags for both workers and for the orchestrator."""
 
     concurrency: list[int]
     requests: int
     ks: list[str]  # the speculative system's k at each of its phases: "auto" or "1".."16"
     worker_flags: list[str]
+    orchestrator_flags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -93,19 +94,21 @@ class ServedRequest:
 
 class ServingServices(Services):
     """``Services`` with room for every client: sessions and generations for the largest C (each
-    request holds a session on each worker), plus the user's ``--worker-flags`` (last, so they win)."""
+    request holds a session on each worker), plus the user's ``--worker-flags`` and
+    ``--orchestrator-flags`` (last, so they win)."""
 
     def __init__(self, workload: Workload, dtype: str | None, env: dict[str, str], most_clients: int,
-                 worker_flags: list[str], log_dir: Path | None = None):
+                 worker_flags: list[str], log_dir: Path | None = None, orchestrator_flags: list[str] | None = None):
         # twice the clients: a finished request's sessions and slot are freed just after its last message
         self.room = str(max(64, 2 * most_clients))
         self.worker_flags = worker_flags
+        self.orchestrator_flags = orchestrator_flags or []
         super().__init__(workload.draft, workload.target, dtype, env, unary_steps_baseline=False, log_dir=log_dir,
                          log_prefix=f"{workload.name}-")
 
     def _start(self, role: str, args: list[str], log_name: str = "") -> ServiceProcess:
         if role == "orchestrator":
-            return super()._start(role, [*args, "--max-generations", self.room], log_name)
+            return super()._start(role, [*args, "--max-generations", self.room, *self.orchestrator_flags], log_name)
         return super()._start(role, [*args, "--max-sessions", self.room, *self.worker_flags], log_name)
 
     def address(self, role: str) -> str:
@@ -305,7 +308,7 @@ def run_serving(workload: Workload, settings: Settings, serving: ServingSettings
     started = time.perf_counter()
     logger.info("%s: starting the services (3 processes)", workload.name)
     services = ServingServices(workload, settings.dtype, env, max(serving.concurrency), serving.worker_flags,
-                               log_dir)
+                               log_dir, serving.orchestrator_flags)
     phases = []
     try:
         services.connect()
@@ -347,7 +350,8 @@ def serving_main(args: Any, settings: Settings, serving: ServingSettings, env: d
         "machine": info,
         "settings": {**{key: value for key, value in asdict(settings).items() if key not in ("ks", "repeats")},
                      **asdict(serving), "quick": args.quick, "tiny": args.tiny,
-                     "worker_flags": shlex.join(serving.worker_flags)},
+                     "worker_flags": shlex.join(serving.worker_flags),
+                     "orchestrator_flags": shlex.join(serving.orchestrator_flags)},
         "systems": SERVING_SYSTEMS, "skipped": skipped, "workloads": [],
     }
     for workload in workloads:
@@ -368,4 +372,5 @@ def serving_settings(args: Any) -> ServingSettings:
     requests = args.requests or (QUICK_REQUESTS if args.quick else FULL_REQUESTS)
     if requests < 1:
         raise SystemExit("--requests: at least 1")
-    return ServingSettings(parse_concurrency(args.concurrency), requests, ks, shlex.split(args.worker_flags))
+    return ServingSettings(parse_concurrency(args.concurrency), requests, ks, shlex.split(args.worker_flags),
+                           shlex.split(args.orchestrator_flags))

@@ -70,7 +70,8 @@ def serving_markdown(report: dict[str, Any]) -> str:
         f"warm-up request, then {s['requests']} timed streaming requests back to back; speculative k "
         f"{', '.join(s.get('ks') or [s.get('k', 'auto')])}; "
         f"temperatures {', '.join(f'{t:g}' for t in s['temperatures'])}; MLX dtype {s['dtype'] or 'as stored'}; "
-        f"worker flags: `{s['worker_flags'] or '(defaults)'}`{', quick' if s['quick'] else ''}; "
+        f"worker flags: `{s['worker_flags'] or '(defaults)'}`"
+        f"{f'; orchestrator flags: `{o}`' if (o := s.get('orchestrator_flags')) else ''}{', quick' if s['quick'] else ''}; "
         f"{report['wall_s']:.0f} s in all. One draft, one target and one orchestrator on loopback gRPC; the "
         "clients are threads of the benchmark process on the same machine.", "",
     ]
