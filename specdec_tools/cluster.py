@@ -248,6 +248,9 @@ def _signal(record: dict, sig: signal.Signals) -> None:
         pass
 
 
+KILL_WAIT_S = 10.0  # after SIGKILL, how long to wait for the processes to be gone
+
+
 def _stop(records: list[dict], grace: float) -> None:
     # Orchestrator first, so it stops sending work before the workers drain.
     ordered = sorted(records, key=lambda r: r.get("role") != "orchestrator")
@@ -264,11 +267,23 @@ def _stop(records: list[dict], grace: float) -> None:
     for record in running():
         print(f"  {record['name']} (pid {record['pid']}) did not stop in {grace:g}s; killing it", file=sys.stderr)
         _signal(record, signal.SIGKILL)
-    for record in ordered:
-        try:  # reap our own children when up() failed midway
-            os.waitpid(record["pid"], os.WNOHANG)
-        except ChildProcessError:
-            pass
+    # A killed process is gone only once the kernel has torn it down (seconds for one holding
+    # gigabytes): wait for that, and reap our own children (up() failed midway or was interrupted).
+    gone_by = time.monotonic() + KILL_WAIT_S
+    while time.monotonic() < gone_by and (_reap(ordered) or running()):
+        time.sleep(0.05)
+
+
+def _reap(records: list[dict]) -> bool:
+    """Reap whichever of ``records`` are our exited children; True if one of our children still runs."""
+    waiting = False
+    for record in records:
+        try:
+            pid, _ = os.waitpid(record["pid"], os.WNOHANG)
+        except ChildProcessError:  # not our child, or reaped already
+            continue
+        waiting = waiting or pid == 0
+    return waiting
 
 
 def down(args: argparse.Namespace) -> int:
