@@ -150,9 +150,12 @@ def test_worker_metrics_agree_with_info_and_the_requests(cluster, served) -> Non
     client, draft, target, orch = cluster
     stats = served[0]
     wait_for_requests(orch.running.metrics_port, len(stats) + sum(served[1].values()))
-    # Every step verified once; every step that drafted proposed once (no failures here).
+    # Every step verified once (no failures here). The draft's Proposes: one per step that drafted,
+    # less the blocks drafted ahead and used (their Propose ran in the step before), plus every
+    # block drafted ahead (pipelining: a Propose beside the Verify, used or not).
     steps_by_kind = {"verify": sum(s.steps for s in stats),
-                     "propose": sum(s.proposed_per_position[0] for s in stats if s.proposed_per_position)}
+                     "propose": sum((s.proposed_per_position or [0])[0] + s.predrafts - s.predraft_hits
+                                    for s in stats)}
     for worker, kind in ((draft, "propose"), (target, "verify")):
         reply = info(worker.address, worker.role)
         scrape = Scrape(worker.running.metrics_port)
