@@ -171,8 +171,14 @@ class _PacedStream:
     async def write(self, message) -> None:  # type: ignore[no-untyped-def]
         timeout = message.timeout_ms / 1e3 if message.timeout_ms else None
         sent = PacedCall(self._address, self._method, timeout, time.monotonic())
-        await self._call.write(message)  # a stream that had ended sends nothing: no call
+        # Recorded in the order sent: a Verify and the Propose drafting ahead beside it go out at
+        # once, and their writes may finish in either order.
         self._pacer.calls.append(sent)
+        try:
+            await self._call.write(message)
+        except BaseException:
+            self._pacer.calls.remove(sent)  # a stream that had ended sends nothing: no call
+            raise
 
     async def read(self):  # type: ignore[no-untyped-def]
         response = await self._call.read()
