@@ -4,7 +4,7 @@ same seed and the same steps at which no draft was available; with no draft at a
 tokens of the target alone (``speculative=false``) with that seed, alone or batched.
 
 In-process hosts (``specdec_tools/local_backends.py``) on the tiny pair; a draft that "dies" fails
-every call from a given Propose on, as a replica that went down would.
+every call from a given step of the request on, as a replica that went down would.
 """
 
 from __future__ import annotations
@@ -29,16 +29,30 @@ SAMPLED = SamplingParams(temperature=1.0)
 MAX_TOKENS = 24
 
 
-class DyingDraft(LocalBackend):
-    """A draft replica that goes down at its ``dies_at``-th step (counted from 0)."""
+class CountingTarget(LocalBackend):
+    """A target replica that counts the Verifies it was sent: the request's steps begun."""
 
-    def __init__(self, host: SessionHost, dies_at: int | None):
-        super().__init__(host, "draft-0")
-        self.dies_at, self.steps = dies_at, 0
+    def __init__(self, host: SessionHost):
+        super().__init__(host, "target-0")
+        self.verifies = 0
 
     async def step(self, request: Any) -> Any:
-        n, self.steps = self.steps, self.steps + 1
-        if self.dies_at is not None and n >= self.dies_at:
+        self.verifies += 1
+        return await super().step(request)
+
+
+class DyingDraft(LocalBackend):
+    """A draft replica gone from the request's ``dies_at``-th step on (counted from 0). Counted in
+    steps, not in the draft's calls: drafting ahead (whose timing-driven choice never changes a
+    seeded request's tokens) adds a Propose to some steps, one that serves the next step. It goes
+    out just after its step's Verify, so it fails here when the step it serves is ``dies_at``."""
+
+    def __init__(self, host: SessionHost, target: CountingTarget, dies_at: int | None):
+        super().__init__(host, "draft-0")
+        self.target, self.dies_at = target, dies_at
+
+    async def step(self, request: Any) -> Any:
+        if self.dies_at is not None and self.target.verifies >= self.dies_at:
             raise ReplicaError(self.address, ReplicaFailure.DOWN, "UNAVAILABLE: the draft went down")
         return await super().step(request)
 
@@ -77,8 +91,8 @@ def generate(engines: tuple[ModelEngine, ModelEngine], seed: int, draft: str = "
     target_host = SessionHost(engines[1], limits, "target", "fp")
 
     async def one() -> list[int]:
-        backend = None if draft == "none" else DyingDraft(draft_host, dies_at)
-        source = Source(LocalBackend(target_host, "target-0"), backend)
+        target = CountingTarget(target_host)
+        source = Source(target, None if draft == "none" else DyingDraft(draft_host, target, dies_at))
         params = GenerationParams(max_tokens=MAX_TOKENS, num_draft=num_draft, num_draft_auto=auto, sampling=SAMPLED,
                                   seed=seed, seeded=True, speculative=speculative)
         run = SpeculativeGeneration(source, PROMPT, params, 0, 1)
