@@ -54,11 +54,21 @@ def wait_serving(address: str, timeout: float) -> None:
     raise RuntimeError(f"{address} did not report SERVING within {timeout:g}s")
 
 
-def _start(run_dir: Path, name: str, role: str, args: list[str], host: str) -> dict:
-    """Start one service in a session of its own (it outlives this command), logging to the run dir."""
-    service = ServiceProcess(role, args, run_dir / f"{name}.log", cwd=REPO_ROOT, new_session=True)
-    return {"role": role, "name": name, "pid": service.pid, "argv": service.argv, "log": str(service.log),
-            "host": host, "_service": service}
+def _start(members: list[dict], run_dir: Path, name: str, role: str, args: list[str], host: str) -> dict:
+    """Start one service in a session of its own (it outlives this command), logging to the run dir,
+    and add it to ``members``. A Ctrl-C is held until it is there: one that came between the start
+    and the record left a service nobody stopped."""
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: held.append(number))
+    try:
+        service = ServiceProcess(role, args, run_dir / f"{name}.log", cwd=REPO_ROOT, new_session=True)
+        members.append({"role": role, "name": name, "pid": service.pid, "argv": service.argv,
+                        "log": str(service.log), "host": host, "_service": service})
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+    return members[-1]
 
 
 def shown(path: str | Path) -> str:
@@ -132,7 +142,7 @@ def up(args: argparse.Namespace) -> int:
                     service_args += ["--tensor-parallel", str(args.target_tp)]
                 # Passed-through flags last: on a flag given twice, the service takes the last.
                 service_args += [*shlex.split(args.worker_args), *shlex.split(getattr(args, f"{role}_args"))]
-                members.append(_start(run_dir, f"{role}-{i}", role, service_args, args.host))
+                _start(members, run_dir, f"{role}-{i}", role, service_args, args.host)
                 members[-1]["process_group"] = tensor_parallel  # pid is the group's id (new session)
         for member in members:
             port = member["_service"].wait_port(args.timeout)
@@ -148,8 +158,7 @@ def up(args: argparse.Namespace) -> int:
         if args.tokenizer:
             service_args += ["--tokenizer", _as_given(args.tokenizer)]
         service_args += shlex.split(args.orchestrator_args)
-        orchestrator = _start(run_dir, "orchestrator", "orchestrator", service_args, args.host)
-        members.append(orchestrator)
+        orchestrator = _start(members, run_dir, "orchestrator", "orchestrator", service_args, args.host)
         port = orchestrator["_service"].wait_port(args.timeout)
         orchestrator["address"] = f"{args.host}:{port}"
         orchestrator["metrics_address"] = orchestrator["_service"].metrics_address
