@@ -13,15 +13,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 DEQUANTIZE_FROM_ROWS = 3  # measured at the T5 shape: 2.7 ms one row quantized, ~6 ms dequantized at any rows
-# The largest transient copy a layer may make: T5-3B's largest matrix (16384 x 1024 in float32) fits;
-# T5-11B's FFN (65536 x 1024, 256 MiB a copy) would hold ~1 GiB of copies and freed buffers beyond
-# the weights and the cache budget, so it keeps the quantized matmul (memory is the 11B budget).
-DEQUANTIZE_MAX_BYTES = 64 * 1024**2
 
 
 class CpuQuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
-        if x.size // x.shape[-1] < DEQUANTIZE_FROM_ROWS or self.dequantized_bytes(x.dtype) > DEQUANTIZE_MAX_BYTES:
+        if x.size // x.shape[-1] < DEQUANTIZE_FROM_ROWS:
             return super().__call__(x)
         # scales and biases in the activations' dtype first: bfloat16 ones would round the weights
         biases = self.get("biases")
@@ -30,13 +26,6 @@ class CpuQuantizedLinear(nn.QuantizedLinear):
                                mode=self.mode)
         out = x @ weight.T
         return out + self["bias"] if "bias" in self else out
-
-
-    def dequantized_bytes(self, dtype: mx.Dtype) -> int:
-        """Bytes of this layer's weights dequantized to ``dtype`` (the packed matrix holds 32 // bits
-        values per uint32)."""
-        rows, packed = self["weight"].shape
-        return rows * packed * (32 // self.bits) * dtype.size
 
 
 def use_cpu_kernels(model: nn.Module) -> int:
