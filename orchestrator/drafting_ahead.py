@@ -3,7 +3,7 @@ the next one as if this one were fully accepted (docs/architecture.md, "Pipeline
 
 ``DraftAhead`` is the whole of it: one per request, holding the block drafted ahead and the first
 step's k (chosen while the target's session opened). The loop asks it four things: how much to
-draft ahead now (``size``; whether it pays is the planner's rule), whether what came back is the next block (``keep``), how much of it
+draft ahead now (``size``; whether and how much pays is the planner's rule), whether what came back is the next block (``keep``), how much of it
 the draft session still holds (``held``), and to hand it over as a step's block (``take``)."""
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ class DraftAhead:
     def size(self, lane: Lane, planner: Planner | None, cap: int, k: int, drafted: list[int],
              remaining: int, sharing: int = 1) -> int:
         """How many tokens to draft ahead while the target verifies ``drafted`` (a step of k): the
-        guess of the target's token after a fully accepted block, then the k the next step would
-        choose after it; 0: do not draft ahead. Whether it is worth it is the planner's call
-        (``Planner.ahead``); what fits and what keeps a seeded request's tokens is decided here.
+        guess of the target's token after a fully accepted block, then up to the k the next step
+        would choose after it; 0: do not draft ahead. Whether and how much pays is the planner's
+        call (``Planner.ahead``); what fits and what keeps a seeded request's tokens is decided here.
 
         For a seeded sampled request the planner is untimed, so the k it would choose after a full
         acceptance is exactly the k the next step chooses: which positions are drafts, hence the
@@ -58,7 +58,8 @@ class DraftAhead:
             if not self.params.timed_k:
                 return 0
             k_next = lane.max_draft - 1
-        return 1 + k_next if k_next > 0 and planner.ahead(k, k_next, sharing) else 0
+        n = planner.ahead(k, k_next, sharing) if k_next > 0 else 0
+        return 1 + n if n > 0 else 0
 
     def keep(self, predrafted: Proposal | None, drafted: list[int], outcome: StepOutcome) -> None:
         """A block drafted ahead is the next block when every draft was accepted and the

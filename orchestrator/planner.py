@@ -14,12 +14,15 @@ Propose, so drafting splits them into cohorts of B_k (c learned; ~0.5 on the T5-
 load). Where the draft has a processor of its own (s = 0) a session drafts while the target serves
 the others, so it pays 1/B of u (all of it at B = 1); where they share one (s = 1), all of it.
 
-While the target verifies a block of k, the draft drafts 1 + k' tokens ahead (its guess of the
-target's next token, then the k' the planner would choose after a full acceptance) when the Propose
-it saves, times its hit chance (every draft kept and the guess right, taken as likely as one more
-draft), is worth more than the draft's time it takes from the target:
+While the target verifies a block of k, the draft drafts 1 + n tokens ahead (its guess of the
+target's next token, then n drafts), n in [1, k'] with k' the k the planner would choose after a
+full acceptance (a seeded request: n = k' only), the n with the most
 
-    a^(k+1) (T(k') - T_ready(k')) > s u(k' + 1)        T_ready: T with u = 0
+    V(n) = a^(k+1) (T(n) - T_ready(n)) - s u(n + 1) - max(0, u(n + 1) - t(k)) / B
+
+if that is > 0 (T_ready: T with u = 0): the Propose it saves times its hit chance (every draft kept
+and the guess right, taken as likely as one more draft), less the draft's time taken from the
+target and the wait for a draft ahead that outlasts the Verify (the step waits for both).
 
 A seeded request with a random output must not follow timing: its k comes from its own acceptance
 and SEEDED_COSTS alone (it ignores blocks drafted ahead and load); whether it drafts ahead, which
@@ -114,11 +117,17 @@ class Planner:
         told.observe(StepRecord(requested=k, accepted=k, drafted=k, timed=False))
         return told.choose(cap, sharing=sharing)
 
-    def ahead(self, k: int, k_next: int, sharing: int = 1) -> bool:
-        """Is drafting 1 + k_next tokens ahead, while the target verifies a block of k, worth it?"""
-        costs = self.pair.costs(sharing)
-        saved = step_time(costs, k_next) - step_time(costs, k_next, drafting=False)
-        return self.acceptance.rate ** (k + 1) * saved > costs.share * draft_time(costs, k_next + 1)
+    def ahead(self, k: int, k_next: int, sharing: int = 1) -> int:
+        """How many drafts, at most k_next, to draft ahead after the guess while the target verifies a
+        block of k (0: none); a seeded request's all of k_next or none (its next step takes k_next)."""
+        costs, hit = self.pair.costs(sharing), self.acceptance.rate ** (k + 1)
+
+        def worth(n: int) -> float:
+            saved, drafting = step_time(costs, n) - step_time(costs, n, drafting=False), draft_time(costs, n + 1)
+            return hit * saved - costs.share * drafting - max(0.0, drafting - target_time(costs, k)) / costs.batch
+
+        best = max(range(1, k_next + 1) if self.timed else [k_next], key=worth, default=0)
+        return best if best > 0 and worth(best) > 0 else 0
 
     def observe(self, step: StepRecord) -> None:
         if step.requested > 0:

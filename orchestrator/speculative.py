@@ -348,8 +348,10 @@ class SpeculativeGeneration:
         return min(k, remaining - 1)
 
     def _sharing(self) -> int:
-        """Sessions on the target replica that could share its pass (the pool knows; in-process: 1)."""
-        return self.source.sessions_sharing(self.target.backend) if self.target.backend is not None else 1
+        """Sessions on the target replica that could share its pass (the pool knows; in-process: 1); the
+        replica's still opening, for the first step's k."""
+        target = self.target.backend or self.target.opening
+        return self.source.sessions_sharing(target) if target is not None else 1
 
     def _auto_cap(self) -> int:
         """The largest k auto may choose: max_num_draft and every replica's --max-draft."""

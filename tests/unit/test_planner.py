@@ -148,18 +148,32 @@ def test_the_chosen_k_is_the_docstrings_goodput_maximum(monkeypatch: pytest.Monk
     assert len(chosen) >= 6  # the cases span short and long blocks, and the target alone
 
 
+def formula_ahead(rate: float, costs: Costs, k: int, k_next: int, sizes: list[int]) -> int:
+    """The n of ``sizes`` with the most V(n), if V(n) > 0 (0: none), as the docstring writes it."""
+    def value(n: int) -> float:
+        u = costs.propose / costs.batch + costs.per_draft * (n + 1)
+        t_k = costs.alone if k == 0 and costs.alone else (
+            costs.fixed / (costs.batch / (1 + costs.split * k)) + costs.per_row * (k + 1) + costs.wait / costs.batch)
+        saved = formula_time(costs, n) - formula_time(costs, n, drafting=False)
+        return rate ** (k + 1) * saved - costs.share * u - max(0.0, u - t_k) / costs.batch
+
+    values = [value(n) for n in sizes]
+    best = sizes[values.index(max(values))]
+    return best if value(best) > 0 else 0
+
+
 def test_drafting_ahead_follows_the_docstrings_rule(monkeypatch: pytest.MonkeyPatch) -> None:
-    """a^(k+1) (T(k') - T_ready(k')) > s u(k' + 1), with u(n) = p / B + d n."""
     rng, answers = random.Random(6), set()
     for _ in range(400):
         costs, rate = random_costs(rng), rng.uniform(0.02, 0.98)
         k, k_next = rng.randint(1, 8), rng.randint(1, 8)
-        planner = planner_at(rate, costs, monkeypatch)
-        saved = formula_time(costs, k_next) - formula_time(costs, k_next, drafting=False)
-        cost = costs.share * (costs.propose / costs.batch + costs.per_draft * (k_next + 1))
-        assert planner.ahead(k, k_next) == (rate ** (k + 1) * saved > cost)
-        answers.add((planner.ahead(k, k_next), costs.share == 0.0))
-    assert answers == {(True, True), (True, False), (False, False)}  # where it shares none, always worth it
+        timed = rng.random() < 0.7
+        planner = planner_at(rate, costs, monkeypatch, timed)
+        want = formula_ahead(rate, costs, k, k_next, list(range(1, k_next + 1)) if timed else [k_next])
+        assert planner.ahead(k, k_next) == want, (costs, rate, k, k_next, timed)
+        answers.add((want == 0, 0 < want < k_next, want == k_next))
+    # none, a shorter block than the next k, and all of it each happen
+    assert answers == {(True, False, False), (False, True, False), (False, False, True)}
 
 
 def test_drafting_ahead_is_charged_to_the_target_only_where_they_share_a_processor(
@@ -169,8 +183,17 @@ def test_drafting_ahead_is_charged_to_the_target_only_where_they_share_a_process
     apart = Costs(fixed=0.25, per_row=0.01, propose=0.005, per_draft=0.03, share=0.0)
     shared = Costs(fixed=0.25, per_row=0.01, propose=0.005, per_draft=0.03, share=1.0)
     rate = 0.3 ** (1 / 4)  # all 3 drafts and the guess right: 30%
-    assert planner_at(rate, apart, monkeypatch).ahead(3, 3)
-    assert not planner_at(rate, shared, monkeypatch).ahead(3, 3)
+    assert planner_at(rate, apart, monkeypatch).ahead(3, 3) == 3
+    assert planner_at(rate, shared, monkeypatch).ahead(3, 3) == 0
+
+
+def test_a_draft_ahead_that_would_outlast_the_verify_is_cut_to_what_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A draft apart (drafting ahead costs the target nothing) but slow: 1 + 8 drafted tokens take
+    longer than the Verify of 3 they run beside, and the step waits for both. A timed request drafts
+    a shorter block ahead; a seeded one, whose next step takes all 8 or none, drafts none."""
+    slow = Costs(fixed=0.25, per_row=0.01, propose=0.005, per_draft=0.08, share=0.0)
+    assert 0 < planner_at(0.9, slow, monkeypatch).ahead(3, 8) < 8
+    assert planner_at(0.9, slow, monkeypatch, timed=False).ahead(3, 8) == 0
 
 
 # -- the choice ---------------------------------------------------------------------------------------
@@ -332,7 +355,7 @@ def test_a_planner_learns_that_drafting_ahead_costs_the_target_where_they_share_
         assert planner.pair.costs().share == pytest.approx(share, abs=0.1)
         planner.acceptance = Acceptance(tried=20.0, kept=0.2 ** (1 / 4) * 21.0 - 0.5)
         decisions[share] = planner.ahead(3, 3)
-    assert decisions == {0.0: True, 1.0: False}
+    assert decisions == {0.0: 3, 1.0: 0}
 
 
 def test_a_draft_that_cannot_pay_is_left_then_found_again_by_a_probe() -> None:
@@ -525,3 +548,39 @@ def test_the_loop_places_each_pass_in_time_for_the_planner(monkeypatch: pytest.M
     assert all(r.verify_end >= r.propose_end + r.verify_model_s for r in records)
     assert generation.planner is not None and generation.planner.pair.drafting.passes
     assert_clean(replicas, source)
+
+
+class SharedSource(test_loop.FakeSource):
+    """Eight sessions share every target replica."""
+
+    def sessions_sharing(self, backend: FakeReplica) -> int:
+        return 8 if backend.role == "target" else 1
+
+
+def test_the_first_k_chosen_while_the_target_opens_is_priced_with_the_sessions_sharing_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pipelined, the first step's k is chosen while the target's session is still opening; under load
+    that step's Verify shares the replica's pass like any other, so it is priced with the sessions on
+    the replica chosen for it, not as a step alone."""
+    import asyncio as aio
+
+    from orchestrator.params import GenerationParams
+    from orchestrator.speculative import SpeculativeGeneration
+    from specdec_core.steps import SamplingParams
+
+    asked: list[int] = []
+    choose = Planner.choose
+    monkeypatch.setattr(Planner, "choose", lambda self, cap, ready=0, sharing=1: (asked.append(sharing),
+                                                                                    choose(self, cap, ready, sharing))[1])
+    draft, target = FakeReplica("draft", "d0"), test_loop.SlowOpeningTarget("target", "t0")
+    target.draft = draft
+    source = SharedSource([draft, target])
+    params = GenerationParams(max_tokens=20, num_draft=3, num_draft_auto=True, sampling=SamplingParams(), seed=1)
+    generation = SpeculativeGeneration(source, test_loop.PROMPT, params, test_loop.START, test_loop.EOS)
+
+    async def run() -> list[int]:
+        return [t async for event in generation.run() for t in event.tokens]
+
+    assert aio.run(run()) == expected(20)
+    assert asked and set(asked) == {8}, asked
+    assert_clean([draft, target], source)
