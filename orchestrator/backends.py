@@ -90,6 +90,11 @@ _STEP_CALLS = {
 _ENDED_BETWEEN_STEPS = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 
+# A close answered with these is done: the session is not there (any more), so there is nothing to free.
+_CLOSED_ANYWAY = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT})
+CLOSE_TIMEOUT_S = 2.0  # a CloseSession: it runs on the worker's event loop, not behind the model thread
+
+
 def _left(deadline: float | None) -> float | None:
     """Seconds from now to a ``time.monotonic()`` deadline (None: none), as a call's timeout."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -119,6 +124,8 @@ class GrpcBackend:
         self.draft_method = ""  # a draft's Info.draft_method: "model", "ngram", "hybrid" ("": unknown)
         self.processor = ("", "")  # (Info.hostname, Info.device): where it computes ("": unknown)
         self.streams = streams
+        # Told the id of a session whose close failed but may succeed if asked again (the pool's).
+        self.on_unclosed: Callable[[str], None] | None = None
         self._rpc = _STEP_CALLS[role]
         self._open_streams: dict[str, grpc.aio.StreamStreamCall] = {}  # session id -> its step stream
 
@@ -194,12 +201,28 @@ class GrpcBackend:
         call.cancel()
 
     async def close(self, session_id: str) -> None:
+        """Close a session; one whose close failed in a way that asking again may mend is told to
+        ``on_unclosed`` (the pool asks again at its health checks), and the error raised."""
         call = self._open_streams.pop(session_id, None)
         if call is not None:  # a step still running on it fails; the session is going anyway
             call.cancel()
-        await self.stub.CloseSession(
-            pb.CloseSessionRequest(session_id=session_id), timeout=2.0, metadata=self.metadata
-        )
+        try:
+            await self.ask_close(session_id, CLOSE_TIMEOUT_S)
+        except ReplicaError:
+            if self.on_unclosed is not None:
+                self.on_unclosed(session_id)
+            raise
+
+    async def ask_close(self, session_id: str, timeout: float) -> None:
+        """One CloseSession call. A session the replica no longer has, or never could (NOT_FOUND,
+        INVALID_ARGUMENT), is closed as far as anyone can tell; any other failure: a ReplicaError."""
+        try:
+            await self.stub.CloseSession(pb.CloseSessionRequest(session_id=session_id), timeout=timeout,
+                                         metadata=self.metadata)
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in _CLOSED_ANYWAY:
+                raise ReplicaError(self.address, FAILURE_FOR_STATUS.get(error.code(), ReplicaFailure.FAILED),
+                                   f"CloseSession: {error.code().name}: {error.details() or ''}") from error
 
     async def _call(self, rpc: Any, message: Any, timeout: float | None) -> Any:
         try:

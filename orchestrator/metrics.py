@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from specdec_grpc.status import status_for
 
 from .backend_protocol import Backend, BackendSource
+from .unfinished_closes import UNFINISHED_CLOSES_MAX
 
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -65,6 +66,14 @@ class OrchestratorMetrics:
                                "load reading from Info (info)", ["role", "report"], registry=r)
         self._dropped = {(role, report): self.dropped.labels(role, report)
                          for role in ("draft", "target") for report in ("step", "info")}
+        self.unfinished_closes = Counter(
+            "specdec_unfinished_closes", "Session closes that failed on a replica while this orchestrator "
+            "renews its owner lease, by event: failed (kept to ask again at the health checks), closed (by a "
+            f"retry), dropped (given up over the bound of {UNFINISHED_CLOSES_MAX} per replica; the worker's idle "
+            "TTL frees it)",
+            ["role", "event"], registry=r)
+        self._unfinished_closes = {(role, event): self.unfinished_closes.labels(role, event)
+                                   for role in ("draft", "target") for event in ("failed", "closed", "dropped")}
         self.live = Gauge("specdec_live_generations", "Generations in flight", registry=r)
         self.ttft = Histogram("specdec_time_to_first_token_seconds", "Arrival to the first token (EOS "
                               "aside), of requests that finished", buckets=TTFT_BUCKETS, registry=r)
@@ -88,6 +97,13 @@ class OrchestratorMetrics:
         """``count`` reports of a worker of ``role`` dropped as impossible (``report``: step or info);
         ``ReplicaPool.on_dropped_report``."""
         child = self._dropped.get((role, report))
+        if child is not None:
+            child.inc(count)
+
+    def unfinished_close(self, role: str, event: str, count: int) -> None:
+        """``count`` failed closes of a replica of ``role`` ``event`` (failed, closed or dropped);
+        ``ReplicaPool.on_unfinished_close``."""
+        child = self._unfinished_closes.get((role, event))
         if child is not None:
             child.inc(count)
 

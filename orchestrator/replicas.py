@@ -7,7 +7,8 @@ back when it answers SERVING again and still serves a compatible model.
 The same watch reads each serving replica's live load from its Info (sessions, cache bytes used
 and their budget, how many typical sessions still fit, steps answered) at every check, and
 derives steps per second from two consecutive readings; ``status`` reports the latest, and the
-choice of a replica for a new session ranks those with room first.
+choice of a replica for a new session ranks those with room first. At each check of a serving
+replica it also asks again to close the sessions whose close failed there (``UnfinishedCloses``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from dataclasses import field as default_field
 from typing import Any
 
 import grpc
@@ -30,6 +32,7 @@ from specdec_pb import specdec_pb2_grpc as pb_grpc
 
 from .backend_protocol import Backend, ReplicaError, ReplicaFailure
 from .backends import GrpcBackend
+from .unfinished_closes import UnfinishedCloses
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ COMPATIBILITY_FIELDS = (
 # failover between targets of other numerics or cache settings would splice two targets' outputs.
 # (Not num_parameters: a tensor-parallel rank 0 reports its own shard's.)
 TARGET_FIELDS = ("dtype", "quantization_bits", "kv_bits", "kv_group_size")
+# Failed closes asked again per replica at one health check, together: a backlog of 1024 drains in 16.
+CLOSE_RETRIES_PER_CHECK = 64
 
 
 class StartupError(Exception):
@@ -165,6 +170,7 @@ class Replica:
     info: pb.InfoResponse | None = None
     load: Load | None = None  # None until read, and while the replica is not serving
     load_dropped: bool = False  # its last load report was impossible (logged once per such spell)
+    unclosed: UnfinishedCloses = default_field(default_factory=UnfinishedCloses)  # sessions to close again
 
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
@@ -198,10 +204,15 @@ class ReplicaPool:
                             health_pb2_grpc.HealthStub(channel))
                 )
         self._by_backend = {id(r.backend): r for r in self.replicas}
+        for replica in self.replicas:
+            replica.backend.on_unclosed = lambda session_id, r=replica: self._keep_unclosed(r, session_id)
         self.reference: pb.InfoResponse | None = None
         self.needs = WorkerNeeds()  # set by ``start``: what every replica's limits must serve
         # Told (role, "info") of every worker report dropped as impossible (OrchestratorMetrics).
         self.on_dropped_report: Callable[[str, str], None] | None = None
+        # Told (role, event, count) of failed closes: "failed" (kept to ask again), "closed" (by a
+        # retry), "dropped" (given up over the bound: the worker's idle TTL frees them).
+        self.on_unfinished_close: Callable[[str, str, int], None] | None = None
         self._watch: asyncio.Task[None] | None = None
 
     def of_role(self, role: str) -> list[Replica]:
@@ -328,7 +339,8 @@ class ReplicaPool:
             logger.warning("%s %s stopped serving", replica.role, replica.address)
             replica.healthy = False
         elif serving:
-            await self._read_load(replica)
+            # Both bounded by the Info's timeout: a retry never delays the next check's lease renewal.
+            await asyncio.gather(self._read_load(replica), self._close_again(replica))
         if not serving:
             replica.load = None  # no live figures for a replica that does not serve
 
@@ -344,6 +356,45 @@ class ReplicaPool:
             replica.load = None
             return
         self._take_load(replica, info)
+
+    def _keep_unclosed(self, replica: Replica, session_id: str) -> None:
+        """A close failed while this pool renews its owner lease: without another try the worker
+        would hold the session until its idle TTL."""
+        dropped = replica.unclosed.add(session_id)
+        self._count_unfinished(replica, "failed", 1)
+        if dropped:
+            logger.warning("%s %s: %d failed closes kept to retry; gave up the oldest %d (the worker's "
+                           "idle TTL frees them)", replica.role, replica.address, len(replica.unclosed), dropped)
+            self._count_unfinished(replica, "dropped", dropped)
+
+    async def _close_again(self, replica: Replica) -> None:
+        """Ask again to close the oldest sessions whose close failed on this serving replica; one
+        still failing goes to the back of the queue."""
+        timeout = max(0.5, self.health_interval_s)
+
+        async def close_again(session_id: str) -> bool:
+            try:
+                await replica.backend.ask_close(session_id, timeout)
+            except ReplicaError as error:
+                logger.debug("%s %s: closing session %s again failed: %s", replica.role, replica.address,
+                             session_id[:8], error)
+                if session_id in replica.unclosed:
+                    replica.unclosed.add(session_id)
+                return False
+            replica.unclosed.discard(session_id)
+            return True
+
+        sessions = replica.unclosed.oldest(CLOSE_RETRIES_PER_CHECK)
+        if sessions:
+            closed = sum(await asyncio.gather(*(close_again(s) for s in sessions)))
+            if closed:
+                logger.info("%s %s: closed %d session%s whose close had failed", replica.role, replica.address,
+                            closed, "" if closed == 1 else "s")
+                self._count_unfinished(replica, "closed", closed)
+
+    def _count_unfinished(self, replica: Replica, event: str, count: int) -> None:
+        if self.on_unfinished_close is not None:
+            self.on_unfinished_close(replica.role, event, count)
 
     def _take_load(self, replica: Replica, info: pb.InfoResponse) -> None:
         """The replica's live load from its Info; an impossible one is dropped (no figures rather

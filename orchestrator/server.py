@@ -229,6 +229,7 @@ async def start_orchestrator(config: OrchestratorConfig) -> tuple[RunningServer,
     metrics = OrchestratorMetrics() if config.metrics_port is not None else None
     if metrics is not None:
         pool.on_dropped_report = metrics.dropped_report
+        pool.on_unfinished_close = metrics.unfinished_close
     try:
         await pool.start(config.connect_timeout_s, worker_needs(config.limits))
         tokenizer = resolve_tokenizer(config, pool)

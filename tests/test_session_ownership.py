@@ -1,6 +1,7 @@
 """Sessions that cannot be orphaned (issue 31): a request cancelled while its sessions open leaves
-none behind, an open whose caller's deadline passes while it encodes keeps nothing, and the
-sessions of an orchestrator that stops renewing its owner lease are freed within the lease.
+none behind, an open whose caller's deadline passes while it encodes keeps nothing, the
+sessions of an orchestrator that stops renewing its owner lease are freed within the lease, and
+a close that failed is asked again while the orchestrator lives.
 
 The churn and the lease run against the bundled demo pair as real processes on loopback, with a
 short ``--owner-lease``. The orchestrator runs in the test's process (its health checks, which
@@ -133,6 +134,56 @@ def test_a_pool_that_stops_renewing_loses_its_sessions_within_the_lease(
     assert reclaimed(demo) == before + opened
     with SpecdecClient(orchestrator.address, timeout=30) as api:  # the live orchestrator is served
         assert api.generate("spell 42", max_tokens=8, num_draft=3).token_ids
+
+
+class _DropsFirstClose:
+    """A replica's stub whose first CloseSession never reaches the worker (UNAVAILABLE, as when the
+    connection drops under it); every other call goes through."""
+
+    def __init__(self, stub: object):
+        self._stub = stub
+        self.dropped = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stub, name)
+
+    async def CloseSession(self, request: object, timeout: float | None = None, metadata: object = ()) -> object:
+        if not self.dropped:
+            self.dropped += 1
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       "connection dropped (test)")
+        return await self._stub.CloseSession(request, timeout=timeout, metadata=metadata)
+
+
+def test_a_close_that_failed_is_asked_again_while_the_owner_lives(
+        demo: dict[str, ServiceProcess], loop: LoopThread) -> None:
+    """Each worker's close of a finished request's session fails once, while the orchestrator lives
+    and renews its lease: its health checks ask again, and both workers are back to no session
+    within seconds (without that, --session-ttl: 300 s), closed by it, not freed by the lease."""
+    orch = start_orchestrator_in(loop, [demo["draft"].address], [demo["target"].address],
+                                 health_interval_s=HEALTH_INTERVAL_S, metrics_port=0)
+    try:
+        stubs = []
+        for replica in orch.pool.replicas:
+            replica.backend.stub = _DropsFirstClose(replica.backend.stub)
+            stubs.append(replica.backend.stub)
+        wait_until(lambda: sum(w.live_sessions() for w in workers(demo)) == 0, 5, what="no session left before")
+        before = reclaimed(demo)
+        with SpecdecClient(orch.address, timeout=30) as api:
+            assert api.generate("spell 7", max_tokens=8, num_draft=3).token_ids
+        assert [stub.dropped for stub in stubs] == [1, 1]  # both closes failed
+        wait_until(lambda: sum(w.live_sessions() for w in workers(demo)) == 0, 3 * OWNER_LEASE_S, interval=0.05,
+                   what="the sessions whose close failed closed")
+        assert reclaimed(demo) == before  # closed by the orchestrator, not freed by a lease
+        registry = orch.orchestrator.metrics.registry
+        for role in ("draft", "target"):
+            for event, count in (("failed", 1), ("closed", 1), ("dropped", 0)):
+                assert registry.get_sample_value("specdec_unfinished_closes_total",
+                                                 {"role": role, "event": event}) == count, (role, event)
+        assert all(len(replica.unclosed) == 0 for replica in orch.pool.replicas)
+    finally:
+        orch.stop()
+        orch.running.metrics.close()
 
 
 def test_an_open_whose_deadline_passes_while_it_encodes_keeps_no_session(loop: LoopThread, draft_dir: Path) -> None:
