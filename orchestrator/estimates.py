@@ -10,9 +10,11 @@ Costs, per replica pair (``PairCosts``), every sum and mean decayed by DECAY per
                                              during the pass, from the draft passes' timeline)
 
 b is pulled toward SLOPE_PRIOR (A + b) and s toward 0, each with the weight of RIDGE of the samples
-varying by one row (b) or by the mean x (s); s, within [0, 1], is the share of the draft's time that
-lands on the target: about 1 where they share a processor, 0 where they do not. Beside the line: a
-one-row pass with no drafting beside it; B, the steps per Verify batch or the sessions that could
+varying by one row (b) or by the mean x of the passes with drafting beside them (s: one odd pass does
+not set it, and evidence that stopped coming fades); s, within [0, 1], is the share of the draft's time
+that lands on the target: about 1 where they share a processor, 0 where they do not. Beside the line:
+the pass of each number of rows as measured, less s x (``PassTable``: a CPU's pass need not grow
+with its rows; at one client the planner prices k by it); B, the steps per Verify batch or the sessions that could
 share it, whichever is more; c, how far a drafting step's Verify batch falls short of them, per
 drafted token ((B / batch - 1) / k); o, a Verify's wall time outside its model time plus the loop's
 own time per step; p, a Propose's wall time outside its model time; d, the draft's model time per
@@ -22,7 +24,7 @@ drafted token over its batch.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -84,7 +86,7 @@ class Costs:
     propose: float  # p
     per_draft: float  # d
     wait: float = 0.0  # o
-    alone: float = 0.0  # t(0) of a step that runs alone: a one-row pass + o (0: from the line)
+    passes: tuple[float, ...] = ()  # alone (B rounds to 1): the pass of 1, 2, ... rows (beyond: the line)
     batch: float = 1.0  # B
     share: float = 1.0  # s
     split: float = 0.0  # c
@@ -109,11 +111,11 @@ class PassFit:
     """A pass's time ~ A + b rows + s x: decayed least squares over the centred rows and x."""
 
     def __init__(self) -> None:
-        self.n = self.r = self.x = self.y = self.rr = self.rx = self.xx = self.ry = self.xy = 0.0
+        self.n = self.r = self.x = self.y = self.rr = self.rx = self.xx = self.ry = self.xy = self.beside = 0.0
 
     def add(self, rows: float, x: float, y: float) -> None:
-        sums = (1.0, rows, x, y, rows * rows, rows * x, x * x, rows * y, x * y)
-        names = ("n", "r", "x", "y", "rr", "rx", "xx", "ry", "xy")
+        sums = (1.0, rows, x, y, rows * rows, rows * x, x * x, rows * y, x * y, float(x > 0))
+        names = ("n", "r", "x", "y", "rr", "rx", "xx", "ry", "xy", "beside")
         for name, value in zip(names, sums, strict=True):
             setattr(self, name, DECAY * getattr(self, name) + value)
 
@@ -123,7 +125,10 @@ class PassFit:
         if n == 0:
             return 0.0, 0.0, 0.0
         mean_r, mean_x, mean_y = self.r / n, self.x / n, self.y / n
-        ridge_b, ridge_s = RIDGE * n, RIDGE * n * mean_x * mean_x
+        # s's prior: RIDGE of the passes at the mean x beside them, scaled by the share of passes without:
+        # weak while drafting beside is common; once it stops, what it taught fades (one odd pass neither).
+        beside_x = (self.x / self.beside) * (1 - self.beside / n) if self.beside else 0.0
+        ridge_b, ridge_s = RIDGE * n, RIDGE * n * beside_x * beside_x
         prior_b = mean_y / ((1 - SLOPE_PRIOR) / SLOPE_PRIOR + mean_r)  # b = SLOPE_PRIOR (A + b)
         crr = self.rr - self.r * mean_r + ridge_b
         crx = self.rx - self.r * mean_x
@@ -139,6 +144,39 @@ class PassFit:
         if (intercept := mean_y - slope * mean_r - share * mean_x) < 0:  # all of it per row
             return 0.0, (mean_y - share * mean_x) / mean_r, share
         return intercept, slope, share
+
+
+class PassTable:
+    """The pass of each number of rows, as measured (decayed means; an entry not measured lately weighs
+    less, every sample ageing the whole table, so a pass measured once long ago yields to the line)."""
+
+    def __init__(self) -> None:
+        self.samples = 0  # passes seen
+        self.entries: OrderedDict[int, tuple[float, float, int]] = OrderedDict()  # rows: (mean, weight, at)
+
+    def add(self, rows: int, seconds: float) -> None:
+        self.samples += 1
+        mean, weight, _ = self.entries.pop(rows, (0.0, 0.0, 0))
+        weight = self.weight(rows, weight) + 1.0
+        self.entries[rows] = (mean + (seconds - mean) / weight, weight, self.samples)
+        if len(self.entries) > BOUND:
+            self.entries.popitem(last=False)
+
+    def weight(self, rows: int, weight: float | None = None) -> float:
+        if rows not in self.entries:
+            return 0.0
+        _, stored, at = self.entries[rows]
+        return (stored if weight is None else weight) * DECAY ** (self.samples - at)
+
+    def passes(self, line: Callable[[int], float], upto: int) -> tuple[float, ...]:
+        """The pass of 1..upto rows: the line where nothing was measured; a mean below the line as
+        measured (choosing its k measures it again); one above it pulled toward the line with the weight
+        of one sample, more as it ages (nothing else would choose its k again)."""
+        def value(rows: int) -> float:
+            mean, weight = self.entries[rows][0], self.weight(rows)
+            return min(mean, (weight * mean + line(rows)) / (weight + 1.0))
+
+        return tuple(value(r) if r in self.entries else line(r) for r in range(1, upto + 1))
 
 
 class DraftTimeline:
@@ -166,7 +204,7 @@ class PairCosts:
     """A (draft, target) replica pair's costs, from what its workers measure."""
 
     verify: PassFit = field(default_factory=PassFit)
-    one_row: Ewma = field(default_factory=Ewma)  # on a CPU a second row costs ~50% more than the first
+    measured: PassTable = field(default_factory=PassTable)  # on a CPU a pass of 3 rows may cost more than one of 4
     batch: Ewma = field(default_factory=Ewma)
     split: Ewma = field(default_factory=Ewma)  # c: how far each drafted token splits the sessions' passes
     verify_wait: Ewma = field(default_factory=Ewma)  # o, less the loop's part
@@ -197,8 +235,8 @@ class PairCosts:
         end = step.verify_end
         beside = self.drafting.overlap(end - step.verify_model_s, end) if end else 0.0
         self.verify.add(rows, beside, step.verify_model_s)
-        if rows == 1 and beside == 0:
-            self.one_row.add(step.verify_model_s)
+        share = min(1.0, max(0.0, self.verify.fit()[2]))
+        self.measured.add(rows, step.verify_model_s - share * beside)
 
     def observe_draft(self, drafted: int, model_s: float, batch: int, end: float) -> None:
         if drafted > 0:
@@ -215,11 +253,13 @@ class PairCosts:
         wait = self.verify_wait.value + self.loop.value
         if self.verify.n == 0 or (intercept + wait) / batch + per_row <= 0:
             return SEEDED_COSTS
-        alone = self.one_row.value + wait if self.one_row.weight and round(batch) == 1 else 0.0
-        unit = alone or (intercept + wait) / batch + per_row
+        # Alone, a step's pass is the one measured for its rows; in a batch, its share of the line.
+        passes = self.measured.passes(lambda rows: intercept + per_row * rows, max(self.measured.entries)) \
+            if round(batch) == 1 else ()
+        unit = passes[0] + wait if passes else (intercept + wait) / batch + per_row
         propose = self.propose_wait.value if self.propose_wait.weight else SEEDED_COSTS.propose * unit
         per_draft = self.draft_token.value if self.draft_token.weight else SEEDED_COSTS.per_draft * unit
-        return Costs(intercept, per_row, propose, per_draft, wait, alone, batch, min(1.0, max(0.0, share)),
+        return Costs(intercept, per_row, propose, per_draft, wait, passes, batch, min(1.0, max(0.0, share)),
                      self.split.value)
 
 

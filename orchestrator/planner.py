@@ -5,10 +5,11 @@ E(k) / T(k), from the request's acceptance a and its replica pair's learned cost
 
     E(k) = 1 + a + a^2 + ... + a^k
     T(k) = t(k) + (s + (1 - s) / B) u(k)
-    t(k) = A / B_k + b (k + 1) + o / B    B_k = B / (1 + c k);  t(0) = the one-row pass + o where B rounds to 1
+    t(k) = A / B_k + b (k + 1) + o / B    B_k = B / (1 + c k);  where B rounds to 1: f(k + 1) + o
     u(k) = [k > 0] (p / B + d k)          u = 0 for a block already drafted ahead (no Propose)
 
-t is the step's share of the target's pass and of the waits around it; u is its Propose. B sessions
+t is the step's share of the target's pass and of the waits around it (f(r): the pass of r rows as
+measured, pulled toward the line, the line where r was not measured); u is its Propose. B sessions
 share the target: at k = 0 they join one pass, but a drafting session's Verify waits for its own
 Propose, so drafting splits them into cohorts of B_k (c learned; ~0.5 on the T5-shaped pair under
 load). Where the draft has a processor of its own (s = 0) a session drafts while the target serves
@@ -28,8 +29,9 @@ A seeded request with a random output must not follow timing: its k comes from i
 and SEEDED_COSTS alone (it ignores blocks drafted ahead and load); whether it drafts ahead, which
 never changes its tokens, is decided like anyone's. At k = 0 nothing is learned about acceptance,
 so after PROBE_GAP_MIN x B steps (a probe's Verify runs a pass of its own, which B steps would have
-shared) the planner drafts once; each probe doubles the gap, up to PROBE_GAP_MAX (x B), but one accepted while a was below a fresh request's belief (PRIOR_KEPT) probes
-again at once, so a draft that starts to agree is soon back. No MLX, no I/O.
+shared) the planner drafts once; each probe doubles the gap, up to PROBE_GAP_MAX (x B), but one
+accepted while a was below a fresh request's belief (PRIOR_KEPT) probes again at the next step that
+would be at k = 0, so a draft that starts to agree is soon back. No MLX, no I/O.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ PROBE_GAP_MAX = 64  # a draft that is always wrong costs one probe in 64 steps (
 
 
 def target_time(costs: Costs, k: int) -> float:
-    if k == 0 and costs.alone:
-        return costs.alone
+    if k < len(costs.passes):
+        return costs.passes[k] + costs.wait
     return (costs.fixed * (1 + costs.split * k) + costs.wait) / costs.batch + costs.per_row * (k + 1)
 
 
@@ -82,6 +84,7 @@ class Planner:
         self.gap = start.gap if start else PROBE_GAP_MIN  # steps at k = 0 before the next probe
         self.idle = start.idle if start else 0  # steps at k = 0 since the last drafting step
         self.probing = False  # the step just chosen is a probe
+        self.surprised = False  # a probe was accepted against the odds: probe again at the next k = 0
         self.probe_odds = 0.0  # the acceptance estimate when it was chosen
         self.unsettled: StepRecord | None = None  # the last step, its pass not yet fitted
 
@@ -104,9 +107,9 @@ class Planner:
             self.idle, self.gap = 0, PROBE_GAP_MIN
             return k
         self.idle += 1
-        if self.idle <= self.gap * round(costs.batch):
+        if self.idle <= self.gap * round(costs.batch) and not self.surprised:
             return 0
-        self.idle, self.probing, self.probe_odds = 0, True, rate
+        self.idle, self.probing, self.probe_odds, self.surprised = 0, True, rate, False
         return best_k(rate, costs, 1, high, drafting)
 
     def next_k(self, k: int, cap: int, sharing: int = 1) -> int:
@@ -133,7 +136,7 @@ class Planner:
         if step.requested > 0:
             self.acceptance.observe(step.requested, step.accepted)
             if self.probing and step.accepted > 0 and self.probe_odds < PRIOR_KEPT:
-                self.idle = self.gap  # a surprise: probe again next step (the gap stays)
+                self.surprised = True  # probe again next step, at any B (the gap stays)
             elif self.probing:
                 self.gap = min(PROBE_GAP_MAX, 2 * self.gap)
         self.settle()
