@@ -11,6 +11,7 @@ from . import blas
 from .checkpoint import load_model, read_config, resolve_model_path
 from .engine import ModelEngine
 from .errors import CheckpointError
+from .kv_cache import KVQuantization
 from .worker_engine import WorkerEngine
 
 logger = logging.getLogger(__name__)
@@ -58,8 +59,15 @@ def build_engine(config: EngineChoice) -> tuple[WorkerEngine, Path]:
     else:
         engine = ModelEngine(loaded, max_draft=config.max_draft, kv_bits=config.kv_bits)
     logger.info(
-        "%s loaded %s (%s, %.1fM parameters, quantization %s, K/V cache %s); BLAS: %s",
+        "%s loaded %s (%s weights, %.1fM parameters, quantization %s, K/V cache %s); BLAS: %s",
         config.role, config.model, loaded.dtype, loaded.num_parameters / 1e6,
-        loaded.quantization or "none", engine.kv_quantization or loaded.dtype, blas.active_blas,
+        loaded.quantization or "none", cache_storage(loaded.activation_dtype, engine.kv_quantization),
+        blas.active_blas,
     )
     return engine, loaded.path
+
+
+def cache_storage(activation_dtype: str, kv: KVQuantization | None) -> str:
+    """How the sessions' K/V cache is stored, in words: in the dtype the model computes in (float32 on
+    a CPU whatever the weights, ``numerics``), or as ``--kv-bits`` quantizes it."""
+    return activation_dtype if kv is None else f"{kv.bits}-bit in groups of {kv.group_size}"
