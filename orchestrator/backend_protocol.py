@@ -24,7 +24,6 @@ class Backend(Protocol):
     max_draft: int  # the largest k the replica takes (--max-draft)
     max_batch: int  # the most steps one of its batches holds (--max-batch)
     draft_method: str  # how a draft replica drafts (Info.draft_method); "" for a target
-    processor: tuple[str, str]  # (Info.hostname, Info.device): where it computes
 
     async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str: ...
     async def step(self, request: StepRequest) -> Proposal | Verdict: ...  # Proposal: draft; Verdict: target

@@ -122,7 +122,6 @@ class GrpcBackend:
         self.max_draft = 0  # the replica's --max-draft once its Info is known (0: unknown)
         self.max_batch = 0  # its --max-batch, likewise (the most steps a reply's batch may hold)
         self.draft_method = ""  # a draft's Info.draft_method: "model", "ngram", "hybrid" ("": unknown)
-        self.processor = ("", "")  # (Info.hostname, Info.device): where it computes ("": unknown)
         self.streams = streams
         # Told the id of a session whose close failed but may succeed if asked again (the pool's).
         self.on_unclosed: Callable[[str], None] | None = None

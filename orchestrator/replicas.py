@@ -299,7 +299,6 @@ class ReplicaPool:
             replica.backend.max_draft = replica.info.limits.max_draft  # the loop caps k at it
             replica.backend.max_batch = replica.info.limits.max_batch  # (a step reply's batch is within it)
         replica.backend.draft_method = replica.info.draft_method  # (may it draft ahead for a seeded request?)
-        replica.backend.processor = (replica.info.hostname, replica.info.device)  # (does a draft overlap?)
         self._take_load(replica, replica.info)
         if replica.info.role and replica.info.role != replica.role:
             raise StartupError(

@@ -1,5 +1,5 @@
-"""Where this process computes (Info.device, Info.hostname): the orchestrator tells from them
-whether a draft and a target share a processor."""
+"""Where this process computes (Info.device, Info.hostname), for whoever reads a worker's Info. (The
+orchestrator's planner learns whether a draft slows its target from their timings, not from these.)"""
 
 from __future__ import annotations
 

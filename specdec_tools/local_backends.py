@@ -21,7 +21,6 @@ class LocalBackend:
         self.max_draft = host.limits.max_draft
         self.max_batch = host.limits.max_batch
         self.draft_method = host.engine.method if host.role == "draft" else ""
-        self.processor = ("", "")  # (not told: the k policy then assumes nothing about where it computes)
 
     async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str:
         return (await self.host.open(prompt_ids, request_id)).id

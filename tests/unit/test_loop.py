@@ -68,7 +68,6 @@ class FakeReplica:
     max_draft: int = 0
     max_batch: int = 0
     draft_method: str = "model"
-    processor: tuple[str, str] = ("", "")
     sessions: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)  # id -> (prompt, tokens)
     calls: dict[str, int] = field(default_factory=lambda: {"open": 0, "step": 0})
     opened: int = 0

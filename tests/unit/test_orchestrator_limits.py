@@ -59,7 +59,6 @@ class FakeTarget:
     max_draft: int = 0
     max_batch: int = 0
     draft_method: str = ""
-    processor: tuple[str, str] = ("", "")
     sessions: dict[str, int] = field(default_factory=dict)
 
     async def open(self, prompt_ids: list[int], request_id: str, timeout: float | None) -> str:

@@ -36,7 +36,6 @@ class CountingReplica:
     max_draft: int = 0
     max_batch: int = 0
     draft_method: str = "model"
-    processor: tuple[str, str] = ("", "")
     fail_at: int = -1
     failure: Exception = field(default_factory=lambda: InvalidArgument("a step this replica refuses"))
     hold_at: int = -1

@@ -4,10 +4,14 @@ tests/test_engine_protocol.py."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from specdec_core.ngram import ModelConfig, NgramEngine
+from specdec_core.request_checks import RequestChecks
 from specdec_core.worker_engine import WorkerEngine
 
 
@@ -17,3 +21,20 @@ def test_the_ngram_engine_is_a_worker_engine() -> None:
     assert isinstance(ngram, WorkerEngine)
     assert (ngram.method, ngram.kv_quantization, ngram.tensor_parallel) == ("ngram", None, 1)
     assert ngram.loaded.weight_bytes == 0 and ngram.vocab_size == 100
+
+
+@pytest.mark.parametrize("engine", [RequestChecks, NgramEngine])
+def test_each_method_an_engine_defines_takes_what_the_protocol_declares(engine: type) -> None:
+    """The protocol's parameters (names and annotations) are what the implementations take, and
+    so what ``SessionHost`` may pass. (RequestChecks: the checks of the model, hybrid and
+    tensor-parallel engines.)"""
+    declared = {name: inspect.signature(member) for name, member in vars(WorkerEngine).items()
+                if inspect.isfunction(member) and not name.startswith("_")}
+    compared = 0
+    for name, signature in declared.items():
+        if name in vars(engine):
+            mine = inspect.signature(vars(engine)[name])
+            assert [(p.name, p.annotation) for p in mine.parameters.values()] == \
+                   [(p.name, p.annotation) for p in signature.parameters.values()], (engine.__name__, name)
+            compared += 1
+    assert compared >= 3
