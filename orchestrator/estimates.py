@@ -9,20 +9,22 @@ Costs, per replica pair (``PairCosts``), every sum and mean decayed by DECAY per
     a target pass takes  A + b rows + s x   (least squares; x: seconds of draft model time that ran
                                              during the pass, from the draft passes' timeline)
 
-b is pulled toward SLOPE_PRIOR (A + b) and s toward 0, each with the weight of RIDGE of the samples
-varying by one row (b) or by the mean x of the passes with drafting beside them (s: one odd pass does
-not set it, and evidence that stopped coming fades); s, within [0, 1], is the share of the draft's time
-that lands on the target: about 1 where they share a processor, 0 where they do not. Beside the line:
-the pass of each number of rows as measured, less s x (``PassTable``: a CPU's pass need not grow
-with its rows; at one client the planner prices k by it); B, the steps per Verify batch or the sessions that could
-share it, whichever is more; c, how far a drafting step's Verify batch falls short of them, per
-drafted token ((B / batch - 1) / k); o, a Verify's wall time outside its model time plus the loop's
-own time per step; p, a Propose's wall time outside its model time; d, the draft's model time per
-drafted token over its batch.
+b is pulled toward SLOPE_PRIOR (A + b) with the weight of RIDGE of the samples varying by one row;
+s toward 0 with that of RIDGE of the samples varying by the mean x of the passes with drafting beside
+them times the share of passes without (one odd pass does not set s, and what passes that stopped
+coming taught fades). s, within [0, 1], is the share of the draft's time that lands on the target:
+about 1 where they share a processor, 0 where they do not. Beside the line: the pass of each number
+of rows as measured, less s x (``PassTable``, the median of the last RECENT: a CPU's pass need not
+grow with its rows; at one client the planner prices k by it); B, the steps per Verify batch or the
+sessions that could share it, whichever is more; c, how far a drafting step's Verify batch falls short
+of them, per drafted token ((B / batch - 1) / k); o, a Verify's wall time outside its model time plus
+the loop's own time per step; p, a Propose's wall time outside its model time; d, the draft's model
+time per drafted token over its batch.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ PRIOR_KEPT = 0.5  # a fresh request's belief: one draft, half kept (one rejectio
 SLOPE_PRIOR = 0.1  # a row's share of a pass until rows vary (T5-large: ~0.06; CPU toy pairs ~0.2)
 RIDGE = 0.05  # the priors' weight, as a share of the samples: data that vary soon outweigh them
 BOUND = 256  # entries kept in each table: replica pairs, sampling keys, recent draft passes
+RECENT = 5  # passes of one number of rows whose median stands for it: two spikes in five do not move it
 
 
 @dataclass
@@ -147,34 +150,30 @@ class PassFit:
 
 
 class PassTable:
-    """The pass of each number of rows, as measured (decayed means; an entry not measured lately weighs
-    less, every sample ageing the whole table, so a pass measured once long ago yields to the line)."""
+    """The pass of each number of rows, as measured: the median of its last RECENT passes (another
+    process's burst on a shared machine is a spike, not the pass's cost). An entry weighs its samples,
+    aged by DECAY for every pass since its last, so one not measured lately yields to the line."""
 
     def __init__(self) -> None:
         self.samples = 0  # passes seen
-        self.entries: OrderedDict[int, tuple[float, float, int]] = OrderedDict()  # rows: (mean, weight, at)
+        self.entries: OrderedDict[int, tuple[deque[float], int]] = OrderedDict()  # rows: (recent, at)
 
     def add(self, rows: int, seconds: float) -> None:
         self.samples += 1
-        mean, weight, _ = self.entries.pop(rows, (0.0, 0.0, 0))
-        weight = self.weight(rows, weight) + 1.0
-        self.entries[rows] = (mean + (seconds - mean) / weight, weight, self.samples)
+        recent, _ = self.entries.pop(rows, (deque(maxlen=RECENT), 0))
+        recent.append(seconds)
+        self.entries[rows] = (recent, self.samples)
         if len(self.entries) > BOUND:
             self.entries.popitem(last=False)
 
-    def weight(self, rows: int, weight: float | None = None) -> float:
-        if rows not in self.entries:
-            return 0.0
-        _, stored, at = self.entries[rows]
-        return (stored if weight is None else weight) * DECAY ** (self.samples - at)
-
     def passes(self, line: Callable[[int], float], upto: int) -> tuple[float, ...]:
-        """The pass of 1..upto rows: the line where nothing was measured; a mean below the line as
+        """The pass of 1..upto rows: the line where nothing was measured; a median below the line as
         measured (choosing its k measures it again); one above it pulled toward the line with the weight
         of one sample, more as it ages (nothing else would choose its k again)."""
         def value(rows: int) -> float:
-            mean, weight = self.entries[rows][0], self.weight(rows)
-            return min(mean, (weight * mean + line(rows)) / (weight + 1.0))
+            recent, at = self.entries[rows]
+            median, weight = statistics.median(recent), len(recent) * DECAY ** (self.samples - at)
+            return min(median, (weight * median + line(rows)) / (weight + 1.0))
 
         return tuple(value(r) if r in self.entries else line(r) for r in range(1, upto + 1))
 
