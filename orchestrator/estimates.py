@@ -9,10 +9,9 @@ Costs, per replica pair (``PairCosts``), every sum and mean decayed by DECAY per
     a target pass takes  A + b rows + s x   (least squares; x: seconds of draft model time that ran
                                              during the pass, from the draft passes' timeline)
 
-b is pulled toward SLOPE_PRIOR (A + b) with the weight of RIDGE of the samples varying by one row;
-s toward 0 with that of RIDGE of the samples varying by the mean x of the passes with drafting beside
-them times the share of passes without (one odd pass does not set s, and what passes that stopped
-coming taught fades). s, within [0, 1], is the share of the draft's time that lands on the target:
+b is pulled toward SLOPE_PRIOR (A + b) and s toward 0, each with the weight of RIDGE of the samples
+varying by one row (b) or by the mean x (s); a pair's first pass (a cold start) is left out. s, within
+[0, 1], is the share of the draft's time that lands on the target:
 about 1 where they share a processor, 0 where they do not. Beside the line: the pass of each number
 of rows as measured, less s x (``PassTable``, the median of the last RECENT: a CPU's pass need not
 grow with its rows; at one client the planner prices k by it); B, the steps per Verify batch or the
@@ -114,11 +113,11 @@ class PassFit:
     """A pass's time ~ A + b rows + s x: decayed least squares over the centred rows and x."""
 
     def __init__(self) -> None:
-        self.n = self.r = self.x = self.y = self.rr = self.rx = self.xx = self.ry = self.xy = self.beside = 0.0
+        self.n = self.r = self.x = self.y = self.rr = self.rx = self.xx = self.ry = self.xy = 0.0
 
     def add(self, rows: float, x: float, y: float) -> None:
-        sums = (1.0, rows, x, y, rows * rows, rows * x, x * x, rows * y, x * y, float(x > 0))
-        names = ("n", "r", "x", "y", "rr", "rx", "xx", "ry", "xy", "beside")
+        sums = (1.0, rows, x, y, rows * rows, rows * x, x * x, rows * y, x * y)
+        names = ("n", "r", "x", "y", "rr", "rx", "xx", "ry", "xy")
         for name, value in zip(names, sums, strict=True):
             setattr(self, name, DECAY * getattr(self, name) + value)
 
@@ -128,10 +127,7 @@ class PassFit:
         if n == 0:
             return 0.0, 0.0, 0.0
         mean_r, mean_x, mean_y = self.r / n, self.x / n, self.y / n
-        # s's prior: RIDGE of the passes at the mean x beside them, scaled by the share of passes without:
-        # weak while drafting beside is common; once it stops, what it taught fades (one odd pass neither).
-        beside_x = (self.x / self.beside) * (1 - self.beside / n) if self.beside else 0.0
-        ridge_b, ridge_s = RIDGE * n, RIDGE * n * beside_x * beside_x
+        ridge_b, ridge_s = RIDGE * n, RIDGE * n * mean_x * mean_x
         prior_b = mean_y / ((1 - SLOPE_PRIOR) / SLOPE_PRIOR + mean_r)  # b = SLOPE_PRIOR (A + b)
         crr = self.rr - self.r * mean_r + ridge_b
         crx = self.rx - self.r * mean_x
@@ -211,6 +207,8 @@ class PairCosts:
     propose_wait: Ewma = field(default_factory=Ewma)
     draft_token: Ewma = field(default_factory=Ewma)
     drafting: DraftTimeline = field(default_factory=DraftTimeline)
+    passes_seen: int = 0
+    s_decided: int = 0  # steps whose drafting ahead s decided, modulo the planner's probe gap
 
     def observe(self, step: StepRecord) -> None:
         """Everything in a step but its pass, which ``observe_pass`` takes a step later."""
@@ -229,6 +227,9 @@ class PairCosts:
     def observe_pass(self, step: StepRecord) -> None:
         """A step's Verify pass, once the draft passes that ran beside it have reported."""
         if not step.timed:
+            return
+        self.passes_seen += 1
+        if self.passes_seen == 1:  # a cold start: the worker's first pass built its kernels and buffers
             return
         rows = step.verify_rows or step.drafted + 1
         end = step.verify_end

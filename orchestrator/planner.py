@@ -23,7 +23,10 @@ full acceptance (a seeded request: n = k' only), the n with the most
 
 if that is > 0 (T_ready: T with u = 0): the Propose it saves times its hit chance (every draft kept
 and the guess right, taken as likely as one more draft), less the draft's time taken from the
-target and the wait for a draft ahead that outlasts the Verify (the step waits for both).
+target and the wait for a draft ahead that outlasts the Verify (the step waits for both). Where s
+decides it (it would pay at s = 0, not at s = 1), every PROBE_GAP_MAX-th such step on the pair does
+the other: s is learned from passes with and without drafting beside them, and one that stopped
+drafting ahead would otherwise never be measured again.
 
 A seeded request with a random output must not follow timing: its k comes from its own acceptance
 and SEEDED_COSTS alone (it ignores blocks drafted ahead and load); whether it drafts ahead, which
@@ -37,6 +40,7 @@ would be at k = 0, so a draft that starts to agree is soon back. No MLX, no I/O.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 from .estimates import PRIOR_KEPT, SEEDED_COSTS, Acceptance, Costs, Learned, PairCosts, StepRecord
 
@@ -124,13 +128,23 @@ class Planner:
         """How many drafts, at most k_next, to draft ahead after the guess while the target verifies a
         block of k (0: none); a seeded request's all of k_next or none (its next step takes k_next)."""
         costs, hit = self.pair.costs(sharing), self.acceptance.rate ** (k + 1)
+        sizes = range(1, k_next + 1) if self.timed else [k_next]
 
-        def worth(n: int) -> float:
-            saved, drafting = step_time(costs, n) - step_time(costs, n, drafting=False), draft_time(costs, n + 1)
-            return hit * saved - costs.share * drafting - max(0.0, drafting - target_time(costs, k)) / costs.batch
+        def best(costs: Costs) -> int:
+            def worth(n: int) -> float:
+                saved, drafting = step_time(costs, n) - step_time(costs, n, drafting=False), draft_time(costs, n + 1)
+                return hit * saved - costs.share * drafting - max(0.0, drafting - target_time(costs, k)) / costs.batch
 
-        best = max(range(1, k_next + 1) if self.timed else [k_next], key=worth, default=0)
-        return best if best > 0 and worth(best) > 0 else 0
+            n = max(sizes, key=worth, default=0)
+            return n if n > 0 and worth(n) > 0 else 0
+
+        n, apart = best(costs), best(replace(costs, share=0.0))
+        if bool(apart) == bool(best(replace(costs, share=1.0))):
+            return n
+        # s decides, and s is learned only from passes with and without drafting beside them: every
+        # PROBE_GAP_MAX such steps on the pair one does the other, or an s learned in a burst would stand.
+        self.pair.s_decided = (self.pair.s_decided + 1) % PROBE_GAP_MAX
+        return n if self.pair.s_decided else (0 if n else apart)
 
     def observe(self, step: StepRecord) -> None:
         if step.requested > 0:
