@@ -92,6 +92,7 @@ class Costs:
     batch: float = 1.0  # B
     share: float = 1.0  # s
     split: float = 0.0  # c
+    hidden: float = 1.0  # h
 
 
 # Costs before any are measured, and always a seeded request's, in target-alone steps: a row 0.1, a
@@ -174,8 +175,8 @@ class PassTable:
         return tuple(value(r) if r in self.entries else line(r) for r in range(1, upto + 1))
 
 
-class DraftTimeline:
-    """The draft's recent passes on this pair, as (start, end) intervals."""
+class Timeline:
+    """A worker's recent passes on this pair, as (start, end) intervals."""
 
     def __init__(self) -> None:
         self.passes: deque[tuple[float, float]] = deque(maxlen=BOUND)
@@ -185,7 +186,7 @@ class DraftTimeline:
             self.passes.append((end - model_s, end))
 
     def overlap(self, start: float, end: float) -> float:
-        """Seconds within [start, end] during which the draft ran (passes of one batch counted once)."""
+        """Seconds within [start, end] during which a pass ran (the passes of one batch counted once)."""
         covered, reach = 0.0, start
         for first, last in sorted(p for p in self.passes if p[1] > start and p[0] < end):
             first, last = max(first, reach), min(last, end)
@@ -206,7 +207,9 @@ class PairCosts:
     loop: Ewma = field(default_factory=Ewma)  # o, the loop's part
     propose_wait: Ewma = field(default_factory=Ewma)
     draft_token: Ewma = field(default_factory=Ewma)
-    drafting: DraftTimeline = field(default_factory=DraftTimeline)
+    drafting: Timeline = field(default_factory=Timeline)  # the draft's passes
+    verifying: Timeline = field(default_factory=Timeline)  # the target's passes
+    hidden: Ewma = field(default_factory=Ewma)  # h: the share of a Propose during which the target ran a pass
     passes_seen: int = 0
     s_decided: int = 0  # steps whose drafting ahead s decided, modulo the planner's probe gap
 
@@ -218,6 +221,7 @@ class PairCosts:
         if step.requested > 0:  # B_k = B / (1 + c k): this step's c, its B the sessions that could join
             self.split.add(max(0.0, (max(step.sharing, step.verify_batch) / step.verify_batch - 1) / step.requested))
         self.verify_wait.add(max(0.0, step.verify_s - step.verify_model_s))
+        self.verifying.add(step.verify_end, step.verify_model_s)
         # A Propose after steps at k = 0 first caught the draft up: its times are not a draft's.
         if step.requested > 0 and step.caught_up <= 1 and not step.drafted_ahead:
             self.propose_wait.add(max(0.0, step.propose_s - step.propose_model_s))
@@ -231,6 +235,10 @@ class PairCosts:
         self.passes_seen += 1
         if self.passes_seen == 1:  # a cold start: the worker's first pass built its kernels and buffers
             return
+        if step.requested > 0 and step.caught_up <= 1 and not step.drafted_ahead and step.propose_end \
+                and step.propose_s > 0:  # (the other sessions' passes during it have reported by now)
+            start = step.propose_end - step.propose_s
+            self.hidden.add(min(1.0, self.verifying.overlap(start, step.propose_end) / step.propose_s))
         rows = step.verify_rows or step.drafted + 1
         end = step.verify_end
         beside = self.drafting.overlap(end - step.verify_model_s, end) if end else 0.0
@@ -260,7 +268,7 @@ class PairCosts:
         propose = self.propose_wait.value if self.propose_wait.weight else SEEDED_COSTS.propose * unit
         per_draft = self.draft_token.value if self.draft_token.weight else SEEDED_COSTS.per_draft * unit
         return Costs(intercept, per_row, propose, per_draft, wait, passes, batch, min(1.0, max(0.0, share)),
-                     self.split.value)
+                     self.split.value, self.hidden.value if self.hidden.weight else 1.0)
 
 
 @dataclass(frozen=True)

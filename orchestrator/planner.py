@@ -4,7 +4,7 @@ Each step the planner takes the k in [0, cap] with the most expected tokens per 
 E(k) / T(k), from the request's acceptance a and its replica pair's learned costs (``estimates.py``):
 
     E(k) = 1 + a + a^2 + ... + a^k
-    T(k) = t(k) + (s + (1 - s) / B) u(k)
+    T(k) = t(k) + (1 - h + h (s + (1 - s) / B)) u(k)
     t(k) = A / B_k + b (k + 1) + o / B    B_k = B / (1 + c k);  where B rounds to 1: f(k + 1) + o
     u(k) = [k > 0] (p / B + d k)          u = 0 for a block already drafted ahead (no Propose)
 
@@ -12,8 +12,9 @@ t is the step's share of the target's pass and of the waits around it (f(r): the
 measured, pulled toward the line, the line where r was not measured); u is its Propose. B sessions
 share the target: at k = 0 they join one pass, but a drafting session's Verify waits for its own
 Propose, so drafting splits them into cohorts of B_k (c learned; ~0.5 on the T5-shaped pair under
-load). Where the draft has a processor of its own (s = 0) a session drafts while the target serves
-the others, so it pays 1/B of u (all of it at B = 1); where they share one (s = 1), all of it.
+load). While the target serves the others (h, the measured share of a Propose during which the
+target ran a pass; 0 at B = 1), a session whose draft has a processor of its own (s = 0) pays 1/B of
+that part of u; where they share one (s = 1), all of it; the rest of u, all of it.
 
 While the target verifies a block of k, the draft drafts 1 + n tokens ahead (its guess of the
 target's next token, then n drafts), n in [1, k'] with k' the k the planner would choose after a
@@ -61,7 +62,8 @@ def draft_time(costs: Costs, k: int) -> float:
 def step_time(costs: Costs, k: int, drafting: bool = True) -> float:
     """T(k); ``drafting`` False: T_ready(k), the block was drafted ahead."""
     u = draft_time(costs, k) if drafting else 0.0
-    return target_time(costs, k) + (costs.share + (1 - costs.share) / costs.batch) * u
+    beside = costs.share + (1 - costs.share) / costs.batch  # of a Propose while the target serves others
+    return target_time(costs, k) + (1 - costs.hidden + costs.hidden * beside) * u
 
 
 def best_k(rate: float, costs: Costs, low: int, high: int, drafting: bool = True) -> int:

@@ -33,13 +33,14 @@ class Pair:
     def __init__(self, rate: float, pass_fixed: float = 0.010, per_row: float = 0.001, draft_s: float = 0.002,
                  propose_s: float = 0.001, wait_s: float = 0.001, loop_s: float = 0.0005, batch: int = 1,
                  other_rows: int = 0, passes: dict[int, float] | None = None, seed: int = 0, sharing: int = 1,
-                 beside: float = 0.0, share: float = 1.0, spikes: float = 0.0):
+                 beside: float = 0.0, share: float = 1.0, spikes: float = 0.0, busy: float = 1.0):
         self.rate, self.pass_fixed, self.per_row, self.draft_s = rate, pass_fixed, per_row, draft_s
         self.propose_s, self.wait_s, self.loop_s, self.batch, self.other_rows = propose_s, wait_s, loop_s, batch, other_rows
         self.passes = passes or {}  # passes whose time is off the line, by rows
         self.sharing = sharing  # sessions on the target that could share a pass (the pool's count)
         self.beside, self.share = beside, share
         self.spikes = spikes  # the chance that a pass runs 2.5x long (another process's burst)
+        self.busy = busy  # with others on the target: the share of a Propose during which it runs their pass
         self.rng = random.Random(seed)
         self.tokens, self.seconds = 0, 0.0  # what the runs emitted, and their true time (batch 1)
         self.clock = 100.0
@@ -50,6 +51,11 @@ class Pair:
     def step_s(self, k: int) -> float:
         """A step's true time at one client (batch 1)."""
         return self.pass_s(k + 1) + self.wait_s + self.loop_s + (self.propose_s + self.draft_s * k if k else 0.0)
+
+    @staticmethod
+    def verifying_others(planner: Planner, end: float, seconds: float) -> None:
+        if seconds > 0:
+            planner.pair.verifying.add(end, seconds)
 
     def tokens_per_second(self, k: int) -> float:
         """The true throughput of always drafting k at one client."""
@@ -75,6 +81,8 @@ class Pair:
             propose_model = self.draft_s * k * self.batch * scale
             propose_s = (self.propose_s + self.draft_s * k * self.batch) * scale if k else 0.0
             propose_end = self.clock + propose_s
+            if propose_s and max(self.batch, self.sharing) > 1:  # the others' passes while this one drafts
+                self.verifying_others(planner, propose_end, self.busy * propose_s)
             verify_model = self.pass_s(rows) * scale * (2.5 if timing.random() < self.spikes else 1.0)
             if timing.random() < self.beside:  # another session drafts during this pass
                 drafting = timing.uniform(0.1, 1.0) * verify_model
@@ -105,11 +113,11 @@ def steady_k(ks: list[int]) -> float:
 
 def formula_time(costs: Costs, k: int, drafting: bool = True) -> float:
     """T(k) as planner.py's docstring writes it."""
-    a, o, b, p, d, B, s, c = (costs.fixed, costs.wait, costs.per_row, costs.propose, costs.per_draft, costs.batch,
-                              costs.share, costs.split)
+    a, o, b, p, d, B, s, c, h = (costs.fixed, costs.wait, costs.per_row, costs.propose, costs.per_draft,
+                                 costs.batch, costs.share, costs.split, costs.hidden)
     t = costs.passes[k] + o if k < len(costs.passes) else a / (B / (1 + c * k)) + b * (k + 1) + o / B
     u = p / B + d * k if k > 0 and drafting else 0.0
-    return t + (s + (1 - s) / B) * u
+    return t + (1 - h + h * (s + (1 - s) / B)) * u
 
 
 def formula_k(rate: float, costs: Costs, cap: int, drafting: bool = True) -> int:
@@ -124,7 +132,7 @@ def random_costs(rng: random.Random) -> Costs:
                  per_draft=rng.uniform(0.0005, 0.05),
                  passes=rng.choice([(), tuple(rng.uniform(0.005, 0.3) for _ in range(rng.randint(1, 9)))]),
                  batch=rng.choice([1.0, 1.0, rng.uniform(1.0, 16.0)]), share=rng.choice([0.0, 1.0, rng.random()]),
-                 split=rng.choice([0.0, rng.uniform(0.0, 1.0)]))
+                 split=rng.choice([0.0, rng.uniform(0.0, 1.0)]), hidden=rng.choice([1.0, rng.random()]))
 
 
 def planner_at(rate: float, costs: Costs, monkeypatch: pytest.MonkeyPatch, timed: bool = True) -> Planner:
@@ -293,6 +301,23 @@ def test_the_share_of_the_drafts_time_taken_from_the_target_is_learned_from_its_
     intercept, per_row, learned = pair_costs.verify.fit()
     assert learned == pytest.approx(share, abs=0.05)
     assert intercept == pytest.approx(0.020, rel=0.05) and per_row == pytest.approx(0.0005, rel=0.05)
+
+
+def test_under_load_drafting_is_priced_by_how_much_of_it_the_target_spends_serving_the_others() -> None:
+    """8 sessions on a target with a draft of its own processor (s = 0): where the target runs the
+    others' passes through a session's Propose (h = 1), drafting costs the target 1/8 of it and pays;
+    where it mostly waits for the Proposes too (h = 0.2: on a 2-core machine shared with the
+    orchestrator and the clients, the target idled while they drafted), it does not."""
+    ks, learned = {}, {}
+    for busy in (1.0, 0.2):
+        simulated = Pair(0.6, pass_fixed=0.100, per_row=0.006, draft_s=0.010, batch=8, other_rows=8,
+                         seed=8, sharing=8, beside=0.5, share=0.0, busy=busy)
+        planner = Planner(timed=True)
+        ks[busy] = steady_k(simulated.run(planner, 1500))
+        learned[busy] = planner.pair.costs(8).hidden
+    print("steady k with the target busy / mostly idle through a Propose:", ks, "learned h:", learned)
+    assert learned[1.0] == pytest.approx(1.0, abs=0.05) and learned[0.2] == pytest.approx(0.2, abs=0.05)
+    assert ks[1.0] >= 1 and ks[0.2] < 0.2
 
 
 def test_drafting_that_splits_the_sessions_passes_is_priced_by_the_batch_it_gets() -> None:
