@@ -9,12 +9,12 @@ E(k) / T(k), from the request's acceptance a and its replica pair's learned cost
     u(k) = [k > 0] (p / B + d k)          u = 0 for a block already drafted ahead (no Propose)
 
 t is the step's share of the target's pass and of the waits around it (f(r): the pass of r rows as
-measured, pulled toward the line, the line where r was not measured); u is its Propose. B sessions
-share the target: at k = 0 they join one pass, but a drafting session's Verify waits for its own
-Propose, so drafting splits them into cohorts of B_k (c learned; ~0.5 on the T5-shaped pair under
-load). While the target serves the others (h, the measured share of a Propose during which the
-target ran a pass; 0 at B = 1), a session whose draft has a processor of its own (s = 0) pays 1/B of
-that part of u; where they share one (s = 1), all of it; the rest of u, all of it.
+measured, one above the line yielding to it as it ages, the line where r was not measured); u is its
+Propose. B sessions share the target: at k = 0 they join one pass, but a drafting session's Verify
+waits for its own Propose, so drafting splits them into cohorts of B_k (c learned; ~0.5 on the
+T5-shaped pair under load). While the target serves the others (h, the measured share of a Propose
+during which the target ran a pass; 0 at B = 1), a session whose draft has a processor of its own
+(s = 0) pays 1/B of that part of u; where they share one (s = 1), all of it; the rest of u, all of it.
 
 While the target verifies a block of k, the draft drafts 1 + n tokens ahead (its guess of the
 target's next token, then n drafts), n in [1, k'] with k' the k the planner would choose after a
