@@ -87,13 +87,12 @@ class Costs:
     per_row: float  # b
     propose: float  # p
     per_draft: float  # d
-    wait: float = 0.0  # o (of a step at k = 0)
+    wait: float = 0.0  # o
     passes: tuple[float, ...] = ()  # alone (B rounds to 1): the pass of 1, 2, ... rows (beyond: the line)
     batch: float = 1.0  # B
     share: float = 1.0  # s
     split: float = 0.0  # c
     hidden: float = 1.0  # h
-    wait_drafting: float | None = None  # o of a drafting step (None: o)
 
 
 # Costs before any are measured, and always a seeded request's, in target-alone steps: a row 0.1, a
@@ -204,16 +203,13 @@ class PairCosts:
     measured: PassTable = field(default_factory=PassTable)  # on a CPU a pass of 3 rows may cost more than one of 4
     batch: Ewma = field(default_factory=Ewma)
     split: Ewma = field(default_factory=Ewma)  # c: how far each drafted token splits the sessions' passes
-    verify_wait: Ewma = field(default_factory=Ewma)  # o at k = 0, less the loop's part
-    drafting_wait: Ewma = field(default_factory=Ewma)  # o of a drafting step, less the loop's part
+    verify_wait: Ewma = field(default_factory=Ewma)  # o, less the loop's part
     loop: Ewma = field(default_factory=Ewma)  # o, the loop's part
     propose_wait: Ewma = field(default_factory=Ewma)
     draft_token: Ewma = field(default_factory=Ewma)
     drafting: Timeline = field(default_factory=Timeline)  # the draft's passes
     verifying: Timeline = field(default_factory=Timeline)  # the target's passes
-    # h: the share of a Propose during which the target ran a pass; until measured 0 (not hidden), so
-    # a fresh pair under load starts on the target alone's side and drafts once it is shown to pay
-    hidden: Ewma = field(default_factory=Ewma)
+    hidden: Ewma = field(default_factory=Ewma)  # h: the share of a Propose during which the target ran a pass
     passes_seen: int = 0
     s_decided: int = 0  # steps whose drafting ahead s decided, modulo the planner's probe gap
 
@@ -224,7 +220,7 @@ class PairCosts:
         self.batch.add(step.verify_batch)
         if step.requested > 0:  # B_k = B / (1 + c k): this step's c, its B the sessions that could join
             self.split.add(max(0.0, (max(step.sharing, step.verify_batch) / step.verify_batch - 1) / step.requested))
-        (self.drafting_wait if step.requested > 0 else self.verify_wait).add(max(0.0, step.verify_s - step.verify_model_s))
+        self.verify_wait.add(max(0.0, step.verify_s - step.verify_model_s))
         self.verifying.add(step.verify_end, step.verify_model_s)
         # A Propose after steps at k = 0 first caught the draft up: its times are not a draft's.
         if step.requested > 0 and step.caught_up <= 1 and not step.drafted_ahead:
@@ -262,10 +258,7 @@ class PairCosts:
         for its own Propose), so the batches seen would price a step at k = 0 too high."""
         intercept, per_row, share = self.verify.fit()
         batch = max(1.0, self.batch.value, float(sharing))
-        # Under load a drafting step's Verify queues behind other cohorts' passes; at k = 0 all share one.
-        at_k0, drafting = (w.value if w.weight else other.value for w, other in
-                           ((self.verify_wait, self.drafting_wait), (self.drafting_wait, self.verify_wait)))
-        wait, wait_drafting = at_k0 + self.loop.value, drafting + self.loop.value
+        wait = self.verify_wait.value + self.loop.value
         if self.verify.n == 0 or (intercept + wait) / batch + per_row <= 0:
             return SEEDED_COSTS
         # Alone, a step's pass is the one measured for its rows; in a batch, its share of the line.
@@ -275,7 +268,7 @@ class PairCosts:
         propose = self.propose_wait.value if self.propose_wait.weight else SEEDED_COSTS.propose * unit
         per_draft = self.draft_token.value if self.draft_token.weight else SEEDED_COSTS.per_draft * unit
         return Costs(intercept, per_row, propose, per_draft, wait, passes, batch, min(1.0, max(0.0, share)),
-                     self.split.value, self.hidden.value if self.hidden.weight else 0.0, wait_drafting)
+                     self.split.value, self.hidden.value if self.hidden.weight else 1.0)
 
 
 @dataclass(frozen=True)

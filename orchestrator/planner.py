@@ -5,11 +5,10 @@ E(k) / T(k), from the request's acceptance a and its replica pair's learned cost
 
     E(k) = 1 + a + a^2 + ... + a^k
     T(k) = t(k) + (1 - h + h (s + (1 - s) / B)) u(k)
-    t(k) = A / B_k + b (k + 1) + o_k / B  B_k = B / (1 + c k);  where B rounds to 1: f(k + 1) + o_k
+    t(k) = A / B_k + b (k + 1) + o / B    B_k = B / (1 + c k);  where B rounds to 1: f(k + 1) + o
     u(k) = [k > 0] (p / B + d k)          u = 0 for a block already drafted ahead (no Propose)
 
-t is the step's share of the target's pass and of the waits around it (o_k: o measured apart for steps
-at k = 0 and drafting steps, whose Verify queues behind other cohorts' passes; f(r): the pass of r rows as
+t is the step's share of the target's pass and of the waits around it (f(r): the pass of r rows as
 measured, one above the line yielding to it as it ages, the line where r was not measured); u is its
 Propose. B sessions share the target: at k = 0 they join one pass, but a drafting session's Verify
 waits for its own Propose, so drafting splits them into cohorts of B_k (c learned; ~0.5 on the
@@ -51,10 +50,9 @@ PROBE_GAP_MAX = 64  # a draft that is always wrong costs one probe in 64 steps (
 
 
 def target_time(costs: Costs, k: int) -> float:
-    wait = costs.wait if k == 0 or costs.wait_drafting is None else costs.wait_drafting
     if k < len(costs.passes):
-        return costs.passes[k] + wait
-    return (costs.fixed * (1 + costs.split * k) + wait) / costs.batch + costs.per_row * (k + 1)
+        return costs.passes[k] + costs.wait
+    return (costs.fixed * (1 + costs.split * k) + costs.wait) / costs.batch + costs.per_row * (k + 1)
 
 
 def draft_time(costs: Costs, k: int) -> float:

@@ -33,8 +33,7 @@ class Pair:
     def __init__(self, rate: float, pass_fixed: float = 0.010, per_row: float = 0.001, draft_s: float = 0.002,
                  propose_s: float = 0.001, wait_s: float = 0.001, loop_s: float = 0.0005, batch: int = 1,
                  other_rows: int = 0, passes: dict[int, float] | None = None, seed: int = 0, sharing: int = 1,
-                 beside: float = 0.0, share: float = 1.0, spikes: float = 0.0, busy: float = 1.0,
-                 queue_s: float = 0.0):
+                 beside: float = 0.0, share: float = 1.0, spikes: float = 0.0, busy: float = 1.0):
         self.rate, self.pass_fixed, self.per_row, self.draft_s = rate, pass_fixed, per_row, draft_s
         self.propose_s, self.wait_s, self.loop_s, self.batch, self.other_rows = propose_s, wait_s, loop_s, batch, other_rows
         self.passes = passes or {}  # passes whose time is off the line, by rows
@@ -42,7 +41,6 @@ class Pair:
         self.beside, self.share = beside, share
         self.spikes = spikes  # the chance that a pass runs 2.5x long (another process's burst)
         self.busy = busy  # with others on the target: the share of a Propose during which it runs their pass
-        self.queue_s = queue_s  # what a drafting step's Verify waits more, behind other cohorts' passes
         self.rng = random.Random(seed)
         self.tokens, self.seconds = 0, 0.0  # what the runs emitted, and their true time (batch 1)
         self.clock = 100.0
@@ -90,7 +88,7 @@ class Pair:
                 drafting = timing.uniform(0.1, 1.0) * verify_model
                 planner.pair.drafting.add(propose_end + drafting, drafting)
                 verify_model += self.share * drafting
-            verify_end = propose_end + verify_model + (self.wait_s + (self.queue_s if k else 0.0)) * scale
+            verify_end = propose_end + verify_model + self.wait_s * scale
             planner.observe(StepRecord(
                 requested=k, accepted=accepted, drafted=k,
                 propose_s=propose_s, propose_model_s=propose_model, propose_batch=self.batch, propose_end=propose_end,
@@ -117,7 +115,6 @@ def formula_time(costs: Costs, k: int, drafting: bool = True) -> float:
     """T(k) as planner.py's docstring writes it."""
     a, o, b, p, d, B, s, c, h = (costs.fixed, costs.wait, costs.per_row, costs.propose, costs.per_draft,
                                  costs.batch, costs.share, costs.split, costs.hidden)
-    o = o if k == 0 or costs.wait_drafting is None else costs.wait_drafting
     t = costs.passes[k] + o if k < len(costs.passes) else a / (B / (1 + c * k)) + b * (k + 1) + o / B
     u = p / B + d * k if k > 0 and drafting else 0.0
     return t + (1 - h + h * (s + (1 - s) / B)) * u
@@ -135,8 +132,7 @@ def random_costs(rng: random.Random) -> Costs:
                  per_draft=rng.uniform(0.0005, 0.05),
                  passes=rng.choice([(), tuple(rng.uniform(0.005, 0.3) for _ in range(rng.randint(1, 9)))]),
                  batch=rng.choice([1.0, 1.0, rng.uniform(1.0, 16.0)]), share=rng.choice([0.0, 1.0, rng.random()]),
-                 split=rng.choice([0.0, rng.uniform(0.0, 1.0)]), hidden=rng.choice([1.0, rng.random()]),
-                 wait_drafting=rng.choice([None, rng.uniform(0.0, 0.2)]))
+                 split=rng.choice([0.0, rng.uniform(0.0, 1.0)]), hidden=rng.choice([1.0, rng.random()]))
 
 
 def planner_at(rate: float, costs: Costs, monkeypatch: pytest.MonkeyPatch, timed: bool = True) -> Planner:
@@ -166,9 +162,8 @@ def formula_ahead(rate: float, costs: Costs, k: int, k_next: int, sizes: list[in
     """The n of ``sizes`` with the most V(n), if V(n) > 0 (0: none), as the docstring writes it."""
     def value(n: int) -> float:
         u = costs.propose / costs.batch + costs.per_draft * (n + 1)
-        o = costs.wait if costs.wait_drafting is None else costs.wait_drafting  # (k > 0 here)
-        t_k = costs.passes[k] + o if k < len(costs.passes) else (
-            costs.fixed / (costs.batch / (1 + costs.split * k)) + costs.per_row * (k + 1) + o / costs.batch)
+        t_k = costs.passes[k] + costs.wait if k < len(costs.passes) else (
+            costs.fixed / (costs.batch / (1 + costs.split * k)) + costs.per_row * (k + 1) + costs.wait / costs.batch)
         saved = formula_time(costs, n) - formula_time(costs, n, drafting=False)
         return rate ** (k + 1) * saved - costs.share * u - max(0.0, u - t_k) / costs.batch
 
@@ -325,20 +320,6 @@ def test_under_load_drafting_is_priced_by_how_much_of_it_the_target_spends_servi
     assert ks[1.0] >= 1 and ks[0.2] < 0.2
 
 
-def test_under_load_a_drafting_steps_verify_wait_is_measured_apart() -> None:
-    """8 sessions: at k = 0 their Verifies join one pass at once (1 ms waits); a drafting step's Verify
-    queues behind other cohorts' passes (the 2-core machine at 8 clients: ~100 ms against ~10 at
-    k = 0). Averaged over all steps, the wait looks alike at every k and drafting seems to pay;
-    measured apart, auto stays with the target alone. With no queueing, the same pair drafts."""
-    ks = {}
-    for queue_s in (0.0, 0.1):
-        simulated = Pair(0.65, pass_fixed=0.120, per_row=0.006, draft_s=0.003, batch=8, other_rows=8,
-                         seed=8, sharing=8, share=0.0, queue_s=queue_s)
-        ks[queue_s] = steady_k(simulated.run(Planner(timed=True), 1500))
-    print("steady k without and with a drafting step's queueing:", ks)
-    assert ks[0.0] >= 1 and ks[0.1] < 0.2
-
-
 def test_drafting_that_splits_the_sessions_passes_is_priced_by_the_batch_it_gets() -> None:
     """8 sessions could share the target's pass, but drafting steps' Verifies run in batches of 3 at
     k = 3 (each waits for its own Propose): c = (8 / 3 - 1) / 3, and a pair priced with it drafts less
@@ -352,8 +333,6 @@ def test_drafting_that_splits_the_sessions_passes_is_priced_by_the_batch_it_gets
             pair_costs.observe(record)
             pair_costs.observe_pass(record)
     assert split.costs(8).split == pytest.approx((8 / 3 - 1) / 3) and full.costs(8).split == 0.0
-    for pair_costs in (split, full):
-        pair_costs.hidden.add(1.0)  # the target ran the others' passes through every Propose
     ks = {}
     for name, pair_costs in (("split", split), ("full", full)):
         planner = Planner(timed=True, pair=pair_costs)
