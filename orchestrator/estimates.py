@@ -11,14 +11,15 @@ Costs, per replica pair (``PairCosts``), every sum and mean decayed by DECAY per
 
 b is pulled toward SLOPE_PRIOR (A + b) and s toward 0, each with the weight of RIDGE of the samples
 varying by one row (b) or by the mean x (s); a pair's first pass (a cold start) is left out. s, within
-[0, 1], is the share of the draft's time that lands on the target:
-about 1 where they share a processor, 0 where they do not. Beside the line: the pass of each number
-of rows as measured, less s x (``PassTable``, the median of the last RECENT: a CPU's pass need not
-grow with its rows; at one client the planner prices k by it); B, the steps per Verify batch or the
-sessions that could share it, whichever is more; c, how far a drafting step's Verify batch falls short
-of them, per drafted token ((B / batch - 1) / k); o, a Verify's wall time outside its model time plus
-the loop's own time per step; p, a Propose's wall time outside its model time; d, the draft's model
-time per drafted token over its batch.
+[0, 1], is the share of the draft's time that lands on the target: about 1 where they share a
+processor, 0 where they do not. Beside the line: the pass of each number of rows as measured, less
+s x (``PassTable``, the median of the last RECENT: a CPU's pass need not grow with its rows; at one
+client the planner prices k by it); B, the steps per Verify batch or the sessions that could share
+it, whichever is more; c, how far a drafting step's Verify batch falls short of them, per drafted
+token ((B / batch - 1) / k); h, the share of a Propose during which the target ran a pass (from the
+target's pass timeline); o, a Verify's wall time outside its model time plus the loop's own time per
+step; p, a Propose's wall time outside its model time; d, the draft's model time per drafted token
+over its batch.
 """
 
 from __future__ import annotations
